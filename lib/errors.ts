@@ -1,0 +1,48 @@
+// Every failure a user can meet is one of these classes: a stable `code`, an HTTP status where it
+// reaches a client, and a message that says what to fix. `instanceof` works per class.
+import createError from '@fastify/error'
+
+/** An option given to `register()` (or read from a CONSUL_* variable) is invalid. */
+export const InvalidOptionError = createError(
+  'FST_CONSUL_NATIVE_INVALID_OPTION', 'Invalid fastify-consul-native option %s: %s', 500, TypeError)
+
+/** The plugin was registered on a Fastify instance that was not created with `httpsOptions()`. */
+export const NotHttpsError = createError(
+  'FST_CONSUL_NATIVE_NOT_HTTPS',
+  'fastify-consul-native needs an HTTPS server created with httpsOptions(): use Fastify({ https: httpsOptions() })', 500)
+
+/** The first leaf, roots or intentions could not be loaded from the agent within `readyTimeout`. */
+export const NotReadyError = createError(
+  'FST_CONSUL_NATIVE_NOT_READY', 'Consul agent not ready after %sms: %s', 503)
+
+/** The agent answered with a non-2xx status. */
+export const AgentResponseError = createError(
+  'FST_CONSUL_NATIVE_AGENT_ERROR', 'Consul agent answered %s %s with %s: %s', 502)
+
+/** The agent answered 2xx with a body that is not the documented shape. */
+export const AgentInvalidResponseError = createError(
+  'FST_CONSUL_NATIVE_AGENT_INVALID_RESPONSE', 'Consul agent answered %s with an invalid body: %s', 502)
+
+/** The agent could not be reached (connection refused, timeout, TLS failure). */
+export const AgentUnreachableError = createError(
+  'FST_CONSUL_NATIVE_AGENT_UNREACHABLE', 'Consul agent unreachable at %s: %s', 503)
+
+/** An intention update could not be compiled (for example a regex RE2 rejects); the last good set stays. */
+export const InvalidIntentionsError = createError(
+  'FST_CONSUL_NATIVE_INVALID_INTENTIONS', 'Intention %s cannot be enforced: %s', 500)
+
+/** A route's `config.consulNative` is neither `false` nor a valid override. */
+export const InvalidRouteConfigError = createError(
+  'FST_CONSUL_NATIVE_INVALID_ROUTE_CONFIG', 'Invalid config.consulNative on route %s: %s', 500, TypeError)
+
+/** The request carries no verified Consul service identity. */
+export const UnauthenticatedError = createError(
+  'FST_CONSUL_NATIVE_UNAUTHENTICATED', 'A verified Consul service certificate is required', 401)
+
+/** The caller's identity is verified but intentions deny the request. */
+export const DeniedError = createError(
+  'FST_CONSUL_NATIVE_DENIED', 'Access denied', 403)
+
+/** The request path is rejected by the mesh request normalization (for example an escaped slash). */
+export const BadPathError = createError(
+  'FST_CONSUL_NATIVE_BAD_PATH', 'The request path is not acceptable', 400)
