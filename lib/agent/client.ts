@@ -1,0 +1,350 @@
+// The HTTP client for the local Consul agent. One undici Pool per agent: a single origin, with one
+// request per connection (pipelining 1) and enough connections that the long polls of every watch
+// plus short calls never share a socket, so a short call never waits behind a 10-minute poll.
+import { Pool } from 'undici'
+import type { Dispatcher } from 'undici'
+import type { AgentConfig } from './config'
+import type { ConnectAuthorizeResponse, IndexedCARoots, Intention, IssuedCert } from './wire'
+import {
+  parseAgentSelf, parseAuthorize, parseCARoots, parseConfigEntry, parseIntentionMatch, parseIssuedCert
+} from './parse'
+import type { AgentSelfView, ConfigEntryKind, ConfigEntryViews, ShapeError } from './parse'
+import { AgentInvalidResponseError, AgentResponseError, AgentUnreachableError, InvalidOptionError } from '../errors'
+
+export type AgentMethod = 'GET' | 'PUT' | 'POST' | 'DELETE'
+export type ScopeParam = 'dc' | 'ns' | 'partition'
+
+export interface AgentResponse<T> {
+  status: number
+  /** `X-Consul-Index` as a safe integer; null when absent or not one. The agent never sends 0. */
+  index: number | null
+  contentHash: string | null
+  /** `X-Consul-Default-ACL-Policy` (the ACL default, not `default_intention_policy`). */
+  defaultAclPolicy: 'allow' | 'deny' | null
+  knownLeader: boolean | null
+  body: T
+}
+
+export interface BlockingQuery {
+  /** Index of the last answer; missing or 0 makes a non-blocking read. */
+  index?: number
+  /** How long the agent may hold the answer. Default 300 000, at most 600 000. */
+  waitMs?: number
+  signal?: AbortSignal
+  /** Hash-based blocking (`/v1/agent/service/<id>` only), instead of `index`. */
+  hash?: string
+}
+
+export interface AgentRequestOptions {
+  /** Query parameters; `undefined` values are left out. */
+  query?: Record<string, string | undefined>
+  /** Sent as JSON. */
+  body?: unknown
+  signal?: AbortSignal
+  /** Headers and body timeout for this call; default: `requestTimeoutMs`, or the blocking wait plus jitter and margin. */
+  timeoutMs?: number
+  /** Answer 404 with `body: null` instead of throwing. */
+  allow404?: boolean
+  /** Add `dc`/`ns`/`partition` (those configured; `true` = all three). */
+  scoped?: boolean | readonly ScopeParam[]
+  /** Make this a blocking query (adds `index`/`hash` and `wait`). */
+  blocking?: Omit<BlockingQuery, 'signal'>
+}
+
+export interface AgentClientOptions {
+  datacenter?: string
+  /** ENT only: a CE agent rejects `ns` even as `default`, so it is sent only when set. */
+  namespace?: string
+  /** ENT only, like `namespace`. */
+  partition?: string
+  /** Largest response body accepted, in bytes. Default 4 MiB. */
+  maxBodyBytes?: number
+  /** Upper bound of open connections. Default 32: every watch holds one during its long poll. */
+  connections?: number
+  /** Timeout of a non-blocking call (headers and body). Default 10 000 ms. */
+  requestTimeoutMs?: number
+  /** Added to `wait × 17/16` for the timeout of a blocking call. Default 5 000 ms. */
+  blockingMarginMs?: number
+}
+
+export const DEFAULT_WAIT_MS = 300_000
+export const MAX_WAIT_MS = 600_000
+const DEFAULTS = { maxBodyBytes: 4 * 1024 * 1024, connections: 32, requestTimeoutMs: 10_000, blockingMarginMs: 5_000 }
+/** Error bodies are plain text; a few KiB is plenty and bounds what a broken agent can make us hold. */
+const ERROR_BODY_BYTES = 16 * 1024
+const ERROR_TEXT_CHARS = 512
+const ALL_SCOPES: readonly ScopeParam[] = ['dc', 'ns', 'partition']
+const CONFIG_ENTRY_SCOPES: Record<ConfigEntryKind, readonly ScopeParam[]> = {
+  'service-defaults': ALL_SCOPES,
+  // proxy-defaults and mesh live at partition level, outside any namespace.
+  'proxy-defaults': ['dc', 'partition'],
+  mesh: ['dc', 'partition']
+}
+
+// errors.ts declares the default three format arguments; this error formats four (method, path, status, text).
+const ResponseError = AgentResponseError as unknown as
+  new (method: string, path: string, status: number, text: string) => InstanceType<typeof AgentResponseError>
+
+const agentStatusKey = Symbol('consul-native.agentStatus')
+
+/** The HTTP status the agent answered, for an error thrown by AgentClient for a non-2xx answer. */
+export function agentStatusOf (err: unknown): number | null {
+  const status = (err as { [agentStatusKey]?: unknown } | null)?.[agentStatusKey]
+  return typeof status === 'number' ? status : null
+}
+
+/** A Go duration: whole seconds when exact (the documented form), milliseconds otherwise. */
+export function formatWait (ms: number): string {
+  return ms % 1000 === 0 ? `${ms / 1000}s` : `${ms}ms`
+}
+
+/** Clamp to Consul's range: the servers cap at 10 minutes, and the leaf endpoint does not cap at all. */
+export function clampWait (ms: number | undefined): number {
+  if (ms === undefined) return DEFAULT_WAIT_MS
+  if (!Number.isFinite(ms) || ms <= 0) throw new InvalidOptionError('waitMs', `must be a positive number of milliseconds, got ${ms}`)
+  return Math.min(Math.ceil(ms), MAX_WAIT_MS)
+}
+
+/** Consul holds a blocking answer for up to wait + wait/16; give up only after that plus a margin. */
+export function blockingTimeout (waitMs: number, marginMs: number): number {
+  return waitMs + Math.ceil(waitMs / 16) + marginMs
+}
+
+export class AgentClient {
+  readonly #config: AgentConfig
+  readonly #pool: Pool
+  readonly #scope: Readonly<Partial<Record<ScopeParam, string>>>
+  readonly #maxBodyBytes: number
+  readonly #requestTimeoutMs: number
+  readonly #blockingMarginMs: number
+  #closing: Promise<void> | null = null
+
+  constructor (config: AgentConfig, opts: AgentClientOptions = {}) {
+    this.#config = config
+    const scope: Partial<Record<ScopeParam, string>> = {}
+    if (opts.datacenter !== undefined) scope.dc = scopeValue(opts.datacenter, 'datacenter')
+    if (opts.namespace !== undefined) scope.ns = scopeValue(opts.namespace, 'namespace')
+    if (opts.partition !== undefined) scope.partition = scopeValue(opts.partition, 'partition')
+    this.#scope = scope
+    this.#maxBodyBytes = positiveInt(opts.maxBodyBytes, DEFAULTS.maxBodyBytes, 'agent.maxBodyBytes')
+    this.#requestTimeoutMs = positiveInt(opts.requestTimeoutMs, DEFAULTS.requestTimeoutMs, 'agent.requestTimeoutMs')
+    this.#blockingMarginMs = positiveInt(opts.blockingMarginMs, DEFAULTS.blockingMarginMs, 'agent.blockingMarginMs')
+    const connections = positiveInt(opts.connections, DEFAULTS.connections, 'agent.connections')
+
+    this.#pool = new Pool(config.origin, {
+      connections,
+      pipelining: 1,
+      connect: { ...config.tls, ...(config.socketPath === null ? {} : { socketPath: config.socketPath }) }
+    })
+  }
+
+  /** Where the agent is, for logs (never the token). */
+  get display (): string {
+    return this.#config.display
+  }
+
+  async request<T = unknown> (method: AgentMethod, path: string, opts: AgentRequestOptions = {}): Promise<AgentResponse<T>> {
+    const search = new URLSearchParams()
+    for (const [k, v] of Object.entries(opts.query ?? {})) {
+      if (v !== undefined) search.append(k, v)
+    }
+    const scopes = opts.scoped === true ? ALL_SCOPES : opts.scoped === false || opts.scoped === undefined ? [] : opts.scoped
+    for (const s of scopes) {
+      const v = this.#scope[s]
+      if (v !== undefined) search.set(s, v)
+    }
+    let timeoutMs = this.#requestTimeoutMs
+    const b = opts.blocking
+    if (b !== undefined && ((b.index !== undefined && b.index > 0) || b.hash !== undefined)) {
+      const waitMs = clampWait(b.waitMs)
+      if (b.hash !== undefined) search.set('hash', b.hash)
+      else search.set('index', String(b.index))
+      search.set('wait', formatWait(waitMs))
+      timeoutMs = blockingTimeout(waitMs, this.#blockingMarginMs)
+    }
+    if (opts.timeoutMs !== undefined) timeoutMs = opts.timeoutMs
+    const qs = search.toString()
+
+    const headers: Record<string, string> = {}
+    if (this.#config.token !== null) headers['x-consul-token'] = this.#config.token
+    let body: string | undefined
+    if (opts.body !== undefined) {
+      body = JSON.stringify(opts.body)
+      headers['content-type'] = 'application/json'
+    }
+
+    let res: Dispatcher.ResponseData
+    try {
+      res = await this.#pool.request({
+        method,
+        path: qs === '' ? path : `${path}?${qs}`,
+        headers,
+        body,
+        signal: opts.signal,
+        headersTimeout: timeoutMs,
+        bodyTimeout: timeoutMs
+      })
+    } catch (err) {
+      throw this.#transportError(err, timeoutMs, opts.signal)
+    }
+
+    const status = res.statusCode
+    const ok = status >= 200 && status < 300
+    if (!ok && !(status === 404 && opts.allow404 === true)) {
+      const text = await this.#readBody(res.body, path, ERROR_BODY_BYTES, false, timeoutMs, opts.signal)
+      const err = new ResponseError(method, path, status, errorText(text))
+      Object.defineProperty(err, agentStatusKey, { value: status })
+      throw err
+    }
+    const meta = responseMeta(status, res.headers)
+    if (!ok) {
+      await res.body.dump()
+      return { ...meta, body: null as T }
+    }
+    const text = await this.#readBody(res.body, path, this.#maxBodyBytes, true, timeoutMs, opts.signal)
+    let parsed: unknown = null
+    if (text !== '') {
+      try {
+        parsed = JSON.parse(text)
+      } catch (err) {
+        throw new AgentInvalidResponseError(path, `not JSON: ${(err as Error).message}`, { cause: err })
+      }
+    }
+    return { ...meta, body: parsed as T }
+  }
+
+  /** `GET /v1/agent/connect/ca/leaf/<service>`: the service's certificate and key. */
+  async leaf (service: string, q: BlockingQuery = {}): Promise<AgentResponse<IssuedCert>> {
+    const path = `/v1/agent/connect/ca/leaf/${encodeURIComponent(service)}`
+    const res = await this.request('GET', path, { blocking: q, signal: q.signal, scoped: ALL_SCOPES })
+    return withBody(res, path, (b) => parseIssuedCert(b, service))
+  }
+
+  /** `GET /v1/agent/connect/ca/roots`: every root to trust (not only the active one). */
+  async roots (q: BlockingQuery = {}): Promise<AgentResponse<IndexedCARoots>> {
+    const path = '/v1/agent/connect/ca/roots'
+    const res = await this.request('GET', path, { blocking: q, signal: q.signal, scoped: ['dc'] })
+    return withBody(res, path, parseCARoots)
+  }
+
+  /** `GET /v1/connect/intentions/match?by=destination&name=<destination>`, in Consul's precedence order. */
+  async intentionsMatch (destination: string, q: BlockingQuery = {}): Promise<AgentResponse<Intention[]>> {
+    const path = '/v1/connect/intentions/match'
+    const res = await this.request('GET', path, {
+      query: { by: 'destination', name: destination }, blocking: q, signal: q.signal, scoped: ALL_SCOPES
+    })
+    return withBody(res, path, (b) => parseIntentionMatch(b, destination))
+  }
+
+  /** `GET /v1/config/<kind>/<name>`; a missing entry (404) is a valid answer: `body` null. */
+  async configEntry<K extends ConfigEntryKind> (kind: K, name: string, q: BlockingQuery = {}): Promise<AgentResponse<ConfigEntryViews[K] | null>> {
+    const path = `/v1/config/${kind}/${encodeURIComponent(name)}`
+    const res = await this.request('GET', path, { blocking: q, signal: q.signal, allow404: true, scoped: CONFIG_ENTRY_SCOPES[kind] })
+    if (res.status === 404) return { ...res, body: null }
+    return withBody(res, path, (b) => parseConfigEntry(kind, b))
+  }
+
+  /** `GET /v1/agent/self` (needs `agent:read`), reduced to what decides the default intention policy. */
+  async agentSelf (signal?: AbortSignal): Promise<AgentResponse<AgentSelfView>> {
+    const path = '/v1/agent/self'
+    return withBody(await this.request('GET', path, { signal }), path, parseAgentSelf)
+  }
+
+  /** `POST /v1/agent/connect/authorize`: the agent's L4 decision, for cross-checks only (it treats L7 as deny). */
+  async authorize (target: string, clientCertURI: string, signal?: AbortSignal): Promise<ConnectAuthorizeResponse> {
+    const path = '/v1/agent/connect/authorize'
+    const res = await this.request('POST', path, {
+      body: { Target: target, ClientCertURI: clientCertURI }, signal, scoped: ['ns', 'partition']
+    })
+    return withBody(res, path, parseAuthorize).body
+  }
+
+  /** Destroys open connections, failing in-flight long polls at once, so shutdown is prompt. Idempotent. */
+  close (): Promise<void> {
+    this.#closing ??= this.#pool.destroy()
+    return this.#closing
+  }
+
+  /** Reads a body up to `limit` bytes; beyond it, fails (JSON) or keeps the beginning (error text). */
+  async #readBody (body: Dispatcher.ResponseData['body'], path: string, limit: number, strict: boolean,
+    timeoutMs: number, signal: AbortSignal | undefined): Promise<string> {
+    const chunks: Buffer[] = []
+    let size = 0
+    try {
+      for await (const chunk of body) {
+        size += (chunk as Buffer).length
+        if (size > limit) {
+          // Destroying the stream aborts the request and closes its socket instead of draining it.
+          body.destroy()
+          if (strict) throw new AgentInvalidResponseError(path, `body exceeds ${limit} bytes`)
+          chunks.push((chunk as Buffer).subarray(0, (chunk as Buffer).length - (size - limit)))
+          break
+        }
+        chunks.push(chunk as Buffer)
+      }
+    } catch (err) {
+      if (err instanceof AgentInvalidResponseError) throw err
+      throw this.#transportError(err, timeoutMs, signal)
+    }
+    return Buffer.concat(chunks).toString('utf8')
+  }
+
+  #transportError (err: unknown, timeoutMs: number, signal: AbortSignal | undefined): unknown {
+    // The caller's own abort is not an agent failure: hand back its reason, as fetch() does.
+    if (signal?.aborted === true) return signal.reason
+    const e = err as { code?: unknown, message?: unknown }
+    let reason: string
+    if (this.#closing !== null) reason = 'client closed'
+    else if (e.code === 'UND_ERR_HEADERS_TIMEOUT' || e.code === 'UND_ERR_BODY_TIMEOUT') reason = `no response within ${timeoutMs} ms`
+    else reason = String(e.message)
+    return new AgentUnreachableError(this.#config.display, reason, { cause: err })
+  }
+}
+
+function withBody<T> (res: AgentResponse<unknown>, path: string, parse: (body: unknown) => T): AgentResponse<T> {
+  try {
+    return { ...res, body: parse(res.body) }
+  } catch (err) {
+    // The parse functions throw ShapeError, whose message names the JSON path at fault.
+    throw new AgentInvalidResponseError(path, (err as ShapeError).message, { cause: err })
+  }
+}
+
+function responseMeta (status: number, headers: Dispatcher.ResponseData['headers']): Omit<AgentResponse<unknown>, 'body'> {
+  const index = header(headers, 'x-consul-index')
+  const policy = header(headers, 'x-consul-default-acl-policy')
+  const leader = header(headers, 'x-consul-knownleader')
+  return {
+    status,
+    index: index !== null && /^[0-9]+$/.test(index) && Number.isSafeInteger(Number(index)) ? Number(index) : null,
+    contentHash: header(headers, 'x-consul-contenthash'),
+    defaultAclPolicy: policy === 'allow' || policy === 'deny' ? policy : null,
+    knownLeader: leader === 'true' ? true : leader === 'false' ? false : null
+  }
+}
+
+function header (headers: Dispatcher.ResponseData['headers'], name: string): string | null {
+  const v = headers[name]
+  const first = Array.isArray(v) ? v[0] : v
+  return first === undefined || first === '' ? null : first
+}
+
+/** Consul's error bodies are one line of plain text; keep them readable in a log line. */
+function errorText (text: string): string {
+  const t = text.trim().replace(/\s+/g, ' ')
+  if (t === '') return '(empty body)'
+  return t.length > ERROR_TEXT_CHARS ? `${t.slice(0, ERROR_TEXT_CHARS)}…` : t
+}
+
+function scopeValue (value: unknown, name: string): string {
+  if (typeof value !== 'string' || value === '') throw new InvalidOptionError(name, 'must be a non-empty string')
+  return value
+}
+
+function positiveInt (value: unknown, fallback: number, name: string): number {
+  if (value === undefined) return fallback
+  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value <= 0) {
+    throw new InvalidOptionError(name, `must be a positive integer, got ${String(value)}`)
+  }
+  return value
+}

@@ -1,0 +1,294 @@
+// A blocking-query loop that keeps one agent value current (SEMANTICS §2.2). It never throws and
+// never gives up: failures keep the last good value, back off with full jitter, and are logged once
+// per distinct cause; recovery is logged once. Timers are unref()'d and stop() aborts the poll in
+// flight, so a stopped watch holds nothing open.
+import { performance } from 'node:perf_hooks'
+import { AgentInvalidResponseError } from '../errors'
+import { agentStatusOf, clampWait } from './client'
+
+export interface WatchLogger {
+  warn (obj: object, msg: string): void
+  error (obj: object, msg: string): void
+  info (obj: object, msg: string): void
+  debug (obj: object, msg: string): void
+}
+
+export interface WatchFetchQuery {
+  /** 0 for a non-blocking read (first poll, or after the index went backwards or was invalid). */
+  index: number
+  waitMs: number
+  signal: AbortSignal
+}
+
+export interface WatchOptions<T> {
+  /** `leaf`, `roots`, `intentions`, ...: the `watch` field of every log line. */
+  name: string
+  /** One poll: resolve with the answer's X-Consul-Index and value, reject on any failure. */
+  fetch: (q: WatchFetchQuery) => Promise<{ index: number | null, value: T }>
+  /**
+   * Called for each new value (first answer, or a changed index). If it throws, the value is
+   * rejected: the last good value stays, the error is logged, and polling continues from the new
+   * index, so the next change (a fix) is picked up; the rejected value itself is not retried.
+   */
+  accept?: (value: T) => void
+  /** How long the agent may hold each poll. Default 300 000; at most 600 000. */
+  waitMs?: number
+  /** Token bucket on polls that follow a success: `burst` at once, then one per `minIntervalMs`. Defaults 15 000 and 2. */
+  minIntervalMs?: number
+  burst?: number
+  /** Full-jitter exponential backoff after a failed poll. Defaults 200 ms → 30 s. */
+  backoff?: { initialMs: number, maxMs: number }
+  log: WatchLogger
+  /** Source of jitter in [0, 1); tests pin it. */
+  random?: () => number
+}
+
+const DEFAULTS = { minIntervalMs: 15_000, burst: 2, backoff: { initialMs: 200, maxMs: 30_000 } }
+
+type Failure = 'fetch' | 'rejected'
+
+export class BlockingWatch<T> {
+  readonly name: string
+  readonly #fetch: WatchOptions<T>['fetch']
+  readonly #accept: (value: T) => void
+  readonly #log: WatchLogger
+  readonly #waitMs: number
+  readonly #backoff: { initialMs: number, maxMs: number }
+  readonly #random: () => number
+  readonly #bucket: TokenBucket
+  readonly #listeners = new Set<(value: T) => void>()
+
+  #state: 'idle' | 'running' | 'stopped' = 'idle'
+  #inflight: AbortController | null = null
+  #wake: (() => void) | null = null
+  #value: T | undefined = undefined
+  #index = 0
+  #lastSuccess: Date | null = null
+  #lastError: Error | null = null
+  #failures = 0
+  /** The rejection of the value at the current index, kept until a later value is accepted. */
+  #rejection: Error | null = null
+  /** Key of the failure last logged at warn/error; repeats of it go to debug. */
+  #loggedCause: string | null = null
+  readonly #ready: Deferred<T>
+
+  constructor (opts: WatchOptions<T>) {
+    this.name = opts.name
+    this.#fetch = opts.fetch
+    this.#accept = opts.accept ?? (() => {})
+    this.#log = opts.log
+    this.#waitMs = clampWait(opts.waitMs)
+    this.#backoff = opts.backoff ?? DEFAULTS.backoff
+    this.#random = opts.random ?? Math.random
+    this.#bucket = new TokenBucket(opts.burst ?? DEFAULTS.burst, opts.minIntervalMs ?? DEFAULTS.minIntervalMs)
+    this.#ready = deferred()
+  }
+
+  /** The last accepted value. */
+  get value (): T | undefined { return this.#value }
+  /** The index the next poll blocks on; 0 before the first answer. */
+  get index (): number { return this.#index }
+  /** When the agent last answered successfully (even without a change). */
+  get lastSuccess (): Date | null { return this.#lastSuccess }
+  /** The current problem: the last failed poll, or the rejection of the newest value; null when healthy. */
+  get lastError (): Error | null { return this.#lastError }
+  /** Consecutive failed polls (drives the backoff). */
+  get failures (): number { return this.#failures }
+
+  start (): void {
+    if (this.#state !== 'idle') return
+    this.#state = 'running'
+    this.#run().catch((err: unknown) => {
+      // Only a throwing logger gets here; stop rather than spin, and keep the error visible.
+      this.#lastError = toError(err)
+      this.stop()
+    })
+  }
+
+  stop (): void {
+    if (this.#state === 'stopped') return
+    this.#state = 'stopped'
+    this.#inflight?.abort()
+    this.#wake?.()
+    const cause = this.#lastError
+    this.#ready.reject(new Error(`watch ${this.name} stopped before its first value`, cause === null ? undefined : { cause }))
+  }
+
+  /** Resolves with the first accepted value; rejects only if the watch is stopped first. */
+  ready (): Promise<T> {
+    return this.#ready.promise
+  }
+
+  on (event: 'change', fn: (value: T) => void): this {
+    if (event !== 'change') throw new TypeError(`unknown event "${String(event)}"`)
+    this.#listeners.add(fn)
+    return this
+  }
+
+  off (event: 'change', fn: (value: T) => void): this {
+    if (event === 'change') this.#listeners.delete(fn)
+    return this
+  }
+
+  async #run (): Promise<void> {
+    let delayMs = 0
+    while (this.#state === 'running') {
+      // After a failure the backoff alone spaces polls; after a success the token bucket does.
+      await this.#sleep(delayMs > 0 ? delayMs : this.#bucket.take())
+      if (this.#state !== 'running') return
+
+      const controller = new AbortController()
+      this.#inflight = controller
+      let answer: { index: number | null, value: T }
+      try {
+        answer = await this.#fetch({ index: this.#index, waitMs: this.#waitMs, signal: controller.signal })
+      } catch (err) {
+        if (this.#state !== 'running') return
+        delayMs = this.#fetchFailed(toError(err))
+        continue
+      } finally {
+        this.#inflight = null
+      }
+      if (this.#state !== 'running') return
+      delayMs = this.#answered(answer.index, answer.value)
+    }
+  }
+
+  /** Returns the delay before the next poll. */
+  #answered (index: number | null, value: T): number {
+    if (index === null || !Number.isSafeInteger(index) || index < 1) {
+      // The agent never sends 0 (it rewrites it to 1); an index we cannot order by makes blocking
+      // impossible, so distrust the answer and start again with a non-blocking read.
+      this.#index = 0
+      return this.#fetchFailed(new AgentInvalidResponseError(`the ${this.name} query`,
+        `X-Consul-Index is ${index === null ? 'missing or not an integer' : String(index)}; expected an integer of at least 1`))
+    }
+    this.#lastSuccess = new Date()
+    this.#failures = 0
+    if (index < this.#index) {
+      // Snapshot restore or a new cluster: the old index means nothing now; re-read from scratch.
+      this.#log.info({ watch: this.name, index, previousIndex: this.#index }, 'Consul index went backwards; re-reading')
+      this.#index = 0
+      this.#settle()
+      return 0
+    }
+    if (index === this.#index) {
+      this.#settle()
+      return 0
+    }
+    const previousIndex = this.#index
+    this.#index = index
+    try {
+      this.#accept(value)
+    } catch (err) {
+      this.#rejection = toError(err)
+      this.#failed('rejected', this.#rejection, { index, previousIndex })
+      return 0
+    }
+    this.#value = value
+    this.#rejection = null
+    this.#settle()
+    this.#log.debug({ watch: this.name, index, previousIndex }, 'new value')
+    this.#ready.resolve(value)
+    for (const fn of this.#listeners) {
+      try {
+        fn(value)
+      } catch (err) {
+        this.#log.error({ watch: this.name, index, err }, 'change listener threw')
+      }
+    }
+    return 0
+  }
+
+  /** Back to health unless the current value is rejected; logs the recovery once. */
+  #settle (): void {
+    this.#lastError = this.#rejection
+    if (this.#rejection === null && this.#loggedCause !== null) {
+      this.#loggedCause = null
+      this.#log.info({ watch: this.name, index: this.#index }, 'recovered')
+    }
+  }
+
+  #fetchFailed (err: Error): number {
+    this.#failures++
+    const ceiling = Math.min(this.#backoff.maxMs, this.#backoff.initialMs * 2 ** Math.min(this.#failures - 1, 30))
+    const retryInMs = Math.floor(this.#random() * ceiling)
+    this.#failed('fetch', err, { failures: this.#failures, retryInMs })
+    return Math.max(retryInMs, 1)
+  }
+
+  #failed (kind: Failure, err: Error, fields: object): void {
+    this.#lastError = err
+    const cause = `${kind}:${(err as { code?: unknown }).code ?? err.name}:${err.message}`
+    const obj = { watch: this.name, index: this.#index, ...fields, err }
+    if (cause === this.#loggedCause) {
+      this.#log.debug(obj, kind === 'rejected' ? 'value rejected again' : 'poll failed again')
+      return
+    }
+    this.#loggedCause = cause
+    if (kind === 'rejected') {
+      this.#log.error(obj, 'new value rejected; keeping the last good one')
+    } else if (needsOperator(err)) {
+      this.#log.error(obj, 'poll failed; keeping the last good value')
+    } else {
+      this.#log.warn(obj, 'poll failed; keeping the last good value')
+    }
+  }
+
+  /** Resolves after `ms`, or at once when stop() calls #wake. */
+  #sleep (ms: number): Promise<void> {
+    if (ms <= 0) return Promise.resolve()
+    return new Promise<void>((resolve) => {
+      const timer = setTimeout(resolve, ms)
+      timer.unref()
+      this.#wake = () => {
+        clearTimeout(timer)
+        resolve()
+      }
+    }).finally(() => { this.#wake = null })
+  }
+}
+
+/** Errors that retrying will not fix: a malformed answer or a 4xx other than 404/429 (e.g. ACL 403). */
+function needsOperator (err: Error): boolean {
+  if (err instanceof AgentInvalidResponseError) return true
+  const status = agentStatusOf(err)
+  return status !== null && status >= 400 && status < 500 && status !== 404 && status !== 429
+}
+
+/** `burst` polls at once, then one per `intervalMs`: quick successive deliveries, bounded churn. */
+class TokenBucket {
+  readonly #burst: number
+  readonly #intervalMs: number
+  #tokens: number
+  #at = performance.now()
+
+  constructor (burst: number, intervalMs: number) {
+    this.#burst = burst
+    this.#intervalMs = intervalMs
+    this.#tokens = burst
+  }
+
+  /** Takes a token; returns how long to wait for it. */
+  take (): number {
+    const now = performance.now()
+    this.#tokens = Math.min(this.#burst, this.#tokens + (now - this.#at) / this.#intervalMs) - 1
+    this.#at = now
+    return this.#tokens >= 0 ? 0 : Math.ceil(-this.#tokens * this.#intervalMs)
+  }
+}
+
+interface Deferred<T> { promise: Promise<T>, resolve: (v: T) => void, reject: (e: Error) => void }
+
+function deferred<T> (): Deferred<T> {
+  let resolveFn!: (v: T) => void
+  let rejectFn!: (e: Error) => void
+  const promise = new Promise<T>((resolve, reject) => { resolveFn = resolve; rejectFn = reject })
+  // Nobody may be waiting on ready(); a rejection on stop() must not be reported as unhandled.
+  promise.catch(() => {})
+  return { promise, resolve: resolveFn, reject: rejectFn }
+}
+
+function toError (err: unknown): Error {
+  return err instanceof Error ? err : new Error(String(err))
+}
