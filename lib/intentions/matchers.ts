@@ -1,0 +1,338 @@
+// L7 permission matchers: the HTTP part of one intention permission, compiled once and evaluated
+// per request without allocating in the common case. Pure: no I/O, no clock, no Fastify types.
+// Semantics: SEMANTICS.md §5.2 (validation), §5.3 (evaluation), A8 (headers), A9 (RE2).
+import { RE2JS } from 're2js'
+
+/** A permission (or route source) that cannot be compiled; the message says exactly what is wrong. */
+export class RuleError extends TypeError {}
+
+/** The nine methods Consul accepts in `Methods` (config entries validate against this list). */
+export const HTTP_METHODS: readonly string[] = Object.freeze(
+  ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'CONNECT', 'OPTIONS', 'TRACE'])
+
+const PATH_NONE = 0
+const PATH_EXACT = 1
+const PATH_PREFIX = 2
+const PATH_REGEX = 3
+
+const HDR_PRESENT = 0
+const HDR_EXACT = 1
+const HDR_PREFIX = 2
+const HDR_SUFFIX = 3
+const HDR_CONTAINS = 4
+const HDR_REGEX = 5
+
+// Where a header matcher reads its value from: pseudo-headers come from the request line.
+const SRC_HEADER = 0
+const SRC_METHOD = 1
+const SRC_PATH = 2
+const SRC_AUTHORITY = 3
+
+const HTTP_KEYS = new Set(['PathExact', 'PathPrefix', 'PathRegex', 'Methods', 'Header'])
+const HEADER_KEYS = new Set(['Name', 'Present', 'Exact', 'Prefix', 'Suffix', 'Contains', 'Regex', 'Invert', 'IgnoreCase'])
+
+/** One header matcher of a permission (A8). */
+export class HeaderMatcher {
+  constructor (
+    readonly name: string, // lower-case
+    readonly source: number,
+    readonly kind: number,
+    readonly value: string, // UTF-8 bytes as a latin1 string; ASCII-lowercased when ignoreCase
+    readonly regex: RE2JS | null,
+    readonly ignoreCase: boolean,
+    readonly invert: boolean
+  ) {}
+
+  matches (method: string, url: string, rawHeaders: readonly string[]): boolean {
+    let v: string | undefined
+    const source = this.source
+    if (source === SRC_HEADER) v = headerValue(rawHeaders, this.name)
+    else if (source === SRC_METHOD) v = method
+    else if (source === SRC_PATH) v = url
+    else v = authorityValue(rawHeaders)
+    if (this.kind === HDR_PRESENT) return (v !== undefined) !== this.invert
+    // A missing header never matches a value matcher, inverted or not (Envoy, T23).
+    if (v === undefined) return false
+    return this.matchValue(v) !== this.invert
+  }
+
+  private matchValue (v: string): boolean {
+    const p = this.value
+    switch (this.kind) {
+      case HDR_EXACT:
+        return this.ignoreCase ? v.length === p.length && foldedAt(v, 0, p) : v === p
+      case HDR_PREFIX:
+        return this.ignoreCase ? v.length >= p.length && foldedAt(v, 0, p) : v.startsWith(p)
+      case HDR_SUFFIX:
+        return this.ignoreCase ? v.length >= p.length && foldedAt(v, v.length - p.length, p) : v.endsWith(p)
+      case HDR_CONTAINS:
+        return (this.ignoreCase ? asciiLower(v) : v).includes(p)
+      default: // HDR_REGEX
+        return (this.regex as RE2JS).testExact(bytesToText(v))
+    }
+  }
+}
+
+/** The compiled HTTP part of one permission: every present part must match (AND). */
+export class PermissionMatcher {
+  constructor (
+    readonly methods: readonly string[] | null,
+    readonly pathKind: number,
+    readonly pathValue: string,
+    readonly pathRegex: RE2JS | null,
+    readonly headers: readonly HeaderMatcher[] | null
+  ) {}
+
+  matches (method: string, path: string, url: string, rawHeaders: readonly string[]): boolean {
+    const methods = this.methods
+    if (methods !== null) {
+      let found = false
+      for (let i = 0; i < methods.length; i++) {
+        // Case-sensitive on purpose: Consul stores methods upper-cased and Envoy compares exactly (T17).
+        if (methods[i] === method) { found = true; break }
+      }
+      if (!found) return false
+    }
+    switch (this.pathKind) {
+      case PATH_EXACT: if (path !== this.pathValue) return false; break
+      case PATH_PREFIX: if (!path.startsWith(this.pathValue)) return false; break
+      case PATH_REGEX: if (!(this.pathRegex as RE2JS).testExact(bytesToText(path))) return false; break
+    }
+    const headers = this.headers
+    if (headers !== null) {
+      for (let i = 0; i < headers.length; i++) {
+        if (!headers[i].matches(method, url, rawHeaders)) return false
+      }
+    }
+    return true
+  }
+}
+
+/**
+ * The value of header `lname` (lower-case) in Node's `rawHeaders`, repeated values joined with ','
+ * as Envoy does (A8); `undefined` when absent. Returns the stored string when it occurs once.
+ */
+export function headerValue (raw: readonly string[], lname: string): string | undefined {
+  let first: string | undefined
+  let joined: string | undefined
+  for (let i = 0; i + 1 < raw.length; i += 2) {
+    if (nameIs(raw[i], lname)) {
+      if (first === undefined) first = raw[i + 1]
+      else joined = (joined === undefined ? first : joined) + ',' + raw[i + 1]
+    }
+  }
+  return joined === undefined ? first : joined
+}
+
+/** `Host` and `:authority` are one header to Envoy: HTTP/2 carries ':authority', HTTP/1 'host'. */
+function authorityValue (raw: readonly string[]): string | undefined {
+  const authority = headerValue(raw, ':authority')
+  return authority === undefined ? headerValue(raw, 'host') : authority
+}
+
+/** ASCII case-insensitive equality of a raw header name with a lower-case name. */
+function nameIs (name: string, lname: string): boolean {
+  if (name.length !== lname.length) return false
+  for (let i = 0; i < name.length; i++) {
+    let c = name.charCodeAt(i)
+    if (c >= 65 && c <= 90) c += 32
+    if (c !== lname.charCodeAt(i)) return false
+  }
+  return true
+}
+
+/** Whether `v` holds the ASCII-lowercased `p` at `offset`, ignoring ASCII case (Envoy ignore_case). */
+function foldedAt (v: string, offset: number, p: string): boolean {
+  for (let i = 0; i < p.length; i++) {
+    let c = v.charCodeAt(offset + i)
+    if (c >= 65 && c <= 90) c += 32
+    if (c !== p.charCodeAt(i)) return false
+  }
+  return true
+}
+
+/** ASCII-only lowercasing (Envoy's ignore_case is ASCII-only); returns `s` itself when unchanged. */
+export function asciiLower (s: string): string {
+  for (let i = 0; i < s.length; i++) {
+    const c = s.charCodeAt(i)
+    if (c >= 65 && c <= 90) return s.replace(/[A-Z]+/g, (m) => m.toLowerCase())
+  }
+  return s
+}
+
+/**
+ * Node hands header values and the request target over as latin1 strings (one char per byte),
+ * while Envoy's RE2 reads those bytes as UTF-8: decode before a regex sees them.
+ */
+function bytesToText (v: string): string {
+  for (let i = 0; i < v.length; i++) {
+    const c = v.charCodeAt(i)
+    if (c >= 0x80) return c > 0xff || !isLatin1(v, i) ? v : Buffer.from(v, 'latin1').toString('utf8')
+  }
+  return v
+}
+
+function isLatin1 (v: string, from: number): boolean {
+  for (let i = from; i < v.length; i++) if (v.charCodeAt(i) > 0xff) return false
+  return true
+}
+
+/** A rule string as the bytes Envoy compares (UTF-8), spelled one char per byte like Node's values. */
+function ruleBytes (s: string): string {
+  // eslint-disable-next-line no-control-regex
+  return /^[\x00-\x7f]*$/.test(s) ? s : Buffer.from(s, 'utf8').toString('latin1')
+}
+
+/** Compiled patterns shared within one compilation: a compiled RE2 program costs ~5 KiB. */
+export type RegexCache = Map<string, RE2JS>
+
+/** Compile an RE2 pattern; a pattern RE2 rejects fails here, at compile time (A9). */
+export function compileRegex (pattern: string, where: string, cache: RegexCache): RE2JS {
+  let re = cache.get(pattern)
+  if (re !== undefined) return re
+  try {
+    re = RE2JS.compile(pattern)
+  } catch (err) {
+    throw new RuleError(`${where} ${JSON.stringify(pattern)} is not a valid RE2 regular expression: ${(err as Error).message}`)
+  }
+  cache.set(pattern, re)
+  return re
+}
+
+function isObject (v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v)
+}
+
+function checkKeys (o: Record<string, unknown>, known: Set<string>, where: string): void {
+  for (const k of Object.keys(o)) {
+    if (!known.has(k)) throw new RuleError(`${where}.${k} is not a known field (${[...known].join(', ')})`)
+  }
+}
+
+/** An optional string field: absent, null and '' all count as unset, as in Consul. */
+function optString (o: Record<string, unknown>, key: string, where: string): string {
+  const v = o[key]
+  if (v === undefined || v === null) return ''
+  if (typeof v !== 'string') throw new RuleError(`${where}.${key} must be a string`)
+  return v
+}
+
+function optBool (o: Record<string, unknown>, key: string, where: string): boolean {
+  const v = o[key]
+  if (v === undefined || v === null) return false
+  if (typeof v !== 'boolean') throw new RuleError(`${where}.${key} must be a boolean`)
+  return v
+}
+
+/**
+ * Compile the `HTTP` block of a permission. `strict` applies every rule Consul checks when a
+ * config entry is written (route overrides are written by hand); otherwise (data Consul already
+ * validated) only what is needed to evaluate it unambiguously is checked, so an update from a
+ * newer Consul is not rejected for a rule the plugin can still enforce. Unknown fields are
+ * rejected in both modes: ignoring a criterion would widen what an allow permission allows.
+ */
+export function compileHttp (http: unknown, where: string, strict: boolean, cache: RegexCache): PermissionMatcher {
+  if (http === undefined || http === null) {
+    if (strict) throw new RuleError(`${where} is required`)
+    // Envoy turns a permission with no parts into "any request"; Consul never sends one.
+    return new PermissionMatcher(null, PATH_NONE, '', null, null)
+  }
+  if (!isObject(http)) throw new RuleError(`${where} must be an object`)
+  checkKeys(http, HTTP_KEYS, where)
+
+  const exact = optString(http, 'PathExact', where)
+  const prefix = optString(http, 'PathPrefix', where)
+  const regex = optString(http, 'PathRegex', where)
+  if ((exact !== '' ? 1 : 0) + (prefix !== '' ? 1 : 0) + (regex !== '' ? 1 : 0) > 1) {
+    throw new RuleError(`${where} must set at most one of PathExact, PathPrefix, PathRegex`)
+  }
+  let pathKind = PATH_NONE
+  let pathValue = ''
+  let pathRegex: RE2JS | null = null
+  if (exact !== '') {
+    pathKind = PATH_EXACT
+    pathValue = ruleBytes(exact)
+    if (strict && !exact.startsWith('/')) throw new RuleError(`${where}.PathExact must start with "/"`)
+  } else if (prefix !== '') {
+    pathKind = PATH_PREFIX
+    pathValue = ruleBytes(prefix)
+    if (strict && !prefix.startsWith('/')) throw new RuleError(`${where}.PathPrefix must start with "/"`)
+  } else if (regex !== '') {
+    pathKind = PATH_REGEX
+    pathValue = regex
+    pathRegex = compileRegex(regex, `${where}.PathRegex`, cache)
+  }
+
+  const methods = compileMethods(http.Methods, `${where}.Methods`, strict)
+  const headers = compileHeaders(http.Header, `${where}.Header`, cache)
+
+  if (strict && pathKind === PATH_NONE && methods === null && headers === null) {
+    throw new RuleError(`${where} must set at least one of PathExact, PathPrefix, PathRegex, Methods, Header`)
+  }
+  return new PermissionMatcher(methods, pathKind, pathValue, pathRegex, headers)
+}
+
+function compileMethods (v: unknown, where: string, strict: boolean): string[] | null {
+  if (v === undefined || v === null) return null
+  if (!Array.isArray(v)) throw new RuleError(`${where} must be an array of method names`)
+  if (v.length === 0) return null
+  const out: string[] = []
+  for (let i = 0; i < v.length; i++) {
+    const m: unknown = v[i]
+    if (typeof m !== 'string') throw new RuleError(`${where}[${i}] must be a string`)
+    if (!strict) { out.push(m); continue }
+    // Consul upper-cases methods when it stores an entry; requests are then compared exactly.
+    const upper = m.toUpperCase()
+    if (!HTTP_METHODS.includes(upper)) {
+      throw new RuleError(`${where}[${i}] ${JSON.stringify(m)} is not one of ${HTTP_METHODS.join(', ')}`)
+    }
+    if (out.includes(upper)) throw new RuleError(`${where}[${i}] repeats ${upper}`)
+    out.push(upper)
+  }
+  return out
+}
+
+function compileHeaders (v: unknown, where: string, cache: RegexCache): HeaderMatcher[] | null {
+  if (v === undefined || v === null) return null
+  if (!Array.isArray(v)) throw new RuleError(`${where} must be an array of header matchers`)
+  if (v.length === 0) return null
+  const out: HeaderMatcher[] = []
+  for (let i = 0; i < v.length; i++) out.push(compileHeader(v[i], `${where}[${i}]`, cache))
+  return out
+}
+
+function compileHeader (h: unknown, where: string, cache: RegexCache): HeaderMatcher {
+  if (!isObject(h)) throw new RuleError(`${where} must be an object`)
+  checkKeys(h, HEADER_KEYS, where)
+  const name = optString(h, 'Name', where)
+  if (name === '') throw new RuleError(`${where}.Name must be a non-empty string`)
+  const present = optBool(h, 'Present', where)
+  const invert = optBool(h, 'Invert', where)
+  const ignoreCase = optBool(h, 'IgnoreCase', where)
+  const values: Array<[number, string]> = []
+  if (present) values.push([HDR_PRESENT, ''])
+  for (const [key, kind] of [['Exact', HDR_EXACT], ['Prefix', HDR_PREFIX], ['Suffix', HDR_SUFFIX],
+    ['Contains', HDR_CONTAINS], ['Regex', HDR_REGEX]] as Array<[string, number]>) {
+    const s = optString(h, key, where)
+    if (s !== '') values.push([kind, s])
+  }
+  if (values.length !== 1) {
+    throw new RuleError(`${where} must set exactly one of Present, Exact, Prefix, Suffix, Contains, Regex`)
+  }
+  const [kind, value] = values[0]
+  if (ignoreCase && (kind === HDR_PRESENT || kind === HDR_REGEX)) {
+    throw new RuleError(`${where}.IgnoreCase is only allowed with Exact, Prefix, Suffix or Contains`)
+  }
+  const lname = asciiLower(name)
+  const source = lname === ':method'
+    ? SRC_METHOD
+    : lname === ':path' ? SRC_PATH : lname === 'host' || lname === ':authority' ? SRC_AUTHORITY : SRC_HEADER
+  const regex = kind === HDR_REGEX ? compileRegex(value, `${where}.Regex`, cache) : null
+  const bytes = kind === HDR_REGEX ? value : ruleBytes(value)
+  return new HeaderMatcher(lname, source, kind, ignoreCase ? asciiLower(bytes) : bytes, regex, ignoreCase, invert)
+}
+
+/** Whether a literal path rule uses lower-case percent-escapes, which canonical paths never contain. */
+export function hasLowercaseEscape (m: PermissionMatcher): boolean {
+  return (m.pathKind === PATH_EXACT || m.pathKind === PATH_PREFIX) && /%(?:[0-9A-Fa-f][a-f]|[a-f][0-9A-Fa-f])/.test(m.pathValue)
+}

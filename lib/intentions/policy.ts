@@ -1,0 +1,511 @@
+// The intention decision engine: compile the destination's intention list once, then decide each
+// request. Pure: data in, decision out; no I/O, no clock, no Fastify types.
+// Contract: SEMANTICS.md Part A (A1 first match, A3-A5, A8, A9); reference: Part B §4, §5, §7.
+import type { Intention, IntentionPermission } from '../agent/wire'
+import { InvalidIntentionsError } from '../errors'
+import { PermissionMatcher, type RegexCache, RuleError, compileHttp, hasLowercaseEscape } from './matchers'
+
+export { RuleError } from './matchers'
+
+/** A verified caller (trust domain already checked). '' partition or namespace means 'default'. */
+export interface CallerIdentity { readonly partition: string, readonly namespace: string, readonly service: string }
+
+export interface RequestFacts {
+  /** As on the wire: methods are compared case-sensitively (T17). */
+  readonly method: string
+  /** Canonical path (see canonicalPath), without query string. */
+  readonly path: string
+  /** Raw request target, for a ':path' header matcher. */
+  readonly url: string
+  /** Node's req.rawHeaders: [name, value, name, value, ...]. */
+  readonly rawHeaders: readonly string[]
+}
+
+export interface Decision { readonly allow: boolean, readonly reason: string }
+
+export interface PolicyInput {
+  /** This service's name; 'ns/name' or 'partition/ns/name' also restrict the destination namespace/partition. */
+  destination: string
+  /** The /v1/connect/intentions/match list for the destination, in any order. */
+  intentions: readonly Intention[]
+  defaultAllow: boolean
+  /** The service protocol: only 'http', 'http2' and 'grpc' evaluate L7 permissions (§7). */
+  protocol: string
+}
+
+export interface CompiledPolicy {
+  readonly defaultAllow: boolean
+  /** Intentions kept (after dropping peered, sameness-group and other-destination ones). */
+  readonly size: number
+  /** One line per distinct cause, for the caller to log once. */
+  readonly warnings: readonly string[]
+}
+
+/** A route-level source rule: like a `service-intentions` source, evaluated before the service's policy. */
+export interface RouteSource {
+  name: string
+  namespace?: string
+  partition?: string
+  action?: 'allow' | 'deny'
+  permissions?: IntentionPermission[]
+}
+
+export interface CompiledOverride { readonly size: number }
+
+const HTTP_LIKE = new Set(['http', 'http2', 'grpc'])
+const PERMISSION_KEYS = new Set(['Action', 'HTTP', 'JWT'])
+const SOURCE_KEYS = new Set(['name', 'namespace', 'partition', 'action', 'permissions'])
+
+function decision (allow: boolean, reason: string): Decision {
+  return Object.freeze({ allow, reason })
+}
+
+const DEFAULT_ALLOW = decision(true, 'default policy (allow)')
+const DEFAULT_DENY = decision(false, 'default policy (deny)')
+
+/** One compiled permission of an L7 rule. */
+class Permission {
+  constructor (
+    readonly matcher: PermissionMatcher,
+    /** false for an allow that needs a JWT: it never matches (A5). */
+    readonly usable: boolean,
+    readonly decision: Decision,
+    /** For a deny: the same denial found on an alternate (router) spelling of the path. */
+    readonly altDecision: Decision | null
+  ) {}
+}
+
+/** One source rule: a compiled intention or route-override source. */
+class Rule {
+  constructor (
+    readonly partition: string,
+    readonly namespace: string,
+    readonly name: string,
+    /** The verdict when it does not depend on the request (L4, or L7 that cannot be evaluated). */
+    readonly fixed: Decision | null,
+    readonly permissions: readonly Permission[],
+    /** L7, no permission matched: the default policy, allow or deny. */
+    readonly noMatchAllow: Decision,
+    readonly noMatchDeny: Decision,
+    /** L7 route override, no permission matched, default unknown (no policy given): fail closed. */
+    readonly noMatchAlone: Decision
+  ) {}
+}
+
+class Policy implements CompiledPolicy {
+  readonly size: number
+  readonly defaultDecision: Decision
+
+  constructor (
+    readonly defaultAllow: boolean,
+    readonly warnings: readonly string[],
+    private readonly rules: readonly Rule[],
+    /** partition → namespace pattern → name pattern → position of the first such rule. */
+    private readonly index: ReadonlyMap<string, ReadonlyMap<string, ReadonlyMap<string, number>>>
+  ) {
+    this.size = rules.length
+    this.defaultDecision = defaultAllow ? DEFAULT_ALLOW : DEFAULT_DENY
+    Object.freeze(this.warnings)
+  }
+
+  /**
+   * The first rule (in precedence order) whose source matches the caller, or null (A1): a few
+   * map lookups, no scan and no allocation. Not memoized per caller object: measured, a WeakMap
+   * saves ~20 ns on a hit but costs ~200 ns and GC pauses for every new identity object.
+   */
+  ruleFor (caller: CallerIdentity): Rule | null {
+    const byNamespace = this.index.get(orDefault(caller.partition))
+    if (byNamespace === undefined) return null
+    // At most four patterns can match: ns/name, ns/*, */name, */*; the earliest one decides.
+    let best = Infinity
+    const exactNs = byNamespace.get(orDefault(caller.namespace))
+    if (exactNs !== undefined) best = earliest(exactNs, caller.service, best)
+    const anyNs = byNamespace.get('*')
+    if (anyNs !== undefined) best = earliest(anyNs, caller.service, best)
+    return best === Infinity ? null : this.rules[best]
+  }
+}
+
+function earliest (byName: ReadonlyMap<string, number>, service: string, best: number): number {
+  const exact = byName.get(service)
+  if (exact !== undefined && exact < best) best = exact
+  const any = byName.get('*')
+  if (any !== undefined && any < best) best = any
+  return best
+}
+
+class Override implements CompiledOverride {
+  readonly size: number
+  constructor (private readonly rules: readonly Rule[]) {
+    this.size = rules.length
+  }
+
+  ruleFor (caller: CallerIdentity): Rule | null {
+    const partition = orDefault(caller.partition)
+    const namespace = orDefault(caller.namespace)
+    for (let i = 0; i < this.rules.length; i++) {
+      const r = this.rules[i]
+      if (r.partition === partition && (r.namespace === '*' || r.namespace === namespace) &&
+        (r.name === '*' || r.name === caller.service)) return r
+    }
+    return null
+  }
+}
+
+function orDefault (s: string | undefined | null): string {
+  return s === undefined || s === null || s === '' ? 'default' : s
+}
+
+/** The verdict of a rule whose source matched; `defaultAllow` null: a route override without a policy. */
+function evaluate (rule: Rule, req: RequestFacts, defaultAllow: boolean | null): Decision {
+  if (rule.fixed !== null) return rule.fixed
+  const perms = rule.permissions
+  for (let i = 0; i < perms.length; i++) {
+    const p = perms[i]
+    if (p.usable && p.matcher.matches(req.method, req.path, req.url, req.rawHeaders)) return p.decision
+  }
+  // No fall-through to lower intentions: the default policy decides (A1, T8/T9).
+  return defaultAllow === null ? rule.noMatchAlone : defaultAllow ? rule.noMatchAllow : rule.noMatchDeny
+}
+
+/** A denial that `path` (an alternate spelling) gets from a deny permission of `rule`, or null. */
+function alternateDenial (rule: Rule, req: RequestFacts, path: string): Decision | null {
+  const perms = rule.permissions
+  for (let i = 0; i < perms.length; i++) {
+    const p = perms[i]
+    if (p.usable && p.matcher.matches(req.method, path, req.url, req.rawHeaders)) return p.altDecision
+  }
+  return null
+}
+
+function asPolicy (policy: CompiledPolicy): Policy {
+  if (!(policy instanceof Policy)) throw new TypeError('policy must come from compilePolicy()')
+  return policy
+}
+
+function asOverride (override: CompiledOverride): Override {
+  if (!(override instanceof Override)) throw new TypeError('override must come from compileOverride()')
+  return override
+}
+
+/** Decide one request of a verified caller against the service's policy (A1). */
+export function decide (policy: CompiledPolicy, caller: CallerIdentity, req: RequestFacts): Decision {
+  const p = asPolicy(policy)
+  const rule = p.ruleFor(caller)
+  return rule === null ? p.defaultDecision : evaluate(rule, req, p.defaultAllow)
+}
+
+/**
+ * Decide against a route's override: null when no override source matches the caller (the
+ * service's policy then decides). When a matching L7 source has no matching permission the
+ * default policy decides, as for intentions; pass `policy` to supply it, otherwise that case denies.
+ */
+export function decideOverride (override: CompiledOverride, caller: CallerIdentity, req: RequestFacts,
+  policy?: CompiledPolicy): Decision | null {
+  const rule = asOverride(override).ruleFor(caller)
+  if (rule === null) return null
+  return evaluate(rule, req, policy === undefined ? null : asPolicy(policy).defaultAllow)
+}
+
+/**
+ * The whole per-request decision: the route override (if any) first, then the service's policy,
+ * then the alternate spellings of the path (routerPaths). An alternate can only turn an allow
+ * into a deny, and only through a deny permission of the same rule: a default verdict on an
+ * alternate spelling does not count, or an allow-list would deny its own paths ('/items' allowed,
+ * '/items/' not listed).
+ */
+export function decideRequest (policy: CompiledPolicy, override: CompiledOverride | null, caller: CallerIdentity,
+  req: RequestFacts, alternatePaths: readonly string[]): Decision {
+  const p = asPolicy(policy)
+  let rule = override === null ? null : asOverride(override).ruleFor(caller)
+  if (rule === null) rule = p.ruleFor(caller)
+  if (rule === null) return p.defaultDecision
+  const d = evaluate(rule, req, p.defaultAllow)
+  if (!d.allow || rule.fixed !== null) return d
+  for (let i = 0; i < alternatePaths.length; i++) {
+    const denial = alternateDenial(rule, req, alternatePaths[i])
+    if (denial !== null) return denial
+  }
+  return d
+}
+
+// ---------------------------------------------------------------------------------------------
+// Compilation
+
+/** Byte-wise (UTF-8) string order, as Go compares strings in Consul's sorter. */
+export function compareBytes (a: string, b: string): number {
+  const n = Math.min(a.length, b.length)
+  for (let i = 0; i < n; i++) {
+    let x = a.charCodeAt(i)
+    let y = b.charCodeAt(i)
+    if (x === y) continue
+    // UTF-16 order differs from code point order only for surrogates versus U+E000..U+FFFF.
+    if (x >= 0xd800) x = x >= 0xe000 ? x - 0x800 : x + 0x2000
+    if (y >= 0xd800) y = y >= 0xe000 ? y - 0x800 : y + 0x2000
+    return x - y
+  }
+  return a.length - b.length
+}
+
+const TIE_BREAK_FIELDS = ['SourceSamenessGroup', 'SourcePeer', 'SourcePartition', 'SourceNS', 'SourceName',
+  'DestinationPartition', 'DestinationNS', 'DestinationName'] as const
+
+/** Consul's IntentionPrecedenceSorter (§4.4): Precedence descending, then the fields ascending. */
+export function comparePrecedence (a: Intention, b: Intention): number {
+  if (a.Precedence !== b.Precedence) return b.Precedence - a.Precedence
+  for (const f of TIE_BREAK_FIELDS) {
+    const c = compareBytes(a[f] ?? '', b[f] ?? '')
+    if (c !== 0) return c
+  }
+  return 0
+}
+
+function isObject (v: unknown): v is Record<string, unknown> {
+  return typeof v === 'object' && v !== null && !Array.isArray(v)
+}
+
+/** Whether a JWT block asks for a token (A5); an unreadable one counts as asking (fail closed). */
+function requiresJwt (jwt: unknown): boolean {
+  if (jwt === undefined || jwt === null) return false
+  if (!isObject(jwt)) return true
+  const providers = jwt.Providers
+  return Array.isArray(providers) ? providers.length > 0 : providers !== undefined && providers !== null
+}
+
+function label (partition: string | undefined, namespace: string | undefined, name: string): string {
+  const p = orDefault(partition)
+  return `${p === 'default' ? '' : p + '/'}${orDefault(namespace)}/${name}`
+}
+
+function compilePermissions (perms: readonly unknown[], where: string, strict: boolean, head: string,
+  ruleJwt: boolean, cache: RegexCache): Permission[] {
+  const out: Permission[] = []
+  for (let i = 0; i < perms.length; i++) {
+    const w = `${where}[${i}]`
+    const perm = perms[i]
+    if (!isObject(perm)) throw new RuleError(`${w} must be an object`)
+    for (const k of Object.keys(perm)) {
+      if (!PERMISSION_KEYS.has(k)) throw new RuleError(`${w}.${k} is not a known field (Action, HTTP, JWT)`)
+    }
+    const action = perm.Action
+    if (action !== 'allow' && action !== 'deny') throw new RuleError(`${w}.Action must be "allow" or "deny"`)
+    const jwt = requiresJwt(perm.JWT)
+    if (strict && perm.JWT !== undefined) throw new RuleError(`${w}.JWT is not supported`)
+    const matcher = compileHttp(perm.HTTP, `${w}.HTTP`, strict, cache)
+    const allow = action === 'allow'
+    const reason = `${head}, permission ${i + 1} (${action})`
+    out.push(new Permission(matcher, !(allow && (jwt || ruleJwt)), decision(allow, reason),
+      allow ? null : decision(false, `${reason} for another spelling of the path that reaches the same route`)))
+  }
+  return out
+}
+
+function l7Rule (partition: string, namespace: string, name: string, fixed: Decision | null,
+  permissions: Permission[], head: string, sep: string): Rule {
+  return new Rule(partition, namespace, name, fixed, permissions,
+    decision(true, `${head}${sep}no permission matched, default policy (allow)`),
+    decision(false, `${head}${sep}no permission matched, default policy (deny)`),
+    decision(false, `${head}${sep}no permission matched (deny)`))
+}
+
+interface Counts { peer: number, sameness: number, jwt: number, destination: number, l7OnTcp: number, lowercase: string[] }
+
+function checkIntentionShape (ixn: unknown, i: number): Intention {
+  const fail = (reason: string): never => { throw new InvalidIntentionsError(`intentions[${i}]`, reason) }
+  if (!isObject(ixn)) return fail('it is not an object')
+  for (const f of ['SourceName', 'DestinationName'] as const) {
+    if (typeof ixn[f] !== 'string' || ixn[f] === '') fail(`${f} must be a non-empty string`)
+  }
+  for (const f of ['SourceNS', 'SourcePartition', 'SourcePeer', 'SourceSamenessGroup', 'DestinationNS',
+    'DestinationPartition'] as const) {
+    const v = ixn[f]
+    if (v !== undefined && v !== null && typeof v !== 'string') fail(`${f} must be a string`)
+  }
+  if (typeof ixn.Precedence !== 'number' || !Number.isFinite(ixn.Precedence)) fail('Precedence must be a number')
+  return ixn as unknown as Intention
+}
+
+function compileIntention (ixn: Intention, http: boolean, protocol: string, counts: Counts, cache: RegexCache): Rule {
+  const src = label(ixn.SourcePartition, ixn.SourceNS, ixn.SourceName)
+  const dst = label(ixn.DestinationPartition, ixn.DestinationNS, ixn.DestinationName)
+  const head = `intention ${src} => ${dst} (precedence ${ixn.Precedence})`
+  const description = `${src} => ${dst} (Precedence ${ixn.Precedence})`
+  const partition = orDefault(ixn.SourcePartition)
+  const namespace = orDefault(ixn.SourceNS)
+  try {
+    const ruleJwt = requiresJwt(ixn.JWT)
+    const perms: unknown = ixn.Permissions
+    if (perms !== undefined && perms !== null && !Array.isArray(perms)) throw new RuleError('Permissions must be an array')
+    if (ruleJwt || (Array.isArray(perms) && perms.some((p) => isObject(p) && requiresJwt(p.JWT)))) counts.jwt++
+    // Consul's Envoy config looks at Permissions first: a non-empty list makes the intention L7.
+    if (!Array.isArray(perms) || perms.length === 0) {
+      const action: unknown = ixn.Action
+      if (action !== 'allow' && action !== 'deny') throw new RuleError('Action must be "allow" or "deny"')
+      const fixed = action === 'allow' && ruleJwt
+        ? decision(false, `${head} allow requires a JWT, which is not supported (deny)`)
+        : decision(action === 'allow', `${head} ${action}`)
+      return new Rule(partition, namespace, ixn.SourceName, fixed, [], fixed, fixed, fixed)
+    }
+    // Compiled even when unused (non-HTTP protocol) so a bad regex is reported either way.
+    const permissions = compilePermissions(perms, 'Permissions', false, head, ruleJwt, cache)
+    let fixed: Decision | null = null
+    if (!http) {
+      counts.l7OnTcp++
+      fixed = decision(false, `${head} has L7 permissions but protocol ${JSON.stringify(protocol)} is not HTTP-like (deny)`)
+    } else if (counts.lowercase.length === 0 && permissions.some((p) => hasLowercaseEscape(p.matcher))) {
+      counts.lowercase.push(description)
+    }
+    return l7Rule(partition, namespace, ixn.SourceName, fixed, permissions, head, ': ')
+  } catch (err) {
+    throw new InvalidIntentionsError(description, (err as Error).message)
+  }
+}
+
+function parseDestination (destination: unknown): { partition: string | null, namespace: string | null, name: string } {
+  if (typeof destination !== 'string' || destination === '') throw new TypeError('destination must be a non-empty string')
+  const parts = destination.split('/')
+  if (parts.length > 3 || parts.some((p) => p === '')) {
+    throw new TypeError(`destination ${JSON.stringify(destination)} must be "name", "namespace/name" or "partition/namespace/name"`)
+  }
+  const name = parts[parts.length - 1]
+  return {
+    name,
+    namespace: parts.length >= 2 ? parts[parts.length - 2] : null,
+    partition: parts.length === 3 ? parts[0] : null
+  }
+}
+
+/**
+ * Compile the destination's intentions. Throws InvalidIntentionsError naming the offending
+ * intention when one cannot be enforced (a regex RE2 rejects, an unknown action or field); the
+ * caller then keeps its last good policy (A9).
+ */
+export function compilePolicy (input: PolicyInput): CompiledPolicy {
+  if (!isObject(input)) throw new TypeError('input must be an object')
+  const dest = parseDestination(input.destination)
+  if (typeof input.defaultAllow !== 'boolean') throw new TypeError('defaultAllow must be a boolean')
+  if (typeof input.protocol !== 'string') throw new TypeError('protocol must be a string')
+  if (!Array.isArray(input.intentions)) throw new TypeError('intentions must be an array')
+  const protocol = input.protocol
+  const http = HTTP_LIKE.has(protocol.toLowerCase())
+
+  const counts: Counts = { peer: 0, sameness: 0, jwt: 0, destination: 0, l7OnTcp: 0, lowercase: [] }
+  const kept: Intention[] = []
+  input.intentions.forEach((raw, i) => {
+    const ixn = checkIntentionShape(raw, i)
+    // Peers and sameness groups never match a local identity (A4).
+    if (ixn.SourcePeer !== undefined && ixn.SourcePeer !== null && ixn.SourcePeer !== '') counts.peer++
+    else if (ixn.SourceSamenessGroup !== undefined && ixn.SourceSamenessGroup !== null && ixn.SourceSamenessGroup !== '') counts.sameness++
+    else if (!forDestination(ixn, dest)) counts.destination++
+    else kept.push(ixn)
+  })
+  // Re-sort: the transport order is not trusted (A1).
+  kept.sort(comparePrecedence)
+
+  const rules: Rule[] = []
+  const index = new Map<string, Map<string, Map<string, number>>>()
+  const cache: RegexCache = new Map()
+  for (const ixn of kept) {
+    const rule = compileIntention(ixn, http, protocol, counts, cache)
+    const position = rules.length
+    rules.push(rule)
+    let byNamespace = index.get(rule.partition)
+    if (byNamespace === undefined) index.set(rule.partition, byNamespace = new Map())
+    let byName = byNamespace.get(rule.namespace)
+    if (byName === undefined) byNamespace.set(rule.namespace, byName = new Map())
+    // A later rule with the same source pattern can never be the first match.
+    if (!byName.has(rule.name)) byName.set(rule.name, position)
+  }
+  return new Policy(input.defaultAllow, warningsFor(counts, protocol), rules, index)
+}
+
+function forDestination (ixn: Intention, dest: ReturnType<typeof parseDestination>): boolean {
+  if (ixn.DestinationName !== '*' && ixn.DestinationName !== dest.name) return false
+  if (dest.namespace !== null && ixn.DestinationNS !== '*' && orDefault(ixn.DestinationNS) !== dest.namespace) return false
+  return dest.partition === null || orDefault(ixn.DestinationPartition) === dest.partition
+}
+
+function warningsFor (c: Counts, protocol: string): string[] {
+  const w: string[] = []
+  if (c.peer > 0) w.push(`${c.peer} intention(s) with a peered source (SourcePeer) ignored: cluster peering is not supported, they never match`)
+  if (c.sameness > 0) w.push(`${c.sameness} intention(s) with a sameness-group source ignored: sameness groups are not supported, they never match`)
+  if (c.destination > 0) w.push(`${c.destination} intention(s) for another destination ignored`)
+  if (c.jwt > 0) {
+    w.push(`${c.jwt} intention(s) require a JWT, which is not supported: an allow that needs a JWT never matches ` +
+      '(an L4 allow denies), a deny that needs one applies without it')
+  }
+  if (c.l7OnTcp > 0) {
+    w.push(`${c.l7OnTcp} intention(s) have L7 permissions but the service protocol ${JSON.stringify(protocol)} is not ` +
+      'HTTP-like: they deny every request from their sources')
+  }
+  if (c.lowercase.length > 0) {
+    w.push(`intention ${c.lowercase[0]} has a PathExact or PathPrefix with a lower-case percent-escape: request ` +
+      'paths are compared with upper-case escapes, so it can only match with path normalization disabled')
+  }
+  return w
+}
+
+// ---------------------------------------------------------------------------------------------
+// Route overrides
+
+function checkName (v: unknown, where: string, required: boolean, wildcard: boolean): string | undefined {
+  if (v === undefined && !required) return undefined
+  if (typeof v !== 'string' || v === '') throw new RuleError(`${where} must be a non-empty string`)
+  if (v.includes('*') && (v !== '*' || !wildcard)) {
+    throw new RuleError(wildcard ? `${where} must be "*" or contain no "*"` : `${where} cannot contain "*"`)
+  }
+  return v
+}
+
+/**
+ * Compile a route's `sources`, validated as Consul validates a `service-intentions` entry.
+ * Throws a TypeError (RuleError) whose message says exactly what is wrong.
+ */
+export function compileOverride (sources: readonly RouteSource[], destination: string): CompiledOverride {
+  if (typeof destination !== 'string' || destination === '') throw new RuleError('destination must be a non-empty string')
+  if (!Array.isArray(sources)) throw new RuleError('sources must be an array')
+  if (sources.length === 0) throw new RuleError('sources must contain at least one source')
+  const seen = new Map<string, number>()
+  const cache: RegexCache = new Map()
+  const compiled: Array<{ rule: Rule, precedence: number }> = []
+  sources.forEach((s: unknown, i) => {
+    const where = `sources[${i}]`
+    if (!isObject(s)) throw new RuleError(`${where} must be an object`)
+    for (const k of Object.keys(s)) {
+      if (!SOURCE_KEYS.has(k)) throw new RuleError(`${where}.${k} is not a known field (${[...SOURCE_KEYS].join(', ')})`)
+    }
+    const name = checkName(s.name, `${where}.name`, true, true) as string
+    const namespace = checkName(s.namespace, `${where}.namespace`, false, true)
+    const partition = checkName(s.partition, `${where}.partition`, false, false)
+    if (namespace === '*' && name !== '*') throw new RuleError(`${where}: an exact name cannot follow a wildcard namespace`)
+    const action = s.action
+    if (action !== undefined && action !== 'allow' && action !== 'deny') throw new RuleError(`${where}.action must be "allow" or "deny"`)
+    const perms = s.permissions
+    if (perms !== undefined && !Array.isArray(perms)) throw new RuleError(`${where}.permissions must be an array`)
+    // As in Consul, an empty permissions list counts as absent.
+    const l7 = perms !== undefined && perms.length > 0
+    if (l7 && action !== undefined) throw new RuleError(`${where} must set either action or permissions, not both`)
+    if (!l7 && action === undefined) throw new RuleError(`${where} must set action or permissions`)
+
+    const key = `${orDefault(partition)}/${orDefault(namespace)}/${name}`
+    const first = seen.get(key)
+    if (first !== undefined) throw new RuleError(`${where} repeats source ${key} (already sources[${first}])`)
+    seen.set(key, i)
+
+    const head = `route override ${where} ${partition === undefined && namespace === undefined ? name : label(partition, namespace, name)}`
+    let rule: Rule
+    if (l7) {
+      rule = l7Rule(orDefault(partition), orDefault(namespace), name, null,
+        compilePermissions(perms, `${where}.permissions`, true, head, false, cache), head, ': ')
+    } else {
+      const fixed = decision(action === 'allow', `${head} ${action as string}`)
+      rule = new Rule(orDefault(partition), orDefault(namespace), name, fixed, [], fixed, fixed, fixed)
+    }
+    // The same precedence numbers as intentions to an exact destination (§4.3): 9, 8, 7.
+    compiled.push({ rule, precedence: namespace === '*' ? 7 : name === '*' ? 8 : 9 })
+  })
+  compiled.sort((a, b) => b.precedence - a.precedence ||
+    compareBytes(a.rule.partition, b.rule.partition) || compareBytes(a.rule.namespace, b.rule.namespace) ||
+    compareBytes(a.rule.name, b.rule.name))
+  return new Override(compiled.map((c) => c.rule))
+}
