@@ -91,6 +91,18 @@ t.test('the first answer is accepted; the same index is no change; a higher one 
   t.equal(h.watch.lastError, null)
 })
 
+t.test('differs: a different value under an unchanged index is a change (agent restarted without its state)', async (t) => {
+  const accepted: string[] = []
+  const h = harness(t, { accept: (v) => { accepted.push(v) }, differs: (a, b) => a !== b })
+  h.watch.start()
+  await h.answer(7, 'old agent')
+  await h.answer(7, 'old agent')
+  t.same(accepted, ['old agent'], 'the same value at the same index is no change')
+  await h.answer(7, 'new agent')
+  t.same(accepted, ['old agent', 'new agent'])
+  t.equal(h.watch.value, 'new agent')
+})
+
 t.test('an index that goes backwards resets to a fresh non-blocking read', async (t) => {
   const h = harness(t)
   h.watch.start()
@@ -156,7 +168,7 @@ t.test('fetch failures: logged once per cause, then debug; recovery logged once'
   await h.answer(3, 'v3')
   const down = new AgentUnreachableError('http://127.0.0.1:8500', 'connect ECONNREFUSED 127.0.0.1:8500')
   const next = await h.fail(down)
-  t.equal(next.q.index, 3, 'retries block on the same index')
+  t.equal(next.q.index, 0, 'a retry after a failure reads without blocking (the agent may have restarted)')
   await h.fail(new AgentUnreachableError('http://127.0.0.1:8500', 'connect ECONNREFUSED 127.0.0.1:8500'))
   await h.fail(new AgentUnreachableError('http://127.0.0.1:8500', 'connect ECONNREFUSED 127.0.0.1:8500'))
   t.equal(h.log.at('warn').length, 1)
@@ -291,6 +303,19 @@ t.test('a throwing change listener is logged and does not stop the watch', async
   t.equal(h.log.at('error').length, 1, 'removed listeners are not called')
   t.throws(() => h.watch.on('error' as 'change', () => {}), TypeError)
   h.watch.off('other' as 'change', () => {})
+})
+
+t.test('failure listeners hear every failed poll; a throwing one is logged and the watch goes on', async (t) => {
+  const h = harness(t)
+  const heard: string[] = []
+  h.watch.onFailure(() => { throw new Error('listener bug') }).onFailure((err) => heard.push(err.message))
+  h.watch.start()
+  await h.answer(1, 'v1')
+  await h.fail(new AgentUnreachableError('http://127.0.0.1:8500', 'connect ECONNREFUSED'))
+  t.same(heard, ['Consul agent unreachable at http://127.0.0.1:8500: connect ECONNREFUSED'])
+  t.match(h.log.at('error'), [{ msg: 'failure listener threw', obj: { err: { message: 'listener bug' } } }])
+  await h.answer(2, 'v2')
+  t.equal(h.watch.value, 'v2', 'still polling')
 })
 
 t.test('a logger that throws stops the watch instead of spinning', async (t) => {

@@ -31,9 +31,15 @@ export interface WatchOptions<T> {
    * index, so the next change (a fix) is picked up; the rejected value itself is not retried.
    */
   accept?: (value: T) => void
+  /**
+   * Whether an answer at an unchanged index still carries a different value. Consul reports an
+   * unchanged index for timeouts, but an agent restarted without its state (dev mode, lost data
+   * dir) can reissue different content under an index it used before. Default: never.
+   */
+  differs?: (previous: T, next: T) => boolean
   /** How long the agent may hold each poll. Default 300 000; at most 600 000. */
   waitMs?: number
-  /** Token bucket on polls that follow a success: `burst` at once, then one per `minIntervalMs`. Defaults 15 000 and 2. */
+  /** Token bucket on polls that follow a success: `burst` at once, then one per `minIntervalMs`. Defaults 1 000 and 5. */
   minIntervalMs?: number
   burst?: number
   /** Full-jitter exponential backoff after a failed poll. Defaults 200 ms → 30 s. */
@@ -43,7 +49,9 @@ export interface WatchOptions<T> {
   random?: () => number
 }
 
-const DEFAULTS = { minIntervalMs: 15_000, burst: 2, backoff: { initialMs: 200, maxMs: 30_000 } }
+// Polls go to the local agent and return only on change: a burst of 5, then one a second, keeps
+// a change prompt and bounds the load under churn.
+const DEFAULTS = { minIntervalMs: 1_000, burst: 5, backoff: { initialMs: 200, maxMs: 30_000 } }
 
 type Failure = 'fetch' | 'rejected'
 
@@ -51,12 +59,14 @@ export class BlockingWatch<T> {
   readonly name: string
   readonly #fetch: WatchOptions<T>['fetch']
   readonly #accept: (value: T) => void
+  readonly #differs: (previous: T, next: T) => boolean
   readonly #log: WatchLogger
   readonly #waitMs: number
   readonly #backoff: { initialMs: number, maxMs: number }
   readonly #random: () => number
   readonly #bucket: TokenBucket
   readonly #listeners = new Set<(value: T) => void>()
+  readonly #failureListeners = new Set<(err: Error) => void>()
 
   #state: 'idle' | 'running' | 'stopped' = 'idle'
   #inflight: AbortController | null = null
@@ -76,6 +86,7 @@ export class BlockingWatch<T> {
     this.name = opts.name
     this.#fetch = opts.fetch
     this.#accept = opts.accept ?? (() => {})
+    this.#differs = opts.differs ?? (() => false)
     this.#log = opts.log
     this.#waitMs = clampWait(opts.waitMs)
     this.#backoff = opts.backoff ?? DEFAULTS.backoff
@@ -130,6 +141,12 @@ export class BlockingWatch<T> {
     return this
   }
 
+  /** `fn` runs on every failed poll and every rejected value, with the error. */
+  onFailure (fn: (err: Error) => void): this {
+    this.#failureListeners.add(fn)
+    return this
+  }
+
   async #run (): Promise<void> {
     let delayMs = 0
     while (this.#state === 'running') {
@@ -141,7 +158,10 @@ export class BlockingWatch<T> {
       this.#inflight = controller
       let answer: { index: number | null, value: T }
       try {
-        answer = await this.#fetch({ index: this.#index, waitMs: this.#waitMs, signal: controller.signal })
+        // After a failure the agent may have restarted without its state, with lower indexes: a
+        // blocking read at our index would then hang for the whole wait. Re-read without blocking.
+        const index = this.#failures > 0 ? 0 : this.#index
+        answer = await this.#fetch({ index, waitMs: this.#waitMs, signal: controller.signal })
       } catch (err) {
         if (this.#state !== 'running') return
         delayMs = this.#fetchFailed(toError(err))
@@ -172,7 +192,7 @@ export class BlockingWatch<T> {
       this.#settle()
       return 0
     }
-    if (index === this.#index) {
+    if (index === this.#index && (this.#value === undefined || !this.#differs(this.#value, value))) {
       this.#settle()
       return 0
     }
@@ -219,6 +239,13 @@ export class BlockingWatch<T> {
 
   #failed (kind: Failure, err: Error, fields: object): void {
     this.#lastError = err
+    for (const fn of this.#failureListeners) {
+      try {
+        fn(err)
+      } catch (listenerErr) {
+        this.#log.error({ watch: this.name, err: listenerErr }, 'failure listener threw')
+      }
+    }
     const cause = `${kind}:${(err as { code?: unknown }).code ?? err.name}:${err.message}`
     const obj = { watch: this.name, index: this.#index, ...fields, err }
     if (cause === this.#loggedCause) {
