@@ -46,3 +46,7 @@ export const DeniedError = createError(
 /** The request path is rejected by the mesh request normalization (for example an escaped slash). */
 export const BadPathError = createError(
   'FST_CONSUL_NATIVE_BAD_PATH', 'The request path is not acceptable', 400)
+
+/** A header name carries an underscore and the mesh entry says `HeadersWithUnderscoresAction: REJECT_REQUEST`. */
+export const BadHeaderError = createError(
+  'FST_CONSUL_NATIVE_BAD_HEADER', 'A request header is not acceptable', 400)

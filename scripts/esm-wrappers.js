@@ -14,7 +14,7 @@ for (const [file, target] of Object.entries(entries)) {
   const names = Object.keys(require(targetPath)).filter((name) => name !== 'default' && name !== '__esModule')
   const lines = [
     `import cjs from '${target}'`,
-    `export default cjs.default ?? cjs`,
+    'export default cjs.default ?? cjs',
     ...names.map((name) => `export const ${name} = cjs.${name}`)
   ]
   fs.writeFileSync(path.join(dist, 'esm', file), lines.join('\n') + '\n')

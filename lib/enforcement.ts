@@ -1,0 +1,195 @@
+// The per-request decision: identity from the connection cache, then route overrides, then the
+// service's compiled intentions. No agent call, no parsing of intentions, and no allocation on
+// the allow path of a canonical request.
+import type { FastifyRequest } from 'fastify'
+import { LRUCache } from 'lru-cache'
+import type { AgentClient } from './agent/client'
+import { BadHeaderError, BadPathError, DeniedError, UnauthenticatedError } from './errors'
+import type { ServiceIdentity } from './identity'
+import { decideOverride, decideRequest } from './intentions/policy'
+import type { Decision } from './intentions/policy'
+import { canonicalPath, routerPaths } from './intentions/path'
+import type { RouterOptions } from './intentions/path'
+import type { RoutePolicy } from './route-policy'
+import type { ConsulSync } from './sync'
+import type { DynamicTls } from './tls'
+
+export const EXEMPT_DECISION: Decision = Object.freeze({ allow: true, reason: 'route exempt (config.consulNative: false)' })
+const UNAUTHENTICATED_DECISION: Decision = Object.freeze({ allow: false, reason: 'unauthenticated' })
+const NOT_READY_DECISION: Decision = Object.freeze({ allow: false, reason: 'intentions not loaded' })
+const BAD_PATH_DECISION: Decision = Object.freeze({ allow: false, reason: 'path rejected by the mesh request normalization' })
+const BAD_HEADER_DECISION: Decision = Object.freeze({ allow: false, reason: 'header name with an underscore rejected by the mesh request normalization' })
+
+// mode 'agent': one authorize call per caller URI at most every AUTHORIZE_TTL_MS (coalescing
+// bursts of new connections), and one decision per connection for its lifetime, as L4 does.
+const AUTHORIZE_CACHE_MAX = 10_000
+const AUTHORIZE_TTL_MS = 1_000
+const FAILED_CALLS = new WeakSet<Decision>()
+
+/** Mutable request view reused across requests: decisions are synchronous, so one suffices. */
+interface MutableFacts { method: string, path: string, url: string, rawHeaders: readonly string[] }
+
+export class Enforcer {
+  readonly #tls: DynamicTls
+  readonly #sync: ConsulSync
+  readonly #router: RouterOptions
+  readonly #facts: MutableFacts = { method: '', path: '', url: '', rawHeaders: [] }
+  readonly #authorize: AgentAuthorizer | null
+
+  constructor (tls: DynamicTls, sync: ConsulSync, router: RouterOptions, authorize: AgentAuthorizer | null = null) {
+    this.#tls = tls
+    this.#sync = sync
+    this.#router = router
+    this.#authorize = authorize
+  }
+
+  /**
+   * Decides one request, records `request.consulSource` and `request.consulDecision`, and returns
+   * the error to answer with, or null to let the request through.
+   */
+  check (request: FastifyRequest, route: RoutePolicy): Error | null | Promise<Error | null> {
+    const raw = request.raw
+    const peer = this.#tls.identities.peer(raw, Date.now())
+    const identity = peer.identity
+    request.consulSource = identity
+    if (route.exempt) {
+      request.consulDecision = EXEMPT_DECISION
+      return null
+    }
+    if (identity === null) {
+      request.consulDecision = UNAUTHENTICATED_DECISION
+      request.log.info({ consulNative: { event: 'unauthenticated', route: request.routeOptions.url, method: raw.method, path: raw.url, reason: peer.reason } },
+        'fastify-consul-native: request without a verified service identity')
+      return new UnauthenticatedError()
+    }
+    const policy = this.#sync.policy
+    if (policy === null) return this.#deny(request, identity, NOT_READY_DECISION)
+
+    const url = raw.url as string
+    const path = canonicalPath(url, this.#sync.normalization)
+    if (path === null) {
+      request.consulDecision = BAD_PATH_DECISION
+      request.log.info({ consulNative: { event: 'bad-path', source: identity.uri, method: raw.method, path: url } },
+        'fastify-consul-native: path rejected by the mesh request normalization')
+      return new BadPathError()
+    }
+    let rawHeaders = raw.rawHeaders
+    const underscores = this.#sync.normalization?.HeadersWithUnderscoresAction
+    if ((underscores === 'REJECT_REQUEST' || underscores === 'DROP_HEADER') && hasUnderscoreName(rawHeaders)) {
+      // Envoy acts on these before RBAC; so does the plugin, and the handler sees the same request.
+      if (underscores === 'REJECT_REQUEST') {
+        request.consulDecision = BAD_HEADER_DECISION
+        request.log.info({ consulNative: { event: 'bad-header', source: identity.uri, method: raw.method, path: url } },
+          'fastify-consul-native: header name with an underscore rejected by the mesh request normalization')
+        return new BadHeaderError()
+      }
+      rawHeaders = dropUnderscoreHeaders(raw)
+    }
+    const facts = this.#facts
+    facts.method = raw.method as string
+    facts.url = url
+    facts.rawHeaders = rawHeaders
+    facts.path = path
+    if (this.#authorize !== null) {
+      // mode 'agent': route overrides still decide first; otherwise the agent does, per connection.
+      const overridden = route.override === null ? null : decideOverride(route.override, identity, facts, policy)
+      facts.rawHeaders = EMPTY
+      if (overridden !== null) return this.#settle(request, identity, overridden)
+      return this.#authorize.decide(request, identity).then((decision) => this.#settle(request, identity, decision))
+    }
+    // A7: Fastify routed the path as sent, possibly under other spellings (router options,
+    // un-normalized segments); a deny for any spelling that reaches the same handler counts.
+    const decision = decideRequest(policy, route.override, identity, facts, routerPaths(path, this.#router, url))
+    facts.rawHeaders = EMPTY
+    return this.#settle(request, identity, decision)
+  }
+
+  #settle (request: FastifyRequest, identity: ServiceIdentity, decision: Decision): Error | null {
+    if (!decision.allow) return this.#deny(request, identity, decision)
+    request.consulDecision = decision
+    const raw = request.raw
+    if (isDebug(request.log)) {
+      request.log.debug({ consulNative: { event: 'allowed', source: identity.uri, route: request.routeOptions.url, method: raw.method, path: raw.url, reason: decision.reason } },
+        'fastify-consul-native: request allowed')
+    }
+    return null
+  }
+
+  #deny (request: FastifyRequest, identity: ServiceIdentity, decision: Decision): Error {
+    request.consulDecision = decision
+    const raw = request.raw
+    request.log.info({ consulNative: { event: 'denied', source: identity.uri, route: request.routeOptions.url, method: raw.method, path: raw.url, reason: decision.reason } },
+      'fastify-consul-native: request denied')
+    return new DeniedError()
+  }
+}
+
+const EMPTY: readonly string[] = []
+
+function hasUnderscoreName (rawHeaders: readonly string[]): boolean {
+  for (let i = 0; i < rawHeaders.length; i += 2) if ((rawHeaders[i] as string).includes('_')) return true
+  return false
+}
+
+/** Removes headers whose name has an underscore, from the matching view and from `req.headers`. */
+function dropUnderscoreHeaders (raw: FastifyRequest['raw']): string[] {
+  const kept: string[] = []
+  const rawHeaders = raw.rawHeaders
+  for (let i = 0; i < rawHeaders.length; i += 2) {
+    const name = rawHeaders[i] as string
+    if (name.includes('_')) delete raw.headers[name.toLowerCase()]
+    else kept.push(name, rawHeaders[i + 1] as string)
+  }
+  return kept
+}
+
+/** pino exposes isLevelEnabled; other loggers Fastify accepts may not, and then get the line. */
+function isDebug (log: FastifyRequest['log']): boolean {
+  const check = (log as { isLevelEnabled?: (level: string) => boolean }).isLevelEnabled
+  return check === undefined || check.call(log, 'debug')
+}
+
+/**
+ * `mode: 'agent'`: the agent's authorize endpoint decides, once per connection (L4 semantics:
+ * the agent treats L7 intentions as deny). A failed call denies and is not cached.
+ */
+export class AgentAuthorizer {
+  readonly #client: AgentClient
+  readonly #service: string
+  readonly #byConnection = new WeakMap<object, Promise<Decision>>()
+  readonly #byCaller = new LRUCache<string, Promise<Decision>>({ max: AUTHORIZE_CACHE_MAX, ttl: AUTHORIZE_TTL_MS })
+
+  constructor (client: AgentClient, service: string) {
+    this.#client = client
+    this.#service = service
+  }
+
+  decide (request: FastifyRequest, identity: ServiceIdentity): Promise<Decision> {
+    const raw = request.raw as unknown as { stream?: { session?: object }, socket: object }
+    const connection = raw.stream?.session ?? raw.socket
+    let pending = this.#byConnection.get(connection)
+    if (pending === undefined) {
+      const asked = this.#byCaller.get(identity.uri) ?? this.#ask(identity.uri)
+      this.#byConnection.set(connection, asked)
+      // A failed call is not the connection's answer: ask again on its next request.
+      pending = asked.then((decision) => {
+        if (FAILED_CALLS.has(decision)) this.#byConnection.delete(connection)
+        return decision
+      })
+    }
+    return pending
+  }
+
+  #ask (uri: string): Promise<Decision> {
+    const pending = this.#client.authorize(this.#service, uri).then(
+      (res): Decision => Object.freeze({ allow: res.Authorized, reason: `agent authorize: ${res.Reason}` }),
+      (err: Error): Decision => {
+        this.#byCaller.delete(uri)
+        const decision = Object.freeze({ allow: false, reason: `agent authorize failed: ${err.message}` })
+        FAILED_CALLS.add(decision)
+        return decision
+      })
+    this.#byCaller.set(uri, pending)
+    return pending
+  }
+}

@@ -1,0 +1,30 @@
+// What the plugin reads from Fastify beyond its public API, in one place: router options (where
+// Fastify 5 keeps them) and the extra servers Fastify opens when listening on `localhost`.
+import type { RouterOptions } from './intentions/path'
+
+/** The router options that decide which spellings of a path reach the same handler. */
+export function routerOptionsOf (fastify: { readonly initialConfig: object }): RouterOptions {
+  // Fastify 5.x moved these under `routerOptions`; reading the old top-level keys warns there.
+  const config = fastify.initialConfig as Record<string, unknown>
+  const router = (config.routerOptions ?? config) as Partial<RouterOptions>
+  return {
+    ignoreTrailingSlash: router.ignoreTrailingSlash === true,
+    ignoreDuplicateSlashes: router.ignoreDuplicateSlashes === true,
+    caseSensitive: router.caseSensitive !== false,
+    useSemicolonDelimiter: router.useSemicolonDelimiter === true
+  }
+}
+
+/**
+ * Fastify keeps its extra `localhost` servers under a private symbol; find it by description.
+ * Without it (another Fastify version) only `fastify.server` follows rotations, and the plugin says so.
+ */
+export function serverBindingsOf (fastify: object): unknown[] | null {
+  for (const symbol of Object.getOwnPropertySymbols(fastify)) {
+    if (symbol.description === 'fastify.serverBindings') {
+      const bindings = (fastify as Record<symbol, unknown>)[symbol]
+      return Array.isArray(bindings) ? bindings : null
+    }
+  }
+  return null
+}

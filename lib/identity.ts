@@ -1,0 +1,167 @@
+// The caller's Consul service identity, read from its TLS client certificate once per connection
+// and cached, so the per-request cost is a WeakMap lookup and a clock comparison.
+// Rules (SEMANTICS Part A, A2): the chain verified against the current roots, exactly one URI SAN,
+// a Consul *service* SPIFFE ID whose trust domain is the roots' TrustDomain, and a certificate that
+// is valid at request time. Nothing the client chooses (SNI, headers) contributes.
+import { X509Certificate } from 'node:crypto'
+import type { Socket } from 'node:net'
+import type { TLSSocket, DetailedPeerCertificate } from 'node:tls'
+import { parseSpiffeId, parseSubjectAltNames } from './spiffe'
+
+/** A verified caller, exposed as `request.consulSource`. */
+export interface ServiceIdentity {
+  readonly uri: string
+  readonly trustDomain: string
+  readonly partition: string
+  readonly namespace: string
+  readonly datacenter: string
+  readonly service: string
+}
+
+/** What the current CA roots say about whom to trust. */
+export interface TrustAnchors {
+  readonly trustDomain: string
+  readonly roots: readonly X509Certificate[]
+}
+
+/** The outcome for one connection: an identity, or the reason there is none (for logs only). */
+export interface PeerIdentity {
+  readonly identity: ServiceIdentity | null
+  readonly reason: string
+  readonly notBefore: number
+  readonly notAfter: number
+  readonly epoch: number
+}
+
+/** Anything Node gives as a request on a TLS connection (HTTP/1 `IncomingMessage`, HTTP/2 compat request). */
+export interface TlsRequest {
+  readonly socket: Socket | TLSSocket
+  readonly stream?: { readonly session?: object & { readonly socket?: Socket | TLSSocket } }
+}
+
+const CLIENT_AUTH_OID = '1.3.6.1.5.5.7.3.2'
+const EXPIRED: PeerIdentity = Object.freeze({ identity: null, reason: 'certificate expired or not yet valid', notBefore: 0, notAfter: Infinity, epoch: -1 })
+
+/**
+ * Resolves and caches peer identities per connection. The trust epoch changes with every roots
+ * update; a connection whose handshake predates the current epoch has its chain re-checked
+ * against the current roots before its identity is trusted again.
+ */
+export class IdentityResolver {
+  #trust: TrustAnchors | null = null
+  #epoch = 0
+  #byConnection = new WeakMap<object, PeerIdentity>()
+  #connectEpoch = new WeakMap<object, number>()
+
+  /** Installs new roots; identities cached under older roots are re-validated on their next use. */
+  setTrust (trust: TrustAnchors): void {
+    this.#trust = trust
+    this.#epoch++
+  }
+
+  /** Called from each server's `connection` event: the raw socket is about to handshake with the current context. */
+  noteConnection (rawSocket: object): void {
+    this.#connectEpoch.set(rawSocket, this.#epoch)
+  }
+
+  /** The verified identity behind a request, or null. `now` is `Date.now()`. */
+  identify (req: TlsRequest, now: number): ServiceIdentity | null {
+    const peer = this.peer(req, now)
+    return peer.identity
+  }
+
+  /** Like `identify`, with the reason when there is no identity. */
+  peer (req: TlsRequest, now: number): PeerIdentity {
+    // HTTP/2 gives a new socket proxy per stream; the session is the connection.
+    const session = req.stream?.session
+    const key: object = session ?? req.socket
+    let cached = this.#byConnection.get(key)
+    if (cached === undefined || cached.epoch !== this.#epoch) {
+      const socket = (session?.socket ?? req.socket) as TLSSocket
+      cached = this.#resolve(socket, cached)
+      this.#byConnection.set(key, cached)
+    }
+    if (now < cached.notBefore || now >= cached.notAfter) return EXPIRED
+    return cached
+  }
+
+  #resolve (socket: TLSSocket, previous: PeerIdentity | undefined): PeerIdentity {
+    const epoch = this.#epoch
+    const trust = this.#trust
+    if (trust === null) return noIdentity('no CA roots loaded yet', epoch)
+    if (typeof socket.getPeerX509Certificate !== 'function') return noIdentity('not a TLS connection', epoch)
+    if (socket.authorized !== true) {
+      return noIdentity(`client certificate not verified: ${String(socket.authorizationError ?? 'none presented')}`, epoch)
+    }
+    // A resumed TLS 1.3 session that never carried a certificate reports authorized === true.
+    const cert = socket.getPeerX509Certificate()
+    if (cert === undefined) return noIdentity('no client certificate', epoch)
+
+    // The handshake verified the chain against the roots of its time. If the roots changed since
+    // (or we cannot tell when it happened), check the chain against the current roots.
+    const handshakeEpoch = this.#connectEpoch.get((socket as unknown as { _parent?: object })._parent ?? socket)
+    if ((previous !== undefined || handshakeEpoch !== epoch) && !chainsToCurrentRoots(socket, cert, trust.roots)) {
+      return noIdentity('client certificate does not chain to the current CA roots', epoch)
+    }
+    return identityFromCertificate(cert, trust.trustDomain, epoch)
+  }
+}
+
+/** Identity from a verified leaf certificate (pure; exported for tests). */
+export function identityFromCertificate (cert: X509Certificate, trustDomain: string, epoch = 0): PeerIdentity {
+  const sans = parseSubjectAltNames(cert.subjectAltName)
+  if (sans === null) return noIdentity('unreadable subjectAltName', epoch)
+  if (sans.uris.length !== 1 || sans.quotedUris !== 0) {
+    return noIdentity(`expected exactly one URI SAN, found ${sans.uris.length}${sans.quotedUris > 0 ? ' (quoted)' : ''}`, epoch)
+  }
+  // Consul leaves carry clientAuth; OpenSSL checks it too, this keeps the rule explicit.
+  const eku = cert.keyUsage
+  if (eku !== undefined && !eku.includes(CLIENT_AUTH_OID)) return noIdentity('certificate lacks the clientAuth extended key usage', epoch)
+  const uri = sans.uris[0] as string
+  const id = parseSpiffeId(uri)
+  if (id === null) return noIdentity(`not a Consul SPIFFE ID: ${uri}`, epoch)
+  if (id.kind !== 'service') return noIdentity(`not a service identity (${id.kind}): ${uri}`, epoch)
+  if (id.trustDomain !== trustDomain) {
+    return noIdentity(`trust domain ${id.trustDomain} is not ${trustDomain}`, epoch)
+  }
+  const identity: ServiceIdentity = Object.freeze({
+    uri,
+    trustDomain: id.trustDomain,
+    partition: id.partition,
+    namespace: id.namespace,
+    datacenter: id.datacenter,
+    service: id.service
+  })
+  return Object.freeze({
+    identity,
+    reason: 'verified',
+    notBefore: Date.parse(cert.validFrom),
+    notAfter: Date.parse(cert.validTo),
+    epoch
+  })
+}
+
+function noIdentity (reason: string, epoch: number): PeerIdentity {
+  return Object.freeze({ identity: null, reason, notBefore: -Infinity, notAfter: Infinity, epoch })
+}
+
+/** True when some certificate of the peer's chain is, or is signed by, one of the current roots. */
+export function chainsToCurrentRoots (socket: TLSSocket, leaf: X509Certificate, roots: readonly X509Certificate[]): boolean {
+  const chain: X509Certificate[] = [leaf]
+  const seen = new Set<string>([leaf.fingerprint256])
+  let node: DetailedPeerCertificate | undefined = socket.getPeerCertificate(true)?.issuerCertificate
+  while (node?.raw !== undefined) {
+    const cert = new X509Certificate(node.raw)
+    if (seen.has(cert.fingerprint256)) break
+    seen.add(cert.fingerprint256)
+    chain.push(cert)
+    node = node.issuerCertificate
+  }
+  for (const cert of chain) {
+    for (const root of roots) {
+      if (cert.fingerprint256 === root.fingerprint256) return true
+      if (cert.checkIssued(root) && cert.verify(root.publicKey)) return true
+    }
+  }
+  return false
+}

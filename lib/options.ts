@@ -1,0 +1,128 @@
+// Plugin options, validated and defaulted once at registration. Every mistake fails `register()`
+// with FST_CONSUL_NATIVE_INVALID_OPTION naming the option and what to fix.
+import type { AgentOptions } from './agent/config'
+import { InvalidOptionError } from './errors'
+import type { RouteSource } from './intentions/policy'
+
+export interface HealthRouteOptions {
+  /** Path of the exempt health route. Default `/health`. */
+  url?: string
+}
+
+export interface ConsulNativeOptions {
+  /** The Consul service name this app runs as. Required. */
+  service: string
+  /** How to reach the local agent; defaults come from the CONSUL_HTTP_* variables. */
+  agent?: AgentOptions
+  /** Datacenter to request certificates and intentions for. Default: the agent's. */
+  datacenter?: string
+  /** Consul Enterprise namespace; sent only when set (a CE agent rejects it, even as `default`). */
+  namespace?: string
+  /** Consul Enterprise admin partition; sent only when set. */
+  partition?: string
+  /** How long `register()` waits for the first leaf, roots and intentions (ms). Default 8000; must stay below Fastify's pluginTimeout. */
+  readyTimeout?: number
+  /** Decision when no intention matches: `'agent'` (default) asks the agent, else fixed. */
+  defaultPolicy?: 'allow' | 'deny' | 'agent'
+  /** Exempt health route; `false` disables it. Default `{ url: '/health' }`. */
+  health?: HealthRouteOptions | false
+  /** `'l7'` (default) decides per request from cached intentions; `'agent'` asks the agent's authorize endpoint per connection (L4). */
+  mode?: 'l7' | 'agent'
+  /** Blocking-query wait sent to the agent (ms). Default 300000, at most 600000. */
+  blockingWait?: number
+}
+
+/** Per-route setting: `false` exempts the route; an object adds route-level intentions. */
+export interface RouteConsulNativeConfig {
+  sources: RouteSource[]
+}
+
+export interface ResolvedOptions {
+  readonly service: string
+  readonly agent: AgentOptions | undefined
+  readonly datacenter: string | undefined
+  readonly namespace: string | undefined
+  readonly partition: string | undefined
+  readonly readyTimeout: number
+  readonly defaultPolicy: 'allow' | 'deny' | 'agent'
+  readonly health: { readonly url: string } | null
+  readonly mode: 'l7' | 'agent'
+  readonly blockingWait: number
+}
+
+export const DEFAULT_READY_TIMEOUT = 8_000
+export const DEFAULT_BLOCKING_WAIT = 300_000
+export const MAX_BLOCKING_WAIT = 600_000
+export const DEFAULT_HEALTH_URL = '/health'
+
+const KNOWN = new Set(['service', 'agent', 'datacenter', 'namespace', 'partition', 'readyTimeout', 'defaultPolicy', 'health', 'mode', 'blockingWait'])
+// Consul service names are DNS-friendly; this also keeps them safe inside a URL path segment.
+const SERVICE_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]*$/
+
+export function resolveOptions (raw: unknown): ResolvedOptions {
+  if (raw === null || typeof raw !== 'object') fail('options', 'must be an object with at least { service }')
+  const opts = raw as Record<string, unknown>
+  for (const key of Object.keys(opts)) {
+    if (!KNOWN.has(key)) fail(key, `is not an option (known: ${[...KNOWN].join(', ')})`)
+  }
+  const service = opts.service
+  if (typeof service !== 'string' || !SERVICE_NAME.test(service)) {
+    fail('service', `must be a Consul service name such as "api", got ${JSON.stringify(service)}`)
+  }
+  if (opts.agent !== undefined && (opts.agent === null || typeof opts.agent !== 'object')) {
+    fail('agent', 'must be an object such as { address: "127.0.0.1:8500" }')
+  }
+  return {
+    service,
+    agent: opts.agent as AgentOptions | undefined,
+    datacenter: optionalName(opts, 'datacenter'),
+    namespace: optionalName(opts, 'namespace'),
+    partition: optionalName(opts, 'partition'),
+    readyTimeout: positiveMs(opts, 'readyTimeout', DEFAULT_READY_TIMEOUT, Infinity),
+    defaultPolicy: oneOf(opts, 'defaultPolicy', ['agent', 'allow', 'deny'] as const),
+    health: healthOption(opts.health),
+    mode: oneOf(opts, 'mode', ['l7', 'agent'] as const),
+    blockingWait: positiveMs(opts, 'blockingWait', DEFAULT_BLOCKING_WAIT, MAX_BLOCKING_WAIT)
+  }
+}
+
+function fail (name: string, reason: string): never {
+  throw new InvalidOptionError(name, reason)
+}
+
+function optionalName (opts: Record<string, unknown>, name: string): string | undefined {
+  const value = opts[name]
+  if (value === undefined) return undefined
+  if (typeof value !== 'string' || !SERVICE_NAME.test(value)) fail(name, `must be a non-empty name, got ${JSON.stringify(value)}`)
+  return value
+}
+
+function positiveMs (opts: Record<string, unknown>, name: string, fallback: number, max: number): number {
+  const value = opts[name]
+  if (value === undefined) return fallback
+  if (typeof value !== 'number' || !Number.isFinite(value) || value <= 0 || value > max) {
+    fail(name, `must be a number of milliseconds above 0${max === Infinity ? '' : ` and at most ${max}`}, got ${JSON.stringify(value)}`)
+  }
+  return Math.floor(value)
+}
+
+function oneOf<T extends string> (opts: Record<string, unknown>, name: string, values: readonly T[]): T {
+  const value = opts[name]
+  if (value === undefined) return values[0] as T
+  if (typeof value !== 'string' || !values.includes(value as T)) {
+    fail(name, `must be one of ${values.map((v) => `'${v}'`).join(', ')}, got ${JSON.stringify(value)}`)
+  }
+  return value as T
+}
+
+function healthOption (value: unknown): { url: string } | null {
+  if (value === false) return null
+  if (value === undefined) return { url: DEFAULT_HEALTH_URL }
+  if (value === null || typeof value !== 'object') fail('health', 'must be false or an object such as { url: "/health" }')
+  const { url, ...rest } = value as Record<string, unknown>
+  const unknown = Object.keys(rest)
+  if (unknown.length > 0) fail(`health.${unknown[0] as string}`, 'is not an option (known: url)')
+  if (url === undefined) return { url: DEFAULT_HEALTH_URL }
+  if (typeof url !== 'string' || !url.startsWith('/')) fail('health.url', `must be a path starting with "/", got ${JSON.stringify(url)}`)
+  return { url }
+}

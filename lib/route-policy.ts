@@ -1,0 +1,72 @@
+// Per-route settings (`config.consulNative`), compiled once when the route is declared so the
+// request path only reads a ready-made policy.
+import { InvalidRouteConfigError } from './errors'
+import { compileOverride } from './intentions/policy'
+import type { CompiledOverride, RouteSource } from './intentions/policy'
+
+/** What a route asks of the plugin, compiled. */
+export interface RoutePolicy {
+  /** `config.consulNative: false`: no identity needed, intentions not checked. */
+  readonly exempt: boolean
+  /** Route-level intentions, evaluated before the service's own. */
+  readonly override: CompiledOverride | null
+}
+
+/** Routes without `config.consulNative` (and 404s): the service's intentions decide. */
+export const SERVICE_POLICY: RoutePolicy = Object.freeze({ exempt: false, override: null })
+export const EXEMPT_POLICY: RoutePolicy = Object.freeze({ exempt: true, override: null })
+
+/**
+ * Compiles a route's `config.consulNative` value. Throws FST_CONSUL_NATIVE_INVALID_ROUTE_CONFIG,
+ * naming the route, for anything but `undefined`, `false` or `{ sources: [...] }`.
+ */
+export function compileRoutePolicy (value: unknown, route: string, destination: string): RoutePolicy {
+  if (value === undefined) return SERVICE_POLICY
+  if (value === false) return EXEMPT_POLICY
+  if (value === null || typeof value !== 'object' || Array.isArray(value)) {
+    throw new InvalidRouteConfigError(route, `expected false or { sources: [...] }, got ${describe(value)}`)
+  }
+  const { sources, ...rest } = value as Record<string, unknown>
+  const extra = Object.keys(rest)
+  if (extra.length > 0) throw new InvalidRouteConfigError(route, `unknown key "${extra[0] as string}" (known: sources)`)
+  if (!Array.isArray(sources) || sources.length === 0) {
+    throw new InvalidRouteConfigError(route, 'sources must be a non-empty array of { name, action } or { name, permissions }')
+  }
+  try {
+    const normalized = sources.map((source, i) => canonicalSource(source, `sources[${i}]`))
+    return Object.freeze({ exempt: false, override: compileOverride(normalized, destination) })
+  } catch (err) {
+    throw new InvalidRouteConfigError(route, (err as Error).message, { cause: err })
+  }
+}
+
+// Permissions may be written as in JavaScript (`pathPrefix`), as in Consul's JSON API
+// (`PathPrefix`) or HCL (`path_prefix`); they are handed to the engine in Consul's JSON form.
+const PERMISSION_KEYS = ['Action', 'HTTP', 'JWT', 'PathExact', 'PathPrefix', 'PathRegex', 'Methods', 'Header',
+  'Name', 'Present', 'Exact', 'Prefix', 'Suffix', 'Contains', 'Regex', 'Invert', 'IgnoreCase', 'Providers', 'VerifyClaims', 'Path', 'Value']
+const CANONICAL = new Map(PERMISSION_KEYS.map((key) => [key.toLowerCase(), key]))
+
+function canonicalSource (source: unknown, at: string): RouteSource {
+  if (source === null || typeof source !== 'object' || Array.isArray(source)) return source as RouteSource
+  const { permissions, ...rest } = source as Record<string, unknown>
+  if (permissions === undefined) return source as RouteSource
+  return { ...rest, permissions: canonicalKeys(permissions, `${at}.permissions`) } as unknown as RouteSource
+}
+
+function canonicalKeys (value: unknown, at: string): unknown {
+  if (Array.isArray(value)) return value.map((item, i) => canonicalKeys(item, `${at}[${i}]`))
+  if (value === null || typeof value !== 'object') return value
+  const out: Record<string, unknown> = {}
+  for (const [key, item] of Object.entries(value)) {
+    const canonical = CANONICAL.get(key.toLowerCase().replace(/_/g, '')) ?? key
+    if (Object.hasOwn(out, canonical)) throw new TypeError(`${at}: "${key}" repeats ${canonical}`)
+    out[canonical] = canonicalKeys(item, `${at}.${canonical}`)
+  }
+  return out
+}
+
+function describe (value: unknown): string {
+  if (value === null) return 'null'
+  if (Array.isArray(value)) return 'an array'
+  return `${typeof value} ${JSON.stringify(value)}`
+}

@@ -1,0 +1,282 @@
+// Keeps everything a decision needs in memory, fed by blocking queries to the local agent:
+// leaf + roots (→ TLS), intentions + protocol + default policy (→ compiled policy), and the mesh
+// request normalization. A failed or malformed update never replaces the last good state.
+import { EventEmitter } from 'node:events'
+import type { FastifyBaseLogger } from 'fastify'
+import type { AgentClient } from './agent/client'
+import type { ConfigEntryViews } from './agent/parse'
+import { BlockingWatch } from './agent/watch'
+import type { IndexedCARoots, IssuedCert, Intention, RequestNormalization } from './agent/wire'
+import { NotReadyError } from './errors'
+import { compilePolicy } from './intentions/policy'
+import type { CompiledPolicy } from './intentions/policy'
+import type { ResolvedOptions } from './options'
+import type { DynamicTls } from './tls'
+
+/** Snapshot returned by `fastify.consulNative.status()`. */
+export interface ConsulNativeStatus {
+  ready: boolean
+  service: string
+  trustDomain: string | null
+  leaf: { serial: string, validAfter: string, validBefore: string, uri: string } | null
+  roots: { activeRootId: string, ids: string[] } | null
+  intentions: { count: number, index: number, defaultAllow: boolean, protocol: string, requestNormalization: RequestNormalization | null } | null
+  watches: Record<string, { lastSuccess: string | null, lastError: string | null, failures: number }>
+}
+
+// Warn when the leaf has less than this share of its lifetime left and the agent is failing.
+const EXPIRY_WARNING_SHARE = 0.2
+const EXPIRY_CHECK_MS = 60_000
+
+/**
+ * Emits `'tls'` after new certificate material is installed and `'intentions'` after a new
+ * policy (or request normalization) is in force, each with the current status; `'sync-error'`
+ * with `{ watch, error }` when a poll fails or an update is rejected (the last good state stays).
+ */
+export class ConsulSync extends EventEmitter {
+  readonly #opts: ResolvedOptions
+  readonly #client: AgentClient
+  readonly #tls: DynamicTls
+  readonly #log: FastifyBaseLogger
+  readonly #leaf: BlockingWatch<IssuedCert>
+  readonly #roots: BlockingWatch<IndexedCARoots>
+  readonly #intentions: BlockingWatch<Intention[]>
+  readonly #serviceDefaults: BlockingWatch<ConfigEntryViews['service-defaults'] | null>
+  readonly #proxyDefaults: BlockingWatch<ConfigEntryViews['proxy-defaults'] | null>
+  readonly #mesh: BlockingWatch<ConfigEntryViews['mesh'] | null>
+  readonly #watches: ReadonlyArray<BlockingWatch<unknown>>
+  // The watches set their value only after `accept` returns; these are the values in force.
+  #currentLeaf: IssuedCert | undefined = undefined
+  #currentRoots: IndexedCARoots | undefined = undefined
+  #currentIntentions: Intention[] = []
+  // Resolved before any watch starts (start() awaits it first).
+  #defaultAllow = false
+  #started = false
+  #policy: CompiledPolicy | null = null
+  #policyIndex = 0
+  #protocol = 'tcp'
+  #normalization: RequestNormalization | null = null
+  #expiryTimer: NodeJS.Timeout | null = null
+  #stopped = false
+  readonly #warned = new Set<string>()
+
+  constructor (opts: ResolvedOptions, client: AgentClient, tls: DynamicTls, log: FastifyBaseLogger) {
+    super()
+    this.#opts = opts
+    this.#client = client
+    this.#tls = tls
+    this.#log = log
+    const waitMs = opts.blockingWait
+    const watchLog = log
+    const service = opts.service
+
+    this.#leaf = new BlockingWatch<IssuedCert>({
+      name: 'leaf',
+      waitMs,
+      log: watchLog,
+      fetch: async (q) => pick(await client.leaf(service, q)),
+      differs: (a, b) => a.SerialNumber !== b.SerialNumber || a.CertPEM !== b.CertPEM,
+      accept: (leaf) => this.#installTls(leaf, this.#currentRoots)
+    })
+    this.#roots = new BlockingWatch<IndexedCARoots>({
+      name: 'roots',
+      waitMs,
+      log: watchLog,
+      fetch: async (q) => pick(await client.roots(q)),
+      differs: (a, b) => a.TrustDomain !== b.TrustDomain || a.Roots.map((r) => r.ID).join() !== b.Roots.map((r) => r.ID).join(),
+      accept: (roots) => this.#installTls(this.#currentLeaf, roots)
+    })
+    this.#intentions = new BlockingWatch<Intention[]>({
+      name: 'intentions',
+      waitMs,
+      log: watchLog,
+      fetch: async (q) => pick(await client.intentionsMatch(service, q)),
+      differs: (a, b) => JSON.stringify(a) !== JSON.stringify(b),
+      accept: (list) => this.#compile({ intentions: list })
+    })
+    const entryWatch = <K extends keyof ConfigEntryViews>(kind: K, entry: string,
+      accept: (value: ConfigEntryViews[K] | null) => void): BlockingWatch<ConfigEntryViews[K] | null> =>
+        new BlockingWatch<ConfigEntryViews[K] | null>({
+          name: kind,
+          waitMs,
+          log: watchLog,
+          fetch: async (q) => pick(await client.configEntry(kind, entry, q)),
+          differs: (a, b) => JSON.stringify(a) !== JSON.stringify(b),
+          accept
+        })
+    this.#serviceDefaults = entryWatch('service-defaults', service,
+      (entry) => this.#compile({ protocol: protocolOf(entry, this.#proxyDefaults.value) }))
+    this.#proxyDefaults = entryWatch('proxy-defaults', 'global',
+      (entry) => this.#compile({ protocol: protocolOf(this.#serviceDefaults.value, entry) }))
+    this.#mesh = entryWatch('mesh', 'mesh', (entry) => {
+      this.#normalization = entry?.requestNormalization ?? null
+      // The normalization changes decisions as much as the intentions do.
+      if (this.#started) this.emit('intentions', this.status())
+    })
+    this.#watches = [this.#leaf, this.#roots, this.#intentions, this.#serviceDefaults, this.#proxyDefaults, this.#mesh] as
+      ReadonlyArray<BlockingWatch<unknown>>
+    for (const watch of this.#watches) {
+      watch.onFailure((error) => this.emit('sync-error', { watch: watch.name, error }))
+    }
+  }
+
+  /** The compiled policy in force; null until the first values are in. */
+  get policy (): CompiledPolicy | null { return this.#policy }
+  get normalization (): RequestNormalization | null { return this.#normalization }
+  /** Every first value loaded, and the leaf within its validity period. */
+  get ready (): boolean {
+    const leaf = this.#currentLeaf
+    if (!this.#started || leaf === undefined) return false
+    const now = Date.now()
+    return now >= Date.parse(leaf.ValidAfter) && now < Date.parse(leaf.ValidBefore)
+  }
+
+  /** Starts every watch and resolves when all first values are in, or rejects after `readyTimeout`. */
+  async start (): Promise<void> {
+    const timeoutMs = this.#opts.readyTimeout
+    let timer: NodeJS.Timeout | undefined
+    const timeout = new Promise<never>((_resolve, reject) => {
+      timer = setTimeout(() => reject(this.#notReady(timeoutMs)), timeoutMs)
+    })
+    try {
+      await Promise.race([this.#startAll(), timeout])
+    } catch (err) {
+      this.stop()
+      throw err
+    } finally {
+      clearTimeout(timer)
+    }
+    this.#expiryTimer = setInterval(() => this.checkExpiry(Date.now()), EXPIRY_CHECK_MS).unref()
+  }
+
+  async #startAll (): Promise<void> {
+    // The default policy decides every request no intention matches, so it is known first.
+    this.#defaultAllow = await this.#resolveDefaultPolicy()
+    for (const watch of this.#watches) watch.start()
+    await Promise.all(this.#watches.map(async (watch) => await watch.ready()))
+    this.#started = true
+  }
+
+  stop (): void {
+    if (this.#stopped) return
+    this.#stopped = true
+    for (const watch of this.#watches) watch.stop()
+    if (this.#expiryTimer !== null) clearInterval(this.#expiryTimer)
+  }
+
+  status (): ConsulNativeStatus {
+    const leaf = this.#currentLeaf
+    const roots = this.#currentRoots
+    const watches: ConsulNativeStatus['watches'] = {}
+    for (const watch of this.#watches) {
+      watches[watch.name] = {
+        lastSuccess: watch.lastSuccess?.toISOString() ?? null,
+        lastError: watch.lastError?.message ?? null,
+        failures: watch.failures
+      }
+    }
+    return {
+      ready: this.ready,
+      service: this.#opts.service,
+      trustDomain: roots?.TrustDomain ?? null,
+      leaf: leaf === undefined ? null : { serial: leaf.SerialNumber, validAfter: leaf.ValidAfter, validBefore: leaf.ValidBefore, uri: leaf.ServiceURI },
+      roots: roots === undefined ? null : { activeRootId: roots.ActiveRootID, ids: roots.Roots.map((root) => root.ID) },
+      intentions: this.#policy === null
+        ? null
+        : { count: this.#policy.size, index: this.#policyIndex, defaultAllow: this.#defaultAllow, protocol: this.#protocol, requestNormalization: this.#normalization },
+      watches
+    }
+  }
+
+  #installTls (leaf: IssuedCert | undefined, roots: IndexedCARoots | undefined): void {
+    if (leaf === undefined || roots === undefined) {
+      this.#currentLeaf = leaf
+      this.#currentRoots = roots
+      return
+    }
+    const previous = this.#tls.material
+    this.#tls.update({
+      certPem: leaf.CertPEM,
+      keyPem: leaf.PrivateKeyPEM,
+      rootPems: roots.Roots.map((root) => root.RootCert),
+      trustDomain: roots.TrustDomain
+    })
+    this.#currentLeaf = leaf
+    this.#currentRoots = roots
+    if (previous !== null) {
+      this.#log.info({ consulNative: { event: 'tls-rotated', serial: leaf.SerialNumber, validBefore: leaf.ValidBefore, roots: roots.Roots.length, activeRootId: roots.ActiveRootID } },
+        'fastify-consul-native: TLS material updated')
+    }
+    this.emit('tls', this.status())
+  }
+
+  /**
+   * Recompiles the policy with one input changed; throws (keeping the last good policy) when it
+   * cannot. Until the first intentions arrive the list is empty, which nothing serves on: start()
+   * resolves only once every first value is in.
+   */
+  #compile (change: { intentions?: Intention[], protocol?: string }): void {
+    const intentions = change.intentions ?? this.#currentIntentions
+    const protocol = change.protocol ?? this.#protocol
+    const policy = compilePolicy({ destination: this.#opts.service, intentions, defaultAllow: this.#defaultAllow, protocol })
+    for (const warning of policy.warnings) {
+      // Once per distinct cause for the life of the plugin, not on every recompile.
+      if (this.#warned.has(warning)) continue
+      this.#warned.add(warning)
+      this.#log.warn({ consulNative: { event: 'intention-unsupported', reason: warning } }, `fastify-consul-native: ${warning}`)
+    }
+    this.#policy = policy
+    this.#currentIntentions = intentions
+    this.#protocol = protocol
+    this.#policyIndex = this.#intentions.index
+    this.#log.info({ consulNative: { event: 'policy-updated', count: policy.size, index: this.#policyIndex, protocol } },
+      'fastify-consul-native: intentions updated')
+    this.emit('intentions', this.status())
+  }
+
+  async #resolveDefaultPolicy (): Promise<boolean> {
+    const configured = this.#opts.defaultPolicy
+    if (configured !== 'agent') return configured === 'allow'
+    // SEMANTICS §6.3: the agent's default_intention_policy, then its ACL default policy, then the
+    // X-Consul-Default-ACL-Policy header; fail closed when none is known.
+    try {
+      const self = await this.#client.agentSelf()
+      const policy = self.body.defaultIntentionPolicy ?? self.body.aclDefaultPolicy ?? self.defaultAclPolicy
+      return policy === 'allow'
+    } catch (err) {
+      const header = (err as { defaultAclPolicy?: unknown }).defaultAclPolicy
+      this.#log.warn({ consulNative: { event: 'default-policy-unknown', reason: (err as Error).message } },
+        'fastify-consul-native: cannot read the agent\'s default intention policy, denying by default')
+      return header === 'allow'
+    }
+  }
+
+  #notReady (timeoutMs: number): Error {
+    const missing = this.#watches.filter((watch) => watch.value === undefined)
+    const causes = missing.map((watch) => `${watch.name}: ${watch.lastError?.message ?? 'no answer yet'}`)
+    const first = missing.find((watch) => watch.lastError !== null)
+    return new NotReadyError(timeoutMs, causes.length > 0 ? causes.join('; ') : 'default policy unknown', { cause: first?.lastError ?? undefined })
+  }
+
+  /** Logs loudly when the leaf nears expiry while the agent cannot renew it (run every minute). */
+  checkExpiry (now: number): void {
+    const leaf = this.#currentLeaf
+    if (leaf === undefined || this.#leaf.failures === 0) return
+    const start = Date.parse(leaf.ValidAfter)
+    const end = Date.parse(leaf.ValidBefore)
+    const left = end - now
+    if (left > (end - start) * EXPIRY_WARNING_SHARE) return
+    this.#log.error({ consulNative: { event: 'leaf-expiring', serial: leaf.SerialNumber, validBefore: leaf.ValidBefore, msLeft: left, cause: this.#leaf.lastError?.message } },
+      `fastify-consul-native: leaf certificate expires in ${Math.max(0, Math.round(left / 60_000))} minutes and the agent cannot renew it`)
+  }
+}
+
+function pick<T> (res: { index: number | null, body: T }): { index: number | null, value: T } {
+  return { index: res.index, value: res.body }
+}
+
+/** Consul's protocol resolution: service-defaults, then proxy-defaults `global`, else tcp. */
+function protocolOf (serviceDefaults: { protocol: string | null } | null | undefined, proxyDefaults: { protocol: string | null } | null | undefined): string {
+  // An empty Protocol is "not set" in Consul, like an absent one.
+  return (serviceDefaults?.protocol ?? '') || (proxyDefaults?.protocol ?? '') || 'tcp'
+}

@@ -1,0 +1,136 @@
+// The dynamic TLS side: one secure context built per change of leaf or roots, served both through
+// SNICallback and as the default context of every server (clients that connect by IP send no SNI,
+// and the context chosen is also the one whose CA list verifies the client).
+import { randomBytes, X509Certificate } from 'node:crypto'
+import tls from 'node:tls'
+import type { SecureContext, Server as TlsServer } from 'node:tls'
+import { InvalidOptionError } from './errors'
+import { IdentityResolver } from './identity'
+
+/** The certificate material the agent gives: a leaf chain with its key, and every trusted root. */
+export interface TlsMaterial {
+  /** `CertPEM`: the leaf followed by its intermediates, served as-is. */
+  readonly certPem: string
+  readonly keyPem: string
+  /** `RootCert` of every root, active or not. */
+  readonly rootPems: readonly string[]
+  readonly trustDomain: string
+}
+
+/** Options a user may add to `httpsOptions()`; the security-relevant ones belong to the plugin. */
+export type HttpsOptionsInput = Omit<tls.TlsOptions, 'key' | 'cert' | 'ca' | 'pfx' | 'requestCert' | 'rejectUnauthorized' | 'SNICallback' | 'sessionIdContext'> & { allowHTTP1?: boolean }
+
+const OWNED_OPTIONS = ['key', 'cert', 'ca', 'pfx', 'requestCert', 'rejectUnauthorized', 'SNICallback', 'sessionIdContext'] as const
+const TLS_VERSIONS = ['TLSv1.2', 'TLSv1.3']
+
+/** State shared by the https options object, the servers built from it and the plugin. */
+export class DynamicTls {
+  readonly id = randomBytes(16).toString('hex')
+  readonly identities = new IdentityResolver()
+  #context: SecureContext | null = null
+  #material: TlsMaterial | null = null
+  #servers = new Set<TlsServer>()
+
+  /** Hands the current context to clients that send SNI; `undefined` keeps the default context. */
+  readonly SNICallback = (_servername: string, cb: (err: Error | null, ctx?: SecureContext) => void): void => {
+    cb(null, this.#context ?? undefined)
+  }
+
+  get material (): TlsMaterial | null { return this.#material }
+  get servers (): ReadonlySet<TlsServer> { return this.#servers }
+
+  /**
+   * Installs new material. Builds the context first, so a key that does not match its certificate
+   * throws here and the previous material stays in place.
+   */
+  update (material: TlsMaterial): void {
+    const options = contextOptions(material)
+    const context = tls.createSecureContext(options)
+    const roots = material.rootPems.map((pem) => new X509Certificate(pem))
+    const rootsChanged = this.#material === null ||
+      this.#material.trustDomain !== material.trustDomain ||
+      !sameList(this.#material.rootPems, material.rootPems)
+    this.#context = context
+    this.#material = material
+    if (rootsChanged) this.identities.setTrust({ trustDomain: material.trustDomain, roots })
+    for (const server of this.#servers) server.setSecureContext(options)
+  }
+
+  /** Takes charge of a server built from these options: current context now and on every change. */
+  attach (server: unknown): void {
+    if (!(server instanceof tls.Server)) return
+    if (this.#servers.has(server)) return
+    this.#servers.add(server)
+    server.on('connection', (socket: object) => this.identities.noteConnection(socket))
+    if (this.#material !== null) server.setSecureContext(contextOptions(this.#material))
+  }
+
+  detachAll (): void {
+    this.#servers.clear()
+    registry.delete(this.id)
+  }
+}
+
+const registry = new Map<string, DynamicTls>()
+
+/** Finds the dynamic TLS state of a server created with `httpsOptions()`, or null. */
+export function dynamicTlsOf (server: unknown): DynamicTls | null {
+  if (!(server instanceof tls.Server)) return null
+  const id = (server as unknown as { sessionIdContext?: unknown }).sessionIdContext
+  return typeof id === 'string' ? registry.get(id) ?? null : null
+}
+
+/**
+ * TLS server options for Fastify's `https` option. The plugin then supplies the certificate and
+ * the roots. Client certificates are requested but not required at the handshake, so Consul's
+ * health check (which has none) can reach exempt routes; every other route demands an identity.
+ */
+export function httpsOptions (extra: HttpsOptionsInput = {}): tls.TlsOptions & { allowHTTP1?: boolean } {
+  if (extra === null || typeof extra !== 'object') {
+    throw new InvalidOptionError('httpsOptions()', 'expects an object of TLS server options')
+  }
+  for (const name of OWNED_OPTIONS) {
+    if (name in extra) {
+      throw new InvalidOptionError(`httpsOptions({ ${name} })`, 'is set by the plugin from the Consul agent and cannot be given')
+    }
+  }
+  for (const name of ['minVersion', 'maxVersion'] as const) {
+    const value = extra[name]
+    if (value !== undefined && !TLS_VERSIONS.includes(value)) {
+      throw new InvalidOptionError(`httpsOptions({ ${name} })`, `must be 'TLSv1.2' or 'TLSv1.3', got ${JSON.stringify(value)}`)
+    }
+  }
+  const state = new DynamicTls()
+  registry.set(state.id, state)
+  const options: tls.TlsOptions & { allowHTTP1?: boolean } = {
+    minVersion: 'TLSv1.2',
+    ...extra,
+    requestCert: true,
+    rejectUnauthorized: false,
+    SNICallback: state.SNICallback,
+    sessionIdContext: state.id
+  }
+  // Servers created after the first sync (Fastify's secondary bindings for `localhost`) start
+  // with the current material: Node reads these when it builds the server's default context.
+  for (const name of ['key', 'cert', 'ca'] as const) {
+    Object.defineProperty(options, name, {
+      enumerable: true,
+      get: () => {
+        const material = state.material
+        if (material === null) return undefined
+        return name === 'key' ? material.keyPem : name === 'cert' ? material.certPem : [...material.rootPems]
+      }
+    })
+  }
+  return options
+}
+
+function contextOptions (material: TlsMaterial): tls.SecureContextOptions {
+  return { key: material.keyPem, cert: material.certPem, ca: [...material.rootPems] }
+}
+
+function sameList (a: readonly string[], b: readonly string[]): boolean {
+  if (a.length !== b.length) return false
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false
+  return true
+}

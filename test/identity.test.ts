@@ -1,0 +1,109 @@
+// Identity rules on certificates and connection objects, without a network: each branch that the
+// real-socket tests in plugin-identity.test.ts cannot reach on demand.
+import t from 'tap'
+import { X509Certificate } from 'node:crypto'
+import { DevCertificateAuthority } from '../lib/dev-agent/ca'
+import { IdentityResolver, identityFromCertificate } from '../lib/identity'
+import type { TlsRequest } from '../lib/identity'
+import { serviceSpiffeId } from '../lib/spiffe'
+
+function fakeSocket (opts: { authorized?: boolean, cert?: X509Certificate, error?: string, chain?: X509Certificate[] }): TlsRequest {
+  // Mirrors the parts of tls.TLSSocket the resolver reads.
+  const chain = opts.chain ?? []
+  const detailed = (i: number): object | undefined => {
+    const cert = chain[i]
+    if (cert === undefined) return undefined
+    return { raw: cert.raw, issuerCertificate: detailed(i + 1) }
+  }
+  const socket = {
+    authorized: opts.authorized ?? true,
+    authorizationError: opts.error,
+    getPeerX509Certificate: () => opts.cert,
+    getPeerCertificate: () => ({ raw: opts.cert?.raw, issuerCertificate: detailed(0) })
+  }
+  return { socket: socket as never }
+}
+
+t.test('identityFromCertificate applies the service-identity rules', async (t) => {
+  const ca = await DevCertificateAuthority.create()
+  const td = ca.trustDomain
+  const leaf = new X509Certificate((await ca.signLeaf('web')).certPem)
+  const ok = identityFromCertificate(leaf, td)
+  t.equal(ok.identity?.service, 'web')
+  t.equal(ok.reason, 'verified')
+  t.ok(ok.notAfter > Date.now())
+
+  const partitioned = new X509Certificate((await ca.signLeaf('web', { partition: 'eu', namespace: 'team' })).certPem)
+  t.match(identityFromCertificate(partitioned, td).identity, { partition: 'eu', namespace: 'team', service: 'web' })
+
+  t.match(identityFromCertificate(leaf, 'other.consul').reason, /trust domain/)
+  const agentCert = new X509Certificate((await ca.issueCertificate({ uris: [`spiffe://${td}/agent/client/dc/dc1/id/n1`] })).certPem)
+  t.match(identityFromCertificate(agentCert, td).reason, /not a service identity \(agent\)/)
+  const notConsul = new X509Certificate((await ca.issueCertificate({ uris: ['spiffe://example.org/workload'] })).certPem)
+  t.match(identityFromCertificate(notConsul, td).reason, /not a Consul SPIFFE ID/)
+  const quoted = new X509Certificate((await ca.issueCertificate({ uris: [`spiffe://${td}/ns/default/dc/dc1/svc/a,b`] })).certPem)
+  t.match(identityFromCertificate(quoted, td).reason, /exactly one URI SAN, found 1 \(quoted\)/)
+  const serverOnly = new X509Certificate((await ca.issueCertificate({ uris: [serviceSpiffeId(td, { datacenter: 'dc1', service: 'web' })], extKeyUsage: ['serverAuth'] })).certPem)
+  t.match(identityFromCertificate(serverOnly, td).reason, /clientAuth/)
+  const noEku = new X509Certificate((await ca.issueCertificate({ uris: [serviceSpiffeId(td, { datacenter: 'dc1', service: 'web' })], extKeyUsage: [] })).certPem)
+  t.equal(identityFromCertificate(noEku, td).identity?.service, 'web', 'no EKU extension means no restriction')
+  const fakeSan = { subjectAltName: 'URI:"unterminated' } as unknown as X509Certificate
+  t.match(identityFromCertificate(fakeSan, td).reason, /unreadable subjectAltName/)
+})
+
+t.test('IdentityResolver: connection rules, caching, expiry and roots changes', async (t) => {
+  const ca = await DevCertificateAuthority.create()
+  const root = new X509Certificate(ca.roots()[0]?.RootCert as string)
+  const leafPem = (await ca.signLeaf('web')).certPem
+  const leaf = new X509Certificate(leafPem)
+  const resolver = new IdentityResolver()
+  const now = Date.now()
+
+  t.match(resolver.peer(fakeSocket({ cert: leaf }), now).reason, /no CA roots/, 'nothing is trusted before the roots load')
+  resolver.setTrust({ trustDomain: ca.trustDomain, roots: [root] })
+
+  t.match(resolver.peer({ socket: {} as never }, now).reason, /not a TLS connection/)
+  t.match(resolver.peer(fakeSocket({ authorized: false, error: 'UNABLE_TO_GET_ISSUER_CERT', cert: leaf }), now).reason, /not verified: UNABLE_TO_GET_ISSUER_CERT/)
+  t.match(resolver.peer(fakeSocket({ authorized: false }), now).reason, /none presented/)
+  t.match(resolver.peer(fakeSocket({ authorized: true }), now).reason, /no client certificate/, 'resumed TLS 1.3 session without a certificate')
+
+  // Connections that were not seen connecting (or predate the roots) have their chain checked.
+  const unseen = fakeSocket({ cert: leaf, chain: [root] })
+  t.equal(resolver.identify(unseen, now)?.service, 'web')
+  t.equal(resolver.identify(unseen, now)?.service, 'web', 'cached')
+  t.equal(resolver.identify(unseen, Date.parse(leaf.validTo) + 1), null, 'expired at request time')
+  t.equal(resolver.identify(unseen, Date.parse(leaf.validFrom) - 1), null, 'not yet valid')
+
+  // HTTP/2: the session is the connection.
+  const session = { socket: fakeSocket({ cert: leaf, chain: [root] }).socket }
+  t.equal(resolver.identify({ socket: {} as never, stream: { session } }, now)?.service, 'web')
+
+  // A connection noted at connect time under the current roots skips the chain walk.
+  const raw = {}
+  resolver.noteConnection(raw)
+  const noted = fakeSocket({ cert: leaf })
+  ;(noted.socket as unknown as { _parent: object })._parent = raw
+  t.equal(resolver.identify(noted, now)?.service, 'web')
+
+  // New roots without the old one: cached identities are re-checked and dropped.
+  await ca.rotate()
+  const other = await DevCertificateAuthority.create({ clusterId: ca.clusterId })
+  resolver.setTrust({ trustDomain: ca.trustDomain, roots: [new X509Certificate(other.roots()[0]?.RootCert as string)] })
+  t.match(resolver.peer(unseen, now).reason, /does not chain to the current CA roots/)
+  t.match(resolver.peer(noted, now).reason, /does not chain/)
+
+  // Roots that still include the signer keep the identity; a cross-signed chain counts.
+  const newRoot = new X509Certificate(ca.roots()[0]?.RootCert as string)
+  resolver.setTrust({ trustDomain: ca.trustDomain, roots: [newRoot] })
+  const rotatedLeaf = (await ca.signLeaf('web')).certPem
+  const [leafPart, crossSigned] = rotatedLeaf.split(/(?<=-----END CERTIFICATE-----\n)/)
+  const rotated = fakeSocket({ cert: new X509Certificate(leafPart as string), chain: [new X509Certificate(crossSigned as string), root] })
+  t.equal(resolver.identify(rotated, now)?.service, 'web', 'the new leaf verifies against the new root')
+  resolver.setTrust({ trustDomain: ca.trustDomain, roots: [root] })
+  t.equal(resolver.identify(rotated, now)?.service, 'web', 'and, through the cross-signed certificate, against the old one')
+  resolver.setTrust({ trustDomain: ca.trustDomain, roots: [root, newRoot] })
+  t.equal(resolver.identify(fakeSocket({ cert: root, chain: [] }), now), null, 'a root is no service identity')
+  const loop = fakeSocket({ cert: leaf, chain: [leaf] })
+  resolver.setTrust({ trustDomain: ca.trustDomain, roots: [new X509Certificate(other.roots()[0]?.RootCert as string)] })
+  t.equal(resolver.identify(loop, now), null, 'a chain that loops ends the walk')
+})

@@ -1,0 +1,50 @@
+// Route-level config compiles once, in any of the key spellings users write, or fails naming the route.
+import t from 'tap'
+import { compileRoutePolicy, EXEMPT_POLICY, SERVICE_POLICY } from '../lib/route-policy'
+import { decideOverride } from '../lib/intentions/policy'
+import type { CompiledOverride } from '../lib/intentions/policy'
+
+const caller = (service: string): { partition: string, namespace: string, service: string } => ({ partition: 'default', namespace: 'default', service })
+const request = (method: string, path: string, rawHeaders: string[] = []): { method: string, path: string, url: string, rawHeaders: string[] } => ({ method, path, url: path, rawHeaders })
+
+t.test('undefined means the service intentions, false exempts', async (t) => {
+  t.equal(compileRoutePolicy(undefined, 'GET /', 'api'), SERVICE_POLICY)
+  t.equal(compileRoutePolicy(false, 'GET /', 'api'), EXEMPT_POLICY)
+})
+
+t.test('permissions may be written in JavaScript, Consul JSON or HCL spelling', async (t) => {
+  const spellings = [
+    { action: 'allow', http: { pathPrefix: '/a', methods: ['GET'], header: [{ name: 'x-env', exact: 'prod', ignoreCase: true }] } },
+    { Action: 'allow', HTTP: { PathPrefix: '/a', Methods: ['GET'], Header: [{ Name: 'x-env', Exact: 'prod', IgnoreCase: true }] } },
+    { action: 'allow', http: { path_prefix: '/a', methods: ['GET'], header: [{ name: 'x-env', exact: 'prod', ignore_case: true }] } }
+  ]
+  for (const permission of spellings) {
+    const policy = compileRoutePolicy({ sources: [{ name: 'web', permissions: [permission] }, { name: 'billing', action: 'deny' }] }, 'GET /a', 'api')
+    const override = policy.override as CompiledOverride
+    t.equal(decideOverride(override, caller('web'), request('GET', '/a/b', ['X-Env', 'PROD']))?.allow, true, JSON.stringify(permission))
+    t.equal(decideOverride(override, caller('web'), request('POST', '/a/b', ['X-Env', 'PROD']))?.allow, false)
+    t.equal(decideOverride(override, caller('billing'), request('GET', '/a/b'))?.allow, false, 'L4 source')
+    t.equal(decideOverride(override, caller('ops'), request('GET', '/a/b')), null, 'no source matches ops')
+  }
+})
+
+t.test('invalid values fail with FST_CONSUL_NATIVE_INVALID_ROUTE_CONFIG naming the route', async (t) => {
+  const cases: Array<[unknown, RegExp]> = [
+    [true, /expected false or \{ sources/],
+    [null, /got null/],
+    [['web'], /got an array/],
+    ['web', /got string "web"/],
+    [{}, /sources must be a non-empty array/],
+    [{ sources: [] }, /non-empty/],
+    [{ sources: [{ name: 'web', action: 'allow' }], extra: true }, /unknown key "extra"/],
+    [{ sources: [{ name: 'web', action: 'maybe' }] }, /action/],
+    [{ sources: [{ name: 'web', permissions: [{ action: 'allow', Action: 'deny', http: { pathPrefix: '/' } }] }] }, /repeats Action/],
+    [{ sources: [{ name: 'web', permissions: [{ action: 'allow', http: { pathRegex: '(' } }] }] }, /Regex|regex/],
+    [{ sources: [null] }, /sources\[0\]/],
+    [{ sources: [{ name: 'web', permissions: [{ action: 'allow', http: { pathFoo: '/' } }] }] }, /pathFoo/]
+  ]
+  for (const [value, message] of cases) {
+    t.throws(() => compileRoutePolicy(value, 'GET /x', 'api'), { code: 'FST_CONSUL_NATIVE_INVALID_ROUTE_CONFIG', message: /GET \/x/ }, JSON.stringify(value))
+    t.throws(() => compileRoutePolicy(value, 'GET /x', 'api'), { message }, JSON.stringify(value))
+  }
+})
