@@ -1,0 +1,36 @@
+'use strict'
+// One benchmark server, in its own process: `node bench/server.js <mode> <agentAddress> <intentions>`.
+//   static   Fastify with a fixed mTLS configuration (the leaf and roots read once), no plugin
+//   plugin   the same app with fastify-consul-native (dynamic TLS + enforcement)
+//   exempt   the plugin with the route exempt (dynamic TLS, no decision): "mTLS, no enforcement"
+// Prints its port on stdout, then serves until killed.
+const Fastify = require('fastify')
+const { request } = require('undici')
+const { default: consulNative, httpsOptions } = require('../dist/index.js')
+
+async function agentJson (address, path) {
+  const res = await request(`${address}${path}`)
+  return await res.body.json()
+}
+
+async function main () {
+  const [mode, address] = process.argv.slice(2)
+  let app
+  if (mode === 'static') {
+    const leaf = await agentJson(address, '/v1/agent/connect/ca/leaf/api')
+    const roots = await agentJson(address, '/v1/agent/connect/ca/roots')
+    app = Fastify({ https: { key: leaf.PrivateKeyPEM, cert: leaf.CertPEM, ca: roots.Roots.map((r) => r.RootCert), requestCert: true, rejectUnauthorized: true } })
+    app.get('/', async () => ({ hello: 'world' }))
+  } else {
+    app = Fastify({ https: httpsOptions() })
+    await app.register(consulNative, { service: 'api', agent: { address }, health: false })
+    app.get('/', mode === 'exempt' ? { config: { consulNative: false } } : {}, async () => ({ hello: 'world' }))
+  }
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  process.stdout.write(`${app.server.address().port}\n`)
+}
+
+main().catch((err) => {
+  process.stderr.write(String(err.stack) + '\n')
+  process.exit(1)
+})
