@@ -6,7 +6,7 @@
 // Prints its port on stdout, then serves until killed.
 const Fastify = require('fastify')
 const { request } = require('undici')
-const { default: consulNative, httpsOptions } = require('../dist/index.js')
+const { consulNative, httpsOptions } = require('../dist/index.js')
 
 async function agentJson (address, path) {
   const res = await request(`${address}${path}`)

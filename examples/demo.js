@@ -3,7 +3,7 @@
 // real mTLS (web, billing, ops) plus one without a certificate. Prints who got what, and why.
 const Fastify = require('fastify')
 const { request, Agent } = require('undici')
-const { default: consulNative, httpsOptions } = require('fastify-consul-native')
+const { consulNative, httpsOptions } = require('fastify-consul-native')
 const { startDevAgent } = require('fastify-consul-native/dev-agent')
 
 async function agentApi (agent, method, path, body) {

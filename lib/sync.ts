@@ -58,6 +58,9 @@ export class ConsulSync extends EventEmitter {
   #normalization: RequestNormalization | null = null
   #expiryTimer: NodeJS.Timeout | null = null
   #stopped = false
+  #defaultPolicyKnown = false
+  #defaultPolicyError: Error | null = null
+  readonly #startup = new AbortController()
   readonly #warned = new Set<string>()
 
   constructor (opts: ResolvedOptions, client: AgentClient, tls: DynamicTls, log: FastifyBaseLogger) {
@@ -92,7 +95,7 @@ export class ConsulSync extends EventEmitter {
       log: watchLog,
       fetch: async (q) => pick(await client.intentionsMatch(service, q)),
       differs: (a, b) => JSON.stringify(a) !== JSON.stringify(b),
-      accept: (list) => this.#compile({ intentions: list })
+      accept: (list) => this.#compile({ intentions: list, index: this.#intentions.index })
     })
     const entryWatch = <K extends keyof ConfigEntryViews>(kind: K, entry: string,
       accept: (value: ConfigEntryViews[K] | null) => void): BlockingWatch<ConfigEntryViews[K] | null> =>
@@ -120,7 +123,7 @@ export class ConsulSync extends EventEmitter {
     }
   }
 
-  /** The compiled policy in force; null until the first values are in. */
+  /** The compiled policy in force; null until a first input arrives (start() resolves once all have). */
   get policy (): CompiledPolicy | null { return this.#policy }
   get normalization (): RequestNormalization | null { return this.#normalization }
   /** Every first value loaded, and the leaf within its validity period. */
@@ -152,6 +155,7 @@ export class ConsulSync extends EventEmitter {
   async #startAll (): Promise<void> {
     // The default policy decides every request no intention matches, so it is known first.
     this.#defaultAllow = await this.#resolveDefaultPolicy()
+    this.#defaultPolicyKnown = true
     for (const watch of this.#watches) watch.start()
     await Promise.all(this.#watches.map(async (watch) => await watch.ready()))
     this.#started = true
@@ -160,6 +164,7 @@ export class ConsulSync extends EventEmitter {
   stop (): void {
     if (this.#stopped) return
     this.#stopped = true
+    this.#startup.abort()
     for (const watch of this.#watches) watch.stop()
     if (this.#expiryTimer !== null) clearInterval(this.#expiryTimer)
   }
@@ -215,7 +220,7 @@ export class ConsulSync extends EventEmitter {
    * cannot. Until the first intentions arrive the list is empty, which nothing serves on: start()
    * resolves only once every first value is in.
    */
-  #compile (change: { intentions?: Intention[], protocol?: string }): void {
+  #compile (change: { intentions?: Intention[], index?: number, protocol?: string }): void {
     const intentions = change.intentions ?? this.#currentIntentions
     const protocol = change.protocol ?? this.#protocol
     const policy = compilePolicy({ destination: this.#opts.service, intentions, defaultAllow: this.#defaultAllow, protocol })
@@ -228,7 +233,7 @@ export class ConsulSync extends EventEmitter {
     this.#policy = policy
     this.#currentIntentions = intentions
     this.#protocol = protocol
-    this.#policyIndex = this.#intentions.index
+    this.#policyIndex = change.index ?? this.#policyIndex
     this.#log.info({ consulNative: { event: 'policy-updated', count: policy.size, index: this.#policyIndex, protocol } },
       'fastify-consul-native: intentions updated')
     this.emit('intentions', this.status())
@@ -238,30 +243,40 @@ export class ConsulSync extends EventEmitter {
     const configured = this.#opts.defaultPolicy
     if (configured !== 'agent') return configured === 'allow'
     // SEMANTICS §6.3: the agent's default_intention_policy, then its ACL default policy, then the
-    // X-Consul-Default-ACL-Policy header; fail closed when none is known.
+    // X-Consul-Default-ACL-Policy header (on every answer, even when agent/self is refused);
+    // fail closed when none is known.
+    const signal = this.#startup.signal
     try {
-      const self = await this.#client.agentSelf()
-      const policy = self.body.defaultIntentionPolicy ?? self.body.aclDefaultPolicy ?? self.defaultAclPolicy
-      return policy === 'allow'
+      const self = await this.#client.agentSelf(signal)
+      return (self.body.defaultIntentionPolicy ?? self.body.aclDefaultPolicy ?? self.defaultAclPolicy) === 'allow'
     } catch (err) {
-      const header = (err as { defaultAclPolicy?: unknown }).defaultAclPolicy
-      this.#log.warn({ consulNative: { event: 'default-policy-unknown', reason: (err as Error).message } },
-        'fastify-consul-native: cannot read the agent\'s default intention policy, denying by default')
+      this.#defaultPolicyError = err as Error
+      if (signal.aborted) throw err
+      const header = await this.#client.roots({ signal }).then((res) => res.defaultAclPolicy, () => null)
+      this.#log.warn({ consulNative: { event: 'default-policy-unknown', reason: (err as Error).message, header } },
+        header === 'allow'
+          ? 'fastify-consul-native: cannot read the agent\'s default intention policy; its ACL default policy header says allow'
+          : 'fastify-consul-native: cannot read the agent\'s default intention policy, denying by default')
       return header === 'allow'
     }
   }
 
   #notReady (timeoutMs: number): Error {
+    if (!this.#defaultPolicyKnown) {
+      const cause = this.#defaultPolicyError
+      return new NotReadyError(timeoutMs, `agent/self (default intention policy): ${cause?.message ?? 'no answer yet'}`, { cause: cause ?? undefined })
+    }
     const missing = this.#watches.filter((watch) => watch.value === undefined)
     const causes = missing.map((watch) => `${watch.name}: ${watch.lastError?.message ?? 'no answer yet'}`)
     const first = missing.find((watch) => watch.lastError !== null)
-    return new NotReadyError(timeoutMs, causes.length > 0 ? causes.join('; ') : 'default policy unknown', { cause: first?.lastError ?? undefined })
+    return new NotReadyError(timeoutMs, causes.join('; '), { cause: first?.lastError ?? undefined })
   }
 
   /** Logs loudly when the leaf nears expiry while the agent cannot renew it (run every minute). */
   checkExpiry (now: number): void {
     const leaf = this.#currentLeaf
-    if (leaf === undefined || this.#leaf.failures === 0) return
+    // Failing polls, or answers whose leaf was rejected: either way no renewal is in force.
+    if (leaf === undefined || this.#leaf.lastError === null) return
     const start = Date.parse(leaf.ValidAfter)
     const end = Date.parse(leaf.ValidBefore)
     const left = end - now
