@@ -5,10 +5,11 @@ import type { FastifyRequest } from 'fastify'
 import { LRUCache } from 'lru-cache'
 import type { AgentClient } from './agent/client'
 import { BadHeaderError, BadPathError, DeniedError, UnauthenticatedError } from './errors'
+import { connectionOf } from './identity'
 import type { ServiceIdentity } from './identity'
 import { decideOverride, decideRequest } from './intentions/policy'
 import type { Decision } from './intentions/policy'
-import { canonicalPath, routerPaths } from './intentions/path'
+import { canonicalPath, routedPath, routerPaths } from './intentions/path'
 import type { RouterOptions } from './intentions/path'
 import type { RoutePolicy } from './route-policy'
 import type { ConsulSync } from './sync'
@@ -16,7 +17,6 @@ import type { DynamicTls } from './tls'
 
 export const EXEMPT_DECISION: Decision = Object.freeze({ allow: true, reason: 'route exempt (config.consulNative: false)' })
 const UNAUTHENTICATED_DECISION: Decision = Object.freeze({ allow: false, reason: 'unauthenticated' })
-const NOT_READY_DECISION: Decision = Object.freeze({ allow: false, reason: 'intentions not loaded' })
 const BAD_PATH_DECISION: Decision = Object.freeze({ allow: false, reason: 'path rejected by the mesh request normalization' })
 const BAD_HEADER_DECISION: Decision = Object.freeze({ allow: false, reason: 'header name with an underscore rejected by the mesh request normalization' })
 
@@ -63,7 +63,6 @@ export class Enforcer {
       return new UnauthenticatedError()
     }
     const policy = this.#sync.policy
-    if (policy === null) return this.#deny(request, identity, NOT_READY_DECISION)
 
     const url = raw.url as string
     const path = canonicalPath(url, this.#sync.normalization)
@@ -87,7 +86,8 @@ export class Enforcer {
     }
     const facts = this.#facts
     facts.method = raw.method as string
-    facts.url = url
+    // A ':path' header matcher sees the normalized path with the query, as Envoy's RBAC does.
+    facts.url = isPathOf(url, path) ? url : path + queryOf(url)
     facts.rawHeaders = rawHeaders
     facts.path = path
     if (this.#authorize !== null) {
@@ -97,9 +97,18 @@ export class Enforcer {
       if (overridden !== null) return this.#settle(request, identity, overridden)
       return this.#authorize.decide(request, identity).then((decision) => this.#settle(request, identity, decision))
     }
-    // A7: Fastify routed the path as sent, possibly under other spellings (router options,
-    // un-normalized segments); a deny for any spelling that reaches the same handler counts.
-    const decision = decideRequest(policy, route.override, identity, facts, routerPaths(path, this.#router, url))
+    // A7. The canonical path decides, and every other spelling the router treats alike (per its
+    // options) can only add a denial. The router dispatched on the path as sent, though: when
+    // that differs structurally (dot segments, backslashes), it must be allowed in its own right.
+    const router = route.router ?? this.#router
+    let decision = decideRequest(policy, route.override, identity, facts, routerPaths(path, router))
+    if (decision.allow) {
+      const routed = routedPath(url)
+      if (routed !== null && routed !== path) {
+        facts.path = routed
+        decision = decideRequest(policy, route.override, identity, facts, routerPaths(routed, router))
+      }
+    }
     facts.rawHeaders = EMPTY
     return this.#settle(request, identity, decision)
   }
@@ -125,6 +134,32 @@ export class Enforcer {
 }
 
 const EMPTY: readonly string[] = []
+
+/** `url` is `path`, possibly followed by a query or fragment. */
+function isPathOf (url: string, path: string): boolean {
+  if (url.length === path.length) return url === path
+  const next = url.charCodeAt(path.length)
+  return (next === 63 || next === 35) && url.startsWith(path)
+}
+
+function queryOf (url: string): string {
+  const q = url.indexOf('?')
+  return q === -1 ? '' : url.slice(q)
+}
+
+/**
+ * `preParsing` backstop: a request that reaches body parsing without a recorded decision (a hook
+ * order this plugin did not foresee) is denied, never served.
+ */
+export function consulNativeBackstop<T> (request: FastifyRequest, _reply: unknown, payload: T, done: (err: Error | null, payload?: T) => void): void {
+  if (request.consulDecision !== null) {
+    done(null, payload)
+    return
+  }
+  request.log.error({ consulNative: { event: 'no-decision', method: request.method, path: request.url } },
+    'fastify-consul-native: no access decision was recorded for this request; denying')
+  done(new DeniedError())
+}
 
 function hasUnderscoreName (rawHeaders: readonly string[]): boolean {
   for (let i = 0; i < rawHeaders.length; i += 2) if ((rawHeaders[i] as string).includes('_')) return true
@@ -156,7 +191,7 @@ function isDebug (log: FastifyRequest['log']): boolean {
 export class AgentAuthorizer {
   readonly #client: AgentClient
   readonly #service: string
-  readonly #byConnection = new WeakMap<object, Promise<Decision>>()
+  #byConnection = new WeakMap<object, Promise<Decision>>()
   readonly #byCaller = new LRUCache<string, Promise<Decision>>({ max: AUTHORIZE_CACHE_MAX, ttl: AUTHORIZE_TTL_MS })
 
   constructor (client: AgentClient, service: string) {
@@ -164,9 +199,17 @@ export class AgentAuthorizer {
     this.#service = service
   }
 
+  /**
+   * Forgets every cached answer: after an intentions change, open connections are asked again
+   * (a sidecar would drain them), so a revoked caller loses access on its next request.
+   */
+  invalidate (): void {
+    this.#byConnection = new WeakMap()
+    this.#byCaller.clear()
+  }
+
   decide (request: FastifyRequest, identity: ServiceIdentity): Promise<Decision> {
-    const raw = request.raw as unknown as { stream?: { session?: object }, socket: object }
-    const connection = raw.stream?.session ?? raw.socket
+    const connection = connectionOf(request.raw)
     let pending = this.#byConnection.get(connection)
     if (pending === undefined) {
       const asked = this.#byCaller.get(identity.uri) ?? this.#ask(identity.uri)

@@ -11,6 +11,11 @@ export const NotHttpsError = createError(
   'FST_CONSUL_NATIVE_NOT_HTTPS',
   'fastify-consul-native needs an HTTPS server created with httpsOptions(): use Fastify({ https: httpsOptions() })', 500)
 
+/** The plugin was registered inside an encapsulated plugin: its TLS settings are server-wide, so its checks must be too. */
+export const NotRootError = createError(
+  'FST_CONSUL_NATIVE_NOT_ROOT',
+  'fastify-consul-native must be registered on the root instance (the TLS server is shared by every route), not inside an encapsulated plugin', 500)
+
 /** The first leaf, roots or intentions could not be loaded from the agent within `readyTimeout`. */
 export const NotReadyError = createError(
   'FST_CONSUL_NATIVE_NOT_READY', 'Consul agent not ready after %sms: %s', 503)

@@ -72,9 +72,8 @@ export class IdentityResolver {
 
   /** Like `identify`, with the reason when there is no identity. */
   peer (req: TlsRequest, now: number): PeerIdentity {
-    // HTTP/2 gives a new socket proxy per stream; the session is the connection.
     const session = req.stream?.session
-    const key: object = session ?? req.socket
+    const key = connectionOf(req)
     let cached = this.#byConnection.get(key)
     if (cached === undefined || cached.epoch !== this.#epoch) {
       const socket = (session?.socket ?? req.socket) as TLSSocket
@@ -99,12 +98,19 @@ export class IdentityResolver {
 
     // The handshake verified the chain against the roots of its time. If the roots changed since
     // (or we cannot tell when it happened), check the chain against the current roots.
+    // A resumed session was verified when it was first established, perhaps under older roots.
     const handshakeEpoch = this.#connectEpoch.get((socket as unknown as { _parent?: object })._parent ?? socket)
-    if ((previous !== undefined || handshakeEpoch !== epoch) && !chainsToCurrentRoots(socket, cert, trust.roots)) {
+    const recheck = previous !== undefined || handshakeEpoch !== epoch || socket.isSessionReused()
+    if (recheck && !chainsToCurrentRoots(socket, cert, trust.roots, Date.now())) {
       return noIdentity('client certificate does not chain to the current CA roots', epoch)
     }
     return identityFromCertificate(cert, trust.trustDomain, epoch)
   }
+}
+
+/** The connection a request came on: HTTP/2 gives a new socket proxy per stream, so there it is the session. */
+export function connectionOf (req: TlsRequest): object {
+  return req.stream?.session ?? req.socket
 }
 
 /** Identity from a verified leaf certificate (pure; exported for tests). */
@@ -132,36 +138,41 @@ export function identityFromCertificate (cert: X509Certificate, trustDomain: str
     datacenter: id.datacenter,
     service: id.service
   })
-  return Object.freeze({
-    identity,
-    reason: 'verified',
-    notBefore: Date.parse(cert.validFrom),
-    notAfter: Date.parse(cert.validTo),
-    epoch
-  })
+  const notBefore = Date.parse(cert.validFrom)
+  const notAfter = Date.parse(cert.validTo)
+  // An unreadable date must not mean "never expires".
+  if (Number.isNaN(notBefore) || Number.isNaN(notAfter)) return noIdentity('unreadable certificate validity dates', epoch)
+  return Object.freeze({ identity, reason: 'verified', notBefore, notAfter, epoch })
 }
 
 function noIdentity (reason: string, epoch: number): PeerIdentity {
   return Object.freeze({ identity: null, reason, notBefore: -Infinity, notAfter: Infinity, epoch })
 }
 
-/** True when some certificate of the peer's chain is, or is signed by, one of the current roots. */
-export function chainsToCurrentRoots (socket: TLSSocket, leaf: X509Certificate, roots: readonly X509Certificate[]): boolean {
-  const chain: X509Certificate[] = [leaf]
+/**
+ * True when the peer's chain, link by link from the leaf, reaches one of the current roots: each
+ * certificate is issued and signed by the next and valid at `now`, and the last one is a current
+ * root or is signed by one (a cross-signed intermediate).
+ */
+export function chainsToCurrentRoots (socket: TLSSocket, leaf: X509Certificate, roots: readonly X509Certificate[], now: number): boolean {
   const seen = new Set<string>([leaf.fingerprint256])
+  let cert = leaf
   let node: DetailedPeerCertificate | undefined = socket.getPeerCertificate(true)?.issuerCertificate
-  while (node?.raw !== undefined) {
-    const cert = new X509Certificate(node.raw)
-    if (seen.has(cert.fingerprint256)) break
-    seen.add(cert.fingerprint256)
-    chain.push(cert)
-    node = node.issuerCertificate
-  }
-  for (const cert of chain) {
+  for (;;) {
+    if (!validAt(cert, now)) return false
     for (const root of roots) {
       if (cert.fingerprint256 === root.fingerprint256) return true
       if (cert.checkIssued(root) && cert.verify(root.publicKey)) return true
     }
+    if (node?.raw === undefined) return false
+    const issuer = new X509Certificate(node.raw)
+    if (seen.has(issuer.fingerprint256) || !cert.checkIssued(issuer) || !cert.verify(issuer.publicKey)) return false
+    seen.add(issuer.fingerprint256)
+    cert = issuer
+    node = node.issuerCertificate
   }
-  return false
+}
+
+function validAt (cert: X509Certificate, now: number): boolean {
+  return now >= Date.parse(cert.validFrom) && now < Date.parse(cert.validTo)
 }

@@ -2,18 +2,18 @@
 //   agent/ (client, watches) → sync (leaf, roots, intentions) → tls (secure context, identity)
 //   → intentions/ (pure decision engine) → enforcement (per-request check) → hooks below.
 import type { EventEmitter } from 'node:events'
-import type { FastifyPluginAsync, FastifyReply, FastifyRequest, HookHandlerDoneFunction } from 'fastify'
+import type { FastifyPluginAsync, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import { AgentClient } from './agent/client'
 import { resolveAgentConfig } from './agent/config'
-import { AgentAuthorizer, Enforcer } from './enforcement'
-import { InvalidOptionError, NotHttpsError } from './errors'
+import { AgentAuthorizer, consulNativeBackstop, Enforcer } from './enforcement'
+import { InvalidOptionError, NotHttpsError, NotRootError } from './errors'
 import type { ServiceIdentity } from './identity'
 import type { Decision } from './intentions/policy'
-import { routerOptionsOf, serverBindingsOf } from './fastify-servers'
+import { routeConfigReader, routerOptionsOf, serverBindingsOf } from './fastify-internals'
 import { resolveOptions } from './options'
 import type { ConsulNativeOptions, RouteConsulNativeConfig } from './options'
-import { compileRoutePolicy, SERVICE_POLICY } from './route-policy'
+import { compileRoutePolicy, SERVICE_POLICY, withPrefixTwin } from './route-policy'
 import type { RoutePolicy } from './route-policy'
 import { ConsulSync } from './sync'
 import type { ConsulNativeStatus } from './sync'
@@ -50,12 +50,15 @@ const kRoutePolicy = Symbol('fastify-consul-native.routePolicy')
 
 const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fastify, rawOptions) => {
   const opts = resolveOptions(rawOptions)
-  const pluginTimeout = fastify.initialConfig.pluginTimeout ?? 0
+  // Fastify always sets it; 0 turns the timeout off.
+  const pluginTimeout = Number(fastify.initialConfig.pluginTimeout)
   if (pluginTimeout > 0 && opts.readyTimeout >= pluginTimeout) {
     throw new InvalidOptionError('readyTimeout', `(${opts.readyTimeout} ms) must be below Fastify's pluginTimeout (${pluginTimeout} ms): lower it or raise pluginTimeout`)
   }
   const tls = dynamicTlsOf(fastify.server)
   if (tls === null) throw new NotHttpsError()
+  // Child instances are created with Object.create(parent); only the root's hooks reach every route.
+  if (Object.getPrototypeOf(fastify) !== Object.prototype) throw new NotRootError()
 
   const client = new AgentClient(resolveAgentConfig(opts.agent, process.env), {
     datacenter: opts.datacenter,
@@ -63,52 +66,52 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
     partition: opts.partition
   })
   const sync = new ConsulSync(opts, client, tls, fastify.log)
-  const enforcer = new Enforcer(tls, sync, routerOptionsOf(fastify),
-    opts.mode === 'agent' ? new AgentAuthorizer(client, opts.service) : null)
+  const router = routerOptionsOf(fastify)
+  if (!router.caseSensitive) {
+    fastify.log.warn({ consulNative: { event: 'case-insensitive-router' } },
+      'fastify-consul-native: caseSensitive is false: write intention paths in lower case, as every case spelling is checked in lower case')
+  }
+  const authorizer = opts.mode === 'agent' ? new AgentAuthorizer(client, opts.service) : null
+  const enforcer = new Enforcer(tls, sync, router, authorizer)
 
   fastify.decorateRequest('consulSource', null)
   fastify.decorateRequest('consulDecision', null)
-  fastify.decorate('consulNative', { status: () => sync.status(), events: sync })
+  fastify.decorate('consulNative', { status: () => sync.status(), events: sync.events })
+  if (authorizer !== null) sync.events.on('intentions', () => authorizer.invalidate())
 
-  // Routes declared from here on get their policy compiled once and checked by a route-level
-  // onRequest hook placed before the route's own hooks, so nothing runs for a denied caller.
+  // Routes declared from here on get their policy compiled once, when they are declared (a bad
+  // override fails there); the request path only reads it.
   fastify.addHook('onRoute', (route) => {
     const name = `${String(route.method)} ${route.url}`
-    const policy = compileRoutePolicy(route.config?.consulNative, name, opts.service)
+    const policy = withPrefixTwin(compileRoutePolicy(route.config?.consulNative, name, opts.service), route, router)
     route.config = { ...route.config, [kRoutePolicy]: policy } as typeof route.config
-    const check = function consulNativeOnRequest (request: FastifyRequest, _reply: FastifyReply, done: HookHandlerDoneFunction): void {
-      settle(enforcer.check(request, policy), done)
-    }
-    const existing = route.onRequest
-    route.onRequest = existing === undefined ? [check] : [check, ...(Array.isArray(existing) ? existing : [existing])]
   })
 
-  // 404s never pass through onRoute: decide them here, so an unauthenticated caller cannot tell
-  // which routes exist.
-  fastify.addHook('onRequest', function consulNativeNotFound (request, _reply, done) {
-    if (request.is404) settle(enforcer.check(request, SERVICE_POLICY), done)
-    else done()
-  })
-
-  // Backstop for routes this plugin never saw (declared before it was registered): decide before
-  // the body is parsed, compiling their route config on first use.
+  // One global onRequest hook decides every request, before any body is read: routes declared
+  // before the plugin (compiled on first use), and 404s, so that an unauthenticated caller cannot
+  // tell which routes exist.
+  const routeConfig = routeConfigReader()
   const latePolicies = new WeakMap<object, RoutePolicy>()
-  fastify.addHook('preParsing', function consulNativeBackstop (request, _reply, payload, done) {
-    if (request.consulDecision !== null) {
-      done(null, payload)
-      return
+  fastify.addHook('onRequest', function consulNativeOnRequest (request, _reply, done) {
+    let policy: RoutePolicy
+    if (request.is404) {
+      policy = SERVICE_POLICY
+    } else {
+      const config = routeConfig(request)
+      policy = (config[kRoutePolicy] as RoutePolicy | undefined) ?? latePolicies.get(config) ?? compileLate(config, request)
     }
-    const config = request.routeOptions.config as unknown as Record<string | symbol, unknown>
-    let policy = latePolicies.get(config) ?? (config[kRoutePolicy] as RoutePolicy | undefined)
-    if (policy === undefined) {
-      policy = compileRoutePolicy(config.consulNative, `${request.method} ${String(request.routeOptions.url)}`, opts.service)
-      latePolicies.set(config, policy)
-    }
-    settle(enforcer.check(request, policy), (err) => {
-      if (err !== undefined) done(err)
-      else done(null, payload)
-    })
+    settle(enforcer.check(request, policy), done)
   })
+
+  function compileLate (config: Record<string | symbol, unknown>, request: FastifyRequest): RoutePolicy {
+    const policy = compileRoutePolicy(config.consulNative, `${request.method} ${String(request.routeOptions.url)}`, opts.service)
+    latePolicies.set(config, policy)
+    return policy
+  }
+
+  // Backstop: a request that reaches body parsing without a recorded decision (a hook order this
+  // plugin did not foresee) is denied, never served.
+  fastify.addHook('preParsing', consulNativeBackstop)
 
   // Fastify opens one extra server per address family when listening on `localhost`; they were
   // built from the same options, and must follow every rotation too.
@@ -132,12 +135,8 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
     fastify.get(opts.health.url, { config: { consulNative: false } }, async function consulNativeHealth (_request, reply) {
       const status = sync.status()
       reply.code(status.ready ? 200 : 503)
-      return {
-        status: status.ready ? 'passing' : 'critical',
-        service: status.service,
-        leaf: status.leaf === null ? null : { serial: status.leaf.serial, validBefore: status.leaf.validBefore },
-        intentions: status.intentions === null ? null : { count: status.intentions.count, index: status.intentions.index }
-      }
+      // Reachable without a certificate: readiness only, nothing about certificates or intentions.
+      return { status: status.ready ? 'passing' : 'critical', service: status.service }
     })
   }
 

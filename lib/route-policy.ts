@@ -3,6 +3,7 @@
 import { InvalidRouteConfigError } from './errors'
 import { compileOverride } from './intentions/policy'
 import type { CompiledOverride, RouteSource } from './intentions/policy'
+import type { RouterOptions } from './intentions/path'
 
 /** What a route asks of the plugin, compiled. */
 export interface RoutePolicy {
@@ -10,6 +11,8 @@ export interface RoutePolicy {
   readonly exempt: boolean
   /** Route-level intentions, evaluated before the service's own. */
   readonly override: CompiledOverride | null
+  /** Router options for this route when they differ from the server's (a prefixed root route answers with and without its trailing slash). */
+  readonly router?: RouterOptions
 }
 
 /** Routes without `config.consulNative` (and 404s): the service's intentions decide. */
@@ -63,6 +66,18 @@ function canonicalKeys (value: unknown, at: string): unknown {
     out[canonical] = canonicalKeys(item, `${at}.${canonical}`)
   }
   return out
+}
+
+/**
+ * A route declared as `''` or `'/'` under a prefix is served at both `/prefix` and `/prefix/`
+ * (Fastify's `prefixTrailingSlash: 'both'`): for it, the two spellings are one, as with
+ * `ignoreTrailingSlash`.
+ */
+export function withPrefixTwin (policy: RoutePolicy, route: { prefix?: string, routePath?: string, prefixTrailingSlash?: string }, router: RouterOptions): RoutePolicy {
+  const twin = route.prefix !== undefined && route.prefix !== '' && (route.routePath === '' || route.routePath === '/') &&
+    (route.prefixTrailingSlash ?? 'both') === 'both'
+  if (!twin || router.ignoreTrailingSlash) return policy
+  return Object.freeze({ ...policy, router: Object.freeze({ ...router, ignoreTrailingSlash: true }) })
 }
 
 function describe (value: unknown): string {

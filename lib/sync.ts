@@ -33,7 +33,9 @@ const EXPIRY_CHECK_MS = 60_000
  * policy (or request normalization) is in force, each with the current status; `'sync-error'`
  * with `{ watch, error }` when a poll fails or an update is rejected (the last good state stays).
  */
-export class ConsulSync extends EventEmitter {
+export class ConsulSync {
+  /** Public events (`fastify.consulNative.events`); a throwing listener is logged, never taken as a rejected update. */
+  readonly events = new EventEmitter()
   readonly #opts: ResolvedOptions
   readonly #client: AgentClient
   readonly #tls: DynamicTls
@@ -52,7 +54,8 @@ export class ConsulSync extends EventEmitter {
   // Resolved before any watch starts (start() awaits it first).
   #defaultAllow = false
   #started = false
-  #policy: CompiledPolicy | null = null
+  #policy: CompiledPolicy
+  #compiled = false
   #policyIndex = 0
   #protocol = 'tcp'
   #normalization: RequestNormalization | null = null
@@ -64,8 +67,8 @@ export class ConsulSync extends EventEmitter {
   readonly #warned = new Set<string>()
 
   constructor (opts: ResolvedOptions, client: AgentClient, tls: DynamicTls, log: FastifyBaseLogger) {
-    super()
     this.#opts = opts
+    this.#policy = compilePolicy({ destination: opts.service, intentions: [], defaultAllow: false, protocol: 'tcp' })
     this.#client = client
     this.#tls = tls
     this.#log = log
@@ -114,17 +117,17 @@ export class ConsulSync extends EventEmitter {
     this.#mesh = entryWatch('mesh', 'mesh', (entry) => {
       this.#normalization = entry?.requestNormalization ?? null
       // The normalization changes decisions as much as the intentions do.
-      if (this.#started) this.emit('intentions', this.status())
+      if (this.#started) this.#emit('intentions', this.status())
     })
     this.#watches = [this.#leaf, this.#roots, this.#intentions, this.#serviceDefaults, this.#proxyDefaults, this.#mesh] as
       ReadonlyArray<BlockingWatch<unknown>>
     for (const watch of this.#watches) {
-      watch.onFailure((error) => this.emit('sync-error', { watch: watch.name, error }))
+      watch.onFailure((error) => this.#emit('sync-error', { watch: watch.name, error }))
     }
   }
 
-  /** The compiled policy in force; null until a first input arrives (start() resolves once all have). */
-  get policy (): CompiledPolicy | null { return this.#policy }
+  /** The compiled policy in force: deny-all until the first inputs are in (start() resolves once all have). */
+  get policy (): CompiledPolicy { return this.#policy }
   get normalization (): RequestNormalization | null { return this.#normalization }
   /** Every first value loaded, and the leaf within its validity period. */
   get ready (): boolean {
@@ -186,7 +189,7 @@ export class ConsulSync extends EventEmitter {
       trustDomain: roots?.TrustDomain ?? null,
       leaf: leaf === undefined ? null : { serial: leaf.SerialNumber, validAfter: leaf.ValidAfter, validBefore: leaf.ValidBefore, uri: leaf.ServiceURI },
       roots: roots === undefined ? null : { activeRootId: roots.ActiveRootID, ids: roots.Roots.map((root) => root.ID) },
-      intentions: this.#policy === null
+      intentions: !this.#compiled
         ? null
         : { count: this.#policy.size, index: this.#policyIndex, defaultAllow: this.#defaultAllow, protocol: this.#protocol, requestNormalization: this.#normalization },
       watches
@@ -212,7 +215,7 @@ export class ConsulSync extends EventEmitter {
       this.#log.info({ consulNative: { event: 'tls-rotated', serial: leaf.SerialNumber, validBefore: leaf.ValidBefore, roots: roots.Roots.length, activeRootId: roots.ActiveRootID } },
         'fastify-consul-native: TLS material updated')
     }
-    this.emit('tls', this.status())
+    this.#emit('tls', this.status())
   }
 
   /**
@@ -231,12 +234,13 @@ export class ConsulSync extends EventEmitter {
       this.#log.warn({ consulNative: { event: 'intention-unsupported', reason: warning } }, `fastify-consul-native: ${warning}`)
     }
     this.#policy = policy
+    this.#compiled = true
     this.#currentIntentions = intentions
     this.#protocol = protocol
     this.#policyIndex = change.index ?? this.#policyIndex
     this.#log.info({ consulNative: { event: 'policy-updated', count: policy.size, index: this.#policyIndex, protocol } },
       'fastify-consul-native: intentions updated')
-    this.emit('intentions', this.status())
+    this.#emit('intentions', this.status())
   }
 
   async #resolveDefaultPolicy (): Promise<boolean> {
@@ -270,6 +274,14 @@ export class ConsulSync extends EventEmitter {
     const causes = missing.map((watch) => `${watch.name}: ${watch.lastError?.message ?? 'no answer yet'}`)
     const first = missing.find((watch) => watch.lastError !== null)
     return new NotReadyError(timeoutMs, causes.join('; '), { cause: first?.lastError ?? undefined })
+  }
+
+  #emit (event: string, payload: unknown): void {
+    try {
+      this.events.emit(event, payload)
+    } catch (err) {
+      this.#log.error({ consulNative: { event: 'listener-failed', listenerEvent: event }, err }, 'fastify-consul-native: an event listener threw')
+    }
   }
 
   /** Logs loudly when the leaf nears expiry while the agent cannot renew it (run every minute). */

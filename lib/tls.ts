@@ -1,7 +1,7 @@
 // The dynamic TLS side: one secure context built per change of leaf or roots, served both through
 // SNICallback and as the default context of every server (clients that connect by IP send no SNI,
 // and the context chosen is also the one whose CA list verifies the client).
-import { randomBytes, X509Certificate } from 'node:crypto'
+import { constants, randomBytes, X509Certificate } from 'node:crypto'
 import tls from 'node:tls'
 import type { SecureContext, Server as TlsServer } from 'node:tls'
 import { InvalidOptionError } from './errors'
@@ -23,10 +23,16 @@ export type HttpsOptionsInput = Omit<tls.TlsOptions, 'key' | 'cert' | 'ca' | 'pf
 const OWNED_OPTIONS = ['key', 'cert', 'ca', 'pfx', 'requestCert', 'rejectUnauthorized', 'SNICallback', 'sessionIdContext'] as const
 const TLS_VERSIONS = ['TLSv1.2', 'TLSv1.3']
 
+// The user's TLS settings that live in a secure context: Node's setSecureContext() resets every
+// one it is not given, so each context the plugin builds carries them again.
+const CONTEXT_OPTIONS = ['minVersion', 'maxVersion', 'ciphers', 'ecdhCurve', 'sigalgs', 'honorCipherOrder', 'secureOptions',
+  'dhparam', 'crl', 'sessionTimeout', 'ticketKeys'] as const
+
 /** State shared by the https options object, the servers built from it and the plugin. */
 export class DynamicTls {
   readonly id = randomBytes(16).toString('hex')
   readonly identities = new IdentityResolver()
+  readonly #settings: tls.SecureContextOptions
   #context: SecureContext | null = null
   #material: TlsMaterial | null = null
   #servers = new Set<TlsServer>()
@@ -34,6 +40,17 @@ export class DynamicTls {
   /** Hands the current context to clients that send SNI; `undefined` keeps the default context. */
   readonly SNICallback = (_servername: string, cb: (err: Error | null, ctx?: SecureContext) => void): void => {
     cb(null, this.#context ?? undefined)
+  }
+
+  /** `settings`: the TLS options of `httpsOptions()` that belong in every secure context. */
+  constructor (settings: tls.SecureContextOptions = {}) {
+    this.#settings = {
+      ...settings,
+      // TLS 1.2 renegotiation could swap the client certificate after the identity was read.
+      secureOptions: (settings.secureOptions ?? 0) | constants.SSL_OP_NO_RENEGOTIATION,
+      // Kept on the server object, where dynamicTlsOf() finds this state again.
+      sessionIdContext: this.id
+    }
   }
 
   get material (): TlsMaterial | null { return this.#material }
@@ -44,7 +61,7 @@ export class DynamicTls {
    * throws here and the previous material stays in place.
    */
   update (material: TlsMaterial): void {
-    const options = contextOptions(material)
+    const options = this.contextOptions(material)
     const context = tls.createSecureContext(options)
     const roots = material.rootPems.map((pem) => new X509Certificate(pem))
     const rootsChanged = this.#material === null ||
@@ -62,22 +79,29 @@ export class DynamicTls {
     if (this.#servers.has(server)) return
     this.#servers.add(server)
     server.on('connection', (socket: object) => this.identities.noteConnection(socket))
-    if (this.#material !== null) server.setSecureContext(contextOptions(this.#material))
+    if (this.#material !== null) server.setSecureContext(this.contextOptions(this.#material))
   }
 
   detachAll (): void {
     this.#servers.clear()
     registry.delete(this.id)
   }
+
+  /** Everything a secure context for `material` needs: the certificate, the roots and the user's settings. */
+  contextOptions (material: TlsMaterial): tls.SecureContextOptions {
+    return { ...this.#settings, key: material.keyPem, cert: material.certPem, ca: [...material.rootPems] }
+  }
 }
 
-const registry = new Map<string, DynamicTls>()
+// Weakly held: options created but never used by the plugin do not keep their state alive.
+const registry = new Map<string, WeakRef<DynamicTls>>()
+const forget = new FinalizationRegistry<string>((id) => registry.delete(id))
 
 /** Finds the dynamic TLS state of a server created with `httpsOptions()`, or null. */
 export function dynamicTlsOf (server: unknown): DynamicTls | null {
   if (!(server instanceof tls.Server)) return null
   const id = (server as unknown as { sessionIdContext?: unknown }).sessionIdContext
-  return typeof id === 'string' ? registry.get(id) ?? null : null
+  return typeof id === 'string' ? registry.get(id)?.deref() ?? null : null
 }
 
 /**
@@ -100,11 +124,15 @@ export function httpsOptions (extra: HttpsOptionsInput = {}): tls.TlsOptions & {
       throw new InvalidOptionError(`httpsOptions({ ${name} })`, `must be 'TLSv1.2' or 'TLSv1.3', got ${JSON.stringify(value)}`)
     }
   }
-  const state = new DynamicTls()
-  registry.set(state.id, state)
+  const merged = { minVersion: 'TLSv1.2' as const, ...extra }
+  const settings: Record<string, unknown> = {}
+  for (const name of CONTEXT_OPTIONS) if (merged[name] !== undefined) settings[name] = merged[name]
+  const state = new DynamicTls(settings as tls.SecureContextOptions)
+  registry.set(state.id, new WeakRef(state))
+  forget.register(state, state.id)
   const options: tls.TlsOptions & { allowHTTP1?: boolean } = {
-    minVersion: 'TLSv1.2',
-    ...extra,
+    ...merged,
+    secureOptions: (merged.secureOptions ?? 0) | constants.SSL_OP_NO_RENEGOTIATION,
     requestCert: true,
     rejectUnauthorized: false,
     SNICallback: state.SNICallback,
@@ -123,10 +151,6 @@ export function httpsOptions (extra: HttpsOptionsInput = {}): tls.TlsOptions & {
     })
   }
   return options
-}
-
-function contextOptions (material: TlsMaterial): tls.SecureContextOptions {
-  return { key: material.keyPem, cert: material.certPem, ca: [...material.rootPems] }
 }
 
 function sameList (a: readonly string[], b: readonly string[]): boolean {

@@ -2,12 +2,13 @@
 // real-socket tests in plugin-identity.test.ts cannot reach on demand.
 import t from 'tap'
 import { X509Certificate } from 'node:crypto'
+import type { TLSSocket } from 'node:tls'
 import { DevCertificateAuthority } from '../lib/dev-agent/ca'
-import { IdentityResolver, identityFromCertificate } from '../lib/identity'
+import { chainsToCurrentRoots, IdentityResolver, identityFromCertificate } from '../lib/identity'
 import type { TlsRequest } from '../lib/identity'
 import { serviceSpiffeId } from '../lib/spiffe'
 
-function fakeSocket (opts: { authorized?: boolean, cert?: X509Certificate, error?: string, chain?: X509Certificate[] }): TlsRequest {
+function fakeSocket (opts: { authorized?: boolean, cert?: X509Certificate, error?: string, chain?: X509Certificate[], resumed?: boolean }): TlsRequest {
   // Mirrors the parts of tls.TLSSocket the resolver reads.
   const chain = opts.chain ?? []
   const detailed = (i: number): object | undefined => {
@@ -19,6 +20,7 @@ function fakeSocket (opts: { authorized?: boolean, cert?: X509Certificate, error
     authorized: opts.authorized ?? true,
     authorizationError: opts.error,
     getPeerX509Certificate: () => opts.cert,
+    isSessionReused: () => opts.resumed ?? false,
     getPeerCertificate: () => ({ raw: opts.cert?.raw, issuerCertificate: detailed(0) })
   }
   return { socket: socket as never }
@@ -106,4 +108,35 @@ t.test('IdentityResolver: connection rules, caching, expiry and roots changes', 
   const loop = fakeSocket({ cert: leaf, chain: [leaf] })
   resolver.setTrust({ trustDomain: ca.trustDomain, roots: [new X509Certificate(other.roots()[0]?.RootCert as string)] })
   t.equal(resolver.identify(loop, now), null, 'a chain that loops ends the walk')
+})
+
+t.test('a resumed session is re-checked against the current roots; a broken or stale chain is refused', async (t) => {
+  const ca = await DevCertificateAuthority.create()
+  const root = new X509Certificate(ca.roots()[0]?.RootCert as string)
+  const leaf = new X509Certificate((await ca.signLeaf('web')).certPem)
+  const resolver = new IdentityResolver()
+  resolver.setTrust({ trustDomain: ca.trustDomain, roots: [root] })
+  const now = Date.now()
+  const raw = {}
+  resolver.noteConnection(raw)
+  const resumed = fakeSocket({ cert: leaf, chain: [], resumed: true })
+  ;(resumed.socket as unknown as { _parent: object })._parent = raw
+  t.equal(resolver.identify(resumed, now)?.service, 'web', 'checked, and signed by a current root')
+
+  const other = await DevCertificateAuthority.create({ clusterId: ca.clusterId })
+  const stranger = new X509Certificate(other.roots()[0]?.RootCert as string)
+  const brokenLink = fakeSocket({ cert: leaf, chain: [stranger], resumed: true })
+  resolver.setTrust({ trustDomain: ca.trustDomain, roots: [new X509Certificate((await DevCertificateAuthority.create()).roots()[0]?.RootCert as string)] })
+  t.match(resolver.peer(brokenLink, now).reason, /does not chain/, 'a chain element that did not issue the leaf ends the walk')
+})
+
+t.test('chainsToCurrentRoots: expired links and unreadable dates fail closed', async (t) => {
+  const ca = await DevCertificateAuthority.create()
+  const root = new X509Certificate(ca.roots()[0]?.RootCert as string)
+  const leaf = new X509Certificate((await ca.signLeaf('web')).certPem)
+  const socket = fakeSocket({ cert: leaf, chain: [root] }).socket as unknown as TLSSocket
+  t.equal(chainsToCurrentRoots(socket, leaf, [root], Date.now()), true)
+  t.equal(chainsToCurrentRoots(socket, leaf, [root], Date.parse(leaf.validTo) + 1), false, 'an expired leaf')
+  const undated = { ...leaf, subjectAltName: leaf.subjectAltName, keyUsage: leaf.keyUsage, validFrom: 'garbage', validTo: 'garbage' } as unknown as X509Certificate
+  t.match(identityFromCertificate(undated, ca.trustDomain).reason, /unreadable certificate validity dates/)
 })

@@ -257,6 +257,7 @@ t.test('the mesh request normalization applies before the decision', async (t) =
   const badHeader = await get(web, `${svc.origin}/`, { headers: { x_role: 'a' } })
   t.equal(badHeader.status, 400)
   t.equal(badHeader.body.code, 'FST_CONSUL_NATIVE_BAD_HEADER')
+  t.equal((await get(web, `${svc.origin}/`, { headers: { 'x-role': 'a' } })).status, 200, 'a dash is no underscore')
 
   await putMesh({ HeadersWithUnderscoresAction: 'DROP_HEADER' })
   const dropped = await get(web, `${svc.origin}/`, { headers: { x_role: 'a', 'x-keep': 'b' } })
@@ -299,4 +300,64 @@ t.test('a logger without isLevelEnabled still gets the allow lines', async (t) =
   const web = mtlsClient(t, await leafFor(agent, 'web'))
   t.equal((await get(web, `${svc.origin}/`)).status, 200)
   t.ok(debugLines.some((line) => (line as { consulNative?: { event?: string } }).consulNative?.event === 'allowed'))
+})
+
+t.test('the path the router dispatched must be allowed too: dot segments cannot reach another handler', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'deny' })
+  await setProtocol(agent, 'api', 'http')
+  await setIntentions(agent, 'api', [{ Name: 'web', Permissions: [{ Action: 'allow', HTTP: { PathPrefix: '/public/' } }] }])
+  const svc = await startService(t, agent, {
+    routes (app) {
+      app.get('/public/*', async () => 'public')
+      app.get('/admin/*', async () => 'admin')
+    }
+  })
+  const web = mtlsClient(t, await leafFor(agent, 'web'))
+  t.equal((await get(web, `${svc.origin}/public/y`)).status, 200)
+  t.equal((await get(web, `${svc.origin}/public/./y`)).status, 200, 'a harmless dot segment inside the allowed prefix')
+  for (const path of ['/admin/x/../../public/y', '/admin/%2e%2e/public/y', '/admin/x\\..\\..\\public/y']) {
+    const res = await get(web, `${svc.origin}${path}`)
+    t.equal(res.status, 403, `${path} is denied`)
+    t.not(res.body, 'admin', `${path} never reaches the /admin handler`)
+  }
+})
+
+t.test('a :path header matcher sees the normalized path, as Envoy does', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'allow' })
+  await setProtocol(agent, 'api', 'http')
+  await setIntentions(agent, 'api', [{ Name: 'web', Permissions: [{ Action: 'deny', HTTP: { Header: [{ Name: ':path', Prefix: '/admin' }] } }] }])
+  const svc = await startService(t, agent)
+  const web = mtlsClient(t, await leafFor(agent, 'web'))
+  t.equal((await get(web, `${svc.origin}/admin?x=1`)).status, 403)
+  t.equal((await get(web, `${svc.origin}/./admin`)).status, 403)
+  t.equal((await get(web, `${svc.origin}/./admin?x=1`)).status, 403)
+  t.equal((await get(web, `${svc.origin}/v1/items/1`)).status, 200)
+})
+
+t.test('a root route under a prefix answers at /p and /p/: a deny for either spelling counts', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'allow' })
+  await setProtocol(agent, 'api', 'http')
+  await setIntentions(agent, 'api', [{ Name: 'web', Permissions: [{ Action: 'deny', HTTP: { PathExact: '/p' } }] }])
+  const svc = await startService(t, agent, {
+    routes (app) {
+      app.register(async (child) => { child.get('/', async () => 'p root') }, { prefix: '/p' })
+      app.register(async (child) => { child.get('/', async () => 'q root') }, { prefix: '/q' })
+    }
+  })
+  const web = mtlsClient(t, await leafFor(agent, 'web'))
+  t.equal((await get(web, `${svc.origin}/p`)).status, 403)
+  t.equal((await get(web, `${svc.origin}/p/`)).status, 403)
+  t.equal((await get(web, `${svc.origin}/q/`)).body, 'q root')
+})
+
+t.test("mode 'agent': an intentions change is applied to open connections", async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'deny' })
+  await setIntentions(agent, 'api', [{ Name: 'cron', Action: 'allow' }])
+  const svc = await startService(t, agent, { plugin: { mode: 'agent' } })
+  const cron = mtlsClient(t, await leafFor(agent, 'cron'))
+  t.equal((await get(cron, `${svc.origin}/`)).status, 200)
+  const before = svc.app.consulNative.status().intentions?.index
+  await setIntentions(agent, 'api', [{ Name: 'cron', Action: 'deny' }])
+  await waitForStatus(svc.app, (status) => status.intentions?.index !== before)
+  t.equal((await get(cron, `${svc.origin}/`)).status, 403, 'same connection, asked again')
 })

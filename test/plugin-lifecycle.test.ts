@@ -8,6 +8,7 @@ import dns from 'node:dns'
 import tls from 'node:tls'
 import Fastify from 'fastify'
 import consulNative, { httpsOptions } from '../lib/index'
+import { dynamicTlsOf } from '../lib/tls'
 import { startDevAgent } from '../lib/dev-agent/index'
 import { agentCall, get, leafFor, mtlsClient, startAgent, startService, waitForStatus } from './helpers/mesh'
 
@@ -183,4 +184,65 @@ t.test('datacenter is sent when set; namespace and partition only when set (a CE
     }, JSON.stringify(option))
     await app.close()
   }
+})
+
+t.test('registering inside an encapsulated plugin fails with FST_CONSUL_NATIVE_NOT_ROOT', async (t) => {
+  const agent = await startAgent(t)
+  const app = Fastify({ https: httpsOptions() })
+  t.teardown(async () => await app.close())
+  app.register(async (child) => {
+    await child.register(consulNative, { service: 'api', agent: { address: agent.address } })
+  })
+  await t.rejects(async () => { await app.ready() }, { code: 'FST_CONSUL_NATIVE_NOT_ROOT' })
+})
+
+t.test('TLS settings given to httpsOptions() survive every certificate install', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'allow' })
+  const svc = await startService(t, agent, { https: { minVersion: 'TLSv1.3' } })
+  const creds = await leafFor(agent, 'web')
+  const connect = async (maxVersion: tls.SecureVersion): Promise<string> => await new Promise((resolve) => {
+    const socket = tls.connect({ host: '127.0.0.1', port: svc.port, ...creds, maxVersion, checkServerIdentity: () => undefined }, () => {
+      resolve(String(socket.getProtocol()))
+      socket.end()
+    })
+    socket.on('error', (err: NodeJS.ErrnoException) => resolve(`refused: ${String(err.code)}`))
+  })
+  t.equal(await connect('TLSv1.3'), 'TLSv1.3')
+  t.match(await connect('TLSv1.2'), /^refused/, 'TLS 1.2 stays refused after the plugin installed its context')
+  t.equal(dynamicTlsOf(svc.app.server)?.material?.certPem !== undefined, true, 'the server is still recognized after the install')
+})
+
+t.test('TLS 1.2 renegotiation is refused, so a client cannot swap its certificate', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'allow' })
+  const svc = await startService(t, agent)
+  const creds = await leafFor(agent, 'web')
+  const outcome = await new Promise<string>((resolve) => {
+    const socket = tls.connect({ host: '127.0.0.1', port: svc.port, ...creds, maxVersion: 'TLSv1.2', checkServerIdentity: () => undefined }, () => {
+      socket.renegotiate({ rejectUnauthorized: false }, (err) => {
+        resolve(err === null ? 'renegotiated' : 'refused')
+        socket.destroy()
+      })
+    })
+    socket.on('error', () => resolve('refused'))
+    socket.on('close', () => resolve('refused'))
+  })
+  t.equal(outcome, 'refused')
+})
+
+t.test('readyTimeout may exceed 8 s when Fastify\'s pluginTimeout is off', async (t) => {
+  const agent = await startAgent(t)
+  const app = Fastify({ https: httpsOptions(), pluginTimeout: 0 })
+  t.teardown(async () => await app.close())
+  await app.register(consulNative, { service: 'api', agent: { address: agent.address }, readyTimeout: 60_000 })
+  t.equal(app.consulNative.status().ready, true)
+})
+
+t.test('the health route answers 503 while the leaf is not valid', async (t) => {
+  // A leaf TTL under the one-minute back-dating gives leaves that are already expired.
+  const agent = await startAgent(t, { defaultPolicy: 'allow', leafTTL: '30s' })
+  const svc = await startService(t, agent)
+  const anonymous = mtlsClient(t, { ca: [] }, { rejectUnauthorized: false })
+  const res = await get(anonymous, `${svc.origin}/health`)
+  t.equal(res.status, 503)
+  t.same(res.body, { status: 'critical', service: 'api' })
 })

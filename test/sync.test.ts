@@ -57,9 +57,9 @@ function harness (t: Test, opts: Pick<ConsulNativeOptions, 'readyTimeout' | 'def
   const options = resolveOptions({ service: 'api', readyTimeout: 4_000, defaultPolicy: 'deny', ...opts })
   const sync = new ConsulSync(options, agent.client, tls, logger.log)
   const emitted: Harness['emitted'] = { tls: [], intentions: [], errors: [] }
-  sync.on('tls', (status: ConsulNativeStatus) => emitted.tls.push(status))
-  sync.on('intentions', (status: ConsulNativeStatus) => emitted.intentions.push(status))
-  sync.on('sync-error', (err: SyncError) => emitted.errors.push(err))
+  sync.events.on('tls', (status: ConsulNativeStatus) => emitted.tls.push(status))
+  sync.events.on('intentions', (status: ConsulNativeStatus) => emitted.intentions.push(status))
+  sync.events.on('sync-error', (err: SyncError) => emitted.errors.push(err))
   t.teardown(() => sync.stop())
   return { agent, logger, tls, sync, emitted }
 }
@@ -105,8 +105,7 @@ function serve (agent: StubAgent, f: Fixtures, values: FirstValues = {}): void {
 const caller = (service: string): { partition: string, namespace: string, service: string } => ({ partition: 'default', namespace: 'default', service })
 const GET_ROOT = { method: 'GET', path: '/', url: '/', rawHeaders: [] }
 
-function allows (policy: CompiledPolicy | null, source: string): boolean {
-  if (policy === null) throw new Error('no policy compiled')
+function allows (policy: CompiledPolicy, source: string): boolean {
   return decide(policy, caller(source), GET_ROOT).allow
 }
 
@@ -123,7 +122,7 @@ t.test('TLS material is installed only once both the leaf and the roots are know
     t.equal(h.emitted.tls.length, 0, 'and emits no tls event')
     t.match(h.sync.status(), { leaf: { serial: f.leaf.SerialNumber }, roots: null, trustDomain: null, ready: false })
 
-    const installed = once(h.sync, 'tls')
+    const installed = once(h.sync.events, 'tls')
     h.agent.roots.set(f.roots, 3)
     const [status] = await installed as [ConsulNativeStatus]
     t.same(h.tls.material, {
@@ -148,7 +147,7 @@ t.test('TLS material is installed only once both the leaf and the roots are know
     t.equal(h.emitted.tls.length, 0, 'and emit no tls event')
     t.match(h.sync.status(), { leaf: null, roots: { activeRootId: f.roots.ActiveRootID }, trustDomain: f.ca.trustDomain, ready: false })
 
-    const installed = once(h.sync, 'tls')
+    const installed = once(h.sync.events, 'tls')
     h.agent.leaf.set(f.leaf, 3)
     await installed
     t.equal(h.tls.material?.certPem, f.leaf.CertPEM)
@@ -167,7 +166,7 @@ t.test('a leaf whose key does not match its certificate is rejected; the previou
   const before = h.tls.material
   t.equal(h.logger.events('tls-rotated').length, 0, 'the first installation is not logged as a rotation')
 
-  const rejected = once(h.sync, 'sync-error')
+  const rejected = once(h.sync.events, 'sync-error')
   h.agent.leaf.set({ ...f.leaf2, PrivateKeyPEM: f.leaf.PrivateKeyPEM }, 2)
   const [{ watch, error }] = await rejected as [SyncError]
   t.equal(watch, 'leaf')
@@ -178,7 +177,7 @@ t.test('a leaf whose key does not match its certificate is rejected; the previou
   t.equal(h.emitted.tls.length, 1, 'no tls event for the rejected leaf')
 
   // The next good leaf is installed, and logged as a rotation.
-  const installed = once(h.sync, 'tls')
+  const installed = once(h.sync.events, 'tls')
   h.agent.leaf.set(f.leaf2, 3)
   await installed
   t.equal(h.tls.material?.certPem, f.leaf2.CertPEM)
@@ -202,7 +201,7 @@ t.test('checkExpiry warns only when the leaf nears expiry and the agent cannot r
   h.sync.checkExpiry(validBefore - 60_000)
   t.same(h.logger.events('leaf-expiring'), [], 'no warning while the leaf watch is healthy, however close the expiry')
 
-  const failed = once(h.sync, 'sync-error')
+  const failed = once(h.sync.events, 'sync-error')
   h.agent.leaf.fail(new Error('connect ECONNREFUSED 127.0.0.1:8500'))
   const [{ watch }] = await failed as [SyncError]
   t.equal(watch, 'leaf')
@@ -233,7 +232,7 @@ t.test('checkExpiry also warns when the agent answers but every new leaf is reje
   const h = harness(t)
   serve(h.agent, f)
   await h.sync.start()
-  const rejected = once(h.sync, 'sync-error')
+  const rejected = once(h.sync.events, 'sync-error')
   h.agent.leaf.set({ ...f.leaf, SerialNumber: 'ff', PrivateKeyPEM: f.leaf2.PrivateKeyPEM }, 2)
   await rejected
   t.equal(h.sync.status().watches.leaf?.failures, 0, 'the polls themselves succeed')
@@ -281,7 +280,7 @@ t.test('start() schedules the expiry check every minute and stop() cancels it', 
   const check = checks[0] as IntervalRecord
   t.equal(check.timer.hasRef(), false, 'the check does not keep the process alive')
 
-  const failed = once(h.sync, 'sync-error')
+  const failed = once(h.sync.events, 'sync-error')
   h.agent.leaf.fail(new Error('agent gone'))
   await failed
   check.fn()
@@ -334,20 +333,20 @@ t.test('policy warnings are logged once per distinct cause across recompiles', a
   t.equal(h.logger.entries.find((entry) => entry.obj.consulNative?.event === 'intention-unsupported')?.level, 'warn')
 
   // Recompiles for a protocol change and for a changed list that still holds the peered intention.
-  let recompiled = once(h.sync, 'intentions')
+  let recompiled = once(h.sync.events, 'intentions')
   h.agent.entries['service-defaults'].set(serviceDefaults('http'), 2)
   await recompiled
-  recompiled = once(h.sync, 'intentions')
+  recompiled = once(h.sync.events, 'intentions')
   h.agent.intentions.set([peered, intention('db')], 11)
   await recompiled
   t.equal(warned().length, 1, 'the same cause is not logged again')
 
   // A new cause is logged, once.
   const jwt = intention('batch', { JWT: { Providers: [{ Name: 'okta' }] } })
-  recompiled = once(h.sync, 'intentions')
+  recompiled = once(h.sync.events, 'intentions')
   h.agent.intentions.set([peered, intention('db'), jwt], 12)
   await recompiled
-  recompiled = once(h.sync, 'intentions')
+  recompiled = once(h.sync.events, 'intentions')
   h.agent.entries['proxy-defaults'].set(proxyDefaults('grpc'), 2)
   await recompiled
   t.equal(warned().length, 2)
@@ -364,7 +363,7 @@ t.test('an intention update that cannot be compiled keeps the last good policy; 
   const good = h.sync.policy
   t.equal(allows(good, 'web'), true)
 
-  const rejected = once(h.sync, 'sync-error')
+  const rejected = once(h.sync.events, 'sync-error')
   h.agent.intentions.set([intention('web', { Action: undefined, Permissions: [{ Action: 'allow', HTTP: { PathRegex: '(' } }] })], 11)
   const [{ watch, error }] = await rejected as [SyncError]
   t.equal(watch, 'intentions')
@@ -373,7 +372,7 @@ t.test('an intention update that cannot be compiled keeps the last good policy; 
   t.match(h.sync.status(), { intentions: { count: 1, index: 10 }, watches: { intentions: { lastError: error.message } } })
   t.equal(h.emitted.intentions.filter((status) => status.intentions?.index === 11).length, 0, 'no intentions event for it')
 
-  const accepted = once(h.sync, 'intentions')
+  const accepted = once(h.sync.events, 'intentions')
   h.agent.intentions.set([intention('web', { Action: 'deny' }), intention('db')], 12)
   const [status] = await accepted as [ConsulNativeStatus]
   t.match(status.intentions, { count: 2, index: 12 })
@@ -459,6 +458,18 @@ t.test("defaultPolicy 'agent' is resolved from the agent before any watch starts
     t.same(h.agent.requests, ['agentSelf'], 'no watch started')
   })
 
+  t.test('stop() during startup aborts the agent/self call', async (t) => {
+    const h = harness(t, { defaultPolicy: 'agent', readyTimeout: 50 })
+    let aborted = false
+    h.agent.agentSelf = async (signal) => await new Promise((_resolve, reject) => {
+      signal?.addEventListener('abort', () => { aborted = true; reject(new Error('aborted')) })
+    })
+    const err = await h.sync.start().then(() => null, (e: unknown) => e as Error & { code?: string })
+    t.equal(err?.code, 'FST_CONSUL_NATIVE_NOT_READY')
+    t.equal(aborted, true)
+    t.same(h.agent.requests, ['agentSelf'], 'no header lookup after the abort')
+  })
+
   t.test('readyTimeout after agentSelf failed and the header lookup hangs names the failure', async (t) => {
     const h = harness(t, { defaultPolicy: 'agent', readyTimeout: 50 })
     const refused = new Error('Consul agent answered GET /v1/agent/self with 403: Permission denied')
@@ -511,7 +522,7 @@ t.test('protocol: service-defaults, then proxy-defaults, then tcp; an empty prot
       [() => h.agent.entries['proxy-defaults'].set(proxyDefaults('http2'), 3), 'http2']
     ]
     for (const [change, expected] of steps) {
-      const recompiled = once(h.sync, 'intentions')
+      const recompiled = once(h.sync.events, 'intentions')
       change()
       const [status] = await recompiled as [ConsulNativeStatus]
       t.equal(status.intentions?.protocol, expected)
@@ -532,7 +543,7 @@ t.test('status() before and after start()', async (t) => {
     intentions: null,
     watches: { leaf: idle, roots: idle, intentions: idle, 'service-defaults': idle, 'proxy-defaults': idle, mesh: idle }
   })
-  t.equal(h.sync.policy, null)
+  t.equal(allows(h.sync.policy, 'web'), false, 'before any sync the policy denies everyone')
   t.equal(h.sync.normalization, null)
   t.equal(h.sync.ready, false)
 
@@ -563,19 +574,19 @@ t.test('status() before and after start()', async (t) => {
     ['intentions api', 'leaf api', 'mesh mesh', 'proxy-defaults global', 'roots', 'service-defaults api'], 'what the watches ask for')
 
   // After start-up, a mesh change emits 'intentions' (it changes decisions); a deleted entry clears it.
-  let changed = once(h.sync, 'intentions')
+  let changed = once(h.sync.events, 'intentions')
   h.agent.entries.mesh.set(meshEntry({ PathWithEscapedSlashesAction: 'REJECT_REQUEST' }), 5)
   let [next] = await changed as [ConsulNativeStatus]
   t.same(next.intentions?.requestNormalization, { PathWithEscapedSlashesAction: 'REJECT_REQUEST' })
   t.same(h.sync.normalization, { PathWithEscapedSlashesAction: 'REJECT_REQUEST' })
-  changed = once(h.sync, 'intentions')
+  changed = once(h.sync.events, 'intentions')
   h.agent.entries.mesh.set(null, 6)
   ;[next] = await changed as [ConsulNativeStatus]
   t.equal(next.intentions?.requestNormalization, null)
   t.equal(h.sync.normalization, null)
 
   // A failing watch shows in its entry, with the last success kept.
-  const failed = once(h.sync, 'sync-error')
+  const failed = once(h.sync.events, 'sync-error')
   h.agent.roots.fail(new Error('roots unavailable'))
   await failed
   t.match(h.sync.status().watches.roots, { lastSuccess: /Z$/, lastError: 'roots unavailable', failures: Number })
@@ -595,7 +606,7 @@ t.test('ready is true only within the leaf\'s validity period', async (t) => {
   ]
   let index = 2
   for (const [name, times] of cases) {
-    const installed = once(h.sync, 'tls')
+    const installed = once(h.sync.events, 'tls')
     h.agent.leaf.set({ ...f.leaf2, ...times }, index++)
     const [status] = await installed as [ConsulNativeStatus]
     t.equal(status.ready, name === 'valid', name)
@@ -612,7 +623,7 @@ t.test('a value reissued under the same index (agent restarted without its state
 
   /** The agent drops the held poll and comes back answering `body` at the same index 1. */
   async function restart<T> (endpoint: FakeEndpoint<T>, body: T): Promise<void> {
-    const failed = once(h.sync, 'sync-error')
+    const failed = once(h.sync.events, 'sync-error')
     endpoint.fail(new Error('agent restarting'))
     await failed
     // The retry (a non-blocking read, after the backoff) gets `body`; the poll after it shows it was handled.
@@ -667,12 +678,23 @@ t.test('the reported intentions index is that of the intentions in force, not of
   serve(h.agent, f, { intentions: [intention('web')], intentionsIndex: 10 })
   await h.sync.start()
   t.equal(h.sync.status().intentions?.index, 10)
-  const rejected = once(h.sync, 'sync-error')
+  const rejected = once(h.sync.events, 'sync-error')
   h.agent.intentions.set([intention('web', { Action: undefined, Permissions: [{ Action: 'allow', HTTP: { PathRegex: '(' } }] })], 11)
   await rejected
-  const recompiled = once(h.sync, 'intentions')
+  const recompiled = once(h.sync.events, 'intentions')
   h.agent.entries['service-defaults'].set({ kind: 'service-defaults', name: 'api', protocol: 'http' }, 12)
   await recompiled
   t.equal(h.sync.status().intentions?.protocol, 'http')
   t.equal(h.sync.status().intentions?.index, 10, 'still the index of the accepted intentions')
+})
+
+t.test('a throwing event listener is logged and the update stays in force', async (t) => {
+  const f = await fixtures()
+  const h = harness(t)
+  serve(h.agent, f, { intentions: [intention('web')], intentionsIndex: 10 })
+  h.sync.events.on('intentions', () => { throw new Error('listener bug') })
+  await h.sync.start()
+  t.equal(h.sync.status().intentions?.index, 10)
+  t.match(h.logger.events('listener-failed')[0], { level: 'error', obj: { consulNative: { listenerEvent: 'intentions' } } })
+  t.same(h.emitted.errors, [], 'not reported as a rejected update')
 })

@@ -1,6 +1,7 @@
 // DynamicTls, httpsOptions() and dynamicTlsOf() without a network: servers are created but never
 // listen, and connections are stand-in objects with the parts of a TLSSocket the resolver reads.
 import t from 'tap'
+import { constants } from 'node:crypto'
 import { X509Certificate } from 'node:crypto'
 import http from 'node:http'
 import https from 'node:https'
@@ -67,6 +68,7 @@ function clientConnection (certPem: string): TlsRequest {
   const socket = {
     authorized: true,
     getPeerX509Certificate: () => cert,
+    isSessionReused: () => false,
     getPeerCertificate: () => ({ raw: cert.raw, issuerCertificate: undefined })
   }
   return { socket: socket as never }
@@ -119,12 +121,13 @@ t.test('attach() takes charge of TLS servers only, each once', async (t) => {
   t.same(contexts, [], 'no material yet: the server keeps its own context')
 
   state.update(f.material)
-  t.same(contexts, [{ key: f.material.keyPem, cert: f.material.certPem, ca: f.material.rootPems }], 'an update reaches the attached server')
+  t.match(contexts, [{ key: f.material.keyPem, cert: f.material.certPem, ca: f.material.rootPems, sessionIdContext: state.id, secureOptions: constants.SSL_OP_NO_RENEGOTIATION }],
+    'an update reaches the attached server, with the settings every context carries')
 
   const late = https.createServer()
   const lateContexts = recordContexts(late)
   state.attach(late)
-  t.same(lateContexts, [{ key: f.material.keyPem, cert: f.material.certPem, ca: f.material.rootPems }],
+  t.match(lateContexts, [{ key: f.material.keyPem, cert: f.material.certPem, ca: f.material.rootPems }],
     'a server attached after the first update gets the current material at once')
   t.equal(state.servers.size, 2)
 })

@@ -258,6 +258,15 @@ function isPlainSpelling (path: string): boolean {
   return true
 }
 
+/**
+ * The raw target's path as the router structures it (dot segments, backslashes and escaped
+ * slashes left as sent), in canonical percent-spelling. A request is served only if this
+ * spelling, too, is allowed: the router dispatches on it.
+ */
+export function routedPath (url: string): string | null {
+  return routedSpelling(url)
+}
+
 /** The raw target's path as the router structures it, in canonical percent-spelling. */
 function routedSpelling (url: string): string | null {
   const path = pathPart(url)

@@ -121,7 +121,7 @@ export class StubAgent {
   /** What each call asked for: `leaf api`, `service-defaults api`, `agentSelf`, ... */
   readonly requests: string[] = []
   /** The answer of `agentSelf()`; by default it never comes. */
-  agentSelf: () => Promise<AgentResponse<AgentSelfView>> = () => new Promise(() => {})
+  agentSelf: (signal?: AbortSignal) => Promise<AgentResponse<AgentSelfView>> = () => new Promise(() => {})
 
   get endpoints (): Array<FakeEndpoint<unknown>> {
     return [this.leaf, this.roots, this.intentions, ...Object.values(this.entries)] as Array<FakeEndpoint<unknown>>
@@ -145,9 +145,9 @@ export class StubAgent {
         this.requests.push(`${kind} ${name}`)
         return (this.entries[kind] as FakeEndpoint<unknown>).handle(q)
       },
-      agentSelf: () => {
+      agentSelf: (signal?: AbortSignal) => {
         this.requests.push('agentSelf')
-        return this.agentSelf()
+        return this.agentSelf(signal)
       }
     }
     return stub as unknown as AgentClient

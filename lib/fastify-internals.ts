@@ -1,5 +1,6 @@
 // What the plugin reads from Fastify beyond its public API, in one place: router options (where
-// Fastify 5 keeps them) and the extra servers Fastify opens when listening on `localhost`.
+// Fastify 5 keeps them), the extra servers Fastify opens when listening on `localhost`, and the
+// route config of a request without the allocating `request.routeOptions` getter.
 import type { RouterOptions } from './intentions/path'
 
 /** The router options that decide which spellings of a path reach the same handler. */
@@ -27,4 +28,23 @@ export function serverBindingsOf (fastify: object): unknown[] | null {
     }
   }
   return null
+}
+
+/**
+ * Reads a request's route config. `request.routeOptions` builds a new object on every access;
+ * Fastify keeps the route context under a private symbol, found once by its description. Falls
+ * back to the public getter if this Fastify has no such symbol.
+ */
+export function routeConfigReader (): (request: { routeOptions: { config: object } }) => Record<string | symbol, unknown> {
+  let key: symbol | null | undefined
+  return (request) => {
+    if (key === undefined) {
+      key = Object.getOwnPropertySymbols(request).find((symbol) => symbol.description === 'fastify.context') ?? null
+    }
+    if (key !== null) {
+      const context = (request as unknown as Record<symbol, { config?: Record<string | symbol, unknown> } | undefined>)[key]
+      if (context?.config !== undefined) return context.config
+    }
+    return request.routeOptions.config as Record<string | symbol, unknown>
+  }
 }

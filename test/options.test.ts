@@ -1,0 +1,27 @@
+// Options are validated and defaulted once; these are the cases the plugin tests do not reach.
+import t from 'tap'
+import { DEFAULT_BLOCKING_WAIT, DEFAULT_HEALTH_URL, DEFAULT_READY_TIMEOUT, resolveOptions } from '../lib/options'
+
+t.test('defaults', async (t) => {
+  t.same(resolveOptions({ service: 'api' }), {
+    service: 'api',
+    agent: undefined,
+    datacenter: undefined,
+    namespace: undefined,
+    partition: undefined,
+    readyTimeout: DEFAULT_READY_TIMEOUT,
+    defaultPolicy: 'agent',
+    health: { url: DEFAULT_HEALTH_URL },
+    mode: 'l7',
+    blockingWait: DEFAULT_BLOCKING_WAIT
+  })
+  t.same(resolveOptions({ service: 'api', health: {} }).health, { url: '/health' }, 'health: {} keeps the default url')
+  t.equal(resolveOptions({ service: 'api', health: false }).health, null)
+  t.equal(resolveOptions({ service: 'api', readyTimeout: 1500.7 }).readyTimeout, 1500)
+})
+
+t.test('anything but an options object is refused', async (t) => {
+  for (const value of [null, 'api', 42]) {
+    t.throws(() => resolveOptions(value), { code: 'FST_CONSUL_NATIVE_INVALID_OPTION', message: /must be an object/ }, String(value))
+  }
+})
