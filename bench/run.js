@@ -1,7 +1,7 @@
 'use strict'
 // End-to-end benchmark, run on demand (`npm run bench`): the same hello-world app with a static
-// mTLS configuration, with the plugin's dynamic TLS only (route exempt), and with the plugin
-// enforcing 1,000 intentions. Keep-alive and new-connection (full handshake) loads, side by side.
+// mTLS configuration (without and with an SNICallback), with the plugin's dynamic TLS only (route
+// exempt), and with the plugin enforcing 1,000 intentions. Keep-alive and new-connection (full handshake) loads, side by side.
 // Each server and the load generator run in their own processes; rounds alternate the modes.
 const { spawn, execFileSync } = require('node:child_process')
 const fs = require('node:fs')
@@ -13,7 +13,7 @@ const { startDevAgent } = require('../dist/dev-agent/index.js')
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 5)
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 2)
 const INTENTIONS = Number(process.env.BENCH_INTENTIONS ?? 1000)
-const MODES = ['static', 'exempt', 'plugin']
+const MODES = ['static', 'static-sni', 'exempt', 'plugin']
 
 async function agentApi (agent, method, urlPath, body) {
   const res = await request(`${agent.address}${urlPath}`, { method, body: body === undefined ? undefined : JSON.stringify(body) })
@@ -68,7 +68,7 @@ async function main () {
   const best = (list) => Math.max(...list)
   process.stdout.write(`\nhello-world over mTLS, ${INTENTIONS} intentions, best of ${ROUNDS} x ${SECONDS}s runs (node ${process.version}, ${os.cpus().length} cpus)\n\n`)
   process.stdout.write('mode                          keep-alive req/s   vs static   new-connection req/s   vs static\n')
-  const labels = { static: 'static mTLS (no plugin)', exempt: 'plugin, route exempt', plugin: `plugin, ${INTENTIONS} intentions` }
+  const labels = { static: 'static mTLS (no plugin)', 'static-sni': 'static mTLS + SNICallback', exempt: 'plugin, route exempt', plugin: `plugin, ${INTENTIONS} intentions` }
   for (const mode of MODES) {
     const ka = best(results[mode].keepalive)
     const hs = best(results[mode].handshake)

@@ -1,6 +1,8 @@
 'use strict'
 // One benchmark server, in its own process: `node bench/server.js <mode> <agentAddress> <intentions>`.
 //   static   Fastify with a fixed mTLS configuration (the leaf and roots read once), no plugin
+//   static-sni  the same with an SNICallback that keeps the default context (what any dynamic
+//            certificate setup pays per handshake, whoever implements it)
 //   plugin   the same app with fastify-consul-native (dynamic TLS + enforcement)
 //   exempt   the plugin with the route exempt (dynamic TLS, no decision): "mTLS, no enforcement"
 // Prints its port on stdout, then serves until killed.
@@ -16,10 +18,11 @@ async function agentJson (address, path) {
 async function main () {
   const [mode, address] = process.argv.slice(2)
   let app
-  if (mode === 'static') {
+  if (mode === 'static' || mode === 'static-sni') {
     const leaf = await agentJson(address, '/v1/agent/connect/ca/leaf/api')
     const roots = await agentJson(address, '/v1/agent/connect/ca/roots')
-    app = Fastify({ https: { key: leaf.PrivateKeyPEM, cert: leaf.CertPEM, ca: roots.Roots.map((r) => r.RootCert), requestCert: true, rejectUnauthorized: true } })
+    const sni = mode === 'static-sni' ? { SNICallback: (_name, cb) => cb(null, undefined) } : {}
+    app = Fastify({ https: { key: leaf.PrivateKeyPEM, cert: leaf.CertPEM, ca: roots.Roots.map((r) => r.RootCert), requestCert: true, rejectUnauthorized: true, ...sni } })
     app.get('/', async () => ({ hello: 'world' }))
   } else {
     app = Fastify({ https: httpsOptions() })

@@ -1,0 +1,52 @@
+// The public types, checked by the type-check step (`npm run typecheck` compiles this file; a
+// `@ts-expect-error` that is not an error fails it) and run as a small test.
+import t from 'tap'
+import Fastify from 'fastify'
+import type { FastifyInstance, FastifyRequest } from 'fastify'
+import consulNative, { consulNative as named, httpsOptions, DeniedError, UnauthenticatedError } from '../lib/index'
+import type { ConsulNativeOptions, ConsulNativeStatus, Decision, ServiceIdentity } from '../lib/index'
+import { startDevAgent } from '../lib/dev-agent/index'
+import type { DevAgent, DevAgentOptions } from '../lib/dev-agent/index'
+
+t.test('the public types describe what users write', async (t) => {
+  t.equal(consulNative, named, 'default and named export are one plugin')
+  const options: ConsulNativeOptions = {
+    service: 'api',
+    agent: { address: '127.0.0.1:8500', token: 'x', insecureSkipVerify: false },
+    defaultPolicy: 'deny',
+    health: { url: '/-/health' },
+    mode: 'l7',
+    readyTimeout: 5000
+  }
+  // @ts-expect-error service is required
+  const missing: ConsulNativeOptions = { agent: {} }
+  // @ts-expect-error defaultPolicy is 'agent' | 'allow' | 'deny'
+  const wrong: ConsulNativeOptions = { service: 'api', defaultPolicy: 'maybe' }
+  t.ok(options && missing && wrong)
+
+  const app = Fastify({ https: httpsOptions({ minVersion: 'TLSv1.3' }) })
+  // @ts-expect-error the certificate belongs to the plugin (and is refused at run time too)
+  t.throws(() => httpsOptions({ cert: 'x' }), { code: 'FST_CONSUL_NATIVE_INVALID_OPTION' })
+  app.get('/open', { config: { consulNative: false } }, async () => 'ok')
+  app.get('/ops', { config: { consulNative: { sources: [{ name: 'ops', action: 'allow' }] } } }, async () => 'ok')
+  // @ts-expect-error true is not a route setting (and is refused at run time only once registered)
+  app.get('/bad', { config: { consulNative: true } }, async () => 'ok')
+  app.get('/who', async (request: FastifyRequest) => {
+    const source: ServiceIdentity | null = request.consulSource
+    const decision: Decision | null = request.consulDecision
+    return { service: source?.service, allow: decision?.allow }
+  })
+  const typed = app as unknown as FastifyInstance
+  const status = (): ConsulNativeStatus => typed.consulNative.status()
+  t.type(status, 'function')
+  t.type(typed.consulNative?.events?.on ?? (() => {}), 'function')
+  t.equal(new DeniedError().statusCode, 403)
+  t.equal(new UnauthenticatedError().statusCode, 401)
+
+  const devOptions: DevAgentOptions = { port: 0, defaultPolicy: 'allow', leafTTL: '72h' }
+  const agent: DevAgent = await startDevAgent(devOptions)
+  t.match(agent.address, /^http:\/\/127\.0\.0\.1:\d+$/)
+  t.match(agent.trustDomain, /\.consul$/)
+  await agent.close()
+  await app.close()
+})
