@@ -26,6 +26,15 @@ const AUTHORIZE_CACHE_MAX = 10_000
 const AUTHORIZE_TTL_MS = 1_000
 const FAILED_CALLS = new WeakSet<Decision>()
 
+/** Cumulative request outcomes, read by `fastify.consulNative.metrics()`. */
+export interface EnforcementCounters {
+  allowed: number
+  denied: number
+  unauthenticated: number
+  rejected: number
+  exempt: number
+}
+
 /** Mutable request view reused across requests: decisions are synchronous, so one suffices. */
 interface MutableFacts { method: string, path: string, url: string, rawHeaders: readonly string[] }
 
@@ -35,6 +44,8 @@ export class Enforcer {
   readonly #router: RouterOptions
   readonly #facts: MutableFacts = { method: '', path: '', url: '', rawHeaders: [] }
   readonly #authorize: AgentAuthorizer | null
+  /** Plain counters: an increment costs nothing on the request path. */
+  readonly counters: EnforcementCounters = { allowed: 0, denied: 0, unauthenticated: 0, rejected: 0, exempt: 0 }
 
   constructor (tls: DynamicTls, sync: ConsulSync, router: RouterOptions, authorize: AgentAuthorizer | null = null) {
     this.#tls = tls
@@ -53,6 +64,7 @@ export class Enforcer {
     const identity = peer.identity
     request.consulSource = identity
     if (route.exempt) {
+      this.counters.exempt++
       request.consulDecision = EXEMPT_DECISION
       return null
     }
@@ -60,6 +72,7 @@ export class Enforcer {
       request.consulDecision = UNAUTHENTICATED_DECISION
       request.log.info({ consulNative: { event: 'unauthenticated', route: request.routeOptions.url, method: raw.method, path: raw.url, reason: peer.reason } },
         'fastify-consul-native: request without a verified service identity')
+      this.counters.unauthenticated++
       return new UnauthenticatedError()
     }
     const policy = this.#sync.policy
@@ -70,6 +83,7 @@ export class Enforcer {
       request.consulDecision = BAD_PATH_DECISION
       request.log.info({ consulNative: { event: 'bad-path', source: identity.uri, method: raw.method, path: url } },
         'fastify-consul-native: path rejected by the mesh request normalization')
+      this.counters.rejected++
       return new BadPathError()
     }
     let rawHeaders = raw.rawHeaders
@@ -80,6 +94,7 @@ export class Enforcer {
         request.consulDecision = BAD_HEADER_DECISION
         request.log.info({ consulNative: { event: 'bad-header', source: identity.uri, method: raw.method, path: url } },
           'fastify-consul-native: header name with an underscore rejected by the mesh request normalization')
+        this.counters.rejected++
         return new BadHeaderError()
       }
       rawHeaders = dropUnderscoreHeaders(raw)
@@ -115,6 +130,7 @@ export class Enforcer {
 
   #settle (request: FastifyRequest, identity: ServiceIdentity, decision: Decision): Error | null {
     if (!decision.allow) return this.#deny(request, identity, decision)
+    this.counters.allowed++
     request.consulDecision = decision
     const raw = request.raw
     if (isDebug(request.log)) {
@@ -125,6 +141,7 @@ export class Enforcer {
   }
 
   #deny (request: FastifyRequest, identity: ServiceIdentity, decision: Decision): Error {
+    this.counters.denied++
     request.consulDecision = decision
     const raw = request.raw
     request.log.info({ consulNative: { event: 'denied', source: identity.uri, route: request.routeOptions.url, method: raw.method, path: raw.url, reason: decision.reason } },

@@ -11,6 +11,8 @@ import { InvalidOptionError, NotHttpsError, NotRootError } from './errors'
 import type { ServiceIdentity } from './identity'
 import type { Decision } from './intentions/policy'
 import { routeConfigReader, routerOptionsOf, serverBindingsOf } from './fastify-internals'
+import { metricFamilies, prometheusText } from './metrics'
+import type { MetricFamily } from './metrics'
 import { resolveOptions } from './options'
 import type { ConsulNativeOptions, RouteConsulNativeConfig } from './options'
 import { compileRoutePolicy, SERVICE_POLICY, withPrefixTwin } from './route-policy'
@@ -28,6 +30,10 @@ export interface ConsulNativeDecorator {
    * to the agent fails or an update is rejected (the last good state stays in force).
    */
   readonly events: EventEmitter
+  /** Request outcomes, sync failures, readiness and leaf expiry, as Prometheus metric families. */
+  metrics (): MetricFamily[]
+  /** The same in the Prometheus text exposition format, for a plain `/metrics` route. */
+  prometheus (): string
 }
 
 declare module 'fastify' {
@@ -76,7 +82,13 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
 
   fastify.decorateRequest('consulSource', null)
   fastify.decorateRequest('consulDecision', null)
-  fastify.decorate('consulNative', { status: () => sync.status(), events: sync.events })
+  const metrics = (): MetricFamily[] => metricFamilies(enforcer.counters, sync.failureCounts, sync.status(), Date.now())
+  fastify.decorate('consulNative', {
+    status: () => sync.status(),
+    events: sync.events,
+    metrics,
+    prometheus: () => prometheusText(metrics())
+  })
   if (authorizer !== null) sync.events.on('intentions', () => authorizer.invalidate())
 
   // Routes declared from here on get their policy compiled once, when they are declared (a bad
@@ -166,4 +178,5 @@ export type { AgentOptions } from './agent/config'
 export type { ServiceIdentity } from './identity'
 export type { Decision, RouteSource } from './intentions/policy'
 export type { ConsulNativeStatus } from './sync'
+export type { MetricFamily, MetricValue } from './metrics'
 export type { HttpsOptionsInput } from './tls'

@@ -65,6 +65,7 @@ export class ConsulSync {
   #defaultPolicyError: Error | null = null
   readonly #startup = new AbortController()
   readonly #warned = new Set<string>()
+  readonly #failureCounts: Record<string, number> = {}
 
   constructor (opts: ResolvedOptions, client: AgentClient, tls: DynamicTls, log: FastifyBaseLogger) {
     this.#opts = opts
@@ -122,7 +123,11 @@ export class ConsulSync {
     this.#watches = [this.#leaf, this.#roots, this.#intentions, this.#serviceDefaults, this.#proxyDefaults, this.#mesh] as
       ReadonlyArray<BlockingWatch<unknown>>
     for (const watch of this.#watches) {
-      watch.onFailure((error) => this.#emit('sync-error', { watch: watch.name, error }))
+      this.#failureCounts[watch.name] = 0
+      watch.onFailure((error) => {
+        this.#failureCounts[watch.name] = (this.#failureCounts[watch.name] ?? 0) + 1
+        this.#emit('sync-error', { watch: watch.name, error })
+      })
     }
   }
 
@@ -163,6 +168,9 @@ export class ConsulSync {
     await Promise.all(this.#watches.map(async (watch) => await watch.ready()))
     this.#started = true
   }
+
+  /** Failed polls and rejected updates since start, per watch. */
+  get failureCounts (): Readonly<Record<string, number>> { return this.#failureCounts }
 
   stop (): void {
     if (this.#stopped) return

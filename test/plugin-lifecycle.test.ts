@@ -85,6 +85,8 @@ t.test('the agent going away after start does not stop the service; it recovers 
   await agent.close()
   const [{ watch, error }] = await noticed
   t.ok(typeof watch === 'string' && error instanceof Error, `the plugin noticed (${String(watch)}: ${String(error?.message)})`)
+  const failures = svc.app.consulNative.metrics().find((family) => family.name === 'consul_native_sync_failures_total')
+  t.ok(failures?.values.some((v) => v.labels.watch === watch && v.value >= 1), 'and counted it')
   t.equal((await get(web, `${svc.origin}/`)).status, 200, 'cached material keeps serving')
   await t.rejects(agentCall(agent, 'GET', '/v1/agent/self'), 'the agent is really gone')
 
