@@ -55,3 +55,7 @@ export const BadPathError = createError(
 /** A header name carries an underscore and the mesh entry says `HeadersWithUnderscoresAction: REJECT_REQUEST`. */
 export const BadHeaderError = createError(
   'FST_CONSUL_NATIVE_BAD_HEADER', 'A request header is not acceptable', 400)
+
+/** The agent refused to register the service (or could not be reached to do it). */
+export const RegisterFailedError = createError(
+  'FST_CONSUL_NATIVE_REGISTER_FAILED', 'Consul agent refused to register service %s: %s', 500)

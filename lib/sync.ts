@@ -123,9 +123,10 @@ export class ConsulSync {
     this.#watches = [this.#leaf, this.#roots, this.#intentions, this.#serviceDefaults, this.#proxyDefaults, this.#mesh] as
       ReadonlyArray<BlockingWatch<unknown>>
     for (const watch of this.#watches) {
-      this.#failureCounts[watch.name] = 0
+      const counts = this.#failureCounts
+      counts[watch.name] = 0
       watch.onFailure((error) => {
-        this.#failureCounts[watch.name] = (this.#failureCounts[watch.name] ?? 0) + 1
+        counts[watch.name] = (counts[watch.name] as number) + 1
         this.#emit('sync-error', { watch: watch.name, error })
       })
     }

@@ -2,28 +2,13 @@
 // decideRequest with router spellings, and what each refuses to compile.
 import t, { type Test } from 'tap'
 import type { Intention, IntentionPermission } from '../lib/agent/wire'
+import { ixn } from './helpers/intentions'
 import { InvalidIntentionsError } from '../lib/errors'
 import { asciiLower, headerValue } from '../lib/intentions/matchers'
 import {
   type CallerIdentity, type CompiledOverride, type CompiledPolicy, type PolicyInput, type RequestFacts, type RouteSource,
   RuleError, compareBytes, comparePrecedence, compileOverride, compilePolicy, decide, decideOverride, decideRequest
 } from '../lib/intentions/policy'
-
-function ixn (src: string, dst: string, precedence: number, what: 'allow' | 'deny' | IntentionPermission[], extra: Partial<Intention> = {}): Intention {
-  const [name, ns = 'default'] = src.split('/').reverse()
-  return {
-    SourceNS: ns,
-    SourceName: name,
-    DestinationNS: 'default',
-    DestinationName: dst,
-    SourceType: 'consul',
-    ...(typeof what === 'string' ? { Action: what } : { Permissions: what }),
-    Precedence: precedence,
-    CreateIndex: 1,
-    ModifyIndex: 1,
-    ...extra
-  }
-}
 
 const allow = (HTTP: IntentionPermission['HTTP'], extra: Partial<IntentionPermission> = {}): IntentionPermission => ({ Action: 'allow', HTTP, ...extra })
 const deny = (HTTP: IntentionPermission['HTTP'], extra: Partial<IntentionPermission> = {}): IntentionPermission => ({ Action: 'deny', HTTP, ...extra })

@@ -2,6 +2,7 @@
 // for T31/T32). Each row runs the plugin's pipeline: canonicalPath on the raw target, then decide.
 import t from 'tap'
 import type { Intention, IntentionPermission, RequestNormalization } from '../lib/agent/wire'
+import { ixn } from './helpers/intentions'
 import { canonicalPath } from '../lib/intentions/path'
 import { compilePolicy, decide } from '../lib/intentions/policy'
 import { referenceDecide } from './helpers/reference-engine'
@@ -21,23 +22,6 @@ interface Vector {
   normalization?: RequestNormalization
   answer: Answer
   why: string
-}
-
-/** `src → dst` with its precedence; an array of permissions makes it L7. */
-function ixn (src: string, dst: string, precedence: number, what: 'allow' | 'deny' | IntentionPermission[], extra: Partial<Intention> = {}): Intention {
-  const [name, ns = 'default'] = src.split('/').reverse()
-  return {
-    SourceNS: ns,
-    SourceName: name,
-    DestinationNS: 'default',
-    DestinationName: dst,
-    SourceType: 'consul',
-    ...(typeof what === 'string' ? { Action: what } : { Permissions: what }),
-    Precedence: precedence,
-    CreateIndex: 1,
-    ModifyIndex: 1,
-    ...extra
-  }
 }
 
 const allow = (HTTP: IntentionPermission['HTTP']): IntentionPermission => ({ Action: 'allow', HTTP })

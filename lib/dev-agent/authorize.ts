@@ -2,6 +2,7 @@
 // whose source matches the caller decides; an L7 intention always answers false; without a match
 // the default applies. Reasons are Consul's, verbatim (captured/agent-authorize.txt).
 import type { ConnectAuthorizeResponse, Intention } from '../agent/wire'
+import { pathUnescape } from './go'
 import { DevAgentHttpError } from './http-error'
 
 export type CertURI =
@@ -46,27 +47,12 @@ export function parseCertURI (uri: string): CertURI | null {
   const escaped = path.includes('%')
   const service = SERVICE_PATH.exec(path)
   if (service !== null) {
-    const parts = service.slice(1).map((part) => part === undefined ? '' : escaped ? unescape(part) : part)
+    const parts = service.slice(1).map((part) => part === undefined ? '' : escaped ? pathUnescape(part) : part)
     const [partition, namespace, datacenter, name] = parts as [string, string, string, string]
     return { kind: 'service', host, partition, namespace, datacenter, service: name }
   }
   if (OTHER_PATHS.some((re) => re.test(path)) || (path === '' && host.indexOf('.') > 0)) return { kind: 'other' }
   return null
-}
-
-/** Go's url.PathUnescape: escapes become raw bytes, whatever their UTF-8 validity. */
-function unescape (text: string): string {
-  const src = Buffer.from(text)
-  const out: number[] = []
-  for (let i = 0; i < src.length; i++) {
-    if (src[i] === 0x25) {
-      out.push(Number.parseInt(src.subarray(i + 1, i + 3).toString(), 16))
-      i += 2
-    } else {
-      out.push(src[i] as number)
-    }
-  }
-  return Buffer.from(out).toString()
 }
 
 /** Consul's `Intention.String()`. */

@@ -1,5 +1,6 @@
 // Blocking-query machinery of the dev agent (SEMANTICS §2): the Raft-like index, Go duration
 // parsing for `wait`, Consul's timeout rules, and waiters that are released on change or close.
+import { DURATION_UNIT_NS } from './go'
 import { DevAgentHttpError } from './http-error'
 
 /** Consul's default blocking wait (`DefaultQueryTime`). */
@@ -11,16 +12,6 @@ export const JITTER_FRACTION = 16
 
 const NS_PER_MS = 1_000_000n
 const MAX_DURATION_NS = (1n << 63n) - 1n
-const UNIT_NS: Record<string, bigint> = {
-  ns: 1n,
-  us: 1_000n,
-  µs: 1_000n, // U+00B5
-  μs: 1_000n, // U+03BC
-  ms: 1_000_000n,
-  s: 1_000_000_000n,
-  m: 60_000_000_000n,
-  h: 3_600_000_000_000n
-}
 
 /**
  * Parses a Go duration (`time.ParseDuration`): `[-+]?([0-9]*(\.[0-9]*)?[a-z]+)+` or `0`.
@@ -44,7 +35,7 @@ export function parseGoDurationNs (text: string): bigint | null {
     if (whole === '' && (fraction === undefined || fraction === '')) return null
     s = s.slice(number[0].length)
     const unit = /^[^\d.]*/.exec(s)?.[0] as string
-    const scale = UNIT_NS[unit]
+    const scale = DURATION_UNIT_NS[unit]
     if (scale === undefined) return null
     s = s.slice(unit.length)
     let value = BigInt(whole === '' ? '0' : whole) * scale

@@ -9,6 +9,7 @@ import * as https from 'node:https'
 import type { IncomingMessage } from 'node:http'
 import * as net from 'node:net'
 import * as tls from 'node:tls'
+import { DURATION_UNIT_NS } from './go'
 import { DevAgentHttpError } from './http-error'
 
 export type CheckStatus = 'passing' | 'warning' | 'critical'
@@ -370,16 +371,6 @@ SERVICE_CONNECT.fields.SidecarService = structOf(SERVICE_DEFINITION)
 // Go durations. blocking.ts parses `wait` too, but registration needs Go's exact error texts.
 
 const MAX_NS = 1n << 63n
-const UNIT_NS: Record<string, bigint> = {
-  ns: 1n,
-  us: 1_000n,
-  µs: 1_000n, // U+00B5
-  μs: 1_000n, // U+03BC
-  ms: 1_000_000n,
-  s: 1_000_000_000n,
-  m: 60_000_000_000n,
-  h: 3_600_000_000_000n
-}
 
 /** Go's time.quote: `"` and `\` escaped, bytes outside printable ASCII as `\xNN`. */
 function goQuote (s: string): string {
@@ -405,7 +396,7 @@ function parseDuration (orig: string): bigint {
     s = s.slice(all.length)
     if (whole === '' && fraction === '') throw invalid()
     if (unit === '') throw new DecodeError(`time: missing unit in duration ${goQuote(orig)}`)
-    const scale = UNIT_NS[unit]
+    const scale = DURATION_UNIT_NS[unit]
     if (scale === undefined) throw new DecodeError(`time: unknown unit ${goQuote(unit)} in duration ${goQuote(orig)}`)
     let v = BigInt(`0${whole}`)
     if (v > MAX_NS / scale) throw invalid()

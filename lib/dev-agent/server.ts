@@ -11,6 +11,7 @@ import { ChangeHub, block, formatGoDuration, indexReady, parseBlockingParams, pa
 import { DevCertificateAuthority } from './ca'
 import { DevCatalog, unknownServiceMessage } from './catalog'
 import { ConfigEntryStore, MESH, PROXY_DEFAULTS, SERVICE_DEFAULTS, SERVICE_INTENTIONS, goQuote } from './config-entries'
+import { pathUnescape } from './go'
 import { DevAgentHttpError } from './http-error'
 
 export type Privilege = 'read' | 'write' | 'manage'
@@ -188,19 +189,9 @@ function goJson (value: unknown, pretty: boolean): string {
 }
 
 /** Go's url.PathUnescape; a malformed escape is a 400 as from Go's HTTP server. */
-function pathUnescape (text: string): string {
+function unescapeRequestPath (text: string): string {
   if (/%(?![0-9A-Fa-f]{2})/.test(text)) throw new DevAgentHttpError(400, 'invalid URL escape')
-  const src = Buffer.from(text)
-  const out: number[] = []
-  for (let i = 0; i < src.length; i++) {
-    if (src[i] === 0x25) {
-      out.push(Number.parseInt(src.subarray(i + 1, i + 3).toString(), 16))
-      i += 2
-    } else {
-      out.push(src[i] as number)
-    }
-  }
-  return Buffer.from(out).toString()
+  return pathUnescape(text)
 }
 
 function rfc3339 (date: Date): string {
@@ -362,7 +353,7 @@ export class DevAgentServer {
     const target = req.url as string
     const question = target.indexOf('?')
     const rawPath = question === -1 ? target : target.slice(0, question)
-    const path = pathUnescape(rawPath)
+    const path = unescapeRequestPath(rawPath)
     const query = new URLSearchParams(question === -1 ? '' : target.slice(question + 1))
     // Go's ServeMux: an exact pattern, else the longest subtree pattern.
     let route = this.#routes.find((r) => !r.prefix && r.path === path)
