@@ -2,6 +2,7 @@
 //   agent/ (client, watches) → sync (leaf, roots, intentions) → tls (secure context, identity)
 //   → intentions/ (pure decision engine) → enforcement (per-request check) → hooks below.
 import type { EventEmitter } from 'node:events'
+import type { AddressInfo } from 'node:net'
 import type { FastifyPluginAsync, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import { AgentClient } from './agent/client'
@@ -14,6 +15,7 @@ import { routeConfigReader, routerOptionsOf, serverBindingsOf } from './fastify-
 import { metricFamilies, prometheusText } from './metrics'
 import type { MetricFamily } from './metrics'
 import { resolveOptions } from './options'
+import { buildRegistration, ServiceRegistration } from './registration'
 import type { ConsulNativeOptions, RouteConsulNativeConfig } from './options'
 import { compileRoutePolicy, SERVICE_POLICY, withPrefixTwin } from './route-policy'
 import type { RoutePolicy } from './route-policy'
@@ -53,6 +55,7 @@ declare module 'fastify' {
 }
 
 const kRoutePolicy = Symbol('fastify-consul-native.routePolicy')
+const DRAIN_INTERVAL_MS = 50
 
 const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fastify, rawOptions) => {
   const opts = resolveOptions(rawOptions)
@@ -137,7 +140,58 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
     }
     done()
   })
+  // Registration (option `register`): after the server listens (its address is known then), and
+  // a failure fails listen(); on close, the instance leaves the catalog before connections drain.
+  if (opts.register !== null) {
+    const registerOptions = opts.register
+    const healthUrl = opts.health?.url ?? null
+    const listen = fastify.listen
+    const registerNow = async (): Promise<void> => {
+      const { address, port } = fastify.server.address() as AddressInfo
+      const registration = new ServiceRegistration(client, buildRegistration(opts.service, registerOptions, { address, port }, healthUrl), fastify.log)
+      await registration.register()
+      registration.start()
+      sync.registration = registration
+    }
+    const listenAndRegister = function (...args: unknown[]): Promise<string> | undefined {
+      const callback = typeof args[args.length - 1] === 'function' ? args.pop() as (err: Error | null, address?: string) => void : null
+      const listening = (async () => {
+        const address = await (listen as (...a: unknown[]) => Promise<string>).apply(fastify, args)
+        try {
+          await registerNow()
+        } catch (err) {
+          await fastify.close()
+          throw err
+        }
+        return address
+      })()
+      if (callback === null) return listening
+      listening.then((address) => callback(null, address), (err: Error) => callback(err))
+      return undefined
+    }
+    ;(fastify as unknown as { listen: unknown }).listen = listenAndRegister
+    fastify.addHook('preClose', async function consulNativeDeregister () {
+      await sync.registration?.deregister()
+    })
+  }
+
+  // Node closes the connections that are idle when the server closes, but a keep-alive connection
+  // busy at that moment would then stay open until keepAliveTimeout (72 s in Fastify) and hold
+  // close() that long. While closing, close connections as soon as their last response is sent.
+  let drain: NodeJS.Timeout | null = null
+  const closeIdleConnections = (): void => {
+    // HTTP/2 servers have no such method; Fastify closes their sessions itself.
+    for (const server of tls.servers) (server as { closeIdleConnections?: () => void }).closeIdleConnections?.()
+  }
+  fastify.addHook('preClose', function consulNativeDrain (done) {
+    closeIdleConnections()
+    drain = setInterval(closeIdleConnections, DRAIN_INTERVAL_MS).unref()
+    done()
+  })
+
   fastify.addHook('onClose', async function consulNativeOnClose () {
+    if (drain !== null) clearInterval(drain)
+    sync.registration?.stop()
     sync.stop()
     tls.detachAll()
     await client.close()
@@ -147,8 +201,8 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
     fastify.get(opts.health.url, { config: { consulNative: false } }, async function consulNativeHealth (_request, reply) {
       const status = sync.status()
       reply.code(status.ready ? 200 : 503)
-      // Reachable without a certificate: readiness only, nothing about certificates or intentions.
-      return { status: status.ready ? 'passing' : 'critical', service: status.service }
+      // Reachable without a certificate: readiness facts only, nothing about certificates or intentions.
+      return { status: status.ready ? 'passing' : 'critical', service: status.service, registered: status.registration?.registered ?? null }
     })
   }
 
@@ -174,6 +228,7 @@ export default consulNative
 export { httpsOptions }
 export * from './errors'
 export type { ConsulNativeOptions, RouteConsulNativeConfig, HealthRouteOptions } from './options'
+export type { RegisterOptions } from './registration'
 export type { AgentOptions } from './agent/config'
 export type { ServiceIdentity } from './identity'
 export type { Decision, RouteSource } from './intentions/policy'

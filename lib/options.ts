@@ -3,6 +3,8 @@
 import type { AgentOptions } from './agent/config'
 import { InvalidOptionError } from './errors'
 import type { RouteSource } from './intentions/policy'
+import { validateRegisterOption } from './registration'
+import type { RegisterOptions } from './registration'
 
 export interface HealthRouteOptions {
   /** Path of the exempt health route. Default `/health`. */
@@ -30,6 +32,8 @@ export interface ConsulNativeOptions {
   mode?: 'l7' | 'agent'
   /** Blocking-query wait sent to the agent (ms). Default 300000, at most 600000. */
   blockingWait?: number
+  /** Register this instance with the local agent on listen (Connect native), deregister on close. Default false. */
+  register?: boolean | RegisterOptions
 }
 
 /** Per-route setting: `false` exempts the route; an object adds route-level intentions. */
@@ -48,6 +52,7 @@ export interface ResolvedOptions {
   readonly health: { readonly url: string } | null
   readonly mode: 'l7' | 'agent'
   readonly blockingWait: number
+  readonly register: RegisterOptions | null
 }
 
 export const DEFAULT_READY_TIMEOUT = 8_000
@@ -55,7 +60,7 @@ export const DEFAULT_BLOCKING_WAIT = 300_000
 export const MAX_BLOCKING_WAIT = 600_000
 export const DEFAULT_HEALTH_URL = '/health'
 
-const KNOWN = new Set(['service', 'agent', 'datacenter', 'namespace', 'partition', 'readyTimeout', 'defaultPolicy', 'health', 'mode', 'blockingWait'])
+const KNOWN = new Set(['service', 'agent', 'datacenter', 'namespace', 'partition', 'readyTimeout', 'defaultPolicy', 'health', 'mode', 'blockingWait', 'register'])
 // Consul service names are DNS-friendly; this also keeps them safe inside a URL path segment.
 const SERVICE_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]*$/
 
@@ -82,7 +87,8 @@ export function resolveOptions (raw: unknown): ResolvedOptions {
     defaultPolicy: oneOf(opts, 'defaultPolicy', ['agent', 'allow', 'deny'] as const),
     health: healthOption(opts.health),
     mode: oneOf(opts, 'mode', ['l7', 'agent'] as const),
-    blockingWait: positiveMs(opts, 'blockingWait', DEFAULT_BLOCKING_WAIT, MAX_BLOCKING_WAIT)
+    blockingWait: positiveMs(opts, 'blockingWait', DEFAULT_BLOCKING_WAIT, MAX_BLOCKING_WAIT),
+    register: validateRegisterOption(opts.register)
   }
 }
 

@@ -11,6 +11,7 @@ import { NotReadyError } from './errors'
 import { compilePolicy } from './intentions/policy'
 import type { CompiledPolicy } from './intentions/policy'
 import type { ResolvedOptions } from './options'
+import type { RegistrationState, ServiceRegistration } from './registration'
 import type { DynamicTls } from './tls'
 
 /** Snapshot returned by `fastify.consulNative.status()`. */
@@ -22,6 +23,8 @@ export interface ConsulNativeStatus {
   roots: { activeRootId: string, ids: string[] } | null
   intentions: { count: number, index: number, defaultAllow: boolean, protocol: string, requestNormalization: RequestNormalization | null } | null
   watches: Record<string, { lastSuccess: string | null, lastError: string | null, failures: number }>
+  /** Registration with the agent (option `register`), or null when the plugin does not register. */
+  registration: (RegistrationState & { id: string }) | null
 }
 
 // Warn when the leaf has less than this share of its lifetime left and the agent is failing.
@@ -66,6 +69,8 @@ export class ConsulSync {
   readonly #startup = new AbortController()
   readonly #warned = new Set<string>()
   readonly #failureCounts: Record<string, number> = {}
+  /** Set by the plugin when it registers the instance; reported by status(). */
+  registration: ServiceRegistration | null = null
 
   constructor (opts: ResolvedOptions, client: AgentClient, tls: DynamicTls, log: FastifyBaseLogger) {
     this.#opts = opts
@@ -201,7 +206,8 @@ export class ConsulSync {
       intentions: !this.#compiled
         ? null
         : { count: this.#policy.size, index: this.#policyIndex, defaultAllow: this.#defaultAllow, protocol: this.#protocol, requestNormalization: this.#normalization },
-      watches
+      watches,
+      registration: this.registration === null ? null : { id: this.registration.id, ...this.registration.state }
     }
   }
 

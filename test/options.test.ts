@@ -13,7 +13,8 @@ t.test('defaults', async (t) => {
     defaultPolicy: 'agent',
     health: { url: DEFAULT_HEALTH_URL },
     mode: 'l7',
-    blockingWait: DEFAULT_BLOCKING_WAIT
+    blockingWait: DEFAULT_BLOCKING_WAIT,
+    register: null
   })
   t.same(resolveOptions({ service: 'api', health: {} }).health, { url: '/health' }, 'health: {} keeps the default url')
   t.equal(resolveOptions({ service: 'api', health: false }).health, null)

@@ -541,7 +541,8 @@ t.test('status() before and after start()', async (t) => {
     leaf: null,
     roots: null,
     intentions: null,
-    watches: { leaf: idle, roots: idle, intentions: idle, 'service-defaults': idle, 'proxy-defaults': idle, mesh: idle }
+    watches: { leaf: idle, roots: idle, intentions: idle, 'service-defaults': idle, 'proxy-defaults': idle, mesh: idle },
+    registration: null
   })
   t.equal(allows(h.sync.policy, 'web'), false, 'before any sync the policy denies everyone')
   t.equal(h.sync.normalization, null)
@@ -564,7 +565,8 @@ t.test('status() before and after start()', async (t) => {
     leaf: { serial: f.leaf.SerialNumber, validAfter: f.leaf.ValidAfter, validBefore: f.leaf.ValidBefore, uri: f.leaf.ServiceURI },
     roots: { activeRootId: f.roots.ActiveRootID, ids: f.roots.Roots.map((root) => root.ID) },
     intentions: { count: 1, index: 10, defaultAllow: false, protocol: 'tcp', requestNormalization: { MergeSlashes: true } },
-    watches: undefined
+    watches: undefined,
+    registration: null
   })
   t.same(Object.keys(status.watches), ['leaf', 'roots', 'intentions', 'service-defaults', 'proxy-defaults', 'mesh'])
   for (const [name, watch] of Object.entries(status.watches)) {
