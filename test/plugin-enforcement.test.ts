@@ -4,6 +4,7 @@ import t from 'tap'
 import Fastify from 'fastify'
 import type { FastifyInstance } from 'fastify'
 import consulNative, { httpsOptions } from '../lib/index'
+import promClient from 'prom-client'
 import { agentCall, get, leafFor, mtlsClient, rootPems, setIntentions, setProtocol, startAgent, startService, waitForStatus } from './helpers/mesh'
 
 const L7_SOURCES = [
@@ -385,4 +386,25 @@ t.test('metrics(): request outcomes, sync failures, readiness and leaf expiry; p
   t.match(text, /# TYPE consul_native_requests_total counter\nconsul_native_requests_total\{outcome="allowed"\} 2\n/)
   t.match(text, /consul_native_sync_failures_total\{watch="leaf"\} 0\n/)
   t.match(text, /consul_native_ready 1\n/)
+})
+
+t.test('metrics() registers with prom-client as the README shows', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'allow' })
+  const svc = await startService(t, agent)
+  const web = mtlsClient(t, await leafFor(agent, 'web'))
+  await get(web, `${svc.origin}/`)
+  const app = svc.app
+  const registry = new promClient.Registry()
+  for (const family of app.consulNative.metrics()) {
+    registry.registerMetric({
+      name: family.name,
+      help: family.help,
+      type: family.type,
+      get: async () => ({ ...app.consulNative.metrics().find((f) => f.name === family.name), aggregator: 'sum' }),
+      reset: () => {}
+    } as never)
+  }
+  const text = await registry.metrics()
+  t.match(text, /consul_native_requests_total\{outcome="allowed"\} 1/)
+  t.match(text, /# TYPE consul_native_ready gauge\nconsul_native_ready 1/)
 })
