@@ -1,6 +1,7 @@
-// What the plugin reads from Fastify beyond its public API, in one place: router options (where
-// Fastify 5 keeps them), the extra servers Fastify opens when listening on `localhost`, and the
-// route config of a request without the allocating `request.routeOptions` getter.
+// What the plugin reads from (or does to) Fastify beyond its public API, in one place: router
+// options (where Fastify 5 keeps them), the extra servers Fastify opens when listening on
+// `localhost`, the route config of a request without the allocating `request.routeOptions`
+// getter, and a listen() that does more once the server listens.
 import type { RouterOptions } from './intentions/path'
 
 /** The router options that decide which spellings of a path reach the same handler. */
@@ -46,5 +47,30 @@ export function routeConfigReader (): (request: { routeOptions: { config: object
       if (context?.config !== undefined) return context.config
     }
     return request.routeOptions.config as Record<string | symbol, unknown>
+  }
+}
+
+/**
+ * Makes `fastify.listen()` run `afterListen` once the server listens, and fail (after closing the
+ * app) when it throws: Fastify's own onListen hooks cannot fail listen(). Both the promise and the
+ * callback forms keep working.
+ */
+export function extendListen (fastify: { listen: unknown, close: () => PromiseLike<unknown> }, afterListen: () => Promise<void>): void {
+  const listen = fastify.listen as (...args: unknown[]) => Promise<string>
+  fastify.listen = function (...args: unknown[]): Promise<string> | undefined {
+    const callback = typeof args[args.length - 1] === 'function' ? args.pop() as (err: Error | null, address?: string) => void : null
+    const listening = (async () => {
+      const address = await listen.apply(fastify, args)
+      try {
+        await afterListen()
+      } catch (err) {
+        await fastify.close()
+        throw err
+      }
+      return address
+    })()
+    if (callback === null) return listening
+    listening.then((address) => callback(null, address), (err: Error) => callback(err))
+    return undefined
   }
 }

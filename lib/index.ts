@@ -11,7 +11,7 @@ import { AgentAuthorizer, consulNativeBackstop, Enforcer } from './enforcement'
 import { InvalidOptionError, NotHttpsError, NotRootError } from './errors'
 import type { ServiceIdentity } from './identity'
 import type { Decision } from './intentions/policy'
-import { routeConfigReader, routerOptionsOf, serverBindingsOf } from './fastify-internals'
+import { extendListen, routeConfigReader, routerOptionsOf, serverBindingsOf } from './fastify-internals'
 import { metricFamilies, prometheusText } from './metrics'
 import type { MetricFamily } from './metrics'
 import { resolveOptions } from './options'
@@ -55,7 +55,6 @@ declare module 'fastify' {
 }
 
 const kRoutePolicy = Symbol('fastify-consul-native.routePolicy')
-const DRAIN_INTERVAL_MS = 50
 
 const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fastify, rawOptions) => {
   const opts = resolveOptions(rawOptions)
@@ -145,52 +144,26 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
   if (opts.register !== null) {
     const registerOptions = opts.register
     const healthUrl = opts.health?.url ?? null
-    const listen = fastify.listen
-    const registerNow = async (): Promise<void> => {
+    // Fastify's onListen hook cannot fail listen(), so listen() itself is extended.
+    extendListen(fastify, async () => {
       const { address, port } = fastify.server.address() as AddressInfo
       const registration = new ServiceRegistration(client, buildRegistration(opts.service, registerOptions, { address, port }, healthUrl), fastify.log)
       await registration.register()
       registration.start()
       sync.registration = registration
-    }
-    const listenAndRegister = function (...args: unknown[]): Promise<string> | undefined {
-      const callback = typeof args[args.length - 1] === 'function' ? args.pop() as (err: Error | null, address?: string) => void : null
-      const listening = (async () => {
-        const address = await (listen as (...a: unknown[]) => Promise<string>).apply(fastify, args)
-        try {
-          await registerNow()
-        } catch (err) {
-          await fastify.close()
-          throw err
-        }
-        return address
-      })()
-      if (callback === null) return listening
-      listening.then((address) => callback(null, address), (err: Error) => callback(err))
-      return undefined
-    }
-    ;(fastify as unknown as { listen: unknown }).listen = listenAndRegister
+    })
     fastify.addHook('preClose', async function consulNativeDeregister () {
       await sync.registration?.deregister()
     })
   }
 
-  // Node closes the connections that are idle when the server closes, but a keep-alive connection
-  // busy at that moment would then stay open until keepAliveTimeout (72 s in Fastify) and hold
-  // close() that long. While closing, close connections as soon as their last response is sent.
-  let drain: NodeJS.Timeout | null = null
-  const closeIdleConnections = (): void => {
-    // HTTP/2 servers have no such method; Fastify closes their sessions itself.
-    for (const server of tls.servers) (server as { closeIdleConnections?: () => void }).closeIdleConnections?.()
-  }
+  // While closing, connections close as soon as their last response is sent (see DynamicTls).
   fastify.addHook('preClose', function consulNativeDrain (done) {
-    closeIdleConnections()
-    drain = setInterval(closeIdleConnections, DRAIN_INTERVAL_MS).unref()
+    tls.drainConnections()
     done()
   })
 
   fastify.addHook('onClose', async function consulNativeOnClose () {
-    if (drain !== null) clearInterval(drain)
     sync.registration?.stop()
     sync.stop()
     tls.detachAll()

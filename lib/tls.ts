@@ -22,6 +22,7 @@ export type HttpsOptionsInput = Omit<tls.TlsOptions, 'key' | 'cert' | 'ca' | 'pf
 
 const OWNED_OPTIONS = ['key', 'cert', 'ca', 'pfx', 'requestCert', 'rejectUnauthorized', 'SNICallback', 'sessionIdContext'] as const
 const TLS_VERSIONS = ['TLSv1.2', 'TLSv1.3']
+const DRAIN_INTERVAL_MS = 50
 
 // The user's TLS settings that live in a secure context: Node's setSecureContext() resets every
 // one it is not given, so each context the plugin builds carries them again.
@@ -36,6 +37,7 @@ export class DynamicTls {
   #context: SecureContext | null = null
   #material: TlsMaterial | null = null
   #servers = new Set<TlsServer>()
+  #drain: NodeJS.Timeout | null = null
 
   /** Hands the current context to clients that send SNI; `undefined` keeps the default context. */
   readonly SNICallback = (_servername: string, cb: (err: Error | null, ctx?: SecureContext) => void): void => {
@@ -82,7 +84,24 @@ export class DynamicTls {
     if (this.#material !== null) server.setSecureContext(this.contextOptions(this.#material))
   }
 
+  /**
+   * From now on, closes each connection as soon as it is idle. Node closes the connections idle
+   * when a server closes, but a keep-alive connection busy at that moment would stay open until
+   * keepAliveTimeout (72 s in Fastify) and hold close() that long. Stopped by detachAll().
+   */
+  drainConnections (): void {
+    const closeIdle = (): void => {
+      // HTTP/2 servers have no such method; Fastify closes their sessions itself.
+      for (const server of this.#servers) (server as { closeIdleConnections?: () => void }).closeIdleConnections?.()
+    }
+    closeIdle()
+    clearInterval(this.#drain ?? undefined)
+    this.#drain = setInterval(closeIdle, DRAIN_INTERVAL_MS).unref()
+  }
+
   detachAll (): void {
+    clearInterval(this.#drain ?? undefined)
+    this.#drain = null
     this.#servers.clear()
     registry.delete(this.id)
   }
