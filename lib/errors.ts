@@ -59,3 +59,11 @@ export const BadHeaderError = createError(
 /** The agent refused to register the service (or could not be reached to do it). */
 export const RegisterFailedError = createError(
   'FST_CONSUL_NATIVE_REGISTER_FAILED', 'Consul agent refused to register service %s: %s', 500)
+
+/** Outbound call: discovery found no (healthy) mesh instance of the target service, or could not ask the agent. */
+export const NoInstancesError = createError(
+  'FST_CONSUL_NATIVE_NO_INSTANCES', 'No healthy instance of service %s', 503)
+
+/** Outbound call: the instance dialled did not present the target service's SPIFFE identity. */
+export const PeerMismatchError = createError(
+  'FST_CONSUL_NATIVE_PEER_MISMATCH', 'Service %s answered with identity %s', 502)

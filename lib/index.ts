@@ -3,6 +3,7 @@
 //   → intentions/ (pure decision engine) → enforcement (per-request check) → hooks below.
 import type { EventEmitter } from 'node:events'
 import type { AddressInfo } from 'node:net'
+import type { Dispatcher, Response } from 'undici'
 import type { FastifyPluginAsync, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import { AgentClient } from './agent/client'
@@ -15,6 +16,8 @@ import { extendListen, routeConfigReader, routerOptionsOf, serverBindingsOf } fr
 import { metricFamilies, prometheusText } from './metrics'
 import type { MetricFamily } from './metrics'
 import { resolveOptions } from './options'
+import { ServiceCaller } from './outbound'
+import type { OutboundFetchInit, OutboundOptions } from './outbound'
 import { buildRegistration, ServiceRegistration } from './registration'
 import type { ConsulNativeOptions, RouteConsulNativeConfig } from './options'
 import { compileRoutePolicy, SERVICE_POLICY, withPrefixTwin } from './route-policy'
@@ -36,6 +39,10 @@ export interface ConsulNativeDecorator {
   metrics (): MetricFamily[]
   /** The same in the Prometheus text exposition format, for a plain `/metrics` route. */
   prometheus (): string
+  /** Calls another mesh service over verified mTLS (discovery, round robin, one retry for idempotent requests). */
+  fetch (service: string, path: string, init?: OutboundFetchInit): Promise<Response>
+  /** An undici Dispatcher that sends every request to an instance of `service`, for `request`, `fetch` or `@fastify/reply-from`. */
+  dispatcher (service: string, opts?: OutboundOptions): Dispatcher
 }
 
 declare module 'fastify' {
@@ -85,11 +92,14 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
   fastify.decorateRequest('consulSource', null)
   fastify.decorateRequest('consulDecision', null)
   const metrics = (): MetricFamily[] => metricFamilies(enforcer.counters, sync.failureCounts, sync.status(), Date.now())
+  const outbound = new ServiceCaller({ client, tls, tlsEvents: sync.events, log: fastify.log, blockingWait: opts.blockingWait })
   fastify.decorate('consulNative', {
     status: () => sync.status(),
     events: sync.events,
     metrics,
-    prometheus: () => prometheusText(metrics())
+    prometheus: () => prometheusText(metrics()),
+    fetch: outbound.fetch.bind(outbound),
+    dispatcher: outbound.dispatcher.bind(outbound)
   })
   if (authorizer !== null) sync.events.on('intentions', () => authorizer.invalidate())
 
@@ -165,6 +175,7 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
 
   fastify.addHook('onClose', async function consulNativeOnClose () {
     sync.registration?.stop()
+    await outbound.close()
     sync.stop()
     tls.detachAll()
     await client.close()
@@ -202,6 +213,7 @@ export { httpsOptions }
 export * from './errors'
 export type { ConsulNativeOptions, RouteConsulNativeConfig, HealthRouteOptions } from './options'
 export type { RegisterOptions } from './registration'
+export type { OutboundFetchInit, OutboundOptions } from './outbound'
 export type { AgentOptions } from './agent/config'
 export type { ServiceIdentity } from './identity'
 export type { Decision, RouteSource } from './intentions/policy'

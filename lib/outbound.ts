@@ -1,0 +1,337 @@
+// Outbound calls to other mesh services: discovery of their Connect-capable instances
+// (`/v1/health/connect/<service>`, SEMANTICS §1.7) kept current by a blocking watch, and mTLS with
+// the current leaf, where the peer must present exactly the target service's SPIFFE ID. One undici
+// Pool per instance; a new leaf or new roots replace every pool (the old ones close gracefully).
+import type { EventEmitter } from 'node:events'
+import type { PeerCertificate } from 'node:tls'
+import type { FastifyBaseLogger } from 'fastify'
+import { Dispatcher, Pool, errors as undiciErrors, fetch as undiciFetch } from 'undici'
+import type { RequestInit, Response } from 'undici'
+import type { AgentClient } from './agent/client'
+import { BlockingWatch } from './agent/watch'
+import { AgentInvalidResponseError, NoInstancesError, PeerMismatchError } from './errors'
+import { parseSpiffeId, parseSubjectAltNames } from './spiffe'
+import type { DynamicTls, TlsMaterial } from './tls'
+
+export interface OutboundOptions {
+  /** `dc` of the discovery query (the peer's datacenter is not part of the identity check). */
+  datacenter?: string
+  /** Only instances whose checks all pass (`?passing`). Default true. */
+  passingOnly?: boolean
+  /** Namespace the peer's SPIFFE ID must carry. Default `default`; sent as `ns` (ENT) only when given. */
+  namespace?: string
+}
+
+export interface ServiceCallerDeps {
+  client: AgentClient
+  tls: DynamicTls
+  /** Emits `'tls'` after new certificate material was installed in `tls`. */
+  tlsEvents: EventEmitter
+  log: FastifyBaseLogger
+  /** Wait of each discovery poll, ms. */
+  blockingWait: number
+}
+
+export type OutboundFetchInit = RequestInit & OutboundOptions
+
+/** An instance that refused or failed a connection is avoided for this long (unless none is left). */
+export const FAILED_INSTANCE_MS = 10_000
+const IDEMPOTENT = new Set(['GET', 'HEAD', 'OPTIONS', 'PUT', 'DELETE'])
+// Failures of the connection itself, before the request was written: safe to send elsewhere.
+const CONNECT_ERRORS = new Set(['ECONNREFUSED', 'ECONNRESET', 'EHOSTUNREACH', 'ENETUNREACH', 'ETIMEDOUT', 'EADDRNOTAVAIL',
+  'UND_ERR_CONNECT_TIMEOUT', 'UND_ERR_SOCKET'])
+const HOST_LABEL = /^[A-Za-z0-9-]{1,63}$/
+
+/**
+ * The `checkServerIdentity` of every outbound connection: the peer certificate (already verified
+ * against the roots) must carry exactly one URI SAN, unquoted, that is a service SPIFFE ID of the
+ * trust domain, the namespace and the service expected. The datacenter is not compared. Returns
+ * the error to fail the handshake with, or undefined.
+ */
+export function checkPeerIdentity (expected: { service: string, namespace: string, trustDomain: string },
+  cert: Pick<PeerCertificate, 'subjectaltname'>): Error | undefined {
+  const sans = parseSubjectAltNames(cert.subjectaltname)
+  const uris = sans?.uris ?? []
+  const uri = uris.length === 1 ? uris[0] as string : null
+  const id = uri === null || sans?.quotedUris !== 0 ? null : parseSpiffeId(uri)
+  if (id?.kind === 'service' && id.trustDomain === expected.trustDomain.toLowerCase() &&
+    id.namespace === expected.namespace && id.service === expected.service) return undefined
+  return new PeerMismatchError(expected.service, uris.length === 0 ? 'none' : uris.join(' '))
+}
+
+/**
+ * The instances of a `/v1/health/connect` answer, reduced to where to dial them: `Service.Address`,
+ * falling back to `Node.Address`, at `Service.Port`. An entry without both is a malformed answer.
+ */
+export function parseHealthConnect (body: unknown, path: string): Array<{ origin: string, id: string }> {
+  if (!Array.isArray(body)) throw new AgentInvalidResponseError(path, 'expected an array')
+  return body.map((entry: { Node?: { Address?: unknown }, Service?: { ID?: unknown, Address?: unknown, Port?: unknown } } | null) => {
+    const svc = entry?.Service
+    const address = svc?.Address !== '' && svc?.Address !== undefined ? svc.Address : entry?.Node?.Address
+    const port = svc?.Port
+    if (typeof address !== 'string' || address === '' || !Number.isInteger(port) || (port as number) <= 0 || (port as number) > 65535) {
+      throw new AgentInvalidResponseError(path, 'an instance has no usable address or port')
+    }
+    return { origin: `https://${address.includes(':') ? `[${address}]` : address}:${port as number}`, id: String(svc?.ID) }
+  })
+}
+
+type Instance = ReturnType<typeof parseHealthConnect>[number]
+
+/** Whether two answers list different places to dial (an agent restarted without state may reuse an index). */
+export function instancesDiffer (a: readonly Instance[], b: readonly Instance[]): boolean {
+  return a.map((i) => i.origin).join() !== b.map((i) => i.origin).join()
+}
+
+/** Forwards every callback to `handler`; reports a connection failure that happened before the request started. */
+function guardHandler (handler: Dispatcher.DispatchHandler, onEarlyError: (err: Error) => boolean): Dispatcher.DispatchHandler {
+  let started = false
+  return new Proxy(handler, {
+    get (target, prop) {
+      const value: unknown = Reflect.get(target, prop)
+      if (typeof value !== 'function') return value
+      const fn = value as (...args: unknown[]) => unknown
+      if (prop === 'onConnect' || prop === 'onRequestStart') {
+        return (...args: unknown[]) => {
+          started = true
+          return fn.apply(target, args)
+        }
+      }
+      if (prop === 'onError' || prop === 'onResponseError') {
+        return (...args: unknown[]) => {
+          if (!started && onEarlyError(args[args.length - 1] as Error)) return undefined
+          return fn.apply(target, args)
+        }
+      }
+      return fn.bind(target)
+    }
+  })
+}
+
+function noop (): void {}
+
+/** Fails a request that never reached a pool, in whichever handler style it uses. */
+function failHandler (handler: Dispatcher.DispatchHandler, err: Error): void {
+  if (typeof handler.onRequestStart === 'function') {
+    const controller = { abort: noop, pause: noop, resume: noop, aborted: true, paused: false, reason: err }
+    ;(handler.onResponseError as NonNullable<Dispatcher.DispatchHandler['onResponseError']>)(controller as unknown as Dispatcher.DispatchController, err)
+  } else {
+    ;(handler.onError as NonNullable<Dispatcher.DispatchHandler['onError']>)(err)
+  }
+}
+
+/**
+ * Sends each request to an instance of one service, round robin, over mTLS. The origin of the
+ * request is ignored. Idempotent requests whose connection fails before anything was sent are
+ * retried once on another instance.
+ */
+class ServiceDispatcher extends Dispatcher {
+  readonly #service: string
+  readonly #namespace: string
+  readonly #deps: ServiceCallerDeps
+  readonly #watch: BlockingWatch<Instance[]>
+  readonly #pools = new Map<string, Pool>()
+  readonly #failedAt = new Map<string, number>()
+  #first: Promise<unknown> | null = null
+  #next = 0
+  #closed = false
+
+  constructor (service: string, opts: Required<Pick<OutboundOptions, 'passingOnly'>> & OutboundOptions, deps: ServiceCallerDeps) {
+    super()
+    this.#service = service
+    this.#namespace = opts.namespace ?? 'default'
+    this.#deps = deps
+    const path = `/v1/health/connect/${encodeURIComponent(service)}`
+    const query = { passing: opts.passingOnly ? '' : undefined, dc: opts.datacenter, ns: opts.namespace }
+    this.#watch = new BlockingWatch<Instance[]>({
+      name: `outbound:${service}`,
+      waitMs: deps.blockingWait,
+      log: deps.log,
+      fetch: async (q) => {
+        const res = await deps.client.request('GET', path, { query, blocking: { index: q.index, waitMs: q.waitMs }, signal: q.signal })
+        return { index: res.index, value: parseHealthConnect(res.body, path) }
+      },
+      differs: instancesDiffer,
+      accept: (list) => this.#prune(list)
+    })
+  }
+
+  /** Closes the pools of instances that left. */
+  #prune (list: Instance[]): void {
+    const live = new Set(list.map((i) => i.origin))
+    for (const origin of [...this.#pools.keys()]) {
+      if (!live.has(origin)) this.#retire(origin)
+    }
+  }
+
+  #retire (origin: string): void {
+    const pool = this.#pools.get(origin) as Pool
+    this.#pools.delete(origin)
+    // close() lets requests in flight finish; it never rejects for a pool closed only once.
+    Promise.allSettled([pool.close()]).then(noop, noop)
+  }
+
+  /** New certificate material: new connections must use it, so every pool is replaced. */
+  rotate (): void {
+    for (const origin of [...this.#pools.keys()]) this.#retire(origin)
+  }
+
+  /** The first discovery answer: resolves once known, rejects (with NoInstancesError) if the first poll fails. */
+  #ready (): Promise<unknown> {
+    if (this.#first === null) {
+      const watch = this.#watch
+      this.#first = new Promise((resolve, reject) => {
+        // Once the first value is in, a later failure settles nothing: the promise is resolved.
+        watch.onFailure((err) => reject(new NoInstancesError(this.#service, { cause: err })))
+        watch.ready().then(resolve, reject)
+      })
+      watch.start()
+    }
+    return this.#first
+  }
+
+  override dispatch (opts: Dispatcher.DispatchOptions, handler: Dispatcher.DispatchHandler): boolean {
+    if (this.#watch.value !== undefined) {
+      this.#send(opts, handler, null)
+    } else {
+      this.#ready().then(() => this.#send(opts, handler, null), (err: Error) => failHandler(handler, err))
+    }
+    return true
+  }
+
+  #send (opts: Dispatcher.DispatchOptions, handler: Dispatcher.DispatchHandler, exclude: string | null): void {
+    const list = (this.#watch.value as Instance[]).filter((i) => i.origin !== exclude)
+    const material = this.#deps.tls.material
+    const problem = this.#closed
+      ? new undiciErrors.ClientClosedError()
+      : list.length === 0
+        ? new NoInstancesError(this.#service)
+        : material === null ? new TypeError('outbound mTLS needs certificate material; none is loaded yet') : null
+    if (problem !== null) {
+      failHandler(handler, problem)
+      return
+    }
+    const now = Date.now()
+    const healthy = list.filter((i) => !(now - (this.#failedAt.get(i.origin) ?? -Infinity) < FAILED_INSTANCE_MS))
+    const pickFrom = healthy.length > 0 ? healthy : list
+    const instance = pickFrom[this.#next++ % pickFrom.length] as Instance
+    const body = opts.body
+    const retriable = exclude === null && IDEMPOTENT.has(opts.method.toUpperCase()) &&
+      (body === undefined || body === null || typeof body === 'string' || body instanceof Uint8Array)
+    const guarded = guardHandler(handler, (err) => {
+      if (!CONNECT_ERRORS.has((err as { code?: string }).code as string)) return false
+      this.#failedAt.set(instance.origin, Date.now())
+      if (!retriable || list.length < 2) return false
+      this.#deps.log.debug({ service: this.#service, instance: instance.id, err }, 'outbound connection failed; retrying on another instance')
+      this.#send(opts, handler, instance.origin)
+      return true
+    })
+    this.#poolFor(instance.origin, material as TlsMaterial).dispatch({ ...opts, origin: instance.origin }, guarded)
+  }
+
+  #poolFor (origin: string, material: TlsMaterial): Pool {
+    let pool = this.#pools.get(origin)
+    if (pool === undefined) {
+      const expected = { service: this.#service, namespace: this.#namespace, trustDomain: material.trustDomain }
+      pool = new Pool(origin, {
+        allowH2: true,
+        connect: {
+          key: material.keyPem,
+          cert: material.certPem,
+          ca: [...material.rootPems],
+          minVersion: 'TLSv1.2',
+          rejectUnauthorized: true,
+          checkServerIdentity: (_host: string, cert: PeerCertificate) => checkPeerIdentity(expected, cert)
+        }
+      })
+      this.#pools.set(origin, pool)
+    }
+    return pool
+  }
+
+  /** Stops discovery and closes the pools gracefully (`close`) or at once (`destroy`); later requests fail. */
+  #shutdown (how: 'close' | 'destroy', callback: (() => void) | undefined): Promise<void> | undefined {
+    this.#closed = true
+    this.#watch.stop()
+    const pools = [...this.#pools.values()]
+    this.#pools.clear()
+    const done = Promise.all(pools.map(async (pool) => await pool[how]())).then(noop)
+    if (callback === undefined) return done
+    done.then(callback, noop)
+    return undefined
+  }
+
+  override close (): Promise<void>
+  override close (callback: () => void): void
+  override close (callback?: () => void): Promise<void> | undefined {
+    return this.#shutdown('close', callback)
+  }
+
+  override destroy (): Promise<void>
+  override destroy (err: Error | null): Promise<void>
+  override destroy (callback: () => void): void
+  override destroy (err: Error | null, callback: () => void): void
+  override destroy (...args: unknown[]): Promise<void> | undefined {
+    const callback = args.find((a) => typeof a === 'function') as (() => void) | undefined
+    return this.#shutdown('destroy', callback)
+  }
+}
+
+/** Calls other mesh services over mTLS: `dispatcher(service)` for any undici API, `fetch(service, path)`. */
+export class ServiceCaller {
+  readonly #deps: ServiceCallerDeps
+  readonly #dispatchers = new Map<string, ServiceDispatcher>()
+  readonly #onTls = (): void => {
+    for (const d of this.#dispatchers.values()) d.rotate()
+  }
+
+  #closed = false
+
+  constructor (deps: ServiceCallerDeps) {
+    this.#deps = deps
+    deps.tlsEvents.on('tls', this.#onTls)
+  }
+
+  /**
+   * An undici Dispatcher for `service`: each request goes to one of its current mesh instances
+   * (the URL's origin is ignored). Cached per service, datacenter, namespace and `passingOnly`.
+   */
+  dispatcher (service: string, opts: OutboundOptions = {}): Dispatcher {
+    if (this.#closed) throw new undiciErrors.ClientClosedError()
+    const resolved = { ...opts, passingOnly: opts.passingOnly ?? true }
+    const key = JSON.stringify([service, resolved.datacenter, resolved.namespace, resolved.passingOnly])
+    let d = this.#dispatchers.get(key)
+    if (d === undefined) {
+      d = new ServiceDispatcher(service, resolved, this.#deps)
+      this.#dispatchers.set(key, d)
+    }
+    return d
+  }
+
+  /**
+   * undici `fetch` to `path` on an instance of `service` (the URL is
+   * `https://<service>.service.consul<path>`; the host is cosmetic). Rejects with NoInstancesError
+   * or PeerMismatchError themselves rather than fetch's `TypeError: fetch failed`.
+   */
+  async fetch (service: string, path: string, init: OutboundFetchInit = {}): Promise<Response> {
+    const { datacenter, passingOnly, namespace, ...rest } = init
+    const dispatcher = this.dispatcher(service, { datacenter, passingOnly, namespace })
+    const host = HOST_LABEL.test(service) ? `${service}.service.consul` : 'service.consul'
+    try {
+      return await undiciFetch(new URL(path, `https://${host}`), { ...rest, dispatcher })
+    } catch (err) {
+      const cause = (err as { cause?: unknown }).cause
+      if (cause instanceof NoInstancesError || cause instanceof PeerMismatchError) throw cause
+      throw err
+    }
+  }
+
+  /** Stops every discovery watch and closes every pool (requests in flight finish). */
+  async close (): Promise<void> {
+    this.#closed = true
+    this.#deps.tlsEvents.off('tls', this.#onTls)
+    const all = [...this.#dispatchers.values()]
+    this.#dispatchers.clear()
+    await Promise.all(all.map(async (d) => await d.close()))
+  }
+}
