@@ -3,12 +3,16 @@
 // mTLS configuration (without and with an SNICallback), with the plugin's dynamic TLS only (route
 // exempt), and with the plugin enforcing 1,000 intentions. Keep-alive and new-connection (full handshake) loads, side by side.
 // Each server and the load generator run in their own processes; rounds alternate the modes.
-const { spawn, execFileSync } = require('node:child_process')
+const { spawn, execFile } = require('node:child_process')
+const { promisify } = require('node:util')
 const fs = require('node:fs')
 const os = require('node:os')
 const path = require('node:path')
 const { request } = require('undici')
 const { startDevAgent } = require('../dist/dev-agent/index.js')
+
+// Asynchronous: the dev agent runs in this process and must keep answering during a run.
+const run = async (args) => (await promisify(execFile)(process.execPath, args)).stdout
 
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 5)
 const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 2)
@@ -52,8 +56,8 @@ async function main () {
       const { child, port } = await startServer(mode, agent.address)
       for (const kind of ['keepalive', 'handshake']) {
         // Warm-up, then the measured run.
-        execFileSync(process.execPath, [path.join(__dirname, 'load.js'), port, kind, '1', ...['cert.pem', 'key.pem', 'ca.pem'].map((f) => path.join(dir, f))])
-        const out = execFileSync(process.execPath, [path.join(__dirname, 'load.js'), port, kind, String(SECONDS), ...['cert.pem', 'key.pem', 'ca.pem'].map((f) => path.join(dir, f))])
+        await run([path.join(__dirname, 'load.js'), port, kind, '1', ...['cert.pem', 'key.pem', 'ca.pem'].map((f) => path.join(dir, f))])
+        const out = await run([path.join(__dirname, 'load.js'), port, kind, String(SECONDS), ...['cert.pem', 'key.pem', 'ca.pem'].map((f) => path.join(dir, f))])
         const { rps, failed } = JSON.parse(String(out))
         if (failed > 0) throw new Error(`${mode} ${kind}: ${failed} failed requests`)
         results[mode][kind].push(rps)

@@ -1,6 +1,7 @@
 'use strict'
 // `npm run demo`: a dev agent, an `api` service protected by the plugin, and three callers over
-// real mTLS (web, billing, ops) plus one without a certificate. Prints who got what, and why.
+// real mTLS (web, billing, ops) plus one without a certificate; then a `web` service calling `api`
+// through the plugin. Prints who got what, and why.
 const Fastify = require('fastify')
 const { request, Agent } = require('undici')
 const { consulNative, httpsOptions } = require('fastify-consul-native')
@@ -11,6 +12,17 @@ async function agentApi (agent, method, path, body) {
   const text = await res.body.text()
   if (res.statusCode !== 200) throw new Error(`${method} ${path}: ${res.statusCode} ${text}`)
   return JSON.parse(text)
+}
+
+// Blocks on the agent (a blocking query) until `service` has a passing instance.
+async function waitUntilPassing (agent, service) {
+  let index = 0
+  for (;;) {
+    const res = await request(`${agent.address}/v1/health/connect/${service}?passing${index > 0 ? `&index=${index}&wait=10s` : ''}`)
+    const instances = await res.body.json()
+    if (instances.length > 0) return
+    index = Number(res.headers['x-consul-index'])
+  }
 }
 
 async function main () {
@@ -35,7 +47,8 @@ async function main () {
   })
 
   const app = Fastify({ https: httpsOptions() })
-  await app.register(consulNative, { service: 'api', agent: { address: agent.address } })
+  // register: the agent lists this instance (Connect native) for callers that discover it.
+  await app.register(consulNative, { service: 'api', agent: { address: agent.address }, register: { check: 'tcp' } })
   app.get('/v1/items', async (req) => ({ items: [], caller: req.consulSource.service }))
   app.post('/v1/orders', async () => ({ ordered: true }))
   app.get('/admin', async () => ({ admin: true }))
@@ -86,7 +99,28 @@ async function main () {
   for (const row of rows.slice(1)) process.stdout.write(line(row) + '\n')
   process.stdout.write('\n')
 
+  // Service to service: a `web` app calls `api` with fastify.consulNative.fetch(), which finds
+  // api's instances through the agent and checks that the server really is `api`.
+  await waitUntilPassing(agent, 'api')
+  const web = Fastify({ https: httpsOptions() })
+  await web.register(consulNative, { service: 'web', agent: { address: agent.address } })
+  await web.ready()
+  const s2s = [['GET', '/v1/items'], ['GET', '/admin']]
+  const s2sRows = [['from', 'to', 'method', 'path', 'status']]
+  for (const [method, path] of s2s) {
+    const res = await web.consulNative.fetch('api', path, { method })
+    await res.arrayBuffer()
+    s2sRows.push(['web', 'api', method, path, String(res.status)])
+  }
+  const w2 = s2sRows[0].map((_, i) => Math.max(...s2sRows.map((row) => row[i].length)))
+  const line2 = (row) => row.map((cell, i) => cell.padEnd(w2[i])).join('  ')
+  process.stdout.write('service to service (web -> api with fastify.consulNative.fetch):\n\n')
+  process.stdout.write(line2(s2sRows[0]) + '\n' + w2.map((w) => '-'.repeat(w)).join('  ') + '\n')
+  for (const row of s2sRows.slice(1)) process.stdout.write(line2(row) + '\n')
+  process.stdout.write('\n')
+
   for (const client of Object.values(clients)) await client.close()
+  await web.close()
   await app.close()
   await agent.close()
 }

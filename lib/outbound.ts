@@ -83,29 +83,50 @@ export function instancesDiffer (a: readonly Instance[], b: readonly Instance[])
   return a.map((i) => i.origin).join() !== b.map((i) => i.origin).join()
 }
 
-/** Forwards every callback to `handler`; reports a connection failure that happened before the request started. */
-function guardHandler (handler: Dispatcher.DispatchHandler, onEarlyError: (err: Error) => boolean): Dispatcher.DispatchHandler {
+/**
+ * Forwards every callback to `handler`; reports a connection failure that happened before the
+ * request started. Plain forwarding functions, in the handler's own style (undici has two): a
+ * Proxy would cost a trap and a bound function on every callback.
+ */
+function guardHandler (handler: Dispatcher.DispatchHandler, onEarlyError: (err: Error) => boolean, onStarted: () => void): Dispatcher.DispatchHandler {
   let started = false
-  return new Proxy(handler, {
-    get (target, prop) {
-      const value: unknown = Reflect.get(target, prop)
-      if (typeof value !== 'function') return value
-      const fn = value as (...args: unknown[]) => unknown
-      if (prop === 'onConnect' || prop === 'onRequestStart') {
-        return (...args: unknown[]) => {
-          started = true
-          return fn.apply(target, args)
-        }
+  const h = handler as Record<string, ((...args: any[]) => any) | undefined>
+  const forward = (name: string) => (...args: unknown[]): unknown => h[name]?.apply(handler, args)
+  if (typeof h.onRequestStart === 'function') {
+    return {
+      onRequestStart: (...args: unknown[]) => {
+        started = true
+        onStarted()
+        return h.onRequestStart?.apply(handler, args)
+      },
+      onRequestUpgrade: forward('onRequestUpgrade'),
+      onResponseStart: forward('onResponseStart'),
+      onResponseData: forward('onResponseData'),
+      onResponseEnd: forward('onResponseEnd'),
+      onResponseError: (...args: unknown[]) => {
+        if (!started && onEarlyError(args[args.length - 1] as Error)) return undefined
+        return h.onResponseError?.apply(handler, args)
       }
-      if (prop === 'onError' || prop === 'onResponseError') {
-        return (...args: unknown[]) => {
-          if (!started && onEarlyError(args[args.length - 1] as Error)) return undefined
-          return fn.apply(target, args)
-        }
-      }
-      return fn.bind(target)
-    }
-  })
+    } as unknown as Dispatcher.DispatchHandler
+  }
+  return {
+    onConnect: (...args: unknown[]) => {
+      started = true
+      onStarted()
+      return h.onConnect?.apply(handler, args)
+    },
+    onError: (...args: unknown[]) => {
+      if (!started && onEarlyError(args[args.length - 1] as Error)) return undefined
+      return h.onError?.apply(handler, args)
+    },
+    onUpgrade: forward('onUpgrade'),
+    onResponseStarted: forward('onResponseStarted'),
+    onHeaders: forward('onHeaders'),
+    onData: forward('onData'),
+    onComplete: forward('onComplete'),
+    onBodySent: forward('onBodySent'),
+    onRequestSent: forward('onRequestSent')
+  } as unknown as Dispatcher.DispatchHandler
 }
 
 function noop (): void {}
@@ -167,6 +188,7 @@ class ServiceDispatcher extends Dispatcher {
   #retire (origin: string): void {
     const pool = this.#pools.get(origin) as Pool
     this.#pools.delete(origin)
+    this.#failedAt.delete(origin)
     // close() lets requests in flight finish; it never rejects for a pool closed only once.
     Promise.allSettled([pool.close()]).then(noop, noop)
   }
@@ -200,7 +222,8 @@ class ServiceDispatcher extends Dispatcher {
   }
 
   #send (opts: Dispatcher.DispatchOptions, handler: Dispatcher.DispatchHandler, exclude: string | null): void {
-    const list = (this.#watch.value as Instance[]).filter((i) => i.origin !== exclude)
+    const all = this.#watch.value as Instance[]
+    const list = exclude === null ? all : all.filter((i) => i.origin !== exclude)
     const material = this.#deps.tls.material
     const problem = this.#closed
       ? new undiciErrors.ClientClosedError()
@@ -211,9 +234,7 @@ class ServiceDispatcher extends Dispatcher {
       failHandler(handler, problem)
       return
     }
-    const now = Date.now()
-    const healthy = list.filter((i) => !(now - (this.#failedAt.get(i.origin) ?? -Infinity) < FAILED_INSTANCE_MS))
-    const pickFrom = healthy.length > 0 ? healthy : list
+    const pickFrom = this.#failedAt.size === 0 ? list : this.#healthy(list)
     const instance = pickFrom[this.#next++ % pickFrom.length] as Instance
     const body = opts.body
     const retriable = exclude === null && IDEMPOTENT.has(opts.method.toUpperCase()) &&
@@ -225,8 +246,18 @@ class ServiceDispatcher extends Dispatcher {
       this.#deps.log.debug({ service: this.#service, instance: instance.id, err }, 'outbound connection failed; retrying on another instance')
       this.#send(opts, handler, instance.origin)
       return true
+    }, () => {
+      // Connected: the instance works again, and the common path goes back to no filtering.
+      this.#failedAt.delete(instance.origin)
     })
     this.#poolFor(instance.origin, material as TlsMaterial).dispatch({ ...opts, origin: instance.origin }, guarded)
+  }
+
+  /** The instances that did not fail to connect lately, or all of them when none is left. */
+  #healthy (list: Instance[]): Instance[] {
+    const now = Date.now()
+    const healthy = list.filter((i) => !(now - (this.#failedAt.get(i.origin) ?? -Infinity) < FAILED_INSTANCE_MS))
+    return healthy.length > 0 ? healthy : list
   }
 
   #poolFor (origin: string, material: TlsMaterial): Pool {

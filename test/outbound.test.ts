@@ -306,3 +306,25 @@ t.test('parseHealthConnect', async (t) => {
     t.throws(() => parseHealthConnect([bad], 'p'), { code: 'FST_CONSUL_NATIVE_AGENT_INVALID_RESPONSE' }, JSON.stringify(bad))
   }
 })
+
+t.test('a new-style handler is retried on another instance too', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'allow' })
+  await startApi(t, agent, 1)
+  await register(agent, 'api-dead', await closedPort())
+  await waitOnAgent(agent, '/v1/health/connect/api?passing', (body) => body.length === 2)
+  const { caller } = await startCaller(t, agent)
+  const statuses: number[] = []
+  for (let i = 0; i < 2; i++) {
+    statuses.push(await new Promise<number>((resolve, reject) => {
+      let status = 0
+      caller.dispatcher('api').dispatch({ origin: 'https://x', path: '/port', method: 'GET' }, {
+        onRequestStart () {},
+        onResponseStart (_c, statusCode) { status = statusCode },
+        onResponseData () {},
+        onResponseEnd () { resolve(status) },
+        onResponseError (_c, error) { reject(error) }
+      })
+    }))
+  }
+  t.same(statuses, [200, 200], 'the dead instance never surfaces')
+})

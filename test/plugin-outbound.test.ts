@@ -48,3 +48,29 @@ t.test('web calls api through fetch() and dispatcher(); api\'s intentions decide
   const missing = await call('/relay/v1/nope')
   t.equal(missing.status, 404, 'allowed by intentions, unknown to api')
 })
+
+t.test('calls keep working across an instance restart', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'allow' })
+  const passingInstances = async (predicate: (ports: number[]) => boolean): Promise<void> => {
+    let index = 0
+    for (;;) {
+      const res = await agentCall(agent, 'GET', `/v1/health/connect/api?passing${index > 0 ? `&index=${index}&wait=5s` : ''}`)
+      if (predicate((res.body as Array<{ Service: { Port: number } }>).map((entry) => entry.Service.Port))) return
+      index = Number(res.headers['x-consul-index'])
+    }
+  }
+  const first = await startService(t, agent, { plugin: { register: { check: 'tcp', checkInterval: '1s' } } })
+  await passingInstances((ports) => ports.includes(first.port))
+  const web = await startService(t, agent, { plugin: { service: 'web' } })
+  t.equal((await web.app.consulNative.fetch('api', '/v1/items/1')).status, 200)
+
+  // A rolling restart: the new instance is up before the old one leaves. Whether web's discovery
+  // has seen the departure yet or not, the call succeeds (a refused connection is retried).
+  const second = await startService(t, agent, { plugin: { register: { check: 'tcp', checkInterval: '1s' } } })
+  await passingInstances((ports) => ports.includes(second.port))
+  await first.app.close()
+  await passingInstances((ports) => ports.length === 1 && ports[0] === second.port)
+  const res = await web.app.consulNative.fetch('api', '/v1/items/2')
+  t.equal(res.status, 200, 'the new instance answers')
+  t.same(await res.json(), { id: '2' })
+})
