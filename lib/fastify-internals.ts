@@ -53,11 +53,13 @@ export function routeConfigReader (): (request: { routeOptions: { config: object
 /**
  * Makes `fastify.listen()` run `afterListen` once the server listens, and fail (after closing the
  * app) when it throws: Fastify's own onListen hooks cannot fail listen(). Both the promise and the
- * callback forms keep working.
+ * callback forms keep working. `onCall` runs as soon as the extended listen() is called.
  */
-export function extendListen (fastify: { listen: unknown, close: () => PromiseLike<unknown> }, afterListen: () => Promise<void>): void {
+export function extendListen (fastify: { listen: unknown, close: () => PromiseLike<unknown> }, afterListen: () => Promise<void>,
+  onCall: () => void): void {
   const listen = fastify.listen as (...args: unknown[]) => Promise<string>
   fastify.listen = function (...args: unknown[]): Promise<string> | undefined {
+    onCall()
     const callback = typeof args[args.length - 1] === 'function' ? args.pop() as (err: Error | null, address?: string) => void : null
     const listening = (async () => {
       const address = await listen.apply(fastify, args)

@@ -22,6 +22,11 @@ export interface ServiceIdentity {
 export interface TrustAnchors {
   readonly trustDomain: string
   readonly roots: readonly X509Certificate[]
+  /**
+   * The roots' `IntermediateCerts` (cross-signed roots, datacenter intermediates): a resumed
+   * session carries no peer chain, so a re-check links the leaf to a root through these.
+   */
+  readonly intermediates?: readonly X509Certificate[]
 }
 
 /** The outcome for one connection: an identity, or the reason there is none (for logs only). */
@@ -92,16 +97,19 @@ export class IdentityResolver {
     if (socket.authorized !== true) {
       return noIdentity(`client certificate not verified: ${String(socket.authorizationError ?? 'none presented')}`, epoch)
     }
+    // The handshake verified the chain against the roots of its time. If the roots changed since
+    // (or we cannot tell when it happened), or the session was resumed (verified when it was first
+    // established, perhaps under older roots), check the chain against the current roots.
+    const handshakeEpoch = this.#connectEpoch.get((socket as unknown as { _parent?: object })._parent ?? socket)
+    const resumed = socket.isSessionReused()
+    const recheck = previous !== undefined || handshakeEpoch !== epoch || resumed
+    // Node drops the detailed chain once getPeerX509Certificate() was called: read it first. A
+    // resumed session has none; the roots' intermediates stand in for it.
+    const peerChain = recheck && !resumed ? peerChainOf(socket) : []
     // A resumed TLS 1.3 session that never carried a certificate reports authorized === true.
     const cert = socket.getPeerX509Certificate()
     if (cert === undefined) return noIdentity('no client certificate', epoch)
-
-    // The handshake verified the chain against the roots of its time. If the roots changed since
-    // (or we cannot tell when it happened), check the chain against the current roots.
-    // A resumed session was verified when it was first established, perhaps under older roots.
-    const handshakeEpoch = this.#connectEpoch.get((socket as unknown as { _parent?: object })._parent ?? socket)
-    const recheck = previous !== undefined || handshakeEpoch !== epoch || socket.isSessionReused()
-    if (recheck && !chainsToCurrentRoots(socket, cert, trust.roots, Date.now())) {
+    if (recheck && !chainsToCurrentRoots(cert, [...peerChain, ...(trust.intermediates ?? [])], trust.roots, Date.now())) {
       return noIdentity('client certificate does not chain to the current CA roots', epoch)
     }
     return identityFromCertificate(cert, trust.trustDomain, epoch)
@@ -127,7 +135,7 @@ export function identityFromCertificate (cert: X509Certificate, trustDomain: str
   const id = parseSpiffeId(uri)
   if (id === null) return noIdentity(`not a Consul SPIFFE ID: ${uri}`, epoch)
   if (id.kind !== 'service') return noIdentity(`not a service identity (${id.kind}): ${uri}`, epoch)
-  if (id.trustDomain !== trustDomain) {
+  if (id.trustDomain !== trustDomain.toLowerCase()) {
     return noIdentity(`trust domain ${id.trustDomain} is not ${trustDomain}`, epoch)
   }
   const identity: ServiceIdentity = Object.freeze({
@@ -149,27 +157,37 @@ function noIdentity (reason: string, epoch: number): PeerIdentity {
   return Object.freeze({ identity: null, reason, notBefore: -Infinity, notAfter: Infinity, epoch })
 }
 
+/** The certificates the peer sent above its leaf (issuer first), from Node's detailed chain. */
+export function peerChainOf (socket: TLSSocket): X509Certificate[] {
+  const chain: X509Certificate[] = []
+  const seen = new Set<DetailedPeerCertificate>()
+  let node: DetailedPeerCertificate | undefined = socket.getPeerCertificate(true)?.issuerCertificate
+  while (node?.raw !== undefined && !seen.has(node)) {
+    seen.add(node)
+    chain.push(new X509Certificate(node.raw))
+    node = node.issuerCertificate
+  }
+  return chain
+}
+
 /**
- * True when the peer's chain, link by link from the leaf, reaches one of the current roots: each
- * certificate is issued and signed by the next and valid at `now`, and the last one is a current
- * root or is signed by one (a cross-signed intermediate).
+ * True when `leaf` links, certificate by certificate, to one of the current roots: each is issued
+ * and signed by the next (taken from `candidates`: the chain the peer sent, the roots'
+ * intermediates) and valid at `now`, and the last is a current root or signed by one.
  */
-export function chainsToCurrentRoots (socket: TLSSocket, leaf: X509Certificate, roots: readonly X509Certificate[], now: number): boolean {
+export function chainsToCurrentRoots (leaf: X509Certificate, candidates: readonly X509Certificate[], roots: readonly X509Certificate[], now: number): boolean {
   const seen = new Set<string>([leaf.fingerprint256])
   let cert = leaf
-  let node: DetailedPeerCertificate | undefined = socket.getPeerCertificate(true)?.issuerCertificate
   for (;;) {
     if (!validAt(cert, now)) return false
     for (const root of roots) {
       if (cert.fingerprint256 === root.fingerprint256) return true
       if (cert.checkIssued(root) && cert.verify(root.publicKey)) return true
     }
-    if (node?.raw === undefined) return false
-    const issuer = new X509Certificate(node.raw)
-    if (seen.has(issuer.fingerprint256) || !cert.checkIssued(issuer) || !cert.verify(issuer.publicKey)) return false
+    const issuer = candidates.find((c) => !seen.has(c.fingerprint256) && cert.checkIssued(c) && cert.verify(c.publicKey))
+    if (issuer === undefined) return false
     seen.add(issuer.fingerprint256)
     cert = issuer
-    node = node.issuerCertificate
   }
 }
 

@@ -154,13 +154,24 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
   if (opts.register !== null) {
     const registerOptions = opts.register
     const healthUrl = opts.health?.url ?? null
-    // Fastify's onListen hook cannot fail listen(), so listen() itself is extended.
-    extendListen(fastify, async () => {
+    let viaListen = false
+    const registerInstance = async (): Promise<void> => {
       const { address, port } = fastify.server.address() as AddressInfo
       const registration = new ServiceRegistration(client, buildRegistration(opts.service, registerOptions, { address, port }, healthUrl), fastify.log)
       await registration.register()
       registration.start()
       sync.registration = registration
+    }
+    // Fastify's onListen hook cannot fail listen(), so listen() itself is extended...
+    extendListen(fastify, registerInstance, () => { viaListen = true })
+    // ...which only works when register() was awaited before listen() was called. Otherwise the
+    // instance is registered here, and a refusal can only be logged.
+    fastify.addHook('onListen', async function consulNativeRegisterLate () {
+      if (viaListen) return
+      await registerInstance().catch((err: Error) => {
+        fastify.log.error({ consulNative: { event: 'register-failed' }, err },
+          'fastify-consul-native: could not register the instance (await register() before listen() to make listen() fail instead)')
+      })
     })
     fastify.addHook('preClose', async function consulNativeDeregister () {
       await sync.registration?.deregister()
@@ -175,10 +186,13 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
 
   fastify.addHook('onClose', async function consulNativeOnClose () {
     sync.registration?.stop()
-    await outbound.close()
     sync.stop()
     tls.detachAll()
-    await client.close()
+    try {
+      await outbound.close()
+    } finally {
+      await client.close()
+    }
   })
 
   if (opts.health !== null) {
@@ -211,7 +225,7 @@ export const consulNative = fp(consulNativePlugin, { fastify: '5.x', name: 'fast
 export default consulNative
 export { httpsOptions }
 export * from './errors'
-export type { ConsulNativeOptions, RouteConsulNativeConfig, HealthRouteOptions } from './options'
+export type { ConsulNativeOptions, RouteConsulNativeConfig, RoutePermission, RouteSourceInput, HealthRouteOptions } from './options'
 export type { RegisterOptions } from './registration'
 export type { OutboundFetchInit, OutboundOptions } from './outbound'
 export type { AgentOptions } from './agent/config'

@@ -2,6 +2,7 @@
 // with FST_CONSUL_NATIVE_INVALID_OPTION naming the option and what to fix.
 import type { AgentOptions } from './agent/config'
 import { InvalidOptionError } from './errors'
+import type { IntentionPermission } from './agent/wire'
 import type { RouteSource } from './intentions/policy'
 import { validateRegisterOption } from './registration'
 import type { RegisterOptions } from './registration'
@@ -37,8 +38,23 @@ export interface ConsulNativeOptions {
 }
 
 /** Per-route setting: `false` exempts the route; an object adds route-level intentions. */
+/** An L7 permission as written in JavaScript; Consul's JSON form (`Action`, `HTTP`, …) is accepted too. */
+export interface RoutePermission {
+  action: 'allow' | 'deny'
+  http: {
+    pathExact?: string
+    pathPrefix?: string
+    pathRegex?: string
+    methods?: string[]
+    header?: Array<{ name: string, present?: boolean, exact?: string, prefix?: string, suffix?: string, contains?: string, regex?: string, invert?: boolean, ignoreCase?: boolean }>
+  }
+}
+
+/** A route-level source: `action` (L4) or `permissions` (L7), as in a service-intentions entry. */
+export type RouteSourceInput = Omit<RouteSource, 'permissions'> & { permissions?: Array<RoutePermission | IntentionPermission> }
+
 export interface RouteConsulNativeConfig {
-  sources: RouteSource[]
+  sources: RouteSourceInput[]
 }
 
 export interface ResolvedOptions {
@@ -77,6 +93,11 @@ export function resolveOptions (raw: unknown): ResolvedOptions {
   if (opts.agent !== undefined && (opts.agent === null || typeof opts.agent !== 'object')) {
     fail('agent', 'must be an object such as { address: "127.0.0.1:8500" }')
   }
+  const health = healthOption(opts.health)
+  const register = validateRegisterOption(opts.register)
+  if (register !== null && health === null && (register.check ?? 'https') === 'https') {
+    fail('register.check', "the default 'https' check calls the health route, which health: false removes; choose 'tcp', 'ttl' or false")
+  }
   return {
     service,
     agent: opts.agent as AgentOptions | undefined,
@@ -85,10 +106,10 @@ export function resolveOptions (raw: unknown): ResolvedOptions {
     partition: optionalName(opts, 'partition'),
     readyTimeout: positiveMs(opts, 'readyTimeout', DEFAULT_READY_TIMEOUT, Infinity),
     defaultPolicy: oneOf(opts, 'defaultPolicy', ['agent', 'allow', 'deny'] as const),
-    health: healthOption(opts.health),
+    health,
     mode: oneOf(opts, 'mode', ['l7', 'agent'] as const),
     blockingWait: positiveMs(opts, 'blockingWait', DEFAULT_BLOCKING_WAIT, MAX_BLOCKING_WAIT),
-    register: validateRegisterOption(opts.register)
+    register
   }
 }
 

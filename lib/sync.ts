@@ -222,6 +222,7 @@ export class ConsulSync {
       certPem: leaf.CertPEM,
       keyPem: leaf.PrivateKeyPEM,
       rootPems: roots.Roots.map((root) => root.RootCert),
+      intermediatePems: roots.Roots.flatMap((root) => root.IntermediateCerts ?? []),
       trustDomain: roots.TrustDomain
     })
     this.#currentLeaf = leaf

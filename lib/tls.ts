@@ -14,6 +14,8 @@ export interface TlsMaterial {
   readonly keyPem: string
   /** `RootCert` of every root, active or not. */
   readonly rootPems: readonly string[]
+  /** The roots' `IntermediateCerts`, for re-checking resumed sessions (never trusted on their own). */
+  readonly intermediatePems?: readonly string[]
   readonly trustDomain: string
 }
 
@@ -68,10 +70,12 @@ export class DynamicTls {
     const roots = material.rootPems.map((pem) => new X509Certificate(pem))
     const rootsChanged = this.#material === null ||
       this.#material.trustDomain !== material.trustDomain ||
-      !sameList(this.#material.rootPems, material.rootPems)
+      !sameList(this.#material.rootPems, material.rootPems) ||
+      !sameList(this.#material.intermediatePems ?? [], material.intermediatePems ?? [])
     this.#context = context
     this.#material = material
-    if (rootsChanged) this.identities.setTrust({ trustDomain: material.trustDomain, roots })
+    const intermediates = (material.intermediatePems ?? []).map((pem) => new X509Certificate(pem))
+    if (rootsChanged) this.identities.setTrust({ trustDomain: material.trustDomain, roots, intermediates })
     for (const server of this.#servers) server.setSecureContext(options)
   }
 

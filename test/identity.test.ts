@@ -2,7 +2,6 @@
 // real-socket tests in plugin-identity.test.ts cannot reach on demand.
 import t from 'tap'
 import { X509Certificate } from 'node:crypto'
-import type { TLSSocket } from 'node:tls'
 import { DevCertificateAuthority } from '../lib/dev-agent/ca'
 import { chainsToCurrentRoots, IdentityResolver, identityFromCertificate } from '../lib/identity'
 import type { TlsRequest } from '../lib/identity'
@@ -134,9 +133,23 @@ t.test('chainsToCurrentRoots: expired links and unreadable dates fail closed', a
   const ca = await DevCertificateAuthority.create()
   const root = new X509Certificate(ca.roots()[0]?.RootCert as string)
   const leaf = new X509Certificate((await ca.signLeaf('web')).certPem)
-  const socket = fakeSocket({ cert: leaf, chain: [root] }).socket as unknown as TLSSocket
-  t.equal(chainsToCurrentRoots(socket, leaf, [root], Date.now()), true)
-  t.equal(chainsToCurrentRoots(socket, leaf, [root], Date.parse(leaf.validTo) + 1), false, 'an expired leaf')
+  t.equal(chainsToCurrentRoots(leaf, [], [root], Date.now()), true)
+  t.equal(chainsToCurrentRoots(leaf, [], [root], Date.parse(leaf.validTo) + 1), false, 'an expired leaf')
   const undated = { ...leaf, subjectAltName: leaf.subjectAltName, keyUsage: leaf.keyUsage, validFrom: 'garbage', validTo: 'garbage' } as unknown as X509Certificate
   t.match(identityFromCertificate(undated, ca.trustDomain).reason, /unreadable certificate validity dates/)
+})
+
+t.test('a resumed session (no peer chain) links through the roots\' intermediates', async (t) => {
+  const ca = await DevCertificateAuthority.create()
+  const oldRoot = new X509Certificate(ca.roots()[0]?.RootCert as string)
+  await ca.rotate()
+  const crossSigned = new X509Certificate(ca.roots()[0]?.IntermediateCerts?.[0] as string)
+  const [leafPem] = (await ca.signLeaf('web')).certPem.split(/(?<=-----END CERTIFICATE-----\n)/)
+  const leaf = new X509Certificate(leafPem as string)
+  const resolver = new IdentityResolver()
+  const resumed = (): TlsRequest => fakeSocket({ cert: leaf, chain: [], resumed: true })
+  resolver.setTrust({ trustDomain: ca.trustDomain, roots: [oldRoot] })
+  t.match(resolver.peer(resumed(), Date.now()).reason, /does not chain/, 'without the intermediate, no link to the old root')
+  resolver.setTrust({ trustDomain: ca.trustDomain, roots: [oldRoot], intermediates: [crossSigned] })
+  t.equal(resolver.identify(resumed(), Date.now())?.service, 'web', 'leaf → cross-signed intermediate → old root')
 })

@@ -26,3 +26,8 @@ t.test('anything but an options object is refused', async (t) => {
     t.throws(() => resolveOptions(value), { code: 'FST_CONSUL_NATIVE_INVALID_OPTION', message: /must be an object/ }, String(value))
   }
 })
+
+t.test('the default https check needs the health route', async (t) => {
+  t.throws(() => resolveOptions({ service: 'api', health: false, register: true }), { code: 'FST_CONSUL_NATIVE_INVALID_OPTION', message: /register\.check/ })
+  t.equal(resolveOptions({ service: 'api', health: false, register: { check: 'tcp' } }).register?.check, 'tcp')
+})

@@ -2,6 +2,7 @@
 // comes back when the agent loses it, and that leaves cleanly under load.
 import t from 'tap'
 import { spawn } from 'node:child_process'
+import http from 'node:http'
 import path from 'node:path'
 import Fastify from 'fastify'
 import consulNative, { httpsOptions } from '../lib/index'
@@ -136,4 +137,50 @@ t.test('without register, nothing is registered', async (t) => {
   const svc = await startService(t, agent)
   t.same((await agentCall(agent, 'GET', '/v1/agent/services')).body, {})
   t.equal(svc.app.consulNative.status().registration, null)
+})
+
+t.test('register() not awaited before listen(): the instance is registered all the same; a refusal is logged', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'allow' })
+  const app = Fastify({ https: httpsOptions() })
+  t.teardown(async () => await app.close())
+  app.register(consulNative, { service: 'api', agent: { address: agent.address }, register: { check: 'tcp' } })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  await waitOnAgent(agent, '/v1/health/connect/api', (body) => Array.isArray(body) && body.length === 1)
+  t.pass('registered from the onListen hook')
+
+  // An agent that refuses registrations: a proxy in front of the dev agent answers 500 to them.
+  const refusing = http.createServer((req, res) => {
+    if (req.method === 'PUT' && req.url?.startsWith('/v1/agent/service/register') === true) {
+      res.statusCode = 500
+      res.end('registrations are refused here')
+      return
+    }
+    const upstream = http.request(`${agent.address}${req.url as string}`, { method: req.method, headers: req.headers }, (answer) => {
+      res.writeHead(answer.statusCode as number, answer.headers)
+      answer.pipe(res)
+    })
+    req.pipe(upstream)
+  })
+  await new Promise<void>((resolve) => refusing.listen(0, '127.0.0.1', resolve))
+  t.teardown(async () => { refusing.closeAllConnections(); await new Promise((resolve) => refusing.close(resolve)) })
+  const lines: Array<{ consulNative?: { event?: string }, err?: { message?: string } }> = []
+  const logged = new Promise<void>((resolve) => {
+    const failing = Fastify({
+      https: httpsOptions(),
+      logger: {
+        level: 'error',
+        stream: {
+          write: (line: string) => {
+            lines.push(JSON.parse(line))
+            if (lines.at(-1)?.consulNative?.event === 'register-failed') resolve()
+          }
+        }
+      }
+    })
+    t.teardown(async () => await failing.close())
+    failing.register(consulNative, { service: 'api', agent: { address: `http://127.0.0.1:${(refusing.address() as { port: number }).port}` }, register: { check: 'tcp' } })
+    failing.listen({ port: 0, host: '127.0.0.1' }).catch(() => {})
+  })
+  await logged
+  t.match(lines.find((line) => line.consulNative?.event === 'register-failed')?.err?.message, /registrations are refused here/)
 })

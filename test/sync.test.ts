@@ -129,6 +129,7 @@ t.test('TLS material is installed only once both the leaf and the roots are know
       certPem: f.leaf.CertPEM,
       keyPem: f.leaf.PrivateKeyPEM,
       rootPems: f.roots.Roots.map((root) => root.RootCert),
+      intermediatePems: [],
       trustDomain: f.ca.trustDomain
     })
     t.match(status, { leaf: { serial: f.leaf.SerialNumber }, roots: { activeRootId: f.roots.ActiveRootID }, trustDomain: f.ca.trustDomain })

@@ -29,6 +29,18 @@ t.test('the public types describe what users write', async (t) => {
   t.throws(() => httpsOptions({ cert: 'x' }), { code: 'FST_CONSUL_NATIVE_INVALID_OPTION' })
   app.get('/open', { config: { consulNative: false } }, async () => 'ok')
   app.get('/ops', { config: { consulNative: { sources: [{ name: 'ops', action: 'allow' }] } } }, async () => 'ok')
+  // The README's example: JavaScript spelling of L7 permissions.
+  app.post('/admin/reindex', {
+    config: {
+      consulNative: {
+        sources: [
+          { name: 'ops', action: 'allow' },
+          { name: 'web', permissions: [{ action: 'allow', http: { methods: ['POST'], header: [{ name: 'x-reason', present: true }] } }] },
+          { name: '*', action: 'deny' }
+        ]
+      }
+    }
+  }, async () => 'ok')
   // @ts-expect-error true is not a route setting (and is refused at run time only once registered)
   app.get('/bad', { config: { consulNative: true } }, async () => 'ok')
   app.get('/who', async (request: FastifyRequest) => {
