@@ -216,7 +216,8 @@ class ServiceDispatcher extends Dispatcher {
     if (this.#watch.value !== undefined) {
       this.#send(opts, handler, null)
     } else {
-      this.#ready().then(() => this.#send(opts, handler, null), (err: Error) => failHandler(handler, err))
+      // A throw in #send (bad options) must reach the handler, not become an unhandled rejection.
+      this.#ready().then(() => this.#send(opts, handler, null)).catch((err: Error) => failHandler(handler, err))
     }
     return true
   }

@@ -328,3 +328,24 @@ t.test('a new-style handler is retried on another instance too', async (t) => {
   }
   t.same(statuses, [200, 200], 'the dead instance never surfaces')
 })
+
+t.test('a request that cannot even be sent (no method) fails through its handler, before and after discovery', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'allow' })
+  await startApi(t, agent, 1)
+  const { caller } = await startCaller(t, agent)
+  const attempt = async (): Promise<Error> => await new Promise((resolve) => {
+    try {
+      caller.dispatcher('api').dispatch({ origin: 'https://x', path: '/port' } as unknown as Dispatcher.DispatchOptions, {
+        onConnect () {},
+        onHeaders () { return true },
+        onData () { return true },
+        onComplete () {},
+        onError (error: Error) { resolve(error) }
+      } as unknown as Dispatcher.DispatchHandler)
+    } catch (err) {
+      resolve(err as Error)
+    }
+  })
+  t.type(await attempt(), Error, 'on the first request, while discovery runs')
+  t.type(await attempt(), Error, 'once instances are known')
+})
