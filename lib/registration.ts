@@ -11,6 +11,10 @@ import type { AgentClient, AgentResponse } from './agent/client'
 import { agentStatusOf, clampWait } from './agent/client'
 import { InvalidOptionError, RegisterFailedError } from './errors'
 
+// Agent endpoints take the Enterprise namespace and partition (sent only when configured, as a
+// CE agent refuses them); the datacenter does not apply to the local agent's own services.
+const AGENT_SCOPES = ['ns', 'partition'] as const
+
 /** The `register` option: how the instance appears in Consul. */
 export interface RegisterOptions {
   /** Instance ID. Default `${service}-${os.hostname()}-${port}`. */
@@ -364,7 +368,7 @@ export class ServiceRegistration {
     if (!this.#everRegistered) return
     const id = this.#registration.id
     try {
-      const res = await this.#client.request('PUT', `/v1/agent/service/deregister/${encodeURIComponent(id)}`, { allow404: true })
+      const res = await this.#client.request('PUT', `/v1/agent/service/deregister/${encodeURIComponent(id)}`, { allow404: true, scoped: AGENT_SCOPES })
       this.#state.registered = false
       this.#log.info({ consulNative: { event: 'deregistered', serviceId: id, alreadyGone: res.status === 404 } },
         `fastify-consul-native: deregistered ${id}`)
@@ -378,7 +382,7 @@ export class ServiceRegistration {
   async #put (signal: AbortSignal | undefined): Promise<void> {
     const r = this.#registration
     try {
-      await this.#client.request('PUT', '/v1/agent/service/register', { query: { 'replace-existing-checks': 'true' }, body: r.body, signal })
+      await this.#client.request('PUT', '/v1/agent/service/register', { query: { 'replace-existing-checks': 'true' }, body: r.body, signal, scoped: AGENT_SCOPES })
     } catch (err) {
       throw new RegisterFailedError(r.service, consulMessage(err), { cause: err })
     }
@@ -400,7 +404,7 @@ export class ServiceRegistration {
       let delayMs = 0
       try {
         const res: AgentResponse<unknown> = await this.#client.request('GET', path, {
-          signal, allow404: true, blocking: hash === null ? undefined : { hash, waitMs }
+          signal, allow404: true, blocking: hash === null ? undefined : { hash, waitMs }, scoped: AGENT_SCOPES
         })
         hash = res.contentHash
         if (res.status === 404) {
@@ -445,7 +449,7 @@ export class ServiceRegistration {
       await sleep(delayMs, undefined, { signal, ref: false }).catch(noop)
       if (signal.aborted) return
       try {
-        await this.#client.request('PUT', path, { signal })
+        await this.#client.request('PUT', path, { signal, scoped: AGENT_SCOPES })
         failures = 0
         delayMs = periodMs
         this.#recovered('ttl')

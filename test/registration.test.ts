@@ -3,7 +3,8 @@ import { once } from 'node:events'
 import net from 'node:net'
 import type { AddressInfo } from 'node:net'
 import os from 'node:os'
-import { agentStatusOf } from '../lib/agent/client'
+import { AgentClient, agentStatusOf } from '../lib/agent/client'
+import { resolveAgentConfig } from '../lib/agent/config'
 import { startDevAgent } from '../lib/dev-agent/index'
 import { AgentUnreachableError, InvalidOptionError, RegisterFailedError } from '../lib/errors'
 import { buildRegistration, ServiceRegistration, validateRegisterOption } from '../lib/registration'
@@ -574,4 +575,14 @@ t.test('a throwing logger stops the loops instead of spinning', async (t) => {
   await registration.deregister()
   t.equal(registration.state.lastError, 'logger broke')
   t.equal(client.requests.filter((q) => q.path.startsWith('/v1/agent/service/deregister/')).length, 0)
+})
+
+t.test('a configured namespace and partition go to the agent endpoints (a CE agent refuses them)', async (t) => {
+  const agent = await startAgent(t)
+  const scoped = new AgentClient(resolveAgentConfig({ address: agent.address }, {}), { namespace: 'team', partition: 'eu' })
+  t.teardown(async () => await scoped.close())
+  const registration = new ServiceRegistration(scoped, buildRegistration('api', { check: false }, { address: '127.0.0.1', port: 9 }, null), new Logs().logger)
+  const err = await registration.register().then(() => null, (e: unknown) => e as Error)
+  t.match(err, { code: 'FST_CONSUL_NATIVE_REGISTER_FAILED' })
+  t.match(err?.cause, { message: /400/ }, 'the agent saw ns/partition and refused them, as Consul CE does')
 })
