@@ -10,6 +10,7 @@ import type { FastifyBaseLogger } from 'fastify'
 import type { AgentClient, AgentResponse } from './agent/client'
 import { agentStatusOf, clampWait } from './agent/client'
 import { InvalidOptionError, RegisterFailedError } from './errors'
+import { formatDurationUs, parseDurationUs } from './go-duration'
 
 // Agent endpoints take the Enterprise namespace and partition (sent only when configured, as a
 // CE agent refuses them); the datacenter does not apply to the local agent's own services.
@@ -83,9 +84,6 @@ const FALLBACK_ADDRESS = '127.0.0.1'
 const MAX_DURATION_US = 365 * 24 * 3_600_000_000
 const MIN_ANTI_ENTROPY_WAIT_MS = 1_000
 const BACKOFF = { initialMs: 200, maxMs: 30_000 }
-const UNIT_US: Record<string, number> = { ns: 0.001, us: 1, µs: 1, μs: 1, ms: 1_000, s: 1_000_000, m: 60_000_000, h: 3_600_000_000 }
-const DURATION = /^(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+$/
-const DURATION_PART = /(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)/g
 const ID = /^[^\s/\p{Cc}]+$/u
 const HOST = /^[^\s/\p{Cc}[\]]+$/u
 // validateMetadata in Consul's agent/structs: keys, sizes, and the reserved prefix.
@@ -104,20 +102,6 @@ function shown (v: unknown): string {
 
 function isPlainObject (v: unknown): v is Record<string, unknown> {
   return typeof v === 'object' && v !== null && !Array.isArray(v)
-}
-
-/** A Go duration in microseconds (sub-microsecond parts rounded), or null when not one. Signs are refused. */
-function parseDurationUs (text: string): number | null {
-  if (!DURATION.test(text)) return null
-  let us = 0
-  for (const [, amount, unit] of text.matchAll(DURATION_PART)) us += Number(amount) * (UNIT_US[unit as string] as number)
-  return Math.round(us)
-}
-
-/** Microseconds → the shortest of `30s`, `750ms`, `4500us`. */
-function formatDurationUs (us: number): string {
-  if (us % 1_000_000 === 0) return `${us / 1_000_000}s`
-  return us % 1_000 === 0 ? `${us / 1_000}ms` : `${us}us`
 }
 
 function unbracket (address: string): string {

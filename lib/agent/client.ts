@@ -10,6 +10,7 @@ import {
 } from './parse'
 import type { AgentSelfView, ConfigEntryKind, ConfigEntryViews, ShapeError } from './parse'
 import { AgentInvalidResponseError, AgentResponseError, AgentUnreachableError, InvalidOptionError } from '../errors'
+import { formatDurationUs } from '../go-duration'
 
 export type AgentMethod = 'GET' | 'PUT' | 'POST' | 'DELETE'
 export type ScopeParam = 'dc' | 'ns' | 'partition'
@@ -95,7 +96,7 @@ export function agentStatusOf (err: unknown): number | null {
 
 /** A Go duration: whole seconds when exact (the documented form), milliseconds otherwise. */
 export function formatWait (ms: number): string {
-  return ms % 1000 === 0 ? `${ms / 1000}s` : `${ms}ms`
+  return formatDurationUs(ms * 1000)
 }
 
 /** Clamp to Consul's range: the servers cap at 10 minutes, and the leaf endpoint does not cap at all. */

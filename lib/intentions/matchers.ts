@@ -199,7 +199,7 @@ export function compileRegex (pattern: string, where: string, cache: RegexCache)
   return re
 }
 
-function isObject (v: unknown): v is Record<string, unknown> {
+export function isObject (v: unknown): v is Record<string, unknown> {
   return typeof v === 'object' && v !== null && !Array.isArray(v)
 }
 

@@ -3,7 +3,7 @@
 // Contract: SEMANTICS.md Part A (A1 first match, A3-A5, A8, A9); reference: Part B §4, §5, §7.
 import type { Intention, IntentionPermission } from '../agent/wire'
 import { InvalidIntentionsError } from '../errors'
-import { PermissionMatcher, type RegexCache, RuleError, compileHttp, hasLowercaseEscape } from './matchers'
+import { PermissionMatcher, type RegexCache, RuleError, compileHttp, hasLowercaseEscape, isObject } from './matchers'
 
 export { RuleError } from './matchers'
 
@@ -258,10 +258,6 @@ export function comparePrecedence (a: Intention, b: Intention): number {
     if (c !== 0) return c
   }
   return 0
-}
-
-function isObject (v: unknown): v is Record<string, unknown> {
-  return typeof v === 'object' && v !== null && !Array.isArray(v)
 }
 
 /** Whether a JWT block asks for a token (A5); an unreadable one counts as asking (fail closed). */
