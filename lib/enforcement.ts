@@ -1,24 +1,20 @@
-// The per-request decision: identity from the connection cache, then route overrides, then the
-// service's compiled intentions. No agent call, no parsing of intentions, and no allocation on
-// the allow path of a canonical request.
+// The per-request hook's work: resolve the caller's identity from the connection cache, ask the
+// pure request decision (lib/intentions/request.ts), and apply its verdict in one place: counter,
+// log line, error. No agent call (except mode 'agent'), and no allocation on the allow path of a
+// canonical request.
 import type { FastifyRequest } from 'fastify'
 import { LRUCache } from 'lru-cache'
 import type { AgentClient } from './agent/client'
 import { BadHeaderError, BadPathError, DeniedError, UnauthenticatedError } from './errors'
 import { connectionOf } from './identity'
-import type { ServiceIdentity } from './identity'
-import { decideOverride, decideRequest } from './intentions/policy'
+import type { PeerIdentity, ServiceIdentity } from './identity'
 import type { Decision } from './intentions/policy'
-import { canonicalPath, routedPath, routerPaths } from './intentions/path'
 import type { RouterOptions } from './intentions/path'
+import { decideRequest, newVerdict } from './intentions/request'
+import type { RequestOutcome, RequestView, ServiceRules } from './intentions/request'
 import type { RoutePolicy } from './route-policy'
 import type { ConsulSync } from './sync'
 import type { DynamicTls } from './tls'
-
-export const EXEMPT_DECISION: Decision = Object.freeze({ allow: true, reason: 'route exempt (config.consulNative: false)' })
-const UNAUTHENTICATED_DECISION: Decision = Object.freeze({ allow: false, reason: 'unauthenticated' })
-const BAD_PATH_DECISION: Decision = Object.freeze({ allow: false, reason: 'path rejected by the mesh request normalization' })
-const BAD_HEADER_DECISION: Decision = Object.freeze({ allow: false, reason: 'header name with an underscore rejected by the mesh request normalization' })
 
 // mode 'agent': one authorize call per caller URI at most every AUTHORIZE_TTL_MS (coalescing
 // bursts of new connections), and one decision per connection for its lifetime, as L4 does.
@@ -35,23 +31,60 @@ export interface EnforcementCounters {
   exempt: number
 }
 
-/** Mutable request view reused across requests: decisions are synchronous, so one suffices. */
-interface MutableFacts { method: string, path: string, url: string, rawHeaders: readonly string[] }
+/** What a final outcome does: the counter it adds to, its log line (event name, level, message) and the error it answers with. */
+interface OutcomeEffect {
+  readonly counter: keyof EnforcementCounters
+  readonly event: string | null
+  readonly level: 'debug' | 'info'
+  readonly message: string
+  readonly error: (() => Error) | null
+}
+
+const EFFECTS: Readonly<Record<Exclude<RequestOutcome, 'ask-agent'>, OutcomeEffect>> = {
+  allow: { counter: 'allowed', event: 'allowed', level: 'debug', message: 'fastify-consul-native: request allowed', error: null },
+  exempt: { counter: 'exempt', event: null, level: 'debug', message: '', error: null },
+  deny: { counter: 'denied', event: 'denied', level: 'info', message: 'fastify-consul-native: request denied', error: () => new DeniedError() },
+  unauthenticated: {
+    counter: 'unauthenticated',
+    event: 'unauthenticated',
+    level: 'info',
+    message: 'fastify-consul-native: request without a verified service identity',
+    error: () => new UnauthenticatedError()
+  },
+  'bad-path': {
+    counter: 'rejected',
+    event: 'bad-path',
+    level: 'info',
+    message: 'fastify-consul-native: path rejected by the mesh request normalization',
+    error: () => new BadPathError()
+  },
+  'bad-header': {
+    counter: 'rejected',
+    event: 'bad-header',
+    level: 'info',
+    message: 'fastify-consul-native: header name with an underscore rejected by the mesh request normalization',
+    error: () => new BadHeaderError()
+  }
+}
+
+const EMPTY: readonly string[] = []
 
 export class Enforcer {
   readonly #tls: DynamicTls
   readonly #sync: ConsulSync
-  readonly #router: RouterOptions
-  readonly #facts: MutableFacts = { method: '', path: '', url: '', rawHeaders: [] }
   readonly #authorize: AgentAuthorizer | null
+  /** Reused across requests: decisions are synchronous, so one of each suffices. */
+  readonly #service: ServiceRules
+  readonly #request: RequestView = { caller: null, method: '', url: '', rawHeaders: EMPTY }
+  readonly #verdict = newVerdict()
   /** Plain counters: an increment costs nothing on the request path. */
   readonly counters: EnforcementCounters = { allowed: 0, denied: 0, unauthenticated: 0, rejected: 0, exempt: 0 }
 
   constructor (tls: DynamicTls, sync: ConsulSync, router: RouterOptions, authorize: AgentAuthorizer | null = null) {
     this.#tls = tls
     this.#sync = sync
-    this.#router = router
     this.#authorize = authorize
+    this.#service = { policy: sync.policy, normalization: sync.normalization, router, agentDecides: authorize !== null }
   }
 
   /**
@@ -61,107 +94,48 @@ export class Enforcer {
   check (request: FastifyRequest, route: RoutePolicy): Error | null | Promise<Error | null> {
     const raw = request.raw
     const peer = this.#tls.identities.peer(raw, Date.now())
-    const identity = peer.identity
-    request.consulSource = identity
-    if (route.exempt) {
-      this.counters.exempt++
-      request.consulDecision = EXEMPT_DECISION
-      return null
+    request.consulSource = peer.identity
+    const service = this.#service
+    service.policy = this.#sync.policy
+    service.normalization = this.#sync.normalization
+    const view = this.#request
+    view.caller = peer.identity
+    view.method = raw.method as string
+    view.url = raw.url as string
+    view.rawHeaders = raw.rawHeaders
+    const verdict = decideRequest(service, route, view, this.#verdict)
+    view.caller = null
+    view.rawHeaders = EMPTY
+    if (verdict.dropUnderscoreHeaders) dropUnderscoreHeaders(raw)
+    const outcome = verdict.outcome
+    if (outcome === 'ask-agent') {
+      return (this.#authorize as AgentAuthorizer).decide(request, peer.identity as ServiceIdentity)
+        .then((decision) => this.#apply(request, peer, decision.allow ? 'allow' : 'deny', decision))
     }
-    if (identity === null) {
-      request.consulDecision = UNAUTHENTICATED_DECISION
-      request.log.info({ consulNative: { event: 'unauthenticated', route: request.routeOptions.url, method: raw.method, path: raw.url, reason: peer.reason } },
-        'fastify-consul-native: request without a verified service identity')
-      this.counters.unauthenticated++
-      return new UnauthenticatedError()
-    }
-    const policy = this.#sync.policy
-
-    const url = raw.url as string
-    const path = canonicalPath(url, this.#sync.normalization)
-    if (path === null) {
-      request.consulDecision = BAD_PATH_DECISION
-      request.log.info({ consulNative: { event: 'bad-path', source: identity.uri, method: raw.method, path: url } },
-        'fastify-consul-native: path rejected by the mesh request normalization')
-      this.counters.rejected++
-      return new BadPathError()
-    }
-    let rawHeaders = raw.rawHeaders
-    const underscores = this.#sync.normalization?.HeadersWithUnderscoresAction
-    if ((underscores === 'REJECT_REQUEST' || underscores === 'DROP_HEADER') && hasUnderscoreName(rawHeaders)) {
-      // Envoy acts on these before RBAC; so does the plugin, and the handler sees the same request.
-      if (underscores === 'REJECT_REQUEST') {
-        request.consulDecision = BAD_HEADER_DECISION
-        request.log.info({ consulNative: { event: 'bad-header', source: identity.uri, method: raw.method, path: url } },
-          'fastify-consul-native: header name with an underscore rejected by the mesh request normalization')
-        this.counters.rejected++
-        return new BadHeaderError()
-      }
-      rawHeaders = dropUnderscoreHeaders(raw)
-    }
-    const facts = this.#facts
-    facts.method = raw.method as string
-    // A ':path' header matcher sees the normalized path with the query, as Envoy's RBAC does.
-    facts.url = isPathOf(url, path) ? url : path + queryOf(url)
-    facts.rawHeaders = rawHeaders
-    facts.path = path
-    if (this.#authorize !== null) {
-      // mode 'agent': route overrides still decide first; otherwise the agent does, per connection.
-      const overridden = route.override === null ? null : decideOverride(route.override, identity, facts, policy)
-      facts.rawHeaders = EMPTY
-      if (overridden !== null) return this.#settle(request, identity, overridden)
-      return this.#authorize.decide(request, identity).then((decision) => this.#settle(request, identity, decision))
-    }
-    // A7. The canonical path decides, and every other spelling the router treats alike (per its
-    // options) can only add a denial. The router dispatched on the path as sent, though: when
-    // that differs structurally (dot segments, backslashes), it must be allowed in its own right.
-    const router = route.router ?? this.#router
-    let decision = decideRequest(policy, route.override, identity, facts, routerPaths(path, router))
-    if (decision.allow) {
-      const routed = routedPath(url)
-      if (routed !== null && routed !== path) {
-        facts.path = routed
-        decision = decideRequest(policy, route.override, identity, facts, routerPaths(routed, router))
-      }
-    }
-    facts.rawHeaders = EMPTY
-    return this.#settle(request, identity, decision)
+    return this.#apply(request, peer, outcome, verdict.decision)
   }
 
-  #settle (request: FastifyRequest, identity: ServiceIdentity, decision: Decision): Error | null {
-    if (!decision.allow) return this.#deny(request, identity, decision)
-    this.counters.allowed++
+  /** The one place an outcome becomes a counter, a log line and an error. */
+  #apply (request: FastifyRequest, peer: PeerIdentity, outcome: Exclude<RequestOutcome, 'ask-agent'>, decision: Decision): Error | null {
     request.consulDecision = decision
-    const raw = request.raw
-    if (isDebug(request.log)) {
-      request.log.debug({ consulNative: { event: 'allowed', source: identity.uri, route: request.routeOptions.url, method: raw.method, path: raw.url, reason: decision.reason } },
-        'fastify-consul-native: request allowed')
+    const effect = EFFECTS[outcome]
+    this.counters[effect.counter]++
+    if (effect.event !== null && (effect.level === 'info' || isDebug(request.log))) {
+      const raw = request.raw
+      request.log[effect.level]({
+        consulNative: {
+          event: effect.event,
+          source: peer.identity === null ? null : peer.identity.uri,
+          route: request.routeOptions.url,
+          method: raw.method,
+          path: raw.url,
+          // Without an identity, the decision says only 'unauthenticated': the log says why.
+          reason: peer.identity === null ? peer.reason : decision.reason
+        }
+      }, effect.message)
     }
-    return null
+    return effect.error === null ? null : effect.error()
   }
-
-  #deny (request: FastifyRequest, identity: ServiceIdentity, decision: Decision): Error {
-    this.counters.denied++
-    request.consulDecision = decision
-    const raw = request.raw
-    request.log.info({ consulNative: { event: 'denied', source: identity.uri, route: request.routeOptions.url, method: raw.method, path: raw.url, reason: decision.reason } },
-      'fastify-consul-native: request denied')
-    return new DeniedError()
-  }
-}
-
-const EMPTY: readonly string[] = []
-
-/** `url` is `path`, possibly followed by a query or fragment. */
-function isPathOf (url: string, path: string): boolean {
-  if (url.length === path.length) return url === path
-  const next = url.charCodeAt(path.length)
-  return (next === 63 || next === 35) && url.startsWith(path)
-}
-
-function queryOf (url: string): string {
-  const q = url.indexOf('?')
-  return q === -1 ? '' : url.slice(q)
 }
 
 /**
@@ -178,21 +152,13 @@ export function consulNativeBackstop<T> (request: FastifyRequest, _reply: unknow
   done(new DeniedError())
 }
 
-function hasUnderscoreName (rawHeaders: readonly string[]): boolean {
-  for (let i = 0; i < rawHeaders.length; i += 2) if ((rawHeaders[i] as string).includes('_')) return true
-  return false
-}
-
-/** Removes headers whose name has an underscore, from the matching view and from `req.headers`. */
-function dropUnderscoreHeaders (raw: FastifyRequest['raw']): string[] {
-  const kept: string[] = []
+/** Removes header names with an underscore from `req.headers`, as they were from the headers matched. */
+function dropUnderscoreHeaders (raw: FastifyRequest['raw']): void {
   const rawHeaders = raw.rawHeaders
   for (let i = 0; i < rawHeaders.length; i += 2) {
     const name = rawHeaders[i] as string
     if (name.includes('_')) delete raw.headers[name.toLowerCase()]
-    else kept.push(name, rawHeaders[i + 1] as string)
   }
-  return kept
 }
 
 /** pino exposes isLevelEnabled; other loggers Fastify accepts may not, and then get the line. */

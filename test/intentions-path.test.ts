@@ -4,7 +4,7 @@ import t from 'tap'
 import fc from 'fast-check'
 import type { Intention, RequestNormalization } from '../lib/agent/wire'
 import { type RouterOptions, canonicalPath, routerPaths } from '../lib/intentions/path'
-import { compilePolicy, decideRequest } from '../lib/intentions/policy'
+import { compilePolicy, decideSpellings } from '../lib/intentions/policy'
 
 const DEFAULTS: RouterOptions = { ignoreTrailingSlash: false, ignoreDuplicateSlashes: false, caseSensitive: true, useSemicolonDelimiter: false }
 const router = (o: Partial<RouterOptions>): RouterOptions => ({ ...DEFAULTS, ...o })
@@ -200,7 +200,7 @@ t.test('routerPaths', async (t) => {
   })
 })
 
-t.test('A7 end to end: canonicalPath + routerPaths + decideRequest', async (t) => {
+t.test('A7 end to end: canonicalPath + routerPaths + decideSpellings', async (t) => {
   const ixn = (perms: Intention['Permissions']): Intention => ({
     SourceNS: 'default',
     SourceName: 'web',
@@ -217,7 +217,7 @@ t.test('A7 end to end: canonicalPath + routerPaths + decideRequest', async (t) =
     const policy = compilePolicy({ destination: 'api', intentions: [ixn(perms)], defaultAllow, protocol: 'http' })
     const path = canonicalPath(url, norm)
     if (path === null) return false
-    return decideRequest(policy, null, web, { method: 'GET', path, url, rawHeaders: [] }, routerPaths(path, opts, url)).allow
+    return decideSpellings(policy, null, web, { method: 'GET', path, url, rawHeaders: [] }, routerPaths(path, opts, url)).allow
   }
   const denyAdmin: Intention['Permissions'] = [{ Action: 'deny', HTTP: { PathExact: '/admin' } }]
 

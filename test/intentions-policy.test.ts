@@ -1,5 +1,5 @@
 // The decision engine, rule by rule: compilePolicy/decide (A1, A3-A5, A8, A9), route overrides,
-// decideRequest with router spellings, and what each refuses to compile.
+// decideSpellings with router spellings, and what each refuses to compile.
 import t, { type Test } from 'tap'
 import type { Intention, IntentionPermission } from '../lib/agent/wire'
 import { ixn } from './helpers/intentions'
@@ -7,7 +7,7 @@ import { InvalidIntentionsError } from '../lib/errors'
 import { asciiLower, headerValue } from '../lib/intentions/matchers'
 import {
   type CallerIdentity, type CompiledOverride, type CompiledPolicy, type PolicyInput, type RequestFacts, type RouteSource,
-  RuleError, compareBytes, comparePrecedence, compileOverride, compilePolicy, decide, decideOverride, decideRequest
+  RuleError, compareBytes, comparePrecedence, compileOverride, compilePolicy, decide, decideOverride, decideSpellings
 } from '../lib/intentions/policy'
 
 const allow = (HTTP: IntentionPermission['HTTP'], extra: Partial<IntentionPermission> = {}): IntentionPermission => ({ Action: 'allow', HTTP, ...extra })
@@ -548,7 +548,7 @@ t.test('route overrides', async (t) => {
   })
 })
 
-t.test('decideRequest: override, then policy, then the router spellings of the path', async (t) => {
+t.test('decideSpellings: override, then policy, then the router spellings of the path', async (t) => {
   const svc = policy([
     ixn('web', 'api', 9, [deny({ PathExact: '/admin' }), allow({ PathPrefix: '/' })]),
     ixn('db', 'api', 9, 'allow'),
@@ -557,33 +557,33 @@ t.test('decideRequest: override, then policy, then the router spellings of the p
   const o: CompiledOverride = compileOverride([{ name: 'ops', permissions: [{ Action: 'deny', HTTP: { PathExact: '/x' } }, { Action: 'allow', HTTP: { PathPrefix: '/' } }] }], 'api')
 
   t.test('without alternates it is decideOverride ?? decide', async (t) => {
-    t.same(decideRequest(svc, null, WEB, req('/a'), []), decide(svc, WEB, req('/a')))
-    t.same(decideRequest(svc, o, who('ops'), req('/a'), []), decideOverride(o, who('ops'), req('/a'), svc))
-    t.same(decideRequest(svc, o, WEB, req('/admin'), []), decide(svc, WEB, req('/admin')))
-    t.same(decideRequest(svc, o, who('nobody'), req('/'), []), { allow: false, reason: 'default policy (deny)' })
+    t.same(decideSpellings(svc, null, WEB, req('/a'), []), decide(svc, WEB, req('/a')))
+    t.same(decideSpellings(svc, o, who('ops'), req('/a'), []), decideOverride(o, who('ops'), req('/a'), svc))
+    t.same(decideSpellings(svc, o, WEB, req('/admin'), []), decide(svc, WEB, req('/admin')))
+    t.same(decideSpellings(svc, o, who('nobody'), req('/'), []), { allow: false, reason: 'default policy (deny)' })
   })
 
   t.test('an alternate spelling that a deny permission catches denies the request', async (t) => {
-    t.same(decideRequest(svc, null, WEB, req('/admin/'), ['/admin']), {
+    t.same(decideSpellings(svc, null, WEB, req('/admin/'), ['/admin']), {
       allow: false,
       reason: 'intention default/web => default/api (precedence 9), permission 1 (deny) for another spelling of the path that reaches the same route'
     })
-    t.equal(decideRequest(svc, o, who('ops'), req('/x/'), ['/y', '/x']).allow, false)
+    t.equal(decideSpellings(svc, o, who('ops'), req('/x/'), ['/y', '/x']).allow, false)
   })
 
   t.test('an alternate that only reaches an allow or the default changes nothing (allow-lists keep working)', async (t) => {
-    t.same(decideRequest(svc, null, who('ops'), req('/items'), ['/items/']), decide(svc, who('ops'), req('/items')))
-    t.equal(decideRequest(svc, null, WEB, req('/a'), ['/b']).allow, true)
+    t.same(decideSpellings(svc, null, who('ops'), req('/items'), ['/items/']), decide(svc, who('ops'), req('/items')))
+    t.equal(decideSpellings(svc, null, WEB, req('/a'), ['/b']).allow, true)
   })
 
   t.test('alternates are not consulted when the primary verdict is already deny or does not depend on the path', async (t) => {
-    t.equal(decideRequest(svc, null, WEB, req('/admin'), ['/zzz']).reason, 'intention default/web => default/api (precedence 9), permission 1 (deny)')
-    t.equal(decideRequest(svc, null, who('db'), req('/a'), ['/admin']).reason, 'intention default/db => default/api (precedence 9) allow')
+    t.equal(decideSpellings(svc, null, WEB, req('/admin'), ['/zzz']).reason, 'intention default/web => default/api (precedence 9), permission 1 (deny)')
+    t.equal(decideSpellings(svc, null, who('db'), req('/a'), ['/admin']).reason, 'intention default/db => default/api (precedence 9) allow')
   })
 
   t.test('it refuses uncompiled arguments', async (t) => {
-    t.throws(() => decideRequest({} as CompiledPolicy, null, WEB, req(), []), { message: 'policy must come from compilePolicy()' })
-    t.throws(() => decideRequest(svc, {} as CompiledOverride, WEB, req(), []), { message: 'override must come from compileOverride()' })
+    t.throws(() => decideSpellings({} as CompiledPolicy, null, WEB, req(), []), { message: 'policy must come from compilePolicy()' })
+    t.throws(() => decideSpellings(svc, {} as CompiledOverride, WEB, req(), []), { message: 'override must come from compileOverride()' })
   })
 })
 

@@ -1,10 +1,10 @@
 // Property tests: on random intention sets and random requests, the compiled engine answers
 // exactly as the slow reference transcription of A1 (test/helpers/reference-engine.ts), reason
-// strings included, for decide, decideOverride and decideRequest.
+// strings included, for decide, decideOverride and decideSpellings.
 import t from 'tap'
 import fc from 'fast-check'
 import type { Intention, IntentionHTTPHeaderPermission, IntentionHTTPPermission, IntentionPermission } from '../lib/agent/wire'
-import { type CallerIdentity, type PolicyInput, type RequestFacts, type RouteSource, compileOverride, compilePolicy, decide, decideOverride, decideRequest } from '../lib/intentions/policy'
+import { type CallerIdentity, type PolicyInput, type RequestFacts, type RouteSource, compileOverride, compilePolicy, decide, decideOverride, decideSpellings } from '../lib/intentions/policy'
 import { referenceDecide, referenceOverride, referenceRequest } from './helpers/reference-engine'
 
 const RUNS = 2500
@@ -148,10 +148,10 @@ t.test('decideOverride equals the reference, with and without a policy default',
   t.pass(`${RUNS} random overrides`)
 })
 
-t.test('decideRequest equals the reference with overrides and alternate spellings', async (t) => {
+t.test('decideSpellings equals the reference with overrides and alternate spellings', async (t) => {
   fc.assert(fc.property(policyInput, fc.option(sources, { nil: null }), caller, request, fc.subarray(PATHS, { maxLength: 3 }),
     (input, list, c, r, alternates) => {
-      const got = decideRequest(compilePolicy(input), list === null ? null : compileOverride(list, 'api'), c, r, alternates)
+      const got = decideSpellings(compilePolicy(input), list === null ? null : compileOverride(list, 'api'), c, r, alternates)
       const want = referenceRequest(input, list, c, r, alternates)
       if (got.allow !== want.allow || got.reason !== want.reason) {
         throw new Error(`engine ${JSON.stringify(got)} reference ${JSON.stringify(want)}`)

@@ -222,7 +222,7 @@ const SUB_DELIM_ANY = /[!'()*[\]%]/
  * slash trimmed and re-added, lower-cased), the `(`/`%28`-style spellings of the characters
  * find-my-way decodes, and, when the raw `url` is given, the router's view of it (dot segments,
  * backslashes, double or escaped slashes left as the router sees them), spelled canonically.
- * The hook evaluates each as an alternate path (see `decideRequest`): an alternate can only add
+ * The hook evaluates each as an alternate path (see `decideSpellings`): an alternate can only add
  * a denial from a deny permission. Returns a shared empty array when nothing applies.
  * Limitation: with `caseSensitive: false` only lower-case spellings are produced, so path rules
  * must be written in lower case to cover every case variant.

@@ -208,13 +208,13 @@ export function decideOverride (override: CompiledOverride, caller: CallerIdenti
 }
 
 /**
- * The whole per-request decision: the route override (if any) first, then the service's policy,
- * then the alternate spellings of the path (routerPaths). An alternate can only turn an allow
+ * One path, decided: the route override (if any) first, then the service's policy, then the
+ * alternate spellings of the path (routerPaths). An alternate can only turn an allow
  * into a deny, and only through a deny permission of the same rule: a default verdict on an
  * alternate spelling does not count, or an allow-list would deny its own paths ('/items' allowed,
  * '/items/' not listed).
  */
-export function decideRequest (policy: CompiledPolicy, override: CompiledOverride | null, caller: CallerIdentity,
+export function decideSpellings (policy: CompiledPolicy, override: CompiledOverride | null, caller: CallerIdentity,
   req: RequestFacts, alternatePaths: readonly string[]): Decision {
   const p = asPolicy(policy)
   let rule = override === null ? null : asOverride(override).ruleFor(caller)

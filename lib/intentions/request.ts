@@ -1,0 +1,171 @@
+// The whole access decision for one request, as one pure call: route exemption, caller identity,
+// the mesh request normalization (path, header names), the route override and the service's
+// intentions, over every spelling of the path the router treats as the same route. Data in,
+// verdict out: no I/O, no clock, no Fastify types, and no allocation on the allow path of a
+// canonical request. lib/enforcement.ts turns the verdict into a counter, a log line and an error.
+// Built to grow without a second code path: a shadowed route applies the same verdict differently
+// (enforcement.ts); a candidate policy is one more call with another `ServiceRules.policy` and its
+// own verdict object; further request checks run with the normalization checks, before intentions,
+// each as an outcome of its own; what matchers need of the request (headers, query, cookies) is in
+// `RequestView`.
+import type { RequestNormalization } from '../agent/wire'
+import { canonicalPath, routedPath, routerPaths } from './path'
+import type { RouterOptions } from './path'
+import { decideOverride, decideSpellings } from './policy'
+import type { CallerIdentity, CompiledOverride, CompiledPolicy, Decision } from './policy'
+
+/**
+ * What to do with the request. `'ask-agent'` (mode `'agent'` only): no route override matched,
+ * the agent's authorize endpoint decides for the service.
+ */
+export type RequestOutcome = 'allow' | 'exempt' | 'deny' | 'unauthenticated' | 'bad-path' | 'bad-header' | 'ask-agent'
+
+/** The service-wide inputs: the intentions and mesh settings in force, and the router's options. */
+export interface ServiceRules {
+  policy: CompiledPolicy
+  /** The mesh entry's `HTTP.Incoming.RequestNormalization`; null: Consul's defaults. */
+  normalization: RequestNormalization | null
+  router: RouterOptions
+  /** mode `'agent'`: route overrides decide here, the agent decides for the service. */
+  agentDecides: boolean
+}
+
+/** A route's compiled settings (see lib/route-policy.ts). */
+export interface RouteRules {
+  /** `config.consulNative: false`: no identity needed, intentions not checked. */
+  readonly exempt: boolean
+  readonly override: CompiledOverride | null
+  /** The route's router options when they differ from the service's. */
+  readonly router?: RouterOptions
+}
+
+/** The request as received: what the decision may read of it. */
+export interface RequestView {
+  /** The verified caller; null when the connection carries no verified identity. */
+  caller: CallerIdentity | null
+  /** As on the wire: methods are compared case-sensitively. */
+  method: string
+  /** The raw request target (path and query, as sent). */
+  url: string
+  /** Node's `req.rawHeaders`: [name, value, name, value, ...]. */
+  rawHeaders: readonly string[]
+}
+
+/** The result, written into an object the caller owns and reuses (decisions are synchronous). */
+export interface RequestVerdict {
+  outcome: RequestOutcome
+  /** Why; becomes `request.consulDecision` (for `'ask-agent'`, a placeholder until the agent answers). */
+  decision: Decision
+  /**
+   * `HeadersWithUnderscoresAction: DROP_HEADER` removed header names with an underscore from the
+   * headers matched: the caller removes them from the request the handler sees, too.
+   */
+  dropUnderscoreHeaders: boolean
+}
+
+const EXEMPT_DECISION: Decision = Object.freeze({ allow: true, reason: 'route exempt (config.consulNative: false)' })
+const UNAUTHENTICATED_DECISION: Decision = Object.freeze({ allow: false, reason: 'unauthenticated' })
+const BAD_PATH_DECISION: Decision = Object.freeze({ allow: false, reason: 'path rejected by the mesh request normalization' })
+const BAD_HEADER_DECISION: Decision = Object.freeze({ allow: false, reason: 'header name with an underscore rejected by the mesh request normalization' })
+const ASK_AGENT_DECISION: Decision = Object.freeze({ allow: false, reason: 'awaiting the agent\'s authorize answer' })
+
+const EMPTY: readonly string[] = Object.freeze([])
+
+interface MutableFacts { method: string, path: string, url: string, rawHeaders: readonly string[] }
+
+/** The view handed to the engine; one suffices since decisions are synchronous. Cleared after use. */
+const facts: MutableFacts = { method: '', path: '', url: '', rawHeaders: EMPTY }
+
+/** A verdict object to reuse across calls. */
+export function newVerdict (): RequestVerdict {
+  return { outcome: 'deny', decision: UNAUTHENTICATED_DECISION, dropUnderscoreHeaders: false }
+}
+
+/**
+ * Decides one request and writes the verdict into `out` (returned). Order: exemption, identity,
+ * path normalization (400), header names (400), then the route override and the service's
+ * intentions on the canonical path, where every other spelling the router treats alike can only
+ * add a denial, and the path the router dispatched on must be allowed in its own right.
+ */
+export function decideRequest (service: ServiceRules, route: RouteRules, request: RequestView, out: RequestVerdict): RequestVerdict {
+  out.dropUnderscoreHeaders = false
+  if (route.exempt) return settle(out, 'exempt', EXEMPT_DECISION)
+  const caller = request.caller
+  if (caller === null) return settle(out, 'unauthenticated', UNAUTHENTICATED_DECISION)
+
+  const url = request.url
+  const normalization = service.normalization
+  const path = canonicalPath(url, normalization)
+  if (path === null) return settle(out, 'bad-path', BAD_PATH_DECISION)
+  let rawHeaders = request.rawHeaders
+  const underscores = normalization?.HeadersWithUnderscoresAction
+  if ((underscores === 'REJECT_REQUEST' || underscores === 'DROP_HEADER') && hasUnderscoreName(rawHeaders)) {
+    // Envoy acts on these before RBAC; so does the plugin, and the handler sees the same request.
+    if (underscores === 'REJECT_REQUEST') return settle(out, 'bad-header', BAD_HEADER_DECISION)
+    rawHeaders = withoutUnderscoreNames(rawHeaders)
+    out.dropUnderscoreHeaders = true
+  }
+
+  facts.method = request.method
+  // A ':path' header matcher sees the normalized path with the query, as Envoy's RBAC does.
+  facts.url = isPathOf(url, path) ? url : path + queryOf(url)
+  facts.rawHeaders = rawHeaders
+  facts.path = path
+  const decision = service.agentDecides
+    ? (route.override === null ? null : decideOverride(route.override, caller, facts, service.policy))
+    : decideLocally(service, route, caller, facts, url)
+  facts.rawHeaders = EMPTY
+  if (decision === null) return settle(out, 'ask-agent', ASK_AGENT_DECISION)
+  return settle(out, decision.allow ? 'allow' : 'deny', decision)
+}
+
+/**
+ * The canonical path decides, and every other spelling the router treats alike (per its options)
+ * can only add a denial. The router dispatched on the path as sent, though: when that differs
+ * structurally (dot segments, backslashes), it must be allowed in its own right.
+ */
+function decideLocally (service: ServiceRules, route: RouteRules, caller: CallerIdentity, req: MutableFacts, url: string): Decision {
+  const router = route.router ?? service.router
+  const path = req.path
+  let decision = decideSpellings(service.policy, route.override, caller, req, routerPaths(path, router))
+  if (decision.allow) {
+    const routed = routedPath(url)
+    if (routed !== null && routed !== path) {
+      req.path = routed
+      decision = decideSpellings(service.policy, route.override, caller, req, routerPaths(routed, router))
+    }
+  }
+  return decision
+}
+
+function settle (out: RequestVerdict, outcome: RequestOutcome, decision: Decision): RequestVerdict {
+  out.outcome = outcome
+  out.decision = decision
+  return out
+}
+
+/** `url` is `path`, possibly followed by a query or fragment. */
+function isPathOf (url: string, path: string): boolean {
+  if (url.length === path.length) return url === path
+  const next = url.charCodeAt(path.length)
+  return (next === 63 || next === 35) && url.startsWith(path)
+}
+
+function queryOf (url: string): string {
+  const q = url.indexOf('?')
+  return q === -1 ? '' : url.slice(q)
+}
+
+function hasUnderscoreName (rawHeaders: readonly string[]): boolean {
+  for (let i = 0; i < rawHeaders.length; i += 2) if ((rawHeaders[i] as string).includes('_')) return true
+  return false
+}
+
+function withoutUnderscoreNames (rawHeaders: readonly string[]): string[] {
+  const kept: string[] = []
+  for (let i = 0; i < rawHeaders.length; i += 2) {
+    const name = rawHeaders[i] as string
+    if (!name.includes('_')) kept.push(name, rawHeaders[i + 1] as string)
+  }
+  return kept
+}

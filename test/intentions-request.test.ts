@@ -1,0 +1,122 @@
+// The whole request decision as one call: exemption, identity, mesh normalization (path, header
+// names), route override, service intentions, router spellings and the routed path, and mode 'agent'.
+import t from 'tap'
+import type { IntentionPermission, RequestNormalization } from '../lib/agent/wire'
+import type { RouterOptions } from '../lib/intentions/path'
+import { type CallerIdentity, compileOverride, compilePolicy } from '../lib/intentions/policy'
+import { type RequestView, type RouteRules, type ServiceRules, decideRequest, newVerdict } from '../lib/intentions/request'
+import { ixn } from './helpers/intentions'
+
+const ROUTER: RouterOptions = { ignoreTrailingSlash: false, ignoreDuplicateSlashes: false, caseSensitive: true, useSemicolonDelimiter: false }
+const allow = (HTTP: IntentionPermission['HTTP']): IntentionPermission => ({ Action: 'allow', HTTP })
+const deny = (HTTP: IntentionPermission['HTTP']): IntentionPermission => ({ Action: 'deny', HTTP })
+const WEB: CallerIdentity = { partition: '', namespace: 'default', service: 'web' }
+const OPS: CallerIdentity = { partition: '', namespace: 'default', service: 'ops' }
+
+const policy = compilePolicy({
+  destination: 'api',
+  defaultAllow: false,
+  protocol: 'http',
+  intentions: [
+    ixn('web', 'api', 9, [deny({ PathPrefix: '/admin' }), deny({ Header: [{ Name: 'x-debug', Present: true }] }), allow({ PathPrefix: '/' })]),
+    ixn('ops', 'api', 9, 'allow')
+  ]
+})
+const SERVICE: RouteRules = { exempt: false, override: null }
+const EXEMPT: RouteRules = { exempt: true, override: null }
+const OVERRIDE: RouteRules = { exempt: false, override: compileOverride([{ name: 'ops', action: 'deny' }], 'api') }
+
+function service (normalization: RequestNormalization | null = null, extra: Partial<ServiceRules> = {}): ServiceRules {
+  return { policy, normalization, router: ROUTER, agentDecides: false, ...extra }
+}
+
+function view (url: string, caller: CallerIdentity | null = WEB, rawHeaders: string[] = []): RequestView {
+  return { caller, method: 'GET', url, rawHeaders }
+}
+
+function decided (svc: ServiceRules, route: RouteRules, request: RequestView): [string, string, boolean] {
+  const v = decideRequest(svc, route, request, newVerdict())
+  return [v.outcome, v.decision.reason, v.dropUnderscoreHeaders]
+}
+
+t.test('each outcome, in the order the checks run', async (t) => {
+  const web = 'intention default/web => default/api (precedence 9)'
+  const cases: Array<[string, ServiceRules, RouteRules, RequestView, [string, string, boolean]]> = [
+    ['an exempt route needs no identity', service(), EXEMPT, view('/admin', null), ['exempt', 'route exempt (config.consulNative: false)', false]],
+    ['no identity: unauthenticated', service(), SERVICE, view('/', null), ['unauthenticated', 'unauthenticated', false]],
+    ['a path the normalization rejects, before any intention', service(), SERVICE, view('/a%00'), ['bad-path', 'path rejected by the mesh request normalization', false]],
+    ['an underscore header under REJECT_REQUEST', service({ HeadersWithUnderscoresAction: 'REJECT_REQUEST' }), SERVICE, view('/', WEB, ['x_a', '1']),
+      ['bad-header', 'header name with an underscore rejected by the mesh request normalization', false]],
+    ['without underscores REJECT_REQUEST changes nothing', service({ HeadersWithUnderscoresAction: 'REJECT_REQUEST' }), SERVICE, view('/', WEB, ['x-a', '1']),
+      ['allow', `${web}, permission 3 (allow)`, false]],
+    ['under DROP_HEADER the dropped header no longer matches', service({ HeadersWithUnderscoresAction: 'DROP_HEADER' }), SERVICE, view('/', WEB, ['x_debug', '1', 'y', '2']),
+      ['allow', `${web}, permission 3 (allow)`, true]],
+    ['while a header under ALLOW still does', service({ HeadersWithUnderscoresAction: 'ALLOW' }), SERVICE, view('/', WEB, ['x-debug', '1', 'x_a', '1']),
+      ['deny', `${web}, permission 2 (deny)`, false]],
+    ['a canonical allow', service(), SERVICE, view('/v1/items?x=1'), ['allow', `${web}, permission 3 (allow)`, false]],
+    ['a canonical deny', service(), SERVICE, view('/admin'), ['deny', `${web}, permission 1 (deny)`, false]],
+    ['a non-canonical spelling decides on the canonical path', service(), SERVICE, view('/%61dmin?x'), ['deny', `${web}, permission 1 (deny)`, false]],
+    ['a route override decides first', service(), OVERRIDE, view('/', OPS), ['deny', 'route override sources[0] ops deny', false]],
+    ['the service decides for callers the override does not name', service(), OVERRIDE, view('/admin'), ['deny', `${web}, permission 1 (deny)`, false]]
+  ]
+  for (const [name, svc, route, request, expected] of cases) t.same(decided(svc, route, request), expected, name)
+  t.same(decided(service(), SERVICE, view('/', OPS)), ['allow', 'intention default/ops => default/api (precedence 9) allow', false], 'without the override ops is allowed')
+})
+
+t.test('router spellings: another spelling the router treats alike can only add a denial', async (t) => {
+  const caseless: ServiceRules = service(null, { router: { ...ROUTER, caseSensitive: false } })
+  t.same(decided(service(), SERVICE, view('/ADMIN'))[0], 'allow', 'case-sensitive router: /ADMIN is another route')
+  t.same(decided(caseless, SERVICE, view('/ADMIN')), ['deny',
+    'intention default/web => default/api (precedence 9), permission 1 (deny) for another spelling of the path that reaches the same route', false])
+  const twin: RouteRules = { exempt: false, override: null, router: { ...ROUTER, caseSensitive: false } }
+  t.same(decided(service(), twin, view('/ADMIN'))[0], 'deny', 'a route\'s own router options win over the service\'s')
+})
+
+t.test('the path the router dispatched on must be allowed in its own right', async (t) => {
+  const open = compilePolicy({
+    destination: 'api',
+    defaultAllow: false,
+    protocol: 'http',
+    intentions: [ixn('web', 'api', 9, [allow({ PathPrefix: '/public/' })])]
+  })
+  const svc = service(null, { policy: open })
+  t.same(decided(svc, SERVICE, view('/public/x')), ['allow', 'intention default/web => default/api (precedence 9), permission 1 (allow)', false])
+  t.same(decided(svc, SERVICE, view('/public/../public/x'))[0], 'allow', 'both /public/x and the routed /public/../public/x are allowed')
+  t.same(decided(svc, SERVICE, view('/admin/../public/x')), ['deny', 'intention default/web => default/api (precedence 9): no permission matched, default policy (deny)', false],
+    '/public/x is allowed, but the router dispatches on /admin/../public/x')
+  t.same(decided(svc, SERVICE, view('/public/%78'))[0], 'allow', 'an escape the router decodes alike is the same route')
+})
+
+t.test('mode agent: route overrides decide here, the agent for everything else', async (t) => {
+  const agent = service(null, { agentDecides: true })
+  t.same(decided(agent, SERVICE, view('/admin')), ['ask-agent', 'awaiting the agent\'s authorize answer', false])
+  t.same(decided(agent, OVERRIDE, view('/', WEB))[0], 'ask-agent', 'the override does not name web')
+  t.same(decided(agent, OVERRIDE, view('/', OPS)), ['deny', 'route override sources[0] ops deny', false])
+  const l7 = { exempt: false, override: compileOverride([{ name: 'web', permissions: [{ Action: 'allow', HTTP: { PathExact: '/a' } }] }], 'api') }
+  t.same(decided(agent, l7, view('/a?x'))[0], 'allow')
+  t.same(decided(agent, l7, view('/b')), ['deny', 'route override sources[0] web: no permission matched, default policy (deny)', false],
+    'no permission matched: the service\'s default policy decides')
+  t.same(decided(agent, SERVICE, view('/a%00')), ['bad-path', 'path rejected by the mesh request normalization', false], 'normalization applies in every mode')
+})
+
+t.test('a header matcher on :path sees the normalized path with the query', async (t) => {
+  const p = compilePolicy({
+    destination: 'api',
+    defaultAllow: false,
+    protocol: 'http',
+    intentions: [ixn('web', 'api', 9, [allow({ Header: [{ Name: ':path', Exact: '/a?q=1' }] })])]
+  })
+  const svc = service(null, { policy: p })
+  t.same(decided(svc, SERVICE, view('/a?q=1'))[0], 'allow')
+  t.same(decided(svc, SERVICE, view('/%61?q=1'))[0], 'allow')
+  t.same(decided(svc, SERVICE, view('/./a?q=1'))[0], 'allow', 'the re-check of the routed /./a still matches :path on the normalized target')
+  t.same(decided(svc, SERVICE, view('/a'))[0], 'deny')
+})
+
+t.test('the verdict object is reused: every call overwrites every field', async (t) => {
+  const out = newVerdict()
+  decideRequest(service({ HeadersWithUnderscoresAction: 'DROP_HEADER' }), SERVICE, view('/', WEB, ['x_a', '1']), out)
+  t.equal(out.dropUnderscoreHeaders, true)
+  t.equal(decideRequest(service(), EXEMPT, view('/'), out), out)
+  t.same(out, { outcome: 'exempt', decision: { allow: true, reason: 'route exempt (config.consulNative: false)' }, dropUnderscoreHeaders: false })
+})
