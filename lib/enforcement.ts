@@ -112,7 +112,7 @@ export class Enforcer {
       if (overridden !== null) return this.#settle(request, identity, overridden)
       return this.#authorize.decide(request, identity).then((decision) => this.#settle(request, identity, decision))
     }
-    // A7. The canonical path decides, and every other spelling the router treats alike (per its
+    // docs/semantics.md#router-spellings: the canonical path decides, and every other spelling the router treats alike (per its
     // options) can only add a denial. The router dispatched on the path as sent, though: when
     // that differs structurally (dot segments, backslashes), it must be allowed in its own right.
     const router = route.router ?? this.#router
