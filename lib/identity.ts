@@ -1,6 +1,6 @@
 // The caller's Consul service identity, read from its TLS client certificate once per connection
 // and cached, so the per-request cost is a WeakMap lookup and a clock comparison.
-// Rules (SEMANTICS Part A, A2): the chain verified against the current roots, exactly one URI SAN,
+// Rules (docs/semantics.md#identity): the chain verified against the current roots, exactly one URI SAN,
 // a Consul *service* SPIFFE ID whose trust domain is the roots' TrustDomain, and a certificate that
 // is valid at request time. Nothing the client chooses (SNI, headers) contributes.
 import { X509Certificate } from 'node:crypto'

@@ -1,5 +1,5 @@
 // Outbound calls to other mesh services: discovery of their Connect-capable instances
-// (`/v1/health/connect/<service>`, SEMANTICS §1.7) kept current by a blocking watch, and mTLS with
+// (`/v1/health/connect/<service>`, docs/semantics.md#discovery) kept current by a blocking watch, and mTLS with
 // the current leaf, where the peer must present exactly the target service's SPIFFE ID. One undici
 // Pool per instance; a new leaf or new roots replace every pool (the old ones close gracefully).
 import type { EventEmitter } from 'node:events'

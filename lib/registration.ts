@@ -1,5 +1,5 @@
-// Registers the app with the local agent as a Connect-native service (SEMANTICS §1.6) and keeps it
-// registered: an anti-entropy loop blocks on the agent's view of the instance (hash-based, §2.4)
+// Registers the app with the local agent as a Connect-native service (docs/semantics.md#registration) and keeps it
+// registered: an anti-entropy loop blocks on the agent's view of the instance (docs/semantics.md#hash-blocking)
 // and registers again when the agent has lost it (an agent restarted without its state), and a
 // TTL check, when chosen, is kept passing. The loops never throw: failures are logged once per
 // cause and retried with backoff; every timer is unref()'d and stop() aborts what is in flight.

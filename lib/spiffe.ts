@@ -1,4 +1,4 @@
-// Consul's SPIFFE identities (SEMANTICS §3.1): parsing a peer certificate's URI SAN into an
+// Consul's SPIFFE identities (docs/semantics.md#spiffe-ids): parsing a peer certificate's URI SAN into an
 // identity, building service IDs, and splitting Node's `subjectAltName` string. Pure, no I/O.
 
 export type ConsulSpiffeId =

@@ -262,7 +262,7 @@ export class ConsulSync {
   async #resolveDefaultPolicy (): Promise<boolean> {
     const configured = this.#opts.defaultPolicy
     if (configured !== 'agent') return configured === 'allow'
-    // SEMANTICS §6.3: the agent's default_intention_policy, then its ACL default policy, then the
+    // docs/semantics.md#default-policy: the agent's default_intention_policy, then its ACL default policy, then the
     // X-Consul-Default-ACL-Policy header (on every answer, even when agent/self is refused);
     // fail closed when none is known.
     const signal = this.#startup.signal

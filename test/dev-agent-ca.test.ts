@@ -11,7 +11,7 @@ import { DevCertificateAuthority } from '../lib/dev-agent/ca'
 import type { CARoot, IndexedCARoots } from '../lib/agent/wire'
 import { hasOpenssl, opensslVerify, splitPem } from './helpers/openssl'
 
-const CAPTURED = resolve(__dirname, '..', '..', 'shared', 'consul', 'captured')
+const CAPTURED = resolve(__dirname, 'fixtures', 'consul')
 const CLUSTER_ID = '2a146f8e-f8b9-cb9e-7aa9-e941c8535d0d'
 const SERVER_AUTH = '1.3.6.1.5.5.7.3.1'
 const CLIENT_AUTH = '1.3.6.1.5.5.7.3.2'

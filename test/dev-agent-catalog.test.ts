@@ -10,7 +10,7 @@ import type { TLSSocket } from 'node:tls'
 import { DevCatalog, unknownServiceMessage } from '../lib/dev-agent/catalog'
 import type { CheckStatus, DevCatalogOptions } from '../lib/dev-agent/catalog'
 
-const CAPTURED = resolve(__dirname, '..', '..', 'shared', 'consul', 'captured', 'health-connect-api.json')
+const CAPTURED = resolve(__dirname, 'fixtures', 'consul', 'health-connect-api.json')
 
 // A throwaway self-signed P-256 certificate for `health.test` and 127.0.0.1, valid until 2126.
 const CERT = `-----BEGIN CERTIFICATE-----

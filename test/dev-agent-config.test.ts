@@ -1,5 +1,5 @@
 // The dev agent's config entries: Consul's decoding, normalisation and validation of
-// `PUT /v1/config` row by row (captured/README.md "Config-entry validation"), the other kinds,
+// `PUT /v1/config` row by row (docs/semantics.md#config-entry-writes), the other kinds,
 // CAS, deletes, and the intention match computation with its blocking behaviour.
 import t from 'tap'
 import type { Test } from 'tap'

@@ -1,4 +1,4 @@
-// The dev agent against every response a real Consul agent gave (../shared/consul/captured/):
+// The dev agent against every response a real Consul agent gave (test/fixtures/consul/):
 // the same key sets, types and nulls, recursively, and the same header names. Values that are
 // per-cluster (certificates, IDs, indexes, dates) differ; values that follow from the same input
 // (intentions, authorize reasons, config entries) must be equal.
@@ -14,7 +14,7 @@ import { request } from 'undici'
 import { startDevAgent } from '../lib/dev-agent/index'
 import type { DevAgent } from '../lib/dev-agent/index'
 
-const CAPTURED = join(__dirname, '..', '..', 'shared', 'consul', 'captured')
+const CAPTURED = join(__dirname, 'fixtures', 'consul')
 // The captured heads have CRLF line ends.
 const captured = (file: string): string => readFileSync(join(CAPTURED, file), 'utf8').replace(/\r\n/g, '\n')
 const capturedJson = (file: string): any => JSON.parse(captured(file))

@@ -1,4 +1,4 @@
-// Path canonicalization (A7, SEMANTICS.md §5.6, T44-T47) and the router spellings the hook must
+// Path canonicalization (docs/semantics.md#path-normalization, T44-T47) and the router spellings the hook must
 // also check so that no request reaches a handler that its canonical spelling would be denied.
 import t from 'tap'
 import fc from 'fast-check'
@@ -200,7 +200,7 @@ t.test('routerPaths', async (t) => {
   })
 })
 
-t.test('A7 end to end: canonicalPath + routerPaths + decideSpellings', async (t) => {
+t.test('path rules end to end (docs/semantics.md#router-spellings): canonicalPath + routerPaths + decideSpellings', async (t) => {
   const ixn = (perms: Intention['Permissions']): Intention => ({
     SourceNS: 'default',
     SourceName: 'web',

@@ -1,4 +1,4 @@
-// The decision engine, rule by rule: compilePolicy/decide (A1, A3-A5, A8, A9), route overrides,
+// The decision engine, rule by rule: compilePolicy/decide (docs/semantics.md#decision-rules, docs/semantics.md#request-rules), route overrides,
 // decideSpellings with router spellings, and what each refuses to compile.
 import t, { type Test } from 'tap'
 import type { Intention, IntentionPermission } from '../lib/agent/wire'
@@ -27,7 +27,7 @@ function req (path = '/', method = 'GET', rawHeaders: string[] = [], url = path)
 
 const WEB = who('web')
 
-t.test('choosing the intention (A1)', async (t) => {
+t.test('choosing the intention (docs/semantics.md#first-match)', async (t) => {
   t.test('the first intention in precedence order whose source matches decides, whatever the transport order', async (t) => {
     const p = policy([ixn('web', '*', 6, 'deny'), ixn('*', 'api', 8, 'allow'), ixn('web', 'api', 9, 'deny')])
     t.same(decide(p, WEB, req()), { allow: false, reason: 'intention default/web => default/api (precedence 9) deny' })
@@ -63,7 +63,7 @@ t.test('choosing the intention (A1)', async (t) => {
     t.equal(decide(p, who('web', 'team-a'), req()).allow, false)
   })
 
-  t.test('partitions must be equal, "" meaning default, on both sides (§4.5)', async (t) => {
+  t.test('partitions must be equal, "" meaning default, on both sides (docs/semantics.md#source-matching)', async (t) => {
     const p = policy([
       ixn('web', 'api', 9, 'allow'),
       ixn('web', 'api', 9, 'deny', { SourcePartition: 'eu' })
@@ -127,7 +127,7 @@ t.test('choosing the intention (A1)', async (t) => {
   })
 })
 
-t.test('what the policy keeps (A3, A4, destinations)', async (t) => {
+t.test('what the policy keeps (docs/semantics.md#datacenter, docs/semantics.md#peers, destinations)', async (t) => {
   t.test('peered and sameness-group sources never match and are reported once per cause', async (t) => {
     const p = policy([
       ixn('web', 'api', 9, 'allow', { SourcePeer: 'other' }), ixn('db', 'api', 9, 'allow', { SourcePeer: 'other' }),
@@ -163,12 +163,12 @@ t.test('what the policy keeps (A3, A4, destinations)', async (t) => {
     t.equal(policy(list, false, 'http', 'default/default/api').size, 2)
   })
 
-  t.test('the datacenter is not part of a caller identity (A3, T43)', async (t) => {
+  t.test('the datacenter is not part of a caller identity (docs/semantics.md#datacenter, T43)', async (t) => {
     t.equal(decide(policy([ixn('web', 'api', 9, 'allow')]), { ...WEB, datacenter: 'dc2' } as unknown as CallerIdentity, req()).allow, true)
   })
 })
 
-t.test('JWT requirements (A5)', async (t) => {
+t.test('JWT requirements (docs/semantics.md#jwt)', async (t) => {
   const jwt = { Providers: [{ Name: 'okta' }] }
 
   t.test('an L4 allow that needs a JWT still claims its source and denies', async (t) => {
@@ -324,7 +324,7 @@ t.test('L7 matching', async (t) => {
   })
 })
 
-t.test('compilation errors name the intention and the problem (A9)', async (t) => {
+t.test('compilation errors name the intention and the problem (docs/semantics.md#re2)', async (t) => {
   const bad = (t: Test, intentions: unknown[], message: RegExp | string, input: Partial<PolicyInput> = {}): void => {
     t.throws(() => compilePolicy({ destination: 'api', intentions: intentions as Intention[], defaultAllow: false, protocol: 'http', ...input }),
       typeof message === 'string' ? { message } : { message })

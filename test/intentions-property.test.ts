@@ -1,5 +1,5 @@
 // Property tests: on random intention sets and random requests, the compiled engine answers
-// exactly as the slow reference transcription of A1 (test/helpers/reference-engine.ts), reason
+// exactly as the slow reference transcription of docs/semantics.md#first-match (test/helpers/reference-engine.ts), reason
 // strings included, for decide, decideOverride and decideSpellings.
 import t from 'tap'
 import fc from 'fast-check'

@@ -1,4 +1,4 @@
-// SEMANTICS.md §8: every test vector, with the plugin's answer (Part A overrides Envoy's column
+// docs/semantics.md#test-vectors: every test vector, with the plugin's answer (the project's rules override Envoy's column
 // for T31/T32). Each row runs the plugin's pipeline: canonicalPath on the raw target, then decide.
 import t from 'tap'
 import type { Intention, IntentionPermission, RequestNormalization } from '../lib/agent/wire'
@@ -63,19 +63,19 @@ const vectors: Vector[] = [
   { id: 'T28', intentions: T28, def: 'deny', source: 'team-a/web', answer: 'deny', why: 'the narrower namespace wildcard wins (ENT)' },
   { id: 'T29', intentions: T28, def: 'deny', source: 'team-b/web', answer: 'allow', why: '*/* matches any namespace (ENT)' },
   { id: 'T30', intentions: [ixn('web', 'api', 9, 'allow'), ixn('web', '*', 6, 'deny')], def: 'deny', source: 'web', answer: 'allow', why: 'the same source at lower precedence never decides' },
-  { id: 'T31', intentions: [ixn('*', 'api', 8, 'deny'), ixn('web', '*', 6, 'allow')], def: 'deny', source: 'web', answer: 'deny', why: 'A1: the first matching intention (* → api deny) decides; Envoy would allow' },
-  { id: 'T32', intentions: [ixn('*', 'api', 8, 'allow'), ixn('web', '*', 6, 'deny')], def: 'allow', source: 'web', answer: 'allow', why: 'A1: the first matching intention (* → api allow) decides; Envoy would deny' },
+  { id: 'T31', intentions: [ixn('*', 'api', 8, 'deny'), ixn('web', '*', 6, 'allow')], def: 'deny', source: 'web', answer: 'deny', why: 'first match: the first matching intention (* → api deny) decides; Envoy would allow' },
+  { id: 'T32', intentions: [ixn('*', 'api', 8, 'allow'), ixn('web', '*', 6, 'deny')], def: 'allow', source: 'web', answer: 'allow', why: 'first match: the first matching intention (* → api allow) decides; Envoy would deny' },
   { id: 'T33', intentions: [ixn('web', 'api', 9, [allow({ PathPrefix: '/' })])], def: 'allow', protocol: 'tcp', source: 'web', answer: 'deny', why: 'an L7 intention on a non-HTTP protocol denies' },
   { id: 'T34', intentions: [ixn('web', 'api', 9, [deny({ PathPrefix: '/admin' })])], def: 'deny', source: 'web', url: '/public', answer: 'deny', why: 'no permission matches: default deny' },
   { id: 'T35', intentions: [ixn('web', 'api', 9, [allow({ PathPrefix: '/public' })])], def: 'allow', source: 'web', url: '/admin', answer: 'allow', why: 'no permission matches: default allow' },
   { id: 'T36', intentions: [ixn('web', 'api', 9, [deny({ PathExact: '/pkg.Billing/Refund' }), allow({ PathPrefix: '/pkg.Billing/' })])], def: 'deny', protocol: 'grpc', source: 'web', method: 'POST', url: '/pkg.Billing/Refund', answer: 'deny', why: 'a gRPC method is its :path' },
   { id: 'T37', intentions: [ixn('web', 'api', 9, [deny({ Header: [{ Name: 'Host', Suffix: 'bad.com', IgnoreCase: true }] })])], def: 'allow', source: 'web', headers: ['Host', 'foo.BAD.com'], answer: 'deny', why: 'Host is :authority; Suffix ignoring case' },
   { id: 'T38', intentions: [ixn('web', 'api', 9, [allow({ Header: [{ Name: 'x-id', Regex: '[0-9]+' }] })])], def: 'deny', source: 'web', headers: ['x-id', '12a'], answer: 'deny', why: 'a header regex must match the whole value' },
-  { id: 'T39', intentions: [ixn('web', 'api', 9, 'allow')], def: 'deny', source: 'web', answer: 'unauthenticated', why: 'a peer\'s service presents its own trust domain (or arrives via a mesh gateway identity): identity-level, A2/A4' },
+  { id: 'T39', intentions: [ixn('web', 'api', 9, 'allow')], def: 'deny', source: 'web', answer: 'unauthenticated', why: 'a peer\'s service presents its own trust domain (or arrives via a mesh gateway identity): identity-level (trust domain pin, no peering)' },
   { id: 'T39 (engine)', intentions: [ixn('web', 'api', 9, 'allow', { SourcePeer: 'other' })], def: 'deny', source: 'web', answer: 'deny', why: 'the engine\'s side of T39: a peered intention never matches a local caller' },
   { id: 'T40', intentions: [ixn('*', 'api', 8, 'deny'), ixn('web', 'api', 9, [allow({ PathPrefix: '/api' })])], def: 'allow', source: 'web', url: '/admin', answer: 'allow', why: 'the exact L7 source shields from the * deny; the default (allow) decides' },
-  { id: 'T41', intentions: [ixn('web', 'api', 9, 'allow')], def: 'deny', source: 'web', answer: 'unauthenticated', why: 'a foreign trust domain is rejected before the engine (A2)' },
-  { id: 'T42', intentions: [ixn('web', 'api', 9, 'deny')], def: 'allow', source: 'web', answer: 'unauthenticated', why: 'a foreign trust domain is rejected before the engine (A2)' },
+  { id: 'T41', intentions: [ixn('web', 'api', 9, 'allow')], def: 'deny', source: 'web', answer: 'unauthenticated', why: 'a foreign trust domain is rejected before the engine (trust domain pin)' },
+  { id: 'T42', intentions: [ixn('web', 'api', 9, 'deny')], def: 'allow', source: 'web', answer: 'unauthenticated', why: 'a foreign trust domain is rejected before the engine (trust domain pin)' },
   { id: 'T43', intentions: [ixn('web', 'api', 9, 'allow')], def: 'deny', source: 'web', answer: 'allow', why: 'the datacenter is not part of the identity the engine matches' },
   { id: 'T44', intentions: T44, def: 'allow', source: 'web', url: '/value/%73upersecret', answer: 'deny', why: 'unreserved %73 is decoded to s' },
   { id: 'T45', intentions: T44, def: 'allow', source: 'web', url: '/value//supersecret', answer: 'allow', why: 'slashes are not merged by default' },
@@ -86,7 +86,7 @@ const vectors: Vector[] = [
   { id: 'T47', intentions: T44, def: 'allow', source: 'web', url: '/value\\supersecret', answer: 'deny', why: 'a backslash is a slash' }
 ]
 
-t.test('SEMANTICS §8 vectors, answered as the plugin answers', async (t) => {
+t.test('the test vectors of docs/semantics.md#test-vectors, answered as the plugin answers', async (t) => {
   for (const v of vectors) {
     const method = v.method ?? 'GET'
     const url = v.url ?? '/'

@@ -1,13 +1,13 @@
 import t from 'tap'
 import fc from 'fast-check'
 import { X509Certificate } from 'node:crypto'
-import { readdirSync, readFileSync, statSync } from 'node:fs'
+import { readFileSync } from 'node:fs'
 import { resolve } from 'node:path'
 import { parseSpiffeId, parseSubjectAltNames, serviceSpiffeId } from '../lib/spiffe'
 import type { ConsulSpiffeId } from '../lib/spiffe'
 import { DevCertificateAuthority } from '../lib/dev-agent/ca'
 
-const SHARED = resolve(__dirname, '..', '..', 'shared')
+const CAPTURED = resolve(__dirname, 'fixtures', 'consul')
 const TD = '11111111-2222-3333-4444-555555555555.consul'
 
 t.test('parses every Consul SPIFFE ID format', async (t) => {
@@ -91,7 +91,7 @@ t.test('rejects anything that is not one of Consul\'s formats', async (t) => {
 
 t.test('parses the ServiceURI values Consul returned', async (t) => {
   for (const file of ['ca-leaf-api.json', 'ca-leaf-api-after-rotation.json']) {
-    const leaf = JSON.parse(readFileSync(resolve(SHARED, 'consul', 'captured', file), 'utf8')) as { ServiceURI: string, Service: string, CertPEM: string }
+    const leaf = JSON.parse(readFileSync(resolve(CAPTURED, file), 'utf8')) as { ServiceURI: string, Service: string, CertPEM: string }
     const want = {
       kind: 'service',
       trustDomain: '2a146f8e-f8b9-cb9e-7aa9-e941c8535d0d.consul',
@@ -106,31 +106,62 @@ t.test('parses the ServiceURI values Consul returned', async (t) => {
   }
 })
 
-t.test('reads the identities in Consul\'s own test certificates', async (t) => {
-  const dir = resolve(SHARED, 'fixtures', 'consul-testdata')
-  const want: Record<string, ConsulSpiffeId> = {
-    'agent-xds-testdata/test-leaf-cert.golden':
-      { kind: 'service', trustDomain: TD, partition: 'default', namespace: 'default', datacenter: 'dc1', service: 'web' },
-    'agent-xds-testdata/test-root-cert.golden': { kind: 'signing', trustDomain: TD },
-    'connect-testdata-2018/ca1-ca-consul-internal.cert.pem': { kind: 'signing', trustDomain: TD },
-    'connect-testdata-2018/ca1-svc-db.cert.pem':
-      { kind: 'service', trustDomain: TD, partition: 'default', namespace: 'default', datacenter: 'dc01', service: 'db' },
-    'connect-testdata-2018/ca1-svc-web.cert.pem':
-      { kind: 'service', trustDomain: TD, partition: 'default', namespace: 'default', datacenter: 'dc01', service: 'web' },
-    'connect-testdata-2018/ca2-ca-vault.cert.pem': { kind: 'signing', trustDomain: TD },
-    'connect-testdata-2018/ca2-svc-db.cert.pem':
-      { kind: 'service', trustDomain: TD, partition: 'default', namespace: 'default', datacenter: 'dc01', service: 'db' },
-    'connect-testdata-2018/ca2-xc-by-ca1.cert.pem': { kind: 'signing', trustDomain: TD }
+/** The first certificate of a PEM bundle (a leaf's CertPEM may carry intermediates after it). */
+function firstCertificate (pem: string): X509Certificate {
+  return new X509Certificate(pem.slice(0, pem.indexOf('-----END CERTIFICATE-----') + 25))
+}
+
+t.test('reads the identities in Consul-shaped certificates, before and after a rotation', async (t) => {
+  // The set Consul's own connect tests used, made here: a cluster CA in datacenter dc01 with leaves
+  // for web and db; a rotation to a second root, cross-signed by the first, and a db leaf under it;
+  // and an unrelated CA with the same trust domain string and a web leaf in dc1.
+  const clusterId = TD.replace(/\.consul$/, '')
+  const cluster = await DevCertificateAuthority.create({ clusterId, datacenter: 'dc01' })
+  const ca1 = cluster.roots()[0]?.RootCert as string
+  const ca1Web = await cluster.signLeaf('web')
+  const ca1Db = await cluster.signLeaf('db')
+  await cluster.rotate()
+  const [active] = cluster.roots()
+  const ca2 = active?.RootCert as string
+  const ca2CrossSigned = active?.IntermediateCerts?.[0] as string
+  const ca2Db = await cluster.signLeaf('db')
+  const unrelated = await DevCertificateAuthority.create({ clusterId, datacenter: 'dc1' })
+  const otherRoot = unrelated.roots()[0]?.RootCert as string
+  const otherWeb = await unrelated.signLeaf('web')
+
+  const service = (datacenter: string, name: string): ConsulSpiffeId =>
+    ({ kind: 'service', trustDomain: TD, partition: 'default', namespace: 'default', datacenter, service: name })
+  const signing: ConsulSpiffeId = { kind: 'signing', trustDomain: TD }
+  const certificates: Array<[string, string, ConsulSpiffeId]> = [
+    ['ca1 root', ca1, signing],
+    ['ca1 web leaf', ca1Web.certPem, service('dc01', 'web')],
+    ['ca1 db leaf', ca1Db.certPem, service('dc01', 'db')],
+    ['ca2 root', ca2, signing],
+    ['ca2 cross-signed by ca1', ca2CrossSigned, signing],
+    ['ca2 db leaf', ca2Db.certPem, service('dc01', 'db')],
+    ['unrelated root', otherRoot, signing],
+    ['unrelated web leaf', otherWeb.certPem, service('dc1', 'web')]
+  ]
+  for (const [name, pem, want] of certificates) {
+    const sans = parseSubjectAltNames(firstCertificate(pem).subjectAltName)
+    t.equal(sans?.uris.length, 1, `${name}: one URI SAN`)
+    t.same(parseSpiffeId(sans?.uris[0] as string), want, name)
   }
-  const certificates = readdirSync(dir, { recursive: true, encoding: 'utf8' })
-    .filter((file) => statSync(resolve(dir, file)).isFile() && readFileSync(resolve(dir, file), 'utf8').includes('BEGIN CERTIFICATE'))
-    .sort()
-  t.same(certificates, Object.keys(want).sort(), 'every certificate fixture is covered')
-  for (const file of certificates) {
-    const sans = parseSubjectAltNames(new X509Certificate(readFileSync(resolve(dir, file))).subjectAltName)
-    t.equal(sans?.uris.length, 1, `${file}: one URI SAN`)
-    t.same(parseSpiffeId(sans?.uris[0] as string), want[file], file)
-  }
+
+  // The chains those identities come with: trust comes from keys, not from the shared trust domain.
+  const [root1, root2, cross, leaf2, rootOther] = [ca1, ca2, ca2CrossSigned, ca2Db.certPem, otherRoot].map(firstCertificate)
+  const signedBy = (cert: X509Certificate, issuer: X509Certificate): boolean => cert.checkIssued(issuer) && cert.verify(issuer.publicKey)
+  t.ok(signedBy(firstCertificate(ca1Web.certPem), root1), 'ca1 leaves are signed by ca1')
+  t.ok(signedBy(cross, root1), 'the cross-signed certificate is issued and signed by ca1')
+  t.equal(cross.subject, root2.subject, 'it carries the ca2 subject')
+  t.equal(cross.publicKey.export({ format: 'der', type: 'spki' }).toString('hex'),
+    root2.publicKey.export({ format: 'der', type: 'spki' }).toString('hex'), 'and the ca2 key')
+  t.ok(signedBy(leaf2, root2), 'the ca2 db leaf is signed by ca2')
+  t.notOk(signedBy(leaf2, root1), 'not by ca1 directly: it reaches ca1 only through the cross-signed certificate')
+  t.ok(signedBy(leaf2, cross), 'which it links to')
+  t.equal(ca2Db.certPem.split('BEGIN CERTIFICATE').length - 1, 2, 'the ca2 leaf is served with the cross-signed certificate')
+  t.notOk(signedBy(firstCertificate(ca1Web.certPem), rootOther), 'the unrelated root signs no cluster leaf, despite the same trust domain')
+  t.notOk(signedBy(firstCertificate(otherWeb.certPem), root1), 'and the cluster root signs no unrelated leaf')
 })
 
 t.test('serviceSpiffeId builds Consul\'s service URIs', async (t) => {

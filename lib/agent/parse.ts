@@ -51,7 +51,7 @@ export interface ConfigEntryViews {
 }
 export type ConfigEntryView = ConfigEntryViews[ConfigEntryKind]
 
-/** What `/v1/agent/self` tells about the default intention decision (SEMANTICS §6.3). */
+/** What `/v1/agent/self` tells about the default intention decision (docs/semantics.md#agent-self). */
 export interface AgentSelfView {
   readonly datacenter: string
   readonly version: string | null
@@ -213,7 +213,7 @@ function parseHeaderPermission (value: unknown, at: string): IntentionHTTPHeader
   return header
 }
 
-/** Only the presence and provider names of a JWT requirement matter (SEMANTICS A5: not enforced). */
+/** Only the presence and provider names of a JWT requirement matter (docs/semantics.md#jwt: not enforced). */
 function optionalJWT (o: Obj, at: string): IntentionJWTRequirement | undefined {
   const raw = o.JWT
   if (raw === undefined || raw === null) return undefined

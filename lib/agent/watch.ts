@@ -1,4 +1,4 @@
-// A blocking-query loop that keeps one agent value current (SEMANTICS §2.2). It never throws and
+// A blocking-query loop that keeps one agent value current (docs/semantics.md#blocking-queries). It never throws and
 // never gives up: failures keep the last good value, back off with full jitter, and are logged once
 // per distinct cause; recovery is logged once. Timers are unref()'d and stop() aborts the poll in
 // flight, so a stopped watch holds nothing open.

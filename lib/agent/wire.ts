@@ -1,7 +1,7 @@
 // Shapes of the Consul agent HTTP API as they travel on the wire (PascalCase, Consul's own field
 // names). Both the plugin (which parses them) and the dev agent (which produces them) use these
 // types, so a field renamed on one side fails the type-check on the other.
-// Reference: ../shared/consul/SEMANTICS.md §1 and ../shared/consul/captured/.
+// Reference: docs/semantics.md#agent-api; real answers of a Consul agent are in test/fixtures/consul/.
 
 /** `GET /v1/agent/connect/ca/leaf/:service` (structs.IssuedCert). */
 export interface IssuedCert {

@@ -1,6 +1,6 @@
-// `POST /v1/agent/connect/authorize` (SEMANTICS §1.5): the first intention, in precedence order,
+// `POST /v1/agent/connect/authorize` (docs/semantics.md#authorize): the first intention, in precedence order,
 // whose source matches the caller decides; an L7 intention always answers false; without a match
-// the default applies. Reasons are Consul's, verbatim (captured/agent-authorize.txt).
+// the default applies. Reasons are Consul's, verbatim (test/fixtures/consul/agent-authorize.txt).
 import type { ConnectAuthorizeResponse, Intention } from '../agent/wire'
 import { pathUnescape } from './go'
 import { DevAgentHttpError } from './http-error'
@@ -111,7 +111,7 @@ export function authorize (
     return { Authorized: defaults.defaultIntentionPolicy === 'allow', Reason: 'Default intention policy' }
   }
   if (!defaults.aclsEnabled) {
-    // Consul 1.10's wording (captured); newer versions say "Default behavior configured by ACLs".
+    // Consul 1.10's wording, as a real 1.10 agent answered; newer versions say "Default behavior configured by ACLs".
     return { Authorized: true, Reason: 'ACLs disabled, access is allowed by default' }
   }
   return { Authorized: defaults.tokenDefaultAllow, Reason: 'Default behavior configured by ACLs' }

@@ -1,4 +1,4 @@
-// Blocking-query machinery of the dev agent (SEMANTICS §2): the Raft-like index, Go duration
+// Blocking-query machinery of the dev agent (docs/semantics.md#blocking-queries): the Raft-like index, Go duration
 // parsing for `wait`, Consul's timeout rules, and waiters that are released on change or close.
 import { DURATION_UNIT_NS } from './go'
 import { DevAgentHttpError } from './http-error'

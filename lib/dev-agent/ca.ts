@@ -1,5 +1,5 @@
 // The dev agent's certificate authority: a real EC P-256 CA that issues certificates shaped like
-// those of Consul's built-in provider (SEMANTICS §1.2, §1.3, §3.3), so the plugin's TLS code is
+// those of Consul's built-in provider (docs/semantics.md#dev-agent-certificates), so the plugin's TLS code is
 // exercised against the same chains, extensions and rotation behaviour as against a real agent.
 // Certificates are assembled with @peculiar/asn1-x509 and signed with node:crypto rather than
 // built with @peculiar/x509: the latter needs a global Reflect-metadata polyfill (tsyringe) that
@@ -18,7 +18,7 @@ const MINUTE_MS = 60_000
 const DAY_MS = 24 * 60 * MINUTE_MS
 const DEFAULT_LEAF_TTL_MS = 72 * 60 * MINUTE_MS
 const ROOT_VALIDITY_YEARS = 10
-// Consul's cross-signed root is valid for 7 days from one minute before rotation (captured).
+// Consul's cross-signed root is valid for 7 days from one minute before rotation (test/fixtures/consul/ca-roots-after-rotation.json).
 const CROSS_SIGNED_VALIDITY_MS = 7 * DAY_MS
 /**
  * Roots kept after a rotation: the active one and the two most recently rotated out. Consul prunes
@@ -169,7 +169,7 @@ export class DevCertificateAuthority {
       Name: 'Consul CA Primary Cert',
       SerialNumber: root.serialNumber,
       SigningKeyID: colonHex(root.key.keyId),
-      // Consul 1.10 fills this with the cluster id even for current roots (captured).
+      // Consul 1.10 fills this with the cluster id even for current roots (test/fixtures/consul/ca-roots.json).
       ExternalTrustDomain: this.clusterId,
       NotBefore: rfc3339(root.notBefore),
       NotAfter: rfc3339(root.notAfter),
@@ -187,7 +187,7 @@ export class DevCertificateAuthority {
     return this.#active().id
   }
 
-  /** Signs a service leaf exactly as Consul's built-in provider does (SEMANTICS §3.3). */
+  /** Signs a service leaf exactly as Consul's built-in provider does (docs/semantics.md#dev-agent-certificates). */
   async signLeaf (service: string, opts: SignLeafOptions = {}): Promise<SignedLeaf> {
     const uri = serviceSpiffeId(this.trustDomain, {
       partition: opts.partition,

@@ -1,11 +1,11 @@
 // Config entries of the dev agent: `service-intentions`, `service-defaults`, `proxy-defaults` and
-// `mesh`, decoded, normalised and validated as Consul CE does (SEMANTICS §4.2, §5.2;
-// captured/README.md "Config-entry validation"), plus the intention match computation (§1.4, §4.4).
+// `mesh`, decoded, normalised and validated as Consul CE does (docs/semantics.md#config-entry-writes),
+// plus the intention match computation (docs/semantics.md#intention-match, docs/semantics.md#precedence).
 //
-// Where Consul 1.10 (the captured agent) and current Consul differ, current Consul is followed:
+// Where Consul 1.10 (the agent of test/fixtures/consul) and current Consul differ, current Consul is followed:
 // header `Contains`/`IgnoreCase` and the mesh `HTTP.Incoming.RequestNormalization` block (1.20.1+)
 // are accepted. `Hash`, which current Consul adds to stored entries, is not returned, to keep the
-// captured 1.10 shapes.
+// 1.10 shapes of test/fixtures/consul.
 import type { Intention, IntentionPermission, IntentionJWTRequirement } from '../agent/wire'
 import { DevAgentHttpError } from './http-error'
 
@@ -420,7 +420,7 @@ function invalid (message: string): DevAgentHttpError {
   return new DevAgentHttpError(500, message)
 }
 
-/** CE precedence (SEMANTICS §4.3): every namespace is `default`, so only the names count. */
+/** CE precedence (docs/semantics.md#precedence-numbers): every namespace is `default`, so only the names count. */
 function precedence (destination: string, source: string): number {
   const max = destination === WILDCARD ? 6 : 9
   return max - (source === WILDCARD ? 1 : 0)
@@ -476,7 +476,7 @@ function validatePermission (perm: Permission, i: number, j: number): void {
       if (!http[key].startsWith('/')) throw invalid(`${prefix}.${key} doesn't start with '/': ${goQuote(http[key])}`)
     }
   }
-  // PathRegex is not checked at all, not even for a leading '/' (captured/README.md §2, §6).
+  // PathRegex is not checked at all, not even for a leading '/' (docs/semantics.md#config-entry-writes).
   if (http.PathRegex !== '') parts++
   if (parts > 1) throw invalid(`${prefix} should only contain at most one of PathExact, PathPrefix, or PathRegex`)
   http.Header.forEach((hdr, k) => {
@@ -711,7 +711,7 @@ function byteCompare (a: string, b: string): number {
   return Buffer.compare(Buffer.from(a), Buffer.from(b))
 }
 
-/** Consul's IntentionPrecedenceSorter (SEMANTICS §4.4). */
+/** Consul's IntentionPrecedenceSorter (docs/semantics.md#precedence). */
 export function compareIntentions (a: Intention, b: Intention): number {
   if (a.Precedence !== b.Precedence) return b.Precedence - a.Precedence
   const keys = ['SourceSamenessGroup', 'SourcePeer', 'SourcePartition', 'SourceNS', 'SourceName',
@@ -803,7 +803,7 @@ export class ConfigEntryStore {
       if (name === WILDCARD) throw invalid('service-defaults name must be the name of a service, and not a wildcard')
       validateMeta(smap(entry, 'Meta'))
     } else if (kind === PROXY_DEFAULTS) {
-      // Any name is stored as `global` (captured/README.md §9).
+      // Any name is stored as `global` (docs/semantics.md#config-entry-writes).
       name = 'global'
       entry.Name = name
       validateMeta(smap(entry, 'Meta'))
@@ -939,7 +939,7 @@ export class ConfigEntryStore {
     return []
   }
 
-  /** L7 permissions need an HTTP-like destination (SEMANTICS §4.2; captured/README.md §7). */
+  /** L7 permissions need an HTTP-like destination (docs/semantics.md#config-entry-writes). */
   #checkL7 (entries: Map<string, Stored>, destinations: string[]): void {
     for (const destination of destinations) {
       const stored = entries.get(`${SERVICE_INTENTIONS}/${destination}`)

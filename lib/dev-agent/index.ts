@@ -1,5 +1,5 @@
 // Public entry `fastify-consul-native/dev-agent`: an in-process stand-in for a Consul agent in dev
-// mode, speaking the HTTP API a Connect-native service uses (SEMANTICS §1), for demos and tests.
+// mode, speaking the HTTP API a Connect-native service uses (docs/semantics.md#agent-api), for demos and tests.
 import { hostname } from 'node:os'
 import { formatGoDuration, parseGoDuration } from './blocking'
 import type { DevCertificateAuthority } from './ca'

@@ -1,5 +1,5 @@
 // The dev agent's HTTP server: routing, Consul's headers and error mapping, ACL tokens, the
-// leaf cache, the CA configuration, and the endpoints of SEMANTICS §1 on top of the CA, the
+// leaf cache, the CA configuration, and the endpoints of docs/semantics.md#agent-api on top of the CA, the
 // catalog and the config-entry store.
 import { createServer } from 'node:http'
 import type { IncomingMessage, Server, ServerResponse } from 'node:http'
@@ -413,7 +413,7 @@ export class DevAgentServer {
   // -------------------------------------------------------------------------------------------
   // Shared request checks
 
-  /** CE rejects namespaces and partitions, even `default` (SEMANTICS §1.1). */
+  /** CE rejects namespaces and partitions, even `default` (docs/semantics.md#scopes). */
   #rejectEnterprise (ctx: Ctx): void {
     if ((ctx.headers['x-consul-namespace'] ?? '') !== '') {
       throw new DevAgentHttpError(400, 'Bad request: Invalid header: "X-Consul-Namespace" - Namespaces are a Consul Enterprise feature')
@@ -862,7 +862,7 @@ export class DevAgentServer {
   async #agentService (ctx: Ctx): Promise<Reply> {
     this.#rejectEnterprise(ctx)
     const id = ctx.rest
-    // Hash-based blocking (SEMANTICS §2.4): `hash` plus `wait`; the index is not used.
+    // Hash-based blocking (docs/semantics.md#hash-blocking): `hash` plus `wait`; the index is not used.
     const { timeoutMs } = this.#blocking(ctx)
     const hash = ctx.query.get('hash') ?? ''
     const result = await block({

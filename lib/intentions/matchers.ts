@@ -1,6 +1,6 @@
 // L7 permission matchers: the HTTP part of one intention permission, compiled once and evaluated
 // per request without allocating in the common case. Pure: no I/O, no clock, no Fastify types.
-// Semantics: SEMANTICS.md §5.2 (validation), §5.3 (evaluation), A8 (headers), A9 (RE2).
+// Rules: docs/semantics.md#permissions, docs/semantics.md#headers, docs/semantics.md#re2, docs/semantics.md#permission-validation.
 import { RE2JS } from 're2js'
 
 /** A permission (or route source) that cannot be compiled; the message says exactly what is wrong. */
@@ -31,7 +31,7 @@ const SRC_AUTHORITY = 3
 const HTTP_KEYS = new Set(['PathExact', 'PathPrefix', 'PathRegex', 'Methods', 'Header'])
 const HEADER_KEYS = new Set(['Name', 'Present', 'Exact', 'Prefix', 'Suffix', 'Contains', 'Regex', 'Invert', 'IgnoreCase'])
 
-/** One header matcher of a permission (A8). */
+/** One header matcher of a permission (docs/semantics.md#headers). */
 export class HeaderMatcher {
   constructor (
     readonly name: string, // lower-case
@@ -51,7 +51,7 @@ export class HeaderMatcher {
     else if (source === SRC_PATH) v = url
     else v = authorityValue(rawHeaders)
     if (this.kind === HDR_PRESENT) return (v !== undefined) !== this.invert
-    // A missing header never matches a value matcher, inverted or not (Envoy, T23).
+    // A missing header never matches a value matcher, inverted or not (docs/semantics.md#headers).
     if (v === undefined) return false
     return this.matchValue(v) !== this.invert
   }
@@ -88,7 +88,7 @@ export class PermissionMatcher {
     if (methods !== null) {
       let found = false
       for (let i = 0; i < methods.length; i++) {
-        // Case-sensitive on purpose: Consul stores methods upper-cased and Envoy compares exactly (T17).
+        // Case-sensitive on purpose: Consul stores methods upper-cased and Envoy compares exactly (docs/semantics.md#methods).
         if (methods[i] === method) { found = true; break }
       }
       if (!found) return false
@@ -110,7 +110,7 @@ export class PermissionMatcher {
 
 /**
  * The value of header `lname` (lower-case) in Node's `rawHeaders`, repeated values joined with ','
- * as Envoy does (A8); `undefined` when absent. Returns the stored string when it occurs once.
+ * as Envoy does (docs/semantics.md#headers); `undefined` when absent. Returns the stored string when it occurs once.
  */
 export function headerValue (raw: readonly string[], lname: string): string | undefined {
   let first: string | undefined
@@ -186,7 +186,7 @@ function ruleBytes (s: string): string {
 /** Compiled patterns shared within one compilation: a compiled RE2 program costs ~5 KiB. */
 export type RegexCache = Map<string, RE2JS>
 
-/** Compile an RE2 pattern; a pattern RE2 rejects fails here, at compile time (A9). */
+/** Compile an RE2 pattern; a pattern RE2 rejects fails here, at compile time (docs/semantics.md#re2). */
 export function compileRegex (pattern: string, where: string, cache: RegexCache): RE2JS {
   let re = cache.get(pattern)
   if (re !== undefined) return re

@@ -1,4 +1,4 @@
-// Request path canonicalization for L7 matching (A7, SEMANTICS.md §5.6): the path Envoy's HTTP
+// Request path canonicalization for L7 matching (docs/semantics.md#path-normalization): the path Envoy's HTTP
 // connection manager would hand to its RBAC filter, plus the other spellings Fastify's router
 // (find-my-way) treats as the same route. Pure functions; the common case allocates nothing.
 import type { RequestNormalization } from '../agent/wire'

@@ -1,6 +1,6 @@
 // The intention decision engine: compile the destination's intention list once, then decide each
 // request. Pure: data in, decision out; no I/O, no clock, no Fastify types.
-// Contract: SEMANTICS.md Part A (A1 first match, A3-A5, A8, A9); reference: Part B §4, §5, §7.
+// Rules: docs/semantics.md#decision-rules and docs/semantics.md#request-rules.
 import type { Intention, IntentionPermission } from '../agent/wire'
 import { InvalidIntentionsError } from '../errors'
 import { PermissionMatcher, type RegexCache, RuleError, compileHttp, hasLowercaseEscape, isObject } from './matchers'
@@ -11,7 +11,7 @@ export { RuleError } from './matchers'
 export interface CallerIdentity { readonly partition: string, readonly namespace: string, readonly service: string }
 
 export interface RequestFacts {
-  /** As on the wire: methods are compared case-sensitively (T17). */
+  /** As on the wire: methods are compared case-sensitively (docs/semantics.md#methods). */
   readonly method: string
   /** Canonical path (see canonicalPath), without query string. */
   readonly path: string
@@ -29,7 +29,7 @@ export interface PolicyInput {
   /** The /v1/connect/intentions/match list for the destination, in any order. */
   intentions: readonly Intention[]
   defaultAllow: boolean
-  /** The service protocol: only 'http', 'http2' and 'grpc' evaluate L7 permissions (§7). */
+  /** The service protocol: only 'http', 'http2' and 'grpc' evaluate L7 permissions (docs/semantics.md#protocol). */
   protocol: string
 }
 
@@ -67,7 +67,7 @@ const DEFAULT_DENY = decision(false, 'default policy (deny)')
 class Permission {
   constructor (
     readonly matcher: PermissionMatcher,
-    /** false for an allow that needs a JWT: it never matches (A5). */
+    /** false for an allow that needs a JWT: it never matches (docs/semantics.md#jwt). */
     readonly usable: boolean,
     readonly decision: Decision,
     /** For a deny: the same denial found on an alternate (router) spelling of the path. */
@@ -109,7 +109,7 @@ class Policy implements CompiledPolicy {
   }
 
   /**
-   * The first rule (in precedence order) whose source matches the caller, or null (A1): a few
+   * The first rule (in precedence order) whose source matches the caller, or null (docs/semantics.md#first-match): a few
    * map lookups, no scan and no allocation. Not memoized per caller object: measured, a WeakMap
    * saves ~20 ns on a hit but costs ~200 ns and GC pauses for every new identity object.
    */
@@ -164,7 +164,7 @@ function evaluate (rule: Rule, req: RequestFacts, defaultAllow: boolean | null):
     const p = perms[i]
     if (p.usable && p.matcher.matches(req.method, req.path, req.url, req.rawHeaders)) return p.decision
   }
-  // No fall-through to lower intentions: the default policy decides (A1, T8/T9).
+  // No fall-through to lower intentions: the default policy decides (docs/semantics.md#first-match).
   return defaultAllow === null ? rule.noMatchAlone : defaultAllow ? rule.noMatchAllow : rule.noMatchDeny
 }
 
@@ -188,7 +188,7 @@ function asOverride (override: CompiledOverride): Override {
   return override
 }
 
-/** Decide one request of a verified caller against the service's policy (A1). */
+/** Decide one request of a verified caller against the service's policy (docs/semantics.md#first-match). */
 export function decide (policy: CompiledPolicy, caller: CallerIdentity, req: RequestFacts): Decision {
   const p = asPolicy(policy)
   const rule = p.ruleFor(caller)
@@ -250,7 +250,7 @@ export function compareBytes (a: string, b: string): number {
 const TIE_BREAK_FIELDS = ['SourceSamenessGroup', 'SourcePeer', 'SourcePartition', 'SourceNS', 'SourceName',
   'DestinationPartition', 'DestinationNS', 'DestinationName'] as const
 
-/** Consul's IntentionPrecedenceSorter (§4.4): Precedence descending, then the fields ascending. */
+/** Consul's IntentionPrecedenceSorter (docs/semantics.md#precedence): Precedence descending, then the fields ascending. */
 export function comparePrecedence (a: Intention, b: Intention): number {
   if (a.Precedence !== b.Precedence) return b.Precedence - a.Precedence
   for (const f of TIE_BREAK_FIELDS) {
@@ -260,7 +260,7 @@ export function comparePrecedence (a: Intention, b: Intention): number {
   return 0
 }
 
-/** Whether a JWT block asks for a token (A5); an unreadable one counts as asking (fail closed). */
+/** Whether a JWT block asks for a token (docs/semantics.md#jwt); an unreadable one counts as asking (fail closed). */
 function requiresJwt (jwt: unknown): boolean {
   if (jwt === undefined || jwt === null) return false
   if (!isObject(jwt)) return true
@@ -374,7 +374,7 @@ function parseDestination (destination: unknown): { partition: string | null, na
 /**
  * Compile the destination's intentions. Throws InvalidIntentionsError naming the offending
  * intention when one cannot be enforced (a regex RE2 rejects, an unknown action or field); the
- * caller then keeps its last good policy (A9).
+ * caller then keeps its last good policy (docs/semantics.md#re2).
  */
 export function compilePolicy (input: PolicyInput): CompiledPolicy {
   if (!isObject(input)) throw new TypeError('input must be an object')
@@ -389,13 +389,13 @@ export function compilePolicy (input: PolicyInput): CompiledPolicy {
   const kept: Intention[] = []
   input.intentions.forEach((raw, i) => {
     const ixn = checkIntentionShape(raw, i)
-    // Peers and sameness groups never match a local identity (A4).
+    // Peers and sameness groups never match a local identity (docs/semantics.md#peers).
     if (ixn.SourcePeer !== undefined && ixn.SourcePeer !== null && ixn.SourcePeer !== '') counts.peer++
     else if (ixn.SourceSamenessGroup !== undefined && ixn.SourceSamenessGroup !== null && ixn.SourceSamenessGroup !== '') counts.sameness++
     else if (!forDestination(ixn, dest)) counts.destination++
     else kept.push(ixn)
   })
-  // Re-sort: the transport order is not trusted (A1).
+  // Re-sort: the transport order is not trusted (docs/semantics.md#precedence).
   kept.sort(comparePrecedence)
 
   const rules: Rule[] = []
@@ -497,7 +497,7 @@ export function compileOverride (sources: readonly RouteSource[], destination: s
       const fixed = decision(action === 'allow', `${head} ${action as string}`)
       rule = new Rule(orDefault(partition), orDefault(namespace), name, fixed, [], fixed, fixed, fixed)
     }
-    // The same precedence numbers as intentions to an exact destination (§4.3): 9, 8, 7.
+    // The same precedence numbers as intentions to an exact destination (docs/semantics.md#precedence-numbers): 9, 8, 7.
     compiled.push({ rule, precedence: namespace === '*' ? 7 : name === '*' ? 8 : 9 })
   })
   compiled.sort((a, b) => b.precedence - a.precedence ||

@@ -11,8 +11,8 @@ import type { AddressInfo } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 
-/** ../shared/consul/captured, next to the repository. */
-export const CAPTURED_DIR = join(__dirname, '..', '..', '..', 'shared', 'consul', 'captured')
+/** Answers of a real Consul 1.10.12 dev agent, kept in the repository (see its README.md). */
+export const CAPTURED_DIR = join(__dirname, '..', 'fixtures', 'consul')
 
 export interface CapturedReply { status: number, headers: Record<string, string>, body: string }
 

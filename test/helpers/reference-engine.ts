@@ -1,4 +1,4 @@
-// A slow, obviously-correct transcription of SEMANTICS.md A1 (plus A3-A5, A8, A9) used as the
+// A slow, obviously-correct transcription of docs/semantics.md#first-match (with the rest of docs/semantics.md#decision-rules) used as the
 // oracle of the property tests. It re-sorts, scans and recompiles regexes on every call, and
 // shares no code with lib/intentions: if both agree, the fast engine implements the rule.
 import { RE2JS } from 're2js'
@@ -169,7 +169,7 @@ function overrideRules (sources: readonly RouteSource[]): RefRule[] {
     byteOrder(a.ns, b.ns) || byteOrder(a.name, b.name))
 }
 
-/** A1: the first intention (after sorting) whose source matches the caller decides. */
+/** docs/semantics.md#first-match: the first intention (after sorting) whose source matches the caller decides. */
 export function referenceDecide (input: PolicyInput, caller: CallerIdentity, req: RequestFacts): RefDecision {
   const rule = intentionRules(input).find((r) => sourceMatches(r, caller))
   if (rule === undefined) return { allow: input.defaultAllow, reason: `default policy (${input.defaultAllow ? 'allow' : 'deny'})` }
