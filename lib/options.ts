@@ -1,6 +1,8 @@
 // Plugin options, validated and defaulted once at registration. Every mistake fails `register()`
 // with FST_CONSUL_NATIVE_INVALID_OPTION naming the option and what to fix.
 import type { AgentOptions } from './agent/config'
+import { resolveCertificatesOption } from './certificates/options'
+import type { CertificatesOptions } from './certificates/options'
 import { InvalidOptionError } from './errors'
 import type { IntentionPermission } from './agent/wire'
 import type { RouteSource } from './intentions/policy'
@@ -35,6 +37,8 @@ export interface ConsulNativeOptions {
   blockingWait?: number
   /** Register this instance with the local agent on listen (Connect native), deregister on close. Default false. */
   register?: boolean | RegisterOptions
+  /** Where the leaf and CA roots come from. Default `{ source: 'agent' }`. */
+  certificates?: CertificatesOptions
 }
 
 /** Per-route setting: `false` exempts the route; an object adds route-level intentions. */
@@ -69,6 +73,7 @@ export interface ResolvedOptions {
   readonly mode: 'l7' | 'agent'
   readonly blockingWait: number
   readonly register: RegisterOptions | null
+  readonly certificates: CertificatesOptions
 }
 
 export const DEFAULT_READY_TIMEOUT = 8_000
@@ -76,7 +81,7 @@ export const DEFAULT_BLOCKING_WAIT = 300_000
 export const MAX_BLOCKING_WAIT = 600_000
 export const DEFAULT_HEALTH_URL = '/health'
 
-const KNOWN = new Set(['service', 'agent', 'datacenter', 'namespace', 'partition', 'readyTimeout', 'defaultPolicy', 'health', 'mode', 'blockingWait', 'register'])
+const KNOWN = new Set(['service', 'agent', 'datacenter', 'namespace', 'partition', 'readyTimeout', 'defaultPolicy', 'health', 'mode', 'blockingWait', 'register', 'certificates'])
 // Consul service names are DNS-friendly; this also keeps them safe inside a URL path segment.
 const SERVICE_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]*$/
 
@@ -98,6 +103,13 @@ export function resolveOptions (raw: unknown): ResolvedOptions {
   if (register !== null && health === null && (register.check ?? 'https') === 'https') {
     fail('register.check', "the default 'https' check calls the health route, which health: false removes; choose 'tcp', 'ttl' or false")
   }
+  const certificates = resolveCertificatesOption(opts.certificates)
+  const mode = oneOf(opts, 'mode', ['l7', 'agent'] as const)
+  if (certificates.source === 'consul-grpc') {
+    // docs/semantics.md#consul-grpc: without a local agent there is no authorize endpoint and nothing to register with.
+    if (mode === 'agent') fail('mode', "'agent' asks the local agent's /v1/agent/connect/authorize, which certificates.source 'consul-grpc' runs without; use mode 'l7'")
+    if (register !== null) fail('register', "needs a local agent; with certificates.source 'consul-grpc' (agentless, e.g. Kubernetes) the platform registers the instance (consul-k8s)")
+  }
   return {
     service,
     agent: opts.agent as AgentOptions | undefined,
@@ -107,9 +119,10 @@ export function resolveOptions (raw: unknown): ResolvedOptions {
     readyTimeout: positiveMs(opts, 'readyTimeout', DEFAULT_READY_TIMEOUT, Infinity),
     defaultPolicy: oneOf(opts, 'defaultPolicy', ['agent', 'allow', 'deny'] as const),
     health,
-    mode: oneOf(opts, 'mode', ['l7', 'agent'] as const),
+    mode,
     blockingWait: positiveMs(opts, 'blockingWait', DEFAULT_BLOCKING_WAIT, MAX_BLOCKING_WAIT),
-    register
+    register,
+    certificates
   }
 }
 

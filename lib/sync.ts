@@ -1,12 +1,15 @@
-// Keeps everything a decision needs in memory, fed by blocking queries to the local agent:
-// leaf + roots (→ TLS), intentions + protocol + default policy (→ compiled policy), and the mesh
-// request normalization. A failed or malformed update never replaces the last good state.
+// Keeps everything a decision needs in memory: leaf + roots from the certificate source (→ TLS),
+// and, by blocking queries to the agent, intentions + protocol + default policy (→ compiled
+// policy) and the mesh request normalization. A failed or malformed update never replaces the
+// last good state.
 import { EventEmitter } from 'node:events'
 import type { FastifyBaseLogger } from 'fastify'
 import type { AgentClient } from './agent/client'
 import type { ConfigEntryViews } from './agent/parse'
 import { BlockingWatch } from './agent/watch'
-import type { IndexedCARoots, IssuedCert, Intention, RequestNormalization } from './agent/wire'
+import type { Intention, RequestNormalization } from './agent/wire'
+import { AgentCertificateSource } from './certificates/agent'
+import type { CertificateSink, CertificateSource, LeafCertificate, SourcePart, TrustBundle } from './certificates/source'
 import { NotReadyError } from './errors'
 import { compilePolicy } from './intentions/policy'
 import type { CompiledPolicy } from './intentions/policy'
@@ -43,16 +46,17 @@ export class ConsulSync {
   readonly #client: AgentClient
   readonly #tls: DynamicTls
   readonly #log: FastifyBaseLogger
-  readonly #leaf: BlockingWatch<IssuedCert>
-  readonly #roots: BlockingWatch<IndexedCARoots>
+  readonly #source: CertificateSource
   readonly #intentions: BlockingWatch<Intention[]>
   readonly #serviceDefaults: BlockingWatch<ConfigEntryViews['service-defaults'] | null>
   readonly #proxyDefaults: BlockingWatch<ConfigEntryViews['proxy-defaults'] | null>
   readonly #mesh: BlockingWatch<ConfigEntryViews['mesh'] | null>
   readonly #watches: ReadonlyArray<BlockingWatch<unknown>>
-  // The watches set their value only after `accept` returns; these are the values in force.
-  #currentLeaf: IssuedCert | undefined = undefined
-  #currentRoots: IndexedCARoots | undefined = undefined
+  // The values in force (a watch sets its own value only after `accept` returns).
+  #currentLeaf: LeafCertificate | undefined = undefined
+  #currentRoots: TrustBundle | undefined = undefined
+  #tlsReady: Promise<void>
+  #tlsInstalled: () => void = () => {}
   #currentIntentions: Intention[] = []
   // Resolved before any watch starts (start() awaits it first).
   #defaultAllow = false
@@ -72,7 +76,8 @@ export class ConsulSync {
   /** Set by the plugin when it registers the instance; reported by status(). */
   registration: ServiceRegistration | null = null
 
-  constructor (opts: ResolvedOptions, client: AgentClient, tls: DynamicTls, log: FastifyBaseLogger) {
+  /** `source`: where the leaf and roots come from; by default the agent's endpoints. */
+  constructor (opts: ResolvedOptions, client: AgentClient, tls: DynamicTls, log: FastifyBaseLogger, source?: CertificateSource) {
     this.#opts = opts
     this.#policy = compilePolicy({ destination: opts.service, intentions: [], defaultAllow: false, protocol: 'tcp' })
     this.#client = client
@@ -82,22 +87,8 @@ export class ConsulSync {
     const watchLog = log
     const service = opts.service
 
-    this.#leaf = new BlockingWatch<IssuedCert>({
-      name: 'leaf',
-      waitMs,
-      log: watchLog,
-      fetch: async (q) => pick(await client.leaf(service, q)),
-      differs: (a, b) => a.SerialNumber !== b.SerialNumber || a.CertPEM !== b.CertPEM,
-      accept: (leaf) => this.#installTls(leaf, this.#currentRoots)
-    })
-    this.#roots = new BlockingWatch<IndexedCARoots>({
-      name: 'roots',
-      waitMs,
-      log: watchLog,
-      fetch: async (q) => pick(await client.roots(q)),
-      differs: (a, b) => a.TrustDomain !== b.TrustDomain || a.Roots.map((r) => r.ID).join() !== b.Roots.map((r) => r.ID).join(),
-      accept: (roots) => this.#installTls(this.#currentLeaf, roots)
-    })
+    this.#source = source ?? new AgentCertificateSource(client, service, waitMs, watchLog)
+    this.#tlsReady = new Promise<void>((resolve) => { this.#tlsInstalled = resolve })
     this.#intentions = new BlockingWatch<Intention[]>({
       name: 'intentions',
       waitMs,
@@ -125,16 +116,19 @@ export class ConsulSync {
       // The normalization changes decisions as much as the intentions do.
       if (this.#started) this.#emit('intentions', this.status())
     })
-    this.#watches = [this.#leaf, this.#roots, this.#intentions, this.#serviceDefaults, this.#proxyDefaults, this.#mesh] as
+    this.#watches = [this.#intentions, this.#serviceDefaults, this.#proxyDefaults, this.#mesh] as
       ReadonlyArray<BlockingWatch<unknown>>
+    this.#failureCounts.leaf = 0
+    this.#failureCounts.roots = 0
     for (const watch of this.#watches) {
-      const counts = this.#failureCounts
-      counts[watch.name] = 0
-      watch.onFailure((error) => {
-        counts[watch.name] = (counts[watch.name] as number) + 1
-        this.#emit('sync-error', { watch: watch.name, error })
-      })
+      this.#failureCounts[watch.name] = 0
+      watch.onFailure((error) => this.#failed(watch.name, error))
     }
+  }
+
+  #failed (name: string, error: Error): void {
+    this.#failureCounts[name] = (this.#failureCounts[name] as number) + 1
+    this.#emit('sync-error', { watch: name, error })
   }
 
   /** The compiled policy in force: deny-all until the first inputs are in (start() resolves once all have). */
@@ -145,7 +139,7 @@ export class ConsulSync {
     const leaf = this.#currentLeaf
     if (!this.#started || leaf === undefined) return false
     const now = Date.now()
-    return now >= Date.parse(leaf.ValidAfter) && now < Date.parse(leaf.ValidBefore)
+    return now >= Date.parse(leaf.validAfter) && now < Date.parse(leaf.validBefore)
   }
 
   /** Starts every watch and resolves when all first values are in, or rejects after `readyTimeout`. */
@@ -170,8 +164,13 @@ export class ConsulSync {
     // The default policy decides every request no intention matches, so it is known first.
     this.#defaultAllow = await this.#resolveDefaultPolicy()
     this.#defaultPolicyKnown = true
+    const sink: CertificateSink = {
+      update: (change) => this.#installTls(change.leaf ?? this.#currentLeaf, change.trust ?? this.#currentRoots),
+      failure: (part: SourcePart, error) => this.#failed(part, error)
+    }
+    this.#source.start(sink)
     for (const watch of this.#watches) watch.start()
-    await Promise.all(this.#watches.map(async (watch) => await watch.ready()))
+    await Promise.all([this.#tlsReady, ...this.#watches.map(async (watch) => await watch.ready())])
     this.#started = true
   }
 
@@ -182,6 +181,7 @@ export class ConsulSync {
     if (this.#stopped) return
     this.#stopped = true
     this.#startup.abort()
+    this.#source.stop()
     for (const watch of this.#watches) watch.stop()
     if (this.#expiryTimer !== null) clearInterval(this.#expiryTimer)
   }
@@ -190,6 +190,9 @@ export class ConsulSync {
     const leaf = this.#currentLeaf
     const roots = this.#currentRoots
     const watches: ConsulNativeStatus['watches'] = {}
+    for (const [name, health] of Object.entries(this.#source.health())) {
+      watches[name] = { lastSuccess: health.lastSuccess?.toISOString() ?? null, lastError: health.lastError?.message ?? null, failures: health.failures }
+    }
     for (const watch of this.#watches) {
       watches[watch.name] = {
         lastSuccess: watch.lastSuccess?.toISOString() ?? null,
@@ -200,9 +203,9 @@ export class ConsulSync {
     return {
       ready: this.ready,
       service: this.#opts.service,
-      trustDomain: roots?.TrustDomain ?? null,
-      leaf: leaf === undefined ? null : { serial: leaf.SerialNumber, validAfter: leaf.ValidAfter, validBefore: leaf.ValidBefore, uri: leaf.ServiceURI },
-      roots: roots === undefined ? null : { activeRootId: roots.ActiveRootID, ids: roots.Roots.map((root) => root.ID) },
+      trustDomain: roots?.trustDomain ?? null,
+      leaf: leaf === undefined ? null : { serial: leaf.serial, validAfter: leaf.validAfter, validBefore: leaf.validBefore, uri: leaf.uri },
+      roots: roots === undefined ? null : { activeRootId: roots.activeRootId, ids: [...roots.rootIds] },
       intentions: !this.#compiled
         ? null
         : { count: this.#policy.size, index: this.#policyIndex, defaultAllow: this.#defaultAllow, protocol: this.#protocol, requestNormalization: this.#normalization },
@@ -211,7 +214,7 @@ export class ConsulSync {
     }
   }
 
-  #installTls (leaf: IssuedCert | undefined, roots: IndexedCARoots | undefined): void {
+  #installTls (leaf: LeafCertificate | undefined, roots: TrustBundle | undefined): void {
     if (leaf === undefined || roots === undefined) {
       this.#currentLeaf = leaf
       this.#currentRoots = roots
@@ -219,18 +222,19 @@ export class ConsulSync {
     }
     const previous = this.#tls.material
     this.#tls.update({
-      certPem: leaf.CertPEM,
-      keyPem: leaf.PrivateKeyPEM,
-      rootPems: roots.Roots.map((root) => root.RootCert),
-      intermediatePems: roots.Roots.flatMap((root) => root.IntermediateCerts ?? []),
-      trustDomain: roots.TrustDomain
+      certPem: leaf.chainPem,
+      keyPem: leaf.keyPem,
+      rootPems: roots.rootPems,
+      intermediatePems: roots.intermediatePems,
+      trustDomain: roots.trustDomain
     })
     this.#currentLeaf = leaf
     this.#currentRoots = roots
     if (previous !== null) {
-      this.#log.info({ consulNative: { event: 'tls-rotated', serial: leaf.SerialNumber, validBefore: leaf.ValidBefore, roots: roots.Roots.length, activeRootId: roots.ActiveRootID } },
+      this.#log.info({ consulNative: { event: 'tls-rotated', serial: leaf.serial, validBefore: leaf.validBefore, roots: roots.rootPems.length, activeRootId: roots.activeRootId } },
         'fastify-consul-native: TLS material updated')
     }
+    this.#tlsInstalled()
     this.#emit('tls', this.status())
   }
 
@@ -286,7 +290,12 @@ export class ConsulSync {
       const cause = this.#defaultPolicyError
       return new NotReadyError(timeoutMs, `agent/self (default intention policy): ${cause?.message ?? 'no answer yet'}`, { cause: cause ?? undefined })
     }
-    const missing = this.#watches.filter((watch) => watch.value === undefined)
+    const health = this.#source.health()
+    const missing: Array<{ name: string, lastError: Error | null }> = [
+      ...this.#currentLeaf === undefined ? [{ name: 'leaf', lastError: health.leaf.lastError }] : [],
+      ...this.#currentRoots === undefined ? [{ name: 'roots', lastError: health.roots.lastError }] : [],
+      ...this.#watches.filter((watch) => watch.value === undefined)
+    ]
     const causes = missing.map((watch) => `${watch.name}: ${watch.lastError?.message ?? 'no answer yet'}`)
     const first = missing.find((watch) => watch.lastError !== null)
     return new NotReadyError(timeoutMs, causes.join('; '), { cause: first?.lastError ?? undefined })
@@ -304,13 +313,15 @@ export class ConsulSync {
   checkExpiry (now: number): void {
     const leaf = this.#currentLeaf
     // Failing polls, or answers whose leaf was rejected: either way no renewal is in force.
-    if (leaf === undefined || this.#leaf.lastError === null) return
-    const start = Date.parse(leaf.ValidAfter)
-    const end = Date.parse(leaf.ValidBefore)
+    const cause = this.#source.health().leaf.lastError
+    if (leaf === undefined || cause === null) return
+    const start = Date.parse(leaf.validAfter)
+    const end = Date.parse(leaf.validBefore)
     const left = end - now
     if (left > (end - start) * EXPIRY_WARNING_SHARE) return
-    this.#log.error({ consulNative: { event: 'leaf-expiring', serial: leaf.SerialNumber, validBefore: leaf.ValidBefore, msLeft: left, cause: this.#leaf.lastError?.message } },
-      `fastify-consul-native: leaf certificate expires in ${Math.max(0, Math.round(left / 60_000))} minutes and the agent cannot renew it`)
+    const who = this.#opts.certificates.source === 'agent' ? 'the agent' : `the certificate source (${this.#opts.certificates.source})`
+    this.#log.error({ consulNative: { event: 'leaf-expiring', serial: leaf.serial, validBefore: leaf.validBefore, msLeft: left, cause: cause.message } },
+      `fastify-consul-native: leaf certificate expires in ${Math.max(0, Math.round(left / 60_000))} minutes and ${who} cannot renew it`)
   }
 }
 

@@ -14,7 +14,8 @@ t.test('defaults', async (t) => {
     health: { url: DEFAULT_HEALTH_URL },
     mode: 'l7',
     blockingWait: DEFAULT_BLOCKING_WAIT,
-    register: null
+    register: null,
+    certificates: { source: 'agent' }
   })
   t.same(resolveOptions({ service: 'api', health: {} }).health, { url: '/health' }, 'health: {} keeps the default url')
   t.equal(resolveOptions({ service: 'api', health: false }).health, null)

@@ -1,0 +1,78 @@
+// `certificates: { source: 'agent' }` (the default): the local agent's leaf and roots endpoints,
+// kept current by blocking queries (docs/semantics.md#leaf, docs/semantics.md#roots).
+import type { AgentClient } from '../agent/client'
+import { BlockingWatch } from '../agent/watch'
+import type { IndexedCARoots, IssuedCert } from '../agent/wire'
+import type { CertificateSink, CertificateSource, LeafCertificate, SourceHealth, SourceLogger, SourcePart, TrustBundle } from './source'
+
+export class AgentCertificateSource implements CertificateSource {
+  readonly #leaf: BlockingWatch<IssuedCert>
+  readonly #roots: BlockingWatch<IndexedCARoots>
+  #sink: CertificateSink | null = null
+
+  constructor (client: AgentClient, service: string, waitMs: number, log: SourceLogger) {
+    const sink = (): CertificateSink => this.#sink as CertificateSink
+    this.#leaf = new BlockingWatch<IssuedCert>({
+      name: 'leaf',
+      waitMs,
+      log,
+      fetch: async (q) => pick(await client.leaf(service, q)),
+      differs: (a, b) => a.SerialNumber !== b.SerialNumber || a.CertPEM !== b.CertPEM,
+      accept: (leaf) => sink().update({ leaf: leafOf(leaf) })
+    })
+    this.#roots = new BlockingWatch<IndexedCARoots>({
+      name: 'roots',
+      waitMs,
+      log,
+      fetch: async (q) => pick(await client.roots(q)),
+      differs: (a, b) => a.TrustDomain !== b.TrustDomain || a.Roots.map((r) => r.ID).join() !== b.Roots.map((r) => r.ID).join(),
+      accept: (roots) => sink().update({ trust: trustOf(roots) })
+    })
+  }
+
+  start (sink: CertificateSink): void {
+    this.#sink = sink
+    this.#leaf.onFailure((error) => sink.failure('leaf', error))
+    this.#roots.onFailure((error) => sink.failure('roots', error))
+    this.#leaf.start()
+    this.#roots.start()
+  }
+
+  stop (): void {
+    this.#leaf.stop()
+    this.#roots.stop()
+  }
+
+  health (): Record<SourcePart, SourceHealth> {
+    return { leaf: healthOf(this.#leaf), roots: healthOf(this.#roots) }
+  }
+}
+
+function healthOf<T> (watch: BlockingWatch<T>): SourceHealth {
+  return { lastSuccess: watch.lastSuccess, lastError: watch.lastError, failures: watch.failures }
+}
+
+function leafOf (leaf: IssuedCert): LeafCertificate {
+  return {
+    chainPem: leaf.CertPEM,
+    keyPem: leaf.PrivateKeyPEM,
+    serial: leaf.SerialNumber,
+    uri: leaf.ServiceURI,
+    validAfter: leaf.ValidAfter,
+    validBefore: leaf.ValidBefore
+  }
+}
+
+function trustOf (roots: IndexedCARoots): TrustBundle {
+  return {
+    trustDomain: roots.TrustDomain,
+    rootPems: roots.Roots.map((root) => root.RootCert),
+    intermediatePems: roots.Roots.flatMap((root) => root.IntermediateCerts ?? []),
+    activeRootId: roots.ActiveRootID,
+    rootIds: roots.Roots.map((root) => root.ID)
+  }
+}
+
+function pick<T> (res: { index: number | null, body: T }): { index: number | null, value: T } {
+  return { index: res.index, value: res.body }
+}
