@@ -8,6 +8,7 @@ import type { FastifyPluginAsync, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import { AgentClient } from './agent/client'
 import { resolveAgentConfig } from './agent/config'
+import { createCertificateSource } from './certificates/index'
 import { AgentAuthorizer, consulNativeBackstop, Enforcer } from './enforcement'
 import { InvalidOptionError, NotHttpsError, NotRootError } from './errors'
 import type { ServiceIdentity } from './identity'
@@ -80,7 +81,7 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
     namespace: opts.namespace,
     partition: opts.partition
   })
-  const sync = new ConsulSync(opts, client, tls, fastify.log)
+  const sync = new ConsulSync(opts, client, tls, fastify.log, createCertificateSource(opts, client, process.env, fastify.log))
   const router = routerOptionsOf(fastify)
   if (!router.caseSensitive) {
     fastify.log.warn({ consulNative: { event: 'case-insensitive-router' } },
@@ -229,6 +230,7 @@ export type { ConsulNativeOptions, RouteConsulNativeConfig, RoutePermission, Rou
 export type { RegisterOptions } from './registration'
 export type { OutboundFetchInit, OutboundOptions } from './outbound'
 export type { AgentOptions } from './agent/config'
+export type { CertificatesOptions, AgentCertificatesOptions, FilesCertificatesOptions } from './certificates/options'
 export type { ServiceIdentity } from './identity'
 export type { Decision, RouteSource } from './intentions/policy'
 export type { ConsulNativeStatus } from './sync'

@@ -105,11 +105,6 @@ export function resolveOptions (raw: unknown): ResolvedOptions {
   }
   const certificates = resolveCertificatesOption(opts.certificates)
   const mode = oneOf(opts, 'mode', ['l7', 'agent'] as const)
-  if (certificates.source === 'consul-grpc') {
-    // docs/semantics.md#consul-grpc: without a local agent there is no authorize endpoint and nothing to register with.
-    if (mode === 'agent') fail('mode', "'agent' asks the local agent's /v1/agent/connect/authorize, which certificates.source 'consul-grpc' runs without; use mode 'l7'")
-    if (register !== null) fail('register', "needs a local agent; with certificates.source 'consul-grpc' (agentless, e.g. Kubernetes) the platform registers the instance (consul-k8s)")
-  }
   return {
     service,
     agent: opts.agent as AgentOptions | undefined,

@@ -319,9 +319,8 @@ export class ConsulSync {
     const end = Date.parse(leaf.validBefore)
     const left = end - now
     if (left > (end - start) * EXPIRY_WARNING_SHARE) return
-    const who = this.#opts.certificates.source === 'agent' ? 'the agent' : `the certificate source (${this.#opts.certificates.source})`
     this.#log.error({ consulNative: { event: 'leaf-expiring', serial: leaf.serial, validBefore: leaf.validBefore, msLeft: left, cause: cause.message } },
-      `fastify-consul-native: leaf certificate expires in ${Math.max(0, Math.round(left / 60_000))} minutes and ${who} cannot renew it`)
+      `fastify-consul-native: leaf certificate expires in ${Math.max(0, Math.round(left / 60_000))} minutes and ${this.#source.renewer} cannot renew it`)
   }
 }
 

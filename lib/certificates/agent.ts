@@ -6,6 +6,7 @@ import type { IndexedCARoots, IssuedCert } from '../agent/wire'
 import type { CertificateSink, CertificateSource, LeafCertificate, SourceHealth, SourceLogger, SourcePart, TrustBundle } from './source'
 
 export class AgentCertificateSource implements CertificateSource {
+  readonly renewer = 'the agent'
   readonly #leaf: BlockingWatch<IssuedCert>
   readonly #roots: BlockingWatch<IndexedCARoots>
   #sink: CertificateSink | null = null

@@ -5,6 +5,7 @@
 import { createPrivateKey, X509Certificate } from 'node:crypto'
 import type { WatchLogger } from '../agent/watch'
 import { parseSubjectAltNames } from '../spiffe'
+import type { SubjectAltNames } from '../spiffe'
 
 /** The service's own certificate: the chain it serves and its key. */
 export interface LeafCertificate {
@@ -49,6 +50,8 @@ export interface CertificateSink {
 }
 
 export interface CertificateSource {
+  /** Who renews the leaf, for the expiry warning: `the agent`, `the Consul servers`, ... */
+  readonly renewer: string
   /** Starts delivering into `sink`; never throws for a failure of the outside world. */
   start (sink: CertificateSink): void
   /** Stops every timer, stream and watcher it started. */
@@ -62,7 +65,7 @@ export type SourceLogger = WatchLogger
 /** Consul's serial spelling: colon-separated lower-case hex of the big-endian bytes. */
 export function consulSerial (cert: X509Certificate): string {
   const hex = cert.serialNumber.toLowerCase()
-  return (hex.length % 2 === 0 ? hex : `0${hex}`).replace(/(..)(?!$)/g, '$1:')
+  return hex.padStart(hex.length + (hex.length % 2), '0').replace(/(..)(?!$)/g, '$1:')
 }
 
 /** RFC 3339 without fractions, the form Consul's JSON uses. */
@@ -98,8 +101,8 @@ export function leafFromPem (chainPem: string, keyPem: string): LeafCertificate 
     throw new Error(`private key unreadable: ${(err as Error).message}`, { cause: err })
   }
   if (!leaf.checkPrivateKey(key)) throw new Error('the private key does not belong to the leaf certificate')
-  const uris = parseSubjectAltNames(leaf.subjectAltName)?.uris ?? []
-  const uri = uris.find((u) => u.startsWith('spiffe://'))
+  // Node prints subjectAltName in the grammar parseSubjectAltNames reads; a certificate without the extension gives no URIs.
+  const uri = (parseSubjectAltNames(leaf.subjectAltName) as SubjectAltNames).uris.find((u) => u.startsWith('spiffe://'))
   if (uri === undefined) throw new Error('the leaf certificate has no spiffe:// URI SAN')
   return {
     chainPem: chain.join(''),
