@@ -261,7 +261,7 @@ t.test('a folder with no known layout, or none at all, fails register() with NOT
   for (const [dir, reason] of [[empty, /holds neither tls\.crt/], [join(empty, 'missing'), /cannot list/]] as const) {
     const app = Fastify({ https: httpsOptions() })
     t.teardown(async () => await app.close())
-    await t.rejects(app.register(consulNative, { service: 'api', agent: { address: agent.address }, readyTimeout: 300, certificates: { source: 'files', dir } }).ready(),
+    await t.rejects((async () => { await app.register(consulNative, { service: 'api', agent: { address: agent.address }, readyTimeout: 300, certificates: { source: 'files', dir } } as never) })(),
       { code: 'FST_CONSUL_NATIVE_NOT_READY', message: reason })
   }
   const dir = await tempDir(t)
@@ -269,12 +269,12 @@ t.test('a folder with no known layout, or none at all, fails register() with NOT
   await writeFile(join(dir, 'credential-bundle.pem'), leaf.keyPem + leaf.certPem)
   const app = Fastify({ https: httpsOptions() })
   t.teardown(async () => await app.close())
-  await t.rejects(app.register(consulNative, { service: 'api', agent: { address: agent.address }, readyTimeout: 300, certificates: { source: 'files', dir } }).ready(),
+  await t.rejects((async () => { await app.register(consulNative, { service: 'api', agent: { address: agent.address }, readyTimeout: 300, certificates: { source: 'files', dir } } as never) })(),
     { code: 'FST_CONSUL_NATIVE_NOT_READY', message: /roots: .*no trust bundle for/ }, 'a credential bundle without its trust bundle')
   await writeFile(join(dir, 'credential-bundle.pem'), leaf.certPem)
   const noKey = Fastify({ https: httpsOptions() })
   t.teardown(async () => await noKey.close())
-  await t.rejects(noKey.register(consulNative, { service: 'api', agent: { address: agent.address }, readyTimeout: 300, certificates: { source: 'files', dir } }).ready(),
+  await t.rejects((async () => { await noKey.register(consulNative, { service: 'api', agent: { address: agent.address }, readyTimeout: 300, certificates: { source: 'files', dir } } as never) })(),
     { code: 'FST_CONSUL_NATIVE_NOT_READY', message: /credential-bundle\.pem: private key unreadable/ }, 'a credential bundle without a key')
 })
 
@@ -320,6 +320,6 @@ t.test('certificates option validation', async (t) => {
   })
   const app = Fastify({ https: httpsOptions() })
   t.teardown(async () => await app.close())
-  await t.rejects(app.register(consulNative, { service: 'api', certificates: { source: 'files' } }).ready(),
+  await t.rejects((async () => { await app.register(consulNative, { service: 'api', certificates: { source: 'files' } } as never) })(),
     { code: 'FST_CONSUL_NATIVE_INVALID_OPTION', message: /SPIFFE_CREDENTIAL_FOLDER/ })
 })
