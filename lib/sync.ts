@@ -55,8 +55,8 @@ export class ConsulSync {
   // The values in force (a watch sets its own value only after `accept` returns).
   #currentLeaf: LeafCertificate | undefined = undefined
   #currentRoots: TrustBundle | undefined = undefined
-  #tlsReady: Promise<void>
-  #tlsInstalled: () => void = () => {}
+  readonly #tlsReady: Promise<void>
+  readonly #tlsInstalled: () => void
   #currentIntentions: Intention[] = []
   // Resolved before any watch starts (start() awaits it first).
   #defaultAllow = false
@@ -88,7 +88,9 @@ export class ConsulSync {
     const service = opts.service
 
     this.#source = source ?? new AgentCertificateSource(client, service, waitMs, watchLog)
-    this.#tlsReady = new Promise<void>((resolve) => { this.#tlsInstalled = resolve })
+    let installed!: () => void
+    this.#tlsReady = new Promise<void>((resolve) => { installed = resolve })
+    this.#tlsInstalled = installed
     this.#intentions = new BlockingWatch<Intention[]>({
       name: 'intentions',
       waitMs,
