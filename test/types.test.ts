@@ -3,7 +3,7 @@
 import t from 'tap'
 import Fastify from 'fastify'
 import type { FastifyInstance, FastifyRequest } from 'fastify'
-import consulNative, { consulNative as named, httpsOptions, DeniedError, UnauthenticatedError } from '../lib/index'
+import consulNative, { consulNative as named, httpsOptions, DeniedError, UnauthenticatedError, InvalidOptionError, NoInstancesError } from '../lib/index'
 import type { ConsulNativeOptions, ConsulNativeStatus, Decision, ServiceIdentity } from '../lib/index'
 import { startDevAgent } from '../lib/dev-agent/index'
 import type { DevAgent, DevAgentOptions } from '../lib/dev-agent/index'
@@ -54,6 +54,20 @@ t.test('the public types describe what users write', async (t) => {
   t.type(typed.consulNative?.events?.on ?? (() => {}), 'function')
   t.equal(new DeniedError().statusCode, 403)
   t.equal(new UnauthenticatedError().statusCode, 401)
+  // Each error class takes exactly the arguments its message formats, typed (plus an optional `{ cause }`).
+  const invalid = new InvalidOptionError('service', 'must be a name', { cause: new Error('x') })
+  const code: 'FST_CONSUL_NATIVE_INVALID_OPTION' = invalid.code
+  t.equal(code, 'FST_CONSUL_NATIVE_INVALID_OPTION')
+  t.equal(invalid.message, 'Invalid fastify-consul-native option service: must be a name')
+  t.type(invalid.cause, Error)
+  // @ts-expect-error the option name is a string
+  t.ok(new InvalidOptionError(1, 'x'))
+  // @ts-expect-error DeniedError formats nothing
+  t.ok(new DeniedError('why'))
+  // @ts-expect-error NoInstancesError names one service
+  t.ok(new NoInstancesError('a', 'b'))
+  const status503: 503 = new NoInstancesError('api').statusCode
+  t.equal(status503, 503)
 
   const devOptions: DevAgentOptions = { port: 0, defaultPolicy: 'allow', leafTTL: '72h' }
   const agent: DevAgent = await startDevAgent(devOptions)

@@ -82,10 +82,6 @@ const CONFIG_ENTRY_SCOPES: Record<ConfigEntryKind, readonly ScopeParam[]> = {
   mesh: ['dc', 'partition']
 }
 
-// errors.ts declares the default three format arguments; this error formats four (method, path, status, text).
-const ResponseError = AgentResponseError as unknown as
-  new (method: string, path: string, status: number, text: string) => InstanceType<typeof AgentResponseError>
-
 const agentStatusKey = Symbol('consul-native.agentStatus')
 
 /** The HTTP status the agent answered, for an error thrown by AgentClient for a non-2xx answer. */
@@ -193,7 +189,7 @@ export class AgentClient {
     const ok = status >= 200 && status < 300
     if (!ok && !(status === 404 && opts.allow404 === true)) {
       const text = await this.#readBody(res.body, path, ERROR_BODY_BYTES, false, timeoutMs, opts.signal)
-      const err = new ResponseError(method, path, status, errorText(text))
+      const err = new AgentResponseError(method, path, status, errorText(text))
       Object.defineProperty(err, agentStatusKey, { value: status })
       throw err
     }
