@@ -2,7 +2,7 @@
 // pure request decision (lib/intentions/request.ts), and apply its verdict in one place: counter,
 // log line, error. No agent call (except mode 'agent'), and no allocation on the allow path of a
 // canonical request.
-import type { FastifyRequest } from 'fastify'
+import type { FastifyRequest, onRequestHookHandler } from 'fastify'
 import { LRUCache } from 'lru-cache'
 import type { AgentClient } from './agent/client'
 import { BadHeaderError, BadPathError, DeniedError, UnauthenticatedError } from './errors'
@@ -12,7 +12,7 @@ import type { Decision } from './intentions/policy'
 import type { RouterOptions } from './intentions/path'
 import { decideRequest, newVerdict } from './intentions/request'
 import type { RequestOutcome, RequestView, ServiceRules } from './intentions/request'
-import type { RoutePolicy } from './route-policy'
+import type { RoutePolicies, RoutePolicy } from './route-policy'
 import type { ConsulSync } from './sync'
 import type { DynamicTls } from './tls'
 
@@ -135,6 +135,19 @@ export class Enforcer {
       }, effect.message)
     }
     return effect.error === null ? null : effect.error()
+  }
+}
+
+/**
+ * The one global onRequest hook: decides every request before any body is read, on routes
+ * declared before the plugin and on 404s too (so an unauthenticated caller cannot tell which
+ * routes exist). Synchronous in mode 'l7'; mode 'agent' may wait for the agent.
+ */
+export function enforceHook (enforcer: Enforcer, routes: RoutePolicies): onRequestHookHandler {
+  return function consulNativeOnRequest (request, _reply, done) {
+    const outcome = enforcer.check(request, routes.of(request))
+    if (outcome instanceof Promise) outcome.then((err) => done(err ?? undefined), done)
+    else done(outcome ?? undefined)
   }
 }
 

@@ -1,8 +1,16 @@
-// What the plugin reads from (or does to) Fastify beyond its public API, in one place: router
-// options (where Fastify 5 keeps them), the extra servers Fastify opens when listening on
-// `localhost`, the route config of a request without the allocating `request.routeOptions`
-// getter, and a listen() that does more once the server listens.
+// What the plugin reads from (or does to) Fastify beyond its public API, in one place: whether an
+// instance is the root one, router options (where Fastify 5 keeps them), the extra servers Fastify
+// opens when listening on `localhost`, the route config of a request without the allocating
+// `request.routeOptions` getter, and a listen() that does more once the server listens.
 import type { RouterOptions } from './intentions/path'
+
+/**
+ * Whether `fastify` is the root instance: Fastify creates each encapsulated child with
+ * `Object.create(parent)`, and only the root's hooks reach every route (and 404s).
+ */
+export function isRootInstance (fastify: object): boolean {
+  return Object.getPrototypeOf(fastify) === Object.prototype
+}
 
 /** The router options that decide which spellings of a path reach the same handler. */
 export function routerOptionsOf (fastify: { readonly initialConfig: object }): RouterOptions {

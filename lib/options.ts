@@ -121,6 +121,13 @@ export function resolveOptions (raw: unknown): ResolvedOptions {
   }
 }
 
+/** `readyTimeout` must leave Fastify's `pluginTimeout` (0: none) room, or register() would time out first. */
+export function checkReadyTimeout (readyTimeout: number, pluginTimeout: number): void {
+  if (pluginTimeout > 0 && readyTimeout >= pluginTimeout) {
+    fail('readyTimeout', `(${readyTimeout} ms) must be below Fastify's pluginTimeout (${pluginTimeout} ms): lower it or raise pluginTimeout`)
+  }
+}
+
 function fail (name: string, reason: string): never {
   throw new InvalidOptionError(name, reason)
 }

@@ -6,10 +6,13 @@
 import * as os from 'node:os'
 import * as net from 'node:net'
 import { setTimeout as sleep } from 'node:timers/promises'
-import type { FastifyBaseLogger } from 'fastify'
+import type { AddressInfo } from 'node:net'
+import type { FastifyBaseLogger, FastifyInstance } from 'fastify'
 import type { AgentClient, AgentResponse } from './agent/client'
 import { agentStatusOf, clampWait } from './agent/client'
 import { InvalidOptionError, RegisterFailedError } from './errors'
+import { extendListen } from './fastify-internals'
+import type { ConsulSync } from './sync'
 import { formatDurationUs, parseDurationUs } from './go-duration'
 
 // Agent endpoints take the Enterprise namespace and partition (sent only when configured, as a
@@ -477,4 +480,45 @@ export class ServiceRegistration {
 function retryIn (failures: number, maxMs: number): number {
   const ceiling = Math.min(maxMs, BACKOFF.initialMs * 2 ** Math.min(failures - 1, 30))
   return Math.max(1, Math.floor(Math.random() * ceiling))
+}
+
+/** What the plugin's `register` option needs to register the instance it runs in. */
+export interface RegistrationWiring {
+  readonly client: AgentClient
+  readonly sync: ConsulSync
+  readonly service: string
+  readonly options: RegisterOptions
+  /** The health route's path, null when it is disabled. */
+  readonly healthUrl: string | null
+  readonly log: FastifyBaseLogger
+}
+
+/**
+ * Option `register`: registers the instance after the server listens (its address is known then),
+ * a failure failing listen(); on close, the instance leaves the catalog before connections drain.
+ */
+export function registerOnListen (fastify: FastifyInstance, wiring: RegistrationWiring): void {
+  const { client, sync, service, options, healthUrl, log } = wiring
+  let viaListen = false
+  const registerInstance = async (): Promise<void> => {
+    const { address, port } = fastify.server.address() as AddressInfo
+    const registration = new ServiceRegistration(client, buildRegistration(service, options, { address, port }, healthUrl), log)
+    await registration.register()
+    registration.start()
+    sync.registration = registration
+  }
+  // Fastify's onListen hook cannot fail listen(), so listen() itself is extended...
+  extendListen(fastify, registerInstance, () => { viaListen = true })
+  // ...which only works when register() was awaited before listen() was called. Otherwise the
+  // instance is registered here, and a refusal can only be logged.
+  fastify.addHook('onListen', async function consulNativeRegisterLate () {
+    if (viaListen) return
+    await registerInstance().catch((err: Error) => {
+      log.error({ consulNative: { event: 'register-failed' }, err },
+        'fastify-consul-native: could not register the instance (await register() before listen() to make listen() fail instead)')
+    })
+  })
+  fastify.addHook('preClose', async function consulNativeDeregister () {
+    await sync.registration?.deregister()
+  })
 }

@@ -1,6 +1,8 @@
 // Per-route settings (`config.consulNative`), compiled once when the route is declared so the
 // request path only reads a ready-made policy.
+import type { FastifyRequest, RouteOptions } from 'fastify'
 import { InvalidRouteConfigError } from './errors'
+import { routeConfigReader } from './fastify-internals'
 import { compileOverride } from './intentions/policy'
 import type { CompiledOverride, RouteSource } from './intentions/policy'
 import type { RouterOptions } from './intentions/path'
@@ -18,6 +20,45 @@ export interface RoutePolicy {
 /** Routes without `config.consulNative` (and 404s): the service's intentions decide. */
 export const SERVICE_POLICY: RoutePolicy = Object.freeze({ exempt: false, override: null })
 export const EXEMPT_POLICY: RoutePolicy = Object.freeze({ exempt: true, override: null })
+
+const kRoutePolicy = Symbol('fastify-consul-native.routePolicy')
+
+/**
+ * Every route's compiled policy: compiled in the `onRoute` hook for routes declared after the
+ * plugin (a bad override fails there), on first use for routes declared before it; 404s get the
+ * service's policy.
+ */
+export class RoutePolicies {
+  readonly #service: string
+  readonly #router: RouterOptions
+  readonly #configOf = routeConfigReader()
+  readonly #late = new WeakMap<object, RoutePolicy>()
+
+  constructor (service: string, router: RouterOptions) {
+    this.#service = service
+    this.#router = router
+  }
+
+  /** The `onRoute` hook body: compiles the route's setting once and keeps it in its config. */
+  compile (route: RouteOptions): void {
+    const name = `${String(route.method)} ${route.url}`
+    const policy = withPrefixTwin(compileRoutePolicy(route.config?.consulNative, name, this.#service), route, this.#router)
+    route.config = { ...route.config, [kRoutePolicy]: policy } as typeof route.config
+  }
+
+  /** The policy of the route a request reached: a property read on the request path. */
+  of (request: FastifyRequest): RoutePolicy {
+    if (request.is404) return SERVICE_POLICY
+    const config = this.#configOf(request)
+    return (config[kRoutePolicy] as RoutePolicy | undefined) ?? this.#late.get(config) ?? this.#compileLate(config, request)
+  }
+
+  #compileLate (config: Record<string | symbol, unknown>, request: FastifyRequest): RoutePolicy {
+    const policy = compileRoutePolicy(config.consulNative, `${request.method} ${String(request.routeOptions.url)}`, this.#service)
+    this.#late.set(config, policy)
+    return policy
+  }
+}
 
 /**
  * Compiles a route's `config.consulNative` value. Throws FST_CONSUL_NATIVE_INVALID_ROUTE_CONFIG,

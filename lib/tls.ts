@@ -4,7 +4,9 @@
 import { constants, randomBytes, X509Certificate } from 'node:crypto'
 import tls from 'node:tls'
 import type { SecureContext, Server as TlsServer } from 'node:tls'
+import type { FastifyBaseLogger } from 'fastify'
 import { InvalidOptionError } from './errors'
+import { serverBindingsOf } from './fastify-internals'
 import { IdentityResolver } from './identity'
 
 /** The certificate material the agent gives: a leaf chain with its key, and every trusted root. */
@@ -125,6 +127,20 @@ export function dynamicTlsOf (server: unknown): DynamicTls | null {
   if (!(server instanceof tls.Server)) return null
   const id = (server as unknown as { sessionIdContext?: unknown }).sessionIdContext
   return typeof id === 'string' ? registry.get(id)?.deref() ?? null : null
+}
+
+/**
+ * The onListen hook body: Fastify opens one extra server per address family when listening on
+ * `localhost`; they were built from the same options, and must follow every rotation too.
+ */
+export function attachExtraServers (tls: DynamicTls, fastify: object, log: FastifyBaseLogger): void {
+  const bindings = serverBindingsOf(fastify)
+  if (bindings === null) {
+    log.warn({ consulNative: { event: 'server-bindings-unknown' } },
+      'fastify-consul-native: cannot find Fastify\'s extra servers; listen on an explicit host so every server follows certificate rotations')
+    return
+  }
+  for (const server of bindings) if (dynamicTlsOf(server) === tls) tls.attach(server)
 }
 
 /**

@@ -1,13 +1,23 @@
 // What the plugin reads from Fastify's internals, checked against the installed Fastify.
 import t from 'tap'
 import Fastify from 'fastify'
-import { routeConfigReader, routerOptionsOf, serverBindingsOf } from '../lib/fastify-internals'
+import { isRootInstance, routeConfigReader, routerOptionsOf, serverBindingsOf } from '../lib/fastify-internals'
 
 t.test('router options are read where Fastify 5 keeps them, with Fastify\'s defaults', async (t) => {
   t.same(routerOptionsOf(Fastify()), { ignoreTrailingSlash: false, ignoreDuplicateSlashes: false, caseSensitive: true, useSemicolonDelimiter: false })
   const custom = Fastify({ routerOptions: { ignoreTrailingSlash: true, ignoreDuplicateSlashes: true, caseSensitive: false, useSemicolonDelimiter: true } } as never)
   t.same(routerOptionsOf(custom), { ignoreTrailingSlash: true, ignoreDuplicateSlashes: true, caseSensitive: false, useSemicolonDelimiter: true })
   t.same(routerOptionsOf({ initialConfig: { ignoreTrailingSlash: true } } as never).ignoreTrailingSlash, true, 'older layout: top-level keys')
+})
+
+t.test('root instance: the app itself, not an encapsulated child, nor a child of fastify-plugin\'s skip-override', async (t) => {
+  const app = Fastify()
+  t.equal(isRootInstance(app), true)
+  let child: object | null = null
+  await app.register(async (instance) => { child = instance })
+  await app.ready()
+  t.equal(isRootInstance(child as unknown as object), false)
+  await app.close()
 })
 
 t.test('server bindings: found on a Fastify instance, null elsewhere', async (t) => {

@@ -1,0 +1,12 @@
+// The exempt health route Consul's HTTP check calls (no client certificate): readiness facts only,
+// nothing about certificates or intentions.
+import type { FastifyInstance } from 'fastify'
+import type { ConsulSync } from './sync'
+
+export function addHealthRoute (fastify: FastifyInstance, url: string, sync: ConsulSync): void {
+  fastify.get(url, { config: { consulNative: false } }, async function consulNativeHealth (_request, reply) {
+    const status = sync.status()
+    reply.code(status.ready ? 200 : 503)
+    return { status: status.ready ? 'passing' : 'critical', service: status.service, registered: status.registration?.registered ?? null }
+  })
+}
