@@ -84,7 +84,7 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
   const authorizer = opts.mode === 'agent' ? new AgentAuthorizer(client, opts.service) : null
   if (authorizer !== null) sync.events.on('intentions', () => authorizer.invalidate())
   const enforcer = new Enforcer(tls, sync, router, authorizer)
-  const routes = new RoutePolicies(opts.service, router)
+  const routes = new RoutePolicies(router)
   const outbound = new ServiceCaller({ client, tls, tlsEvents: sync.events, log, blockingWait: opts.blockingWait })
 
   fastify.decorateRequest('consulSource', null)

@@ -29,20 +29,18 @@ const kRoutePolicy = Symbol('fastify-consul-native.routePolicy')
  * service's policy.
  */
 export class RoutePolicies {
-  readonly #service: string
   readonly #router: RouterOptions
   readonly #configOf = routeConfigReader()
   readonly #late = new WeakMap<object, RoutePolicy>()
 
-  constructor (service: string, router: RouterOptions) {
-    this.#service = service
+  constructor (router: RouterOptions) {
     this.#router = router
   }
 
   /** The `onRoute` hook body: compiles the route's setting once and keeps it in its config. */
   compile (route: RouteOptions): void {
     const name = `${String(route.method)} ${route.url}`
-    const policy = withPrefixTwin(compileRoutePolicy(route.config?.consulNative, name, this.#service), route, this.#router)
+    const policy = withPrefixTwin(compileRoutePolicy(route.config?.consulNative, name), route, this.#router)
     route.config = { ...route.config, [kRoutePolicy]: policy } as typeof route.config
   }
 
@@ -54,7 +52,7 @@ export class RoutePolicies {
   }
 
   #compileLate (config: Record<string | symbol, unknown>, request: FastifyRequest): RoutePolicy {
-    const policy = compileRoutePolicy(config.consulNative, `${request.method} ${String(request.routeOptions.url)}`, this.#service)
+    const policy = compileRoutePolicy(config.consulNative, `${request.method} ${String(request.routeOptions.url)}`)
     this.#late.set(config, policy)
     return policy
   }
@@ -64,7 +62,7 @@ export class RoutePolicies {
  * Compiles a route's `config.consulNative` value. Throws FST_CONSUL_NATIVE_INVALID_ROUTE_CONFIG,
  * naming the route, for anything but `undefined`, `false` or `{ sources: [...] }`.
  */
-export function compileRoutePolicy (value: unknown, route: string, destination: string): RoutePolicy {
+export function compileRoutePolicy (value: unknown, route: string): RoutePolicy {
   if (value === undefined) return SERVICE_POLICY
   if (value === false) return EXEMPT_POLICY
   if (value === null || typeof value !== 'object' || Array.isArray(value)) {
@@ -78,7 +76,7 @@ export function compileRoutePolicy (value: unknown, route: string, destination: 
   }
   try {
     const normalized = sources.map((source, i) => canonicalSource(source, `sources[${i}]`))
-    return Object.freeze({ exempt: false, override: compileOverride(normalized, destination) })
+    return Object.freeze({ exempt: false, override: compileOverride(normalized) })
   } catch (err) {
     throw new InvalidRouteConfigError(route, (err as Error).message, { cause: err })
   }

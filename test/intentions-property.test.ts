@@ -139,7 +139,7 @@ t.test('decide equals the reference on random intention sets and requests', asyn
 
 t.test('decideOverride equals the reference, with and without a policy default', async (t) => {
   fc.assert(fc.property(sources, fc.option(fc.boolean(), { nil: null }), caller, request, (list, defaultAllow, c, r) => {
-    const o = compileOverride(list, 'api')
+    const o = compileOverride(list)
     const policy = defaultAllow === null ? undefined : compilePolicy({ destination: 'api', intentions: [], defaultAllow, protocol: 'http' })
     const got = decideOverride(o, c, r, policy)
     const want = referenceOverride(list, c, r, defaultAllow)
@@ -151,7 +151,7 @@ t.test('decideOverride equals the reference, with and without a policy default',
 t.test('decideSpellings equals the reference with overrides and alternate spellings', async (t) => {
   fc.assert(fc.property(policyInput, fc.option(sources, { nil: null }), caller, request, fc.subarray(PATHS, { maxLength: 3 }),
     (input, list, c, r, alternates) => {
-      const got = decideSpellings(compilePolicy(input), list === null ? null : compileOverride(list, 'api'), c, r, alternates)
+      const got = decideSpellings(compilePolicy(input), list === null ? null : compileOverride(list), c, r, alternates)
       const want = referenceRequest(input, list, c, r, alternates)
       if (got.allow !== want.allow || got.reason !== want.reason) {
         throw new Error(`engine ${JSON.stringify(got)} reference ${JSON.stringify(want)}`)

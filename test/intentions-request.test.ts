@@ -24,7 +24,7 @@ const policy = compilePolicy({
 })
 const SERVICE: RouteRules = { exempt: false, override: null }
 const EXEMPT: RouteRules = { exempt: true, override: null }
-const OVERRIDE: RouteRules = { exempt: false, override: compileOverride([{ name: 'ops', action: 'deny' }], 'api') }
+const OVERRIDE: RouteRules = { exempt: false, override: compileOverride([{ name: 'ops', action: 'deny' }]) }
 
 function service (normalization: RequestNormalization | null = null, extra: Partial<ServiceRules> = {}): ServiceRules {
   return { policy, normalization, router: ROUTER, agentDecides: false, ...extra }
@@ -92,7 +92,7 @@ t.test('mode agent: route overrides decide here, the agent for everything else',
   t.same(decided(agent, SERVICE, view('/admin')), ['ask-agent', 'awaiting the agent\'s authorize answer', false])
   t.same(decided(agent, OVERRIDE, view('/', WEB))[0], 'ask-agent', 'the override does not name web')
   t.same(decided(agent, OVERRIDE, view('/', OPS)), ['deny', 'route override sources[0] ops deny', false])
-  const l7 = { exempt: false, override: compileOverride([{ name: 'web', permissions: [{ Action: 'allow', HTTP: { PathExact: '/a' } }] }], 'api') }
+  const l7 = { exempt: false, override: compileOverride([{ name: 'web', permissions: [{ Action: 'allow', HTTP: { PathExact: '/a' } }] }]) }
   t.same(decided(agent, l7, view('/a?x'))[0], 'allow')
   t.same(decided(agent, l7, view('/b')), ['deny', 'route override sources[0] web: no permission matched, default policy (deny)', false],
     'no permission matched: the service\'s default policy decides')

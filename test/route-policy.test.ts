@@ -8,8 +8,8 @@ const caller = (service: string): { partition: string, namespace: string, servic
 const request = (method: string, path: string, rawHeaders: string[] = []): { method: string, path: string, url: string, rawHeaders: string[] } => ({ method, path, url: path, rawHeaders })
 
 t.test('undefined means the service intentions, false exempts', async (t) => {
-  t.equal(compileRoutePolicy(undefined, 'GET /', 'api'), SERVICE_POLICY)
-  t.equal(compileRoutePolicy(false, 'GET /', 'api'), EXEMPT_POLICY)
+  t.equal(compileRoutePolicy(undefined, 'GET /'), SERVICE_POLICY)
+  t.equal(compileRoutePolicy(false, 'GET /'), EXEMPT_POLICY)
 })
 
 t.test('permissions may be written in JavaScript, Consul JSON or HCL spelling', async (t) => {
@@ -19,7 +19,7 @@ t.test('permissions may be written in JavaScript, Consul JSON or HCL spelling', 
     { action: 'allow', http: { path_prefix: '/a', methods: ['GET'], header: [{ name: 'x-env', exact: 'prod', ignore_case: true }] } }
   ]
   for (const permission of spellings) {
-    const policy = compileRoutePolicy({ sources: [{ name: 'web', permissions: [permission] }, { name: 'billing', action: 'deny' }] }, 'GET /a', 'api')
+    const policy = compileRoutePolicy({ sources: [{ name: 'web', permissions: [permission] }, { name: 'billing', action: 'deny' }] }, 'GET /a')
     const override = policy.override as CompiledOverride
     t.equal(decideOverride(override, caller('web'), request('GET', '/a/b', ['X-Env', 'PROD']))?.allow, true, JSON.stringify(permission))
     t.equal(decideOverride(override, caller('web'), request('POST', '/a/b', ['X-Env', 'PROD']))?.allow, false)
@@ -44,7 +44,7 @@ t.test('invalid values fail with FST_CONSUL_NATIVE_INVALID_ROUTE_CONFIG naming t
     [{ sources: [{ name: 'web', permissions: [{ action: 'allow', http: { pathFoo: '/' } }] }] }, /pathFoo/]
   ]
   for (const [value, message] of cases) {
-    t.throws(() => compileRoutePolicy(value, 'GET /x', 'api'), { code: 'FST_CONSUL_NATIVE_INVALID_ROUTE_CONFIG', message: /GET \/x/ }, JSON.stringify(value))
-    t.throws(() => compileRoutePolicy(value, 'GET /x', 'api'), { message }, JSON.stringify(value))
+    t.throws(() => compileRoutePolicy(value, 'GET /x'), { code: 'FST_CONSUL_NATIVE_INVALID_ROUTE_CONFIG', message: /GET \/x/ }, JSON.stringify(value))
+    t.throws(() => compileRoutePolicy(value, 'GET /x'), { message }, JSON.stringify(value))
   }
 })

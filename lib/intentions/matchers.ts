@@ -10,47 +10,60 @@ export class RuleError extends TypeError {}
 export const HTTP_METHODS: readonly string[] = Object.freeze(
   ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'CONNECT', 'OPTIONS', 'TRACE'])
 
-const PATH_NONE = 0
-const PATH_EXACT = 1
-const PATH_PREFIX = 2
-const PATH_REGEX = 3
+/** How a permission matches the path (docs/semantics.md#permissions); 'none': any path. */
+export type PathMatchKind = 'none' | 'exact' | 'prefix' | 'regex'
 
-const HDR_PRESENT = 0
-const HDR_EXACT = 1
-const HDR_PREFIX = 2
-const HDR_SUFFIX = 3
-const HDR_CONTAINS = 4
-const HDR_REGEX = 5
+/** How a header matcher compares the value (docs/semantics.md#headers). */
+export type HeaderMatchKind = 'present' | 'exact' | 'prefix' | 'suffix' | 'contains' | 'regex'
 
-// Where a header matcher reads its value from: pseudo-headers come from the request line.
-const SRC_HEADER = 0
-const SRC_METHOD = 1
-const SRC_PATH = 2
-const SRC_AUTHORITY = 3
+/** Where a header matcher reads its value from: pseudo-headers come from the request line. */
+export type HeaderSource = 'header' | 'method' | 'path' | 'authority'
 
 const HTTP_KEYS = new Set(['PathExact', 'PathPrefix', 'PathRegex', 'Methods', 'Header'])
 const HEADER_KEYS = new Set(['Name', 'Present', 'Exact', 'Prefix', 'Suffix', 'Contains', 'Regex', 'Invert', 'IgnoreCase'])
 
+/** The fields of a compiled header matcher. */
+export interface HeaderMatcherFields {
+  /** Lower-case. */
+  readonly name: string
+  readonly source: HeaderSource
+  readonly kind: HeaderMatchKind
+  /** UTF-8 bytes as a latin1 string; ASCII-lowercased when ignoreCase. */
+  readonly value: string
+  /** Set for kind 'regex' only. */
+  readonly regex: RE2JS | null
+  readonly ignoreCase: boolean
+  readonly invert: boolean
+}
+
 /** One header matcher of a permission (docs/semantics.md#headers). */
-export class HeaderMatcher {
-  constructor (
-    readonly name: string, // lower-case
-    readonly source: number,
-    readonly kind: number,
-    readonly value: string, // UTF-8 bytes as a latin1 string; ASCII-lowercased when ignoreCase
-    readonly regex: RE2JS | null,
-    readonly ignoreCase: boolean,
-    readonly invert: boolean
-  ) {}
+export class HeaderMatcher implements HeaderMatcherFields {
+  readonly name: string
+  readonly source: HeaderSource
+  readonly kind: HeaderMatchKind
+  readonly value: string
+  readonly regex: RE2JS | null
+  readonly ignoreCase: boolean
+  readonly invert: boolean
+
+  constructor (fields: HeaderMatcherFields) {
+    this.name = fields.name
+    this.source = fields.source
+    this.kind = fields.kind
+    this.value = fields.value
+    this.regex = fields.regex
+    this.ignoreCase = fields.ignoreCase
+    this.invert = fields.invert
+  }
 
   matches (method: string, url: string, rawHeaders: readonly string[]): boolean {
     let v: string | undefined
     const source = this.source
-    if (source === SRC_HEADER) v = headerValue(rawHeaders, this.name)
-    else if (source === SRC_METHOD) v = method
-    else if (source === SRC_PATH) v = url
+    if (source === 'header') v = headerValue(rawHeaders, this.name)
+    else if (source === 'method') v = method
+    else if (source === 'path') v = url
     else v = authorityValue(rawHeaders)
-    if (this.kind === HDR_PRESENT) return (v !== undefined) !== this.invert
+    if (this.kind === 'present') return (v !== undefined) !== this.invert
     // A missing header never matches a value matcher, inverted or not (docs/semantics.md#headers).
     if (v === undefined) return false
     return this.matchValue(v) !== this.invert
@@ -59,29 +72,46 @@ export class HeaderMatcher {
   private matchValue (v: string): boolean {
     const p = this.value
     switch (this.kind) {
-      case HDR_EXACT:
+      case 'exact':
         return this.ignoreCase ? v.length === p.length && foldedAt(v, 0, p) : v === p
-      case HDR_PREFIX:
+      case 'prefix':
         return this.ignoreCase ? v.length >= p.length && foldedAt(v, 0, p) : v.startsWith(p)
-      case HDR_SUFFIX:
+      case 'suffix':
         return this.ignoreCase ? v.length >= p.length && foldedAt(v, v.length - p.length, p) : v.endsWith(p)
-      case HDR_CONTAINS:
+      case 'contains':
         return (this.ignoreCase ? asciiLower(v) : v).includes(p)
-      default: // HDR_REGEX
+      default: // 'regex' ('present' returned above)
         return (this.regex as RE2JS).testExact(bytesToText(v))
     }
   }
 }
 
+/** The fields of the compiled HTTP part of one permission; null: that part is not set. */
+export interface PermissionMatcherFields {
+  readonly methods: readonly string[] | null
+  readonly pathKind: PathMatchKind
+  /** UTF-8 bytes as a latin1 string for 'exact' and 'prefix'; the pattern for 'regex'. */
+  readonly pathValue: string
+  /** Set for pathKind 'regex' only. */
+  readonly pathRegex: RE2JS | null
+  readonly headers: readonly HeaderMatcher[] | null
+}
+
 /** The compiled HTTP part of one permission: every present part must match (AND). */
-export class PermissionMatcher {
-  constructor (
-    readonly methods: readonly string[] | null,
-    readonly pathKind: number,
-    readonly pathValue: string,
-    readonly pathRegex: RE2JS | null,
-    readonly headers: readonly HeaderMatcher[] | null
-  ) {}
+export class PermissionMatcher implements PermissionMatcherFields {
+  readonly methods: readonly string[] | null
+  readonly pathKind: PathMatchKind
+  readonly pathValue: string
+  readonly pathRegex: RE2JS | null
+  readonly headers: readonly HeaderMatcher[] | null
+
+  constructor (fields: PermissionMatcherFields) {
+    this.methods = fields.methods
+    this.pathKind = fields.pathKind
+    this.pathValue = fields.pathValue
+    this.pathRegex = fields.pathRegex
+    this.headers = fields.headers
+  }
 
   matches (method: string, path: string, url: string, rawHeaders: readonly string[]): boolean {
     const methods = this.methods
@@ -94,9 +124,9 @@ export class PermissionMatcher {
       if (!found) return false
     }
     switch (this.pathKind) {
-      case PATH_EXACT: if (path !== this.pathValue) return false; break
-      case PATH_PREFIX: if (!path.startsWith(this.pathValue)) return false; break
-      case PATH_REGEX: if (!(this.pathRegex as RE2JS).testExact(bytesToText(path))) return false; break
+      case 'exact': if (path !== this.pathValue) return false; break
+      case 'prefix': if (!path.startsWith(this.pathValue)) return false; break
+      case 'regex': if (!(this.pathRegex as RE2JS).testExact(bytesToText(path))) return false; break
     }
     const headers = this.headers
     if (headers !== null) {
@@ -235,7 +265,7 @@ export function compileHttp (http: unknown, where: string, strict: boolean, cach
   if (http === undefined || http === null) {
     if (strict) throw new RuleError(`${where} is required`)
     // Envoy turns a permission with no parts into "any request"; Consul never sends one.
-    return new PermissionMatcher(null, PATH_NONE, '', null, null)
+    return new PermissionMatcher({ methods: null, pathKind: 'none', pathValue: '', pathRegex: null, headers: null })
   }
   if (!isObject(http)) throw new RuleError(`${where} must be an object`)
   checkKeys(http, HTTP_KEYS, where)
@@ -246,19 +276,19 @@ export function compileHttp (http: unknown, where: string, strict: boolean, cach
   if ((exact !== '' ? 1 : 0) + (prefix !== '' ? 1 : 0) + (regex !== '' ? 1 : 0) > 1) {
     throw new RuleError(`${where} must set at most one of PathExact, PathPrefix, PathRegex`)
   }
-  let pathKind = PATH_NONE
+  let pathKind: PathMatchKind = 'none'
   let pathValue = ''
   let pathRegex: RE2JS | null = null
   if (exact !== '') {
-    pathKind = PATH_EXACT
+    pathKind = 'exact'
     pathValue = ruleBytes(exact)
     if (strict && !exact.startsWith('/')) throw new RuleError(`${where}.PathExact must start with "/"`)
   } else if (prefix !== '') {
-    pathKind = PATH_PREFIX
+    pathKind = 'prefix'
     pathValue = ruleBytes(prefix)
     if (strict && !prefix.startsWith('/')) throw new RuleError(`${where}.PathPrefix must start with "/"`)
   } else if (regex !== '') {
-    pathKind = PATH_REGEX
+    pathKind = 'regex'
     pathValue = regex
     pathRegex = compileRegex(regex, `${where}.PathRegex`, cache)
   }
@@ -266,10 +296,10 @@ export function compileHttp (http: unknown, where: string, strict: boolean, cach
   const methods = compileMethods(http.Methods, `${where}.Methods`, strict)
   const headers = compileHeaders(http.Header, `${where}.Header`, cache)
 
-  if (strict && pathKind === PATH_NONE && methods === null && headers === null) {
+  if (strict && pathKind === 'none' && methods === null && headers === null) {
     throw new RuleError(`${where} must set at least one of PathExact, PathPrefix, PathRegex, Methods, Header`)
   }
-  return new PermissionMatcher(methods, pathKind, pathValue, pathRegex, headers)
+  return new PermissionMatcher({ methods, pathKind, pathValue, pathRegex, headers })
 }
 
 function compileMethods (v: unknown, where: string, strict: boolean): string[] | null {
@@ -301,6 +331,9 @@ function compileHeaders (v: unknown, where: string, cache: RegexCache): HeaderMa
   return out
 }
 
+const VALUE_MATCHERS: ReadonlyArray<readonly [string, HeaderMatchKind]> =
+  [['Exact', 'exact'], ['Prefix', 'prefix'], ['Suffix', 'suffix'], ['Contains', 'contains'], ['Regex', 'regex']]
+
 function compileHeader (h: unknown, where: string, cache: RegexCache): HeaderMatcher {
   if (!isObject(h)) throw new RuleError(`${where} must be an object`)
   checkKeys(h, HEADER_KEYS, where)
@@ -309,10 +342,9 @@ function compileHeader (h: unknown, where: string, cache: RegexCache): HeaderMat
   const present = optBool(h, 'Present', where)
   const invert = optBool(h, 'Invert', where)
   const ignoreCase = optBool(h, 'IgnoreCase', where)
-  const values: Array<[number, string]> = []
-  if (present) values.push([HDR_PRESENT, ''])
-  for (const [key, kind] of [['Exact', HDR_EXACT], ['Prefix', HDR_PREFIX], ['Suffix', HDR_SUFFIX],
-    ['Contains', HDR_CONTAINS], ['Regex', HDR_REGEX]] as Array<[string, number]>) {
+  const values: Array<[HeaderMatchKind, string]> = []
+  if (present) values.push(['present', ''])
+  for (const [key, kind] of VALUE_MATCHERS) {
     const s = optString(h, key, where)
     if (s !== '') values.push([kind, s])
   }
@@ -320,19 +352,19 @@ function compileHeader (h: unknown, where: string, cache: RegexCache): HeaderMat
     throw new RuleError(`${where} must set exactly one of Present, Exact, Prefix, Suffix, Contains, Regex`)
   }
   const [kind, value] = values[0]
-  if (ignoreCase && (kind === HDR_PRESENT || kind === HDR_REGEX)) {
+  if (ignoreCase && (kind === 'present' || kind === 'regex')) {
     throw new RuleError(`${where}.IgnoreCase is only allowed with Exact, Prefix, Suffix or Contains`)
   }
   const lname = asciiLower(name)
-  const source = lname === ':method'
-    ? SRC_METHOD
-    : lname === ':path' ? SRC_PATH : lname === 'host' || lname === ':authority' ? SRC_AUTHORITY : SRC_HEADER
-  const regex = kind === HDR_REGEX ? compileRegex(value, `${where}.Regex`, cache) : null
-  const bytes = kind === HDR_REGEX ? value : ruleBytes(value)
-  return new HeaderMatcher(lname, source, kind, ignoreCase ? asciiLower(bytes) : bytes, regex, ignoreCase, invert)
+  const source: HeaderSource = lname === ':method'
+    ? 'method'
+    : lname === ':path' ? 'path' : lname === 'host' || lname === ':authority' ? 'authority' : 'header'
+  const regex = kind === 'regex' ? compileRegex(value, `${where}.Regex`, cache) : null
+  const bytes = kind === 'regex' ? value : ruleBytes(value)
+  return new HeaderMatcher({ name: lname, source, kind, value: ignoreCase ? asciiLower(bytes) : bytes, regex, ignoreCase, invert })
 }
 
 /** Whether a literal path rule uses lower-case percent-escapes, which canonical paths never contain. */
 export function hasLowercaseEscape (m: PermissionMatcher): boolean {
-  return (m.pathKind === PATH_EXACT || m.pathKind === PATH_PREFIX) && /%(?:[0-9A-Fa-f][a-f]|[a-f][0-9A-Fa-f])/.test(m.pathValue)
+  return (m.pathKind === 'exact' || m.pathKind === 'prefix') && /%(?:[0-9A-Fa-f][a-f]|[a-f][0-9A-Fa-f])/.test(m.pathValue)
 }

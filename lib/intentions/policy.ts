@@ -33,14 +33,6 @@ export interface PolicyInput {
   protocol: string
 }
 
-export interface CompiledPolicy {
-  readonly defaultAllow: boolean
-  /** Intentions kept (after dropping peered, sameness-group and other-destination ones). */
-  readonly size: number
-  /** One line per distinct cause, for the caller to log once. */
-  readonly warnings: readonly string[]
-}
-
 /** A route-level source rule: like a `service-intentions` source, evaluated before the service's policy. */
 export interface RouteSource {
   name: string
@@ -49,8 +41,6 @@ export interface RouteSource {
   action?: 'allow' | 'deny'
   permissions?: IntentionPermission[]
 }
-
-export interface CompiledOverride { readonly size: number }
 
 const HTTP_LIKE = new Set(['http', 'http2', 'grpc'])
 const PERMISSION_KEYS = new Set(['Action', 'HTTP', 'JWT'])
@@ -64,48 +54,62 @@ const DEFAULT_ALLOW = decision(true, 'default policy (allow)')
 const DEFAULT_DENY = decision(false, 'default policy (deny)')
 
 /** One compiled permission of an L7 rule. */
-class Permission {
-  constructor (
-    readonly matcher: PermissionMatcher,
-    /** false for an allow that needs a JWT: it never matches (docs/semantics.md#jwt). */
-    readonly usable: boolean,
-    readonly decision: Decision,
-    /** For a deny: the same denial found on an alternate (router) spelling of the path. */
-    readonly altDecision: Decision | null
-  ) {}
+interface Permission {
+  readonly matcher: PermissionMatcher
+  /** false for an allow that needs a JWT: it never matches (docs/semantics.md#jwt). */
+  readonly usable: boolean
+  readonly decision: Decision
+  /** For a deny: the same denial found on an alternate (router) spelling of the path. */
+  readonly altDecision: Decision | null
 }
 
-/** One source rule: a compiled intention or route-override source. */
-class Rule {
-  constructor (
-    readonly partition: string,
-    readonly namespace: string,
-    readonly name: string,
-    /** The verdict when it does not depend on the request (L4, or L7 that cannot be evaluated). */
-    readonly fixed: Decision | null,
-    readonly permissions: readonly Permission[],
-    /** L7, no permission matched: the default policy, allow or deny. */
-    readonly noMatchAllow: Decision,
-    readonly noMatchDeny: Decision,
-    /** L7 route override, no permission matched, default unknown (no policy given): fail closed. */
-    readonly noMatchAlone: Decision
-  ) {}
+/** One source rule: a compiled intention or route-override source ('default' for an empty partition or namespace). */
+interface Rule {
+  readonly partition: string
+  readonly namespace: string
+  readonly name: string
+  /** The verdict when it does not depend on the request (L4, or L7 that cannot be evaluated). */
+  readonly fixed: Decision | null
+  readonly permissions: readonly Permission[]
+  /** L7, no permission matched: the default policy, allow or deny. */
+  readonly noMatchAllow: Decision
+  readonly noMatchDeny: Decision
+  /** L7 route override, no permission matched, default unknown (no policy given): fail closed. */
+  readonly noMatchAlone: Decision
 }
 
-class Policy implements CompiledPolicy {
+/** A rule whose verdict never depends on the request (L4). */
+function fixedRule (partition: string, namespace: string, name: string, fixed: Decision): Rule {
+  return { partition, namespace, name, fixed, permissions: [], noMatchAllow: fixed, noMatchDeny: fixed, noMatchAlone: fixed }
+}
+
+interface PolicyFields {
+  readonly defaultAllow: boolean
+  readonly warnings: readonly string[]
+  /** In precedence order. */
+  readonly rules: readonly Rule[]
+  /** partition → namespace pattern → name pattern → position of the first such rule. */
+  readonly index: ReadonlyMap<string, ReadonlyMap<string, ReadonlyMap<string, number>>>
+}
+
+/** The destination's intentions, compiled by compilePolicy(). */
+export class CompiledPolicy {
+  readonly defaultAllow: boolean
+  /** One line per distinct cause, for the caller to log once. */
+  readonly warnings: readonly string[]
+  /** Intentions kept (after dropping peered, sameness-group and other-destination ones). */
   readonly size: number
   readonly defaultDecision: Decision
+  readonly #rules: readonly Rule[]
+  readonly #index: PolicyFields['index']
 
-  constructor (
-    readonly defaultAllow: boolean,
-    readonly warnings: readonly string[],
-    private readonly rules: readonly Rule[],
-    /** partition → namespace pattern → name pattern → position of the first such rule. */
-    private readonly index: ReadonlyMap<string, ReadonlyMap<string, ReadonlyMap<string, number>>>
-  ) {
-    this.size = rules.length
-    this.defaultDecision = defaultAllow ? DEFAULT_ALLOW : DEFAULT_DENY
-    Object.freeze(this.warnings)
+  constructor (fields: PolicyFields) {
+    this.defaultAllow = fields.defaultAllow
+    this.warnings = Object.freeze(fields.warnings)
+    this.#rules = fields.rules
+    this.#index = fields.index
+    this.size = fields.rules.length
+    this.defaultDecision = fields.defaultAllow ? DEFAULT_ALLOW : DEFAULT_DENY
   }
 
   /**
@@ -114,7 +118,7 @@ class Policy implements CompiledPolicy {
    * saves ~20 ns on a hit but costs ~200 ns and GC pauses for every new identity object.
    */
   ruleFor (caller: CallerIdentity): Rule | null {
-    const byNamespace = this.index.get(orDefault(caller.partition))
+    const byNamespace = this.#index.get(orDefault(caller.partition))
     if (byNamespace === undefined) return null
     // At most four patterns can match: ns/name, ns/*, */name, */*; the earliest one decides.
     let best = Infinity
@@ -122,7 +126,7 @@ class Policy implements CompiledPolicy {
     if (exactNs !== undefined) best = earliest(exactNs, caller.service, best)
     const anyNs = byNamespace.get('*')
     if (anyNs !== undefined) best = earliest(anyNs, caller.service, best)
-    return best === Infinity ? null : this.rules[best]
+    return best === Infinity ? null : this.#rules[best]
   }
 }
 
@@ -134,17 +138,23 @@ function earliest (byName: ReadonlyMap<string, number>, service: string, best: n
   return best
 }
 
-class Override implements CompiledOverride {
+/** A route's `sources`, compiled by compileOverride(). */
+export class CompiledOverride {
   readonly size: number
-  constructor (private readonly rules: readonly Rule[]) {
+  /** In precedence order. */
+  readonly #rules: readonly Rule[]
+
+  constructor (rules: readonly Rule[]) {
+    this.#rules = rules
     this.size = rules.length
   }
 
   ruleFor (caller: CallerIdentity): Rule | null {
     const partition = orDefault(caller.partition)
     const namespace = orDefault(caller.namespace)
-    for (let i = 0; i < this.rules.length; i++) {
-      const r = this.rules[i]
+    const rules = this.#rules
+    for (let i = 0; i < rules.length; i++) {
+      const r = rules[i]
       if (r.partition === partition && (r.namespace === '*' || r.namespace === namespace) &&
         (r.name === '*' || r.name === caller.service)) return r
     }
@@ -178,21 +188,10 @@ function alternateDenial (rule: Rule, req: RequestFacts, path: string): Decision
   return null
 }
 
-function asPolicy (policy: CompiledPolicy): Policy {
-  if (!(policy instanceof Policy)) throw new TypeError('policy must come from compilePolicy()')
-  return policy
-}
-
-function asOverride (override: CompiledOverride): Override {
-  if (!(override instanceof Override)) throw new TypeError('override must come from compileOverride()')
-  return override
-}
-
 /** Decide one request of a verified caller against the service's policy (docs/semantics.md#first-match). */
 export function decide (policy: CompiledPolicy, caller: CallerIdentity, req: RequestFacts): Decision {
-  const p = asPolicy(policy)
-  const rule = p.ruleFor(caller)
-  return rule === null ? p.defaultDecision : evaluate(rule, req, p.defaultAllow)
+  const rule = policy.ruleFor(caller)
+  return rule === null ? policy.defaultDecision : evaluate(rule, req, policy.defaultAllow)
 }
 
 /**
@@ -202,9 +201,9 @@ export function decide (policy: CompiledPolicy, caller: CallerIdentity, req: Req
  */
 export function decideOverride (override: CompiledOverride, caller: CallerIdentity, req: RequestFacts,
   policy?: CompiledPolicy): Decision | null {
-  const rule = asOverride(override).ruleFor(caller)
+  const rule = override.ruleFor(caller)
   if (rule === null) return null
-  return evaluate(rule, req, policy === undefined ? null : asPolicy(policy).defaultAllow)
+  return evaluate(rule, req, policy === undefined ? null : policy.defaultAllow)
 }
 
 /**
@@ -216,11 +215,10 @@ export function decideOverride (override: CompiledOverride, caller: CallerIdenti
  */
 export function decideSpellings (policy: CompiledPolicy, override: CompiledOverride | null, caller: CallerIdentity,
   req: RequestFacts, alternatePaths: readonly string[]): Decision {
-  const p = asPolicy(policy)
-  let rule = override === null ? null : asOverride(override).ruleFor(caller)
-  if (rule === null) rule = p.ruleFor(caller)
-  if (rule === null) return p.defaultDecision
-  const d = evaluate(rule, req, p.defaultAllow)
+  let rule = override === null ? null : override.ruleFor(caller)
+  if (rule === null) rule = policy.ruleFor(caller)
+  if (rule === null) return policy.defaultDecision
+  const d = evaluate(rule, req, policy.defaultAllow)
   if (!d.allow || rule.fixed !== null) return d
   for (let i = 0; i < alternatePaths.length; i++) {
     const denial = alternateDenial(rule, req, alternatePaths[i])
@@ -290,36 +288,31 @@ function compilePermissions (perms: readonly unknown[], where: string, strict: b
     const matcher = compileHttp(perm.HTTP, `${w}.HTTP`, strict, cache)
     const allow = action === 'allow'
     const reason = `${head}, permission ${i + 1} (${action})`
-    out.push(new Permission(matcher, !(allow && (jwt || ruleJwt)), decision(allow, reason),
-      allow ? null : decision(false, `${reason} for another spelling of the path that reaches the same route`)))
+    out.push({
+      matcher,
+      usable: !(allow && (jwt || ruleJwt)),
+      decision: decision(allow, reason),
+      altDecision: allow ? null : decision(false, `${reason} for another spelling of the path that reaches the same route`)
+    })
   }
   return out
 }
 
 function l7Rule (partition: string, namespace: string, name: string, fixed: Decision | null,
   permissions: Permission[], head: string, sep: string): Rule {
-  return new Rule(partition, namespace, name, fixed, permissions,
-    decision(true, `${head}${sep}no permission matched, default policy (allow)`),
-    decision(false, `${head}${sep}no permission matched, default policy (deny)`),
-    decision(false, `${head}${sep}no permission matched (deny)`))
+  return {
+    partition,
+    namespace,
+    name,
+    fixed,
+    permissions,
+    noMatchAllow: decision(true, `${head}${sep}no permission matched, default policy (allow)`),
+    noMatchDeny: decision(false, `${head}${sep}no permission matched, default policy (deny)`),
+    noMatchAlone: decision(false, `${head}${sep}no permission matched (deny)`)
+  }
 }
 
 interface Counts { peer: number, sameness: number, jwt: number, destination: number, l7OnTcp: number, lowercase: string[] }
-
-function checkIntentionShape (ixn: unknown, i: number): Intention {
-  const fail = (reason: string): never => { throw new InvalidIntentionsError(`intentions[${i}]`, reason) }
-  if (!isObject(ixn)) return fail('it is not an object')
-  for (const f of ['SourceName', 'DestinationName'] as const) {
-    if (typeof ixn[f] !== 'string' || ixn[f] === '') fail(`${f} must be a non-empty string`)
-  }
-  for (const f of ['SourceNS', 'SourcePartition', 'SourcePeer', 'SourceSamenessGroup', 'DestinationNS',
-    'DestinationPartition'] as const) {
-    const v = ixn[f]
-    if (v !== undefined && v !== null && typeof v !== 'string') fail(`${f} must be a string`)
-  }
-  if (typeof ixn.Precedence !== 'number' || !Number.isFinite(ixn.Precedence)) fail('Precedence must be a number')
-  return ixn as unknown as Intention
-}
 
 function compileIntention (ixn: Intention, http: boolean, protocol: string, counts: Counts, cache: RegexCache): Rule {
   const src = label(ixn.SourcePartition, ixn.SourceNS, ixn.SourceName)
@@ -330,17 +323,16 @@ function compileIntention (ixn: Intention, http: boolean, protocol: string, coun
   const namespace = orDefault(ixn.SourceNS)
   try {
     const ruleJwt = requiresJwt(ixn.JWT)
-    const perms: unknown = ixn.Permissions
-    if (perms !== undefined && perms !== null && !Array.isArray(perms)) throw new RuleError('Permissions must be an array')
-    if (ruleJwt || (Array.isArray(perms) && perms.some((p) => isObject(p) && requiresJwt(p.JWT)))) counts.jwt++
+    const perms = ixn.Permissions
+    if (ruleJwt || perms?.some((p) => requiresJwt(p.JWT)) === true) counts.jwt++
     // Consul's Envoy config looks at Permissions first: a non-empty list makes the intention L7.
-    if (!Array.isArray(perms) || perms.length === 0) {
-      const action: unknown = ixn.Action
-      if (action !== 'allow' && action !== 'deny') throw new RuleError('Action must be "allow" or "deny"')
+    // Otherwise Action is set (lib/agent/parse.ts refuses an intention with neither).
+    if (perms === undefined || perms.length === 0) {
+      const action = ixn.Action
       const fixed = action === 'allow' && ruleJwt
         ? decision(false, `${head} allow requires a JWT, which is not supported (deny)`)
-        : decision(action === 'allow', `${head} ${action}`)
-      return new Rule(partition, namespace, ixn.SourceName, fixed, [], fixed, fixed, fixed)
+        : decision(action === 'allow', `${head} ${String(action)}`)
+      return fixedRule(partition, namespace, ixn.SourceName, fixed)
     }
     // Compiled even when unused (non-HTTP protocol) so a bad regex is reported either way.
     const permissions = compilePermissions(perms, 'Permissions', false, head, ruleJwt, cache)
@@ -357,8 +349,7 @@ function compileIntention (ixn: Intention, http: boolean, protocol: string, coun
   }
 }
 
-function parseDestination (destination: unknown): { partition: string | null, namespace: string | null, name: string } {
-  if (typeof destination !== 'string' || destination === '') throw new TypeError('destination must be a non-empty string')
+function parseDestination (destination: string): { partition: string | null, namespace: string | null, name: string } {
   const parts = destination.split('/')
   if (parts.length > 3 || parts.some((p) => p === '')) {
     throw new TypeError(`destination ${JSON.stringify(destination)} must be "name", "namespace/name" or "partition/namespace/name"`)
@@ -377,24 +368,19 @@ function parseDestination (destination: unknown): { partition: string | null, na
  * caller then keeps its last good policy (docs/semantics.md#re2).
  */
 export function compilePolicy (input: PolicyInput): CompiledPolicy {
-  if (!isObject(input)) throw new TypeError('input must be an object')
   const dest = parseDestination(input.destination)
-  if (typeof input.defaultAllow !== 'boolean') throw new TypeError('defaultAllow must be a boolean')
-  if (typeof input.protocol !== 'string') throw new TypeError('protocol must be a string')
-  if (!Array.isArray(input.intentions)) throw new TypeError('intentions must be an array')
   const protocol = input.protocol
   const http = HTTP_LIKE.has(protocol.toLowerCase())
 
   const counts: Counts = { peer: 0, sameness: 0, jwt: 0, destination: 0, l7OnTcp: 0, lowercase: [] }
   const kept: Intention[] = []
-  input.intentions.forEach((raw, i) => {
-    const ixn = checkIntentionShape(raw, i)
+  for (const ixn of input.intentions) {
     // Peers and sameness groups never match a local identity (docs/semantics.md#peers).
     if (ixn.SourcePeer !== undefined && ixn.SourcePeer !== null && ixn.SourcePeer !== '') counts.peer++
     else if (ixn.SourceSamenessGroup !== undefined && ixn.SourceSamenessGroup !== null && ixn.SourceSamenessGroup !== '') counts.sameness++
     else if (!forDestination(ixn, dest)) counts.destination++
     else kept.push(ixn)
-  })
+  }
   // Re-sort: the transport order is not trusted (docs/semantics.md#precedence).
   kept.sort(comparePrecedence)
 
@@ -412,7 +398,7 @@ export function compilePolicy (input: PolicyInput): CompiledPolicy {
     // A later rule with the same source pattern can never be the first match.
     if (!byName.has(rule.name)) byName.set(rule.name, position)
   }
-  return new Policy(input.defaultAllow, warningsFor(counts, protocol), rules, index)
+  return new CompiledPolicy({ defaultAllow: input.defaultAllow, warnings: warningsFor(counts, protocol), rules, index })
 }
 
 function forDestination (ixn: Intention, dest: ReturnType<typeof parseDestination>): boolean {
@@ -454,13 +440,11 @@ function checkName (v: unknown, where: string, required: boolean, wildcard: bool
 }
 
 /**
- * Compile a route's `sources`, validated as Consul validates a `service-intentions` entry.
- * Throws a TypeError (RuleError) whose message says exactly what is wrong.
+ * Compile a route's `sources` (a non-empty list, lib/route-policy.ts checks), each validated as
+ * Consul validates a `service-intentions` entry source. Throws a TypeError (RuleError) whose
+ * message says exactly what is wrong.
  */
-export function compileOverride (sources: readonly RouteSource[], destination: string): CompiledOverride {
-  if (typeof destination !== 'string' || destination === '') throw new RuleError('destination must be a non-empty string')
-  if (!Array.isArray(sources)) throw new RuleError('sources must be an array')
-  if (sources.length === 0) throw new RuleError('sources must contain at least one source')
+export function compileOverride (sources: readonly RouteSource[]): CompiledOverride {
   const seen = new Map<string, number>()
   const cache: RegexCache = new Map()
   const compiled: Array<{ rule: Rule, precedence: number }> = []
@@ -495,7 +479,7 @@ export function compileOverride (sources: readonly RouteSource[], destination: s
         compilePermissions(perms, `${where}.permissions`, true, head, false, cache), head, ': ')
     } else {
       const fixed = decision(action === 'allow', `${head} ${action as string}`)
-      rule = new Rule(orDefault(partition), orDefault(namespace), name, fixed, [], fixed, fixed, fixed)
+      rule = fixedRule(orDefault(partition), orDefault(namespace), name, fixed)
     }
     // The same precedence numbers as intentions to an exact destination (docs/semantics.md#precedence-numbers): 9, 8, 7.
     compiled.push({ rule, precedence: namespace === '*' ? 7 : name === '*' ? 8 : 9 })
@@ -503,5 +487,5 @@ export function compileOverride (sources: readonly RouteSource[], destination: s
   compiled.sort((a, b) => b.precedence - a.precedence ||
     compareBytes(a.rule.partition, b.rule.partition) || compareBytes(a.rule.namespace, b.rule.namespace) ||
     compareBytes(a.rule.name, b.rule.name))
-  return new Override(compiled.map((c) => c.rule))
+  return new CompiledOverride(compiled.map((c) => c.rule))
 }
