@@ -69,13 +69,7 @@ export class IdentityResolver {
     this.#connectEpoch.set(rawSocket, this.#epoch)
   }
 
-  /** The verified identity behind a request, or null. `now` is `Date.now()`. */
-  identify (req: TlsRequest, now: number): ServiceIdentity | null {
-    const peer = this.peer(req, now)
-    return peer.identity
-  }
-
-  /** Like `identify`, with the reason when there is no identity. */
+  /** The verified identity behind a request (`identity` null, with the `reason`, when none). `now` is `Date.now()`. */
   peer (req: TlsRequest, now: number): PeerIdentity {
     const session = req.stream?.session
     const key = connectionOf(req)

@@ -199,12 +199,12 @@ function advertisedAddress (listening: string, system: RegistrationSystem): stri
 }
 
 /**
- * The registration for `service` listening at `listening`. `healthUrl` is the path of the health
- * route (null when it is disabled), which the `https` check requests.
+ * The registration for `service` listening at `listening`, from options validateRegisterOption()
+ * accepted. `healthUrl` is the path of the health route (null when it is disabled; resolveOptions
+ * refuses that with an `https` check), which the `https` check requests.
  */
-export function buildRegistration (service: string, opts: RegisterOptions, listening: { address: string, port: number },
+export function buildRegistration (service: string, o: RegisterOptions, listening: { address: string, port: number },
   healthUrl: string | null, system: RegistrationSystem = os): ResolvedRegistration {
-  const o = validateFields(opts as Record<string, unknown>)
   const port = o.port ?? listening.port
   if (!Number.isInteger(port) || port < 1 || port > 65535) {
     fail('register.port', `the server listens on no TCP port (${shown(port)}): set register.port`)
@@ -221,10 +221,9 @@ export function buildRegistration (service: string, opts: RegisterOptions, liste
 
   let check: Record<string, unknown> | null = null
   if (kind === 'https') {
-    if (healthUrl === null) fail('register.check', "'https' needs the health route (health: false); choose 'tcp', 'ttl' or false")
     check = {
       ...named,
-      HTTP: `https://${hostPort(address, port)}${healthUrl}`,
+      HTTP: `https://${hostPort(address, port)}${healthUrl as string}`,
       TLSSkipVerify: true,
       ...(o.tlsServerName === undefined ? {} : { TLSServerName: o.tlsServerName }),
       ...timing

@@ -60,7 +60,6 @@ export class DynamicTls {
   }
 
   get material (): TlsMaterial | null { return this.#material }
-  get servers (): ReadonlySet<TlsServer> { return this.#servers }
 
   /**
    * Installs new material. Builds the context first, so a key that does not match its certificate

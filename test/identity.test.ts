@@ -70,21 +70,21 @@ t.test('IdentityResolver: connection rules, caching, expiry and roots changes', 
 
   // Connections that were not seen connecting (or predate the roots) have their chain checked.
   const unseen = fakeSocket({ cert: leaf, chain: [root] })
-  t.equal(resolver.identify(unseen, now)?.service, 'web')
-  t.equal(resolver.identify(unseen, now)?.service, 'web', 'cached')
-  t.equal(resolver.identify(unseen, Date.parse(leaf.validTo) + 1), null, 'expired at request time')
-  t.equal(resolver.identify(unseen, Date.parse(leaf.validFrom) - 1), null, 'not yet valid')
+  t.equal(resolver.peer(unseen, now).identity?.service, 'web')
+  t.equal(resolver.peer(unseen, now).identity?.service, 'web', 'cached')
+  t.equal(resolver.peer(unseen, Date.parse(leaf.validTo) + 1).identity, null, 'expired at request time')
+  t.equal(resolver.peer(unseen, Date.parse(leaf.validFrom) - 1).identity, null, 'not yet valid')
 
   // HTTP/2: the session is the connection.
   const session = { socket: fakeSocket({ cert: leaf, chain: [root] }).socket }
-  t.equal(resolver.identify({ socket: {} as never, stream: { session } }, now)?.service, 'web')
+  t.equal(resolver.peer({ socket: {} as never, stream: { session } }, now).identity?.service, 'web')
 
   // A connection noted at connect time under the current roots skips the chain walk.
   const raw = {}
   resolver.noteConnection(raw)
   const noted = fakeSocket({ cert: leaf })
   ;(noted.socket as unknown as { _parent: object })._parent = raw
-  t.equal(resolver.identify(noted, now)?.service, 'web')
+  t.equal(resolver.peer(noted, now).identity?.service, 'web')
 
   // New roots without the old one: cached identities are re-checked and dropped.
   await ca.rotate()
@@ -99,14 +99,14 @@ t.test('IdentityResolver: connection rules, caching, expiry and roots changes', 
   const rotatedLeaf = (await ca.signLeaf('web')).certPem
   const [leafPart, crossSigned] = rotatedLeaf.split(/(?<=-----END CERTIFICATE-----\n)/)
   const rotated = fakeSocket({ cert: new X509Certificate(leafPart as string), chain: [new X509Certificate(crossSigned as string), root] })
-  t.equal(resolver.identify(rotated, now)?.service, 'web', 'the new leaf verifies against the new root')
+  t.equal(resolver.peer(rotated, now).identity?.service, 'web', 'the new leaf verifies against the new root')
   resolver.setTrust({ trustDomain: ca.trustDomain, roots: [root] })
-  t.equal(resolver.identify(rotated, now)?.service, 'web', 'and, through the cross-signed certificate, against the old one')
+  t.equal(resolver.peer(rotated, now).identity?.service, 'web', 'and, through the cross-signed certificate, against the old one')
   resolver.setTrust({ trustDomain: ca.trustDomain, roots: [root, newRoot] })
-  t.equal(resolver.identify(fakeSocket({ cert: root, chain: [] }), now), null, 'a root is no service identity')
+  t.equal(resolver.peer(fakeSocket({ cert: root, chain: [] }), now).identity, null, 'a root is no service identity')
   const loop = fakeSocket({ cert: leaf, chain: [leaf] })
   resolver.setTrust({ trustDomain: ca.trustDomain, roots: [new X509Certificate(other.roots()[0]?.RootCert as string)] })
-  t.equal(resolver.identify(loop, now), null, 'a chain that loops ends the walk')
+  t.equal(resolver.peer(loop, now).identity, null, 'a chain that loops ends the walk')
 })
 
 t.test('a resumed session is re-checked against the current roots; a broken or stale chain is refused', async (t) => {
@@ -120,7 +120,7 @@ t.test('a resumed session is re-checked against the current roots; a broken or s
   resolver.noteConnection(raw)
   const resumed = fakeSocket({ cert: leaf, chain: [], resumed: true })
   ;(resumed.socket as unknown as { _parent: object })._parent = raw
-  t.equal(resolver.identify(resumed, now)?.service, 'web', 'checked, and signed by a current root')
+  t.equal(resolver.peer(resumed, now).identity?.service, 'web', 'checked, and signed by a current root')
 
   const other = await DevCertificateAuthority.create({ clusterId: ca.clusterId })
   const stranger = new X509Certificate(other.roots()[0]?.RootCert as string)
@@ -151,5 +151,5 @@ t.test('a resumed session (no peer chain) links through the roots\' intermediate
   resolver.setTrust({ trustDomain: ca.trustDomain, roots: [oldRoot] })
   t.match(resolver.peer(resumed(), Date.now()).reason, /does not chain/, 'without the intermediate, no link to the old root')
   resolver.setTrust({ trustDomain: ca.trustDomain, roots: [oldRoot], intermediates: [crossSigned] })
-  t.equal(resolver.identify(resumed(), Date.now())?.service, 'web', 'leaf → cross-signed intermediate → old root')
+  t.equal(resolver.peer(resumed(), Date.now()).identity?.service, 'web', 'leaf → cross-signed intermediate → old root')
 })

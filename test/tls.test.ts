@@ -108,7 +108,6 @@ t.test('attach() takes charge of TLS servers only, each once', async (t) => {
   state.attach(http.createServer())
   state.attach(net.createServer())
   state.attach({})
-  t.equal(state.servers.size, 0, 'non-TLS servers are ignored')
 
   const server = tls.createServer()
   const contexts = recordContexts(server)
@@ -117,10 +116,10 @@ t.test('attach() takes charge of TLS servers only, each once', async (t) => {
   t.equal(server.listenerCount('connection'), listeners + 1, 'one connection listener')
   state.attach(server)
   t.equal(server.listenerCount('connection'), listeners + 1, 'attaching again adds none')
-  t.same([...state.servers], [server])
   t.same(contexts, [], 'no material yet: the server keeps its own context')
 
-  state.update(f.material)
+  // An attached HTTP or plain TCP server has no setSecureContext(): updating would throw.
+  t.doesNotThrow(() => state.update(f.material), 'non-TLS servers were ignored')
   t.match(contexts, [{ key: f.material.keyPem, cert: f.material.certPem, ca: f.material.rootPems, sessionIdContext: state.id, secureOptions: constants.SSL_OP_NO_RENEGOTIATION }],
     'an update reaches the attached server, with the settings every context carries')
 
@@ -129,7 +128,6 @@ t.test('attach() takes charge of TLS servers only, each once', async (t) => {
   state.attach(late)
   t.match(lateContexts, [{ key: f.material.keyPem, cert: f.material.certPem, ca: f.material.rootPems }],
     'a server attached after the first update gets the current material at once')
-  t.equal(state.servers.size, 2)
 })
 
 t.test('a connection seen by an attached server is trusted under the roots of its handshake', async (t) => {
@@ -148,7 +146,7 @@ t.test('a connection seen by an attached server is trusted under the roots of it
 
   const seen = clientConnection(siblingLeaf)
   onConnection(seen.socket)
-  t.equal(state.identities.identify(seen, Date.now())?.service, 'web')
+  t.equal(state.identities.peer(seen, Date.now()).identity?.service, 'web')
 })
 
 t.test('a change of roots re-validates cached identities; the same roots do not', async (t) => {
@@ -206,7 +204,6 @@ t.test('detachAll() forgets every server and unregisters the state', async (t) =
   const contexts = recordContexts(server)
 
   state.detachAll()
-  t.equal(state.servers.size, 0)
   t.equal(dynamicTlsOf(server), null, 'the server no longer maps to the state')
   state.update(f.material)
   t.same(contexts, [], 'a detached server is not updated')
