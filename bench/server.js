@@ -1,14 +1,18 @@
 'use strict'
-// One benchmark server, in its own process: `node bench/server.js <mode> <agentAddress> <intentions>`.
-//   static   Fastify with a fixed mTLS configuration (the leaf and roots read once), no plugin
-//   static-sni  the same with an SNICallback that keeps the default context (what any dynamic
-//            certificate setup pays per handshake, whoever implements it)
-//   plugin   the same app with fastify-consul-native (dynamic TLS + enforcement)
-//   exempt   the plugin with the route exempt (dynamic TLS, no decision): "mTLS, no enforcement"
-// Prints its port on stdout, then serves until killed.
+// One benchmark server, in its own process: `node bench/server.js <mode> <agentAddress>`.
+//   static       Fastify with a fixed mTLS configuration (the leaf and roots read once), no plugin
+//   static-sni   the same with an SNICallback that keeps the default context (what any dynamic
+//                certificate setup pays per handshake, whoever implements it)
+//   static-hook  static mTLS plus one empty onRequest hook: the floor of Fastify's hook machinery
+//   exempt       the plugin with the route exempt (dynamic TLS, no decision): "mTLS, no enforcement"
+//   plugin       the same app with fastify-consul-native (dynamic TLS + enforcement)
+// Prints its port on stdout, then serves until SIGTERM, on which it closes and exits (so that
+// `node --cpu-prof` writes its profile).
 const Fastify = require('fastify')
 const { request } = require('undici')
 const { consulNative, httpsOptions } = require('../dist/index.js')
+
+const MODES = ['static', 'static-sni', 'static-hook', 'exempt', 'plugin']
 
 async function agentJson (address, path) {
   const res = await request(`${address}${path}`)
@@ -17,12 +21,14 @@ async function agentJson (address, path) {
 
 async function main () {
   const [mode, address] = process.argv.slice(2)
+  if (!MODES.includes(mode)) throw new Error(`unknown mode ${mode}; one of ${MODES.join(', ')}`)
   let app
-  if (mode === 'static' || mode === 'static-sni') {
+  if (mode.startsWith('static')) {
     const leaf = await agentJson(address, '/v1/agent/connect/ca/leaf/api')
     const roots = await agentJson(address, '/v1/agent/connect/ca/roots')
     const sni = mode === 'static-sni' ? { SNICallback: (_name, cb) => cb(null, undefined) } : {}
     app = Fastify({ https: { key: leaf.PrivateKeyPEM, cert: leaf.CertPEM, ca: roots.Roots.map((r) => r.RootCert), requestCert: true, rejectUnauthorized: true, ...sni } })
+    if (mode === 'static-hook') app.addHook('onRequest', function emptyHook (_request, _reply, done) { done() })
     app.get('/', async () => ({ hello: 'world' }))
   } else {
     app = Fastify({ https: httpsOptions() })
@@ -30,6 +36,11 @@ async function main () {
     app.get('/', mode === 'exempt' ? { config: { consulNative: false } } : {}, async () => ({ hello: 'world' }))
   }
   await app.listen({ port: 0, host: '127.0.0.1' })
+  process.once('SIGTERM', () => {
+    // Connections left open by a load generator must not hold the exit.
+    setTimeout(() => process.exit(0), 2000).unref()
+    app.close().then(() => process.exit(0), () => process.exit(0))
+  })
   process.stdout.write(`${app.server.address().port}\n`)
 }
 

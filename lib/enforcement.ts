@@ -174,10 +174,14 @@ function dropUnderscoreHeaders (raw: FastifyRequest['raw']): void {
   }
 }
 
-/** pino exposes isLevelEnabled; other loggers Fastify accepts may not, and then get the line. */
+/**
+ * pino exposes isLevelEnabled. Fastify's logger when logging is off (abstract-logging) has none,
+ * and its methods are one function named `noop`: building its line would be wasted on every
+ * allowed request. Other loggers get the line.
+ */
 function isDebug (log: FastifyRequest['log']): boolean {
   const check = (log as { isLevelEnabled?: (level: string) => boolean }).isLevelEnabled
-  return check === undefined || check.call(log, 'debug')
+  return check === undefined ? log.debug.name !== 'noop' : check.call(log, 'debug')
 }
 
 /**

@@ -3,7 +3,11 @@
 // Rules (docs/semantics.md#identity): the chain verified against the current roots, exactly one URI SAN,
 // a Consul *service* SPIFFE ID whose trust domain is the roots' TrustDomain, and a certificate that
 // is valid at request time. Nothing the client chooses (SNI, headers) contributes.
+// Cost (docs/semantics.md#identity-cache): a new connection from a leaf already seen under the current
+// roots costs one read of the TLS session and a map lookup; parsing the certificate and walking its
+// chain happen once per leaf and roots generation, not once per connection.
 import { X509Certificate } from 'node:crypto'
+import { LRUCache } from 'lru-cache'
 import type { Socket } from 'node:net'
 import type { TLSSocket, DetailedPeerCertificate } from 'node:tls'
 import { parseSpiffeId, parseSubjectAltNames } from './spiffe'
@@ -46,6 +50,9 @@ export interface TlsRequest {
 
 const CLIENT_AUTH_OID = '1.3.6.1.5.5.7.3.2'
 const EXPIRED: PeerIdentity = Object.freeze({ identity: null, reason: 'certificate expired or not yet valid', notBefore: 0, notAfter: Infinity, epoch: -1 })
+// Distinct client leaves remembered per roots generation. Consul leaves rotate in days, so this
+// is every instance of every caller many times over; an evicted leaf is only parsed again.
+const LEAF_CACHE_MAX = 4096
 
 /**
  * Resolves and caches peer identities per connection. The trust epoch changes with every roots
@@ -57,6 +64,16 @@ export class IdentityResolver {
   #epoch = 0
   #byConnection = new WeakMap<object, PeerIdentity>()
   #connectEpoch = new WeakMap<object, number>()
+  /**
+   * Outcome per exact client leaf (its DER), for the epoch in `PeerIdentity.epoch`: present only
+   * once the leaf was shown to chain to that epoch's roots, by OpenSSL in a handshake under them
+   * or by a chain walk. A stale epoch is never used.
+   */
+  readonly #byLeaf = new LRUCache<string, PeerIdentity>({ max: LEAF_CACHE_MAX })
+  /** False once a session was found whose certificate is not the peer's: Node's slower API from then on. */
+  #sessionReadable = true
+  /** How many leaves were parsed, and how many chains walked (diagnostics, and proof for the tests). */
+  readonly counts = { leavesParsed: 0, chainsWalked: 0 }
 
   /** Installs new roots; identities cached under older roots are re-validated on their next use. */
   setTrust (trust: TrustAnchors): void {
@@ -76,14 +93,14 @@ export class IdentityResolver {
     let cached = this.#byConnection.get(key)
     if (cached === undefined || cached.epoch !== this.#epoch) {
       const socket = (session?.socket ?? req.socket) as TLSSocket
-      cached = this.#resolve(socket, cached)
+      cached = this.#resolve(socket, now)
       this.#byConnection.set(key, cached)
     }
     if (now < cached.notBefore || now >= cached.notAfter) return EXPIRED
     return cached
   }
 
-  #resolve (socket: TLSSocket, previous: PeerIdentity | undefined): PeerIdentity {
+  #resolve (socket: TLSSocket, now: number): PeerIdentity {
     const epoch = this.#epoch
     const trust = this.#trust
     if (trust === null) return noIdentity('no CA roots loaded yet', epoch)
@@ -91,23 +108,94 @@ export class IdentityResolver {
     if (socket.authorized !== true) {
       return noIdentity(`client certificate not verified: ${String(socket.authorizationError ?? 'none presented')}`, epoch)
     }
+    // A leaf already shown to chain to the current roots needs nothing more: this connection
+    // proved it holds the leaf's key (in its handshake, or in the one its session resumes).
+    const sessionLeaf = this.#sessionReadable ? leafOfSession(socket) : undefined
+    const known = sessionLeaf === undefined ? undefined : this.#byLeaf.get(sessionLeaf)
+    if (known !== undefined && known.epoch === epoch) return known
+
     // The handshake verified the chain against the roots of its time. If the roots changed since
     // (or we cannot tell when it happened), or the session was resumed (verified when it was first
     // established, perhaps under older roots), check the chain against the current roots.
     const handshakeEpoch = this.#connectEpoch.get((socket as unknown as { _parent?: object })._parent ?? socket)
     const resumed = socket.isSessionReused()
-    const recheck = previous !== undefined || handshakeEpoch !== epoch || resumed
+    const recheck = handshakeEpoch !== epoch || resumed
     // Node drops the detailed chain once getPeerX509Certificate() was called: read it first. A
     // resumed session has none; the roots' intermediates stand in for it.
     const peerChain = recheck && !resumed ? peerChainOf(socket) : []
     // A resumed TLS 1.3 session that never carried a certificate reports authorized === true.
     const cert = socket.getPeerX509Certificate()
     if (cert === undefined) return noIdentity('no client certificate', epoch)
-    if (recheck && !chainsToCurrentRoots(cert, [...peerChain, ...(trust.intermediates ?? [])], trust.roots, Date.now())) {
-      return noIdentity('client certificate does not chain to the current CA roots', epoch)
+    const der = cert.raw.toString('latin1')
+    if (sessionLeaf !== der) {
+      // No session to read (or, never seen, a build whose session holds another certificate
+      // than the peer's: it is not read again). The leaf may still be known.
+      if (sessionLeaf !== undefined) this.#sessionReadable = false
+      const seen = this.#byLeaf.get(der)
+      if (seen !== undefined && seen.epoch === epoch) return seen
     }
-    return identityFromCertificate(cert, trust.trustDomain, epoch)
+    if (recheck) {
+      this.counts.chainsWalked++
+      if (!chainsToCurrentRoots(cert, [...peerChain, ...(trust.intermediates ?? [])], trust.roots, now)) {
+        return noIdentity('client certificate does not chain to the current CA roots', epoch)
+      }
+    }
+    this.counts.leavesParsed++
+    const peer = identityFromCertificate(cert, trust.trustDomain, epoch)
+    this.#byLeaf.set(der, peer)
+    return peer
   }
+}
+
+/**
+ * The DER of the peer's certificate (as a latin1 string, the leaf cache's key) from the connection's
+ * TLS session, or undefined. Much cheaper than getPeerX509Certificate() on a fresh connection:
+ * OpenSSL's session encoding (`SSL_SESSION_ASN1`) is a SEQUENCE whose `[3]` element is the peer
+ * certificate, the same one OpenSSL verified and Node reports. The session holds the session's
+ * secrets too: the copy is zeroed once read.
+ */
+export function leafOfSession (socket: TLSSocket): string | undefined {
+  const session = typeof socket.getSession === 'function' ? socket.getSession() : undefined
+  if (session === undefined) return undefined
+  const leaf = peerCertificateOfSession(session)
+  const key = leaf === undefined ? undefined : session.toString('latin1', leaf.start, leaf.end)
+  session.fill(0)
+  return key
+}
+
+/** Where the `[3]` peer certificate lies in an encoded OpenSSL session, or undefined. */
+export function peerCertificateOfSession (der: Uint8Array): { start: number, end: number } | undefined {
+  const outer = readTlv(der, 0)
+  if (outer === null || outer.tag !== 0x30 || outer.end !== der.length) return undefined
+  for (let at = outer.start; at < outer.end;) {
+    const field = readTlv(der, at)
+    if (field === null || field.end > outer.end) return undefined
+    if (field.tag === 0xa3) {
+      const cert = readTlv(der, field.start)
+      return cert !== null && cert.tag === 0x30 && cert.end === field.end ? { start: field.start, end: cert.end } : undefined
+    }
+    at = field.end
+  }
+  return undefined
+}
+
+/** One DER tag-length-value at `at`: the tag, where its content starts and where it ends. Definite lengths only. */
+function readTlv (der: Uint8Array, at: number): { tag: number, start: number, end: number } | null {
+  if (at + 2 > der.length) return null
+  const tag = der[at] as number
+  let length = der[at + 1] as number
+  let start = at + 2
+  if (length > 0x80) {
+    const bytes = length - 0x80
+    if (bytes > 3 || start + bytes > der.length) return null
+    length = 0
+    for (let i = 0; i < bytes; i++) length = length * 256 + (der[start + i] as number)
+    start += bytes
+  } else if (length === 0x80) {
+    return null
+  }
+  const end = start + length
+  return end > der.length ? null : { tag, start, end }
 }
 
 /** The connection a request came on: HTTP/2 gives a new socket proxy per stream, so there it is the session. */

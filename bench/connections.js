@@ -1,0 +1,255 @@
+'use strict'
+// Connection benchmark, run on demand (`npm run bench:connections`; `-- --quick` for a sanity run
+// under a minute). What callers without keep-alive feel: server CPU per new connection (full TLS 1.3
+// handshake with a client certificate, one GET, Connection: close), the same with resumed TLS 1.3
+// sessions, p50/p99 connect+request latency, and keep-alive CPU per request, for:
+//   static       Fastify with static mTLS options (leaf, key and roots from the same agent)
+//   static-sni   the same with an SNICallback
+//   static-hook  static mTLS with one empty onRequest hook (the floor of Fastify's hook machinery)
+//   exempt       the plugin with the route exempt
+//   plugin       the plugin enforcing 1,000 intentions (the caller's L7 intention sorts last)
+// Server CPU is read from /proc/<pid>/stat (the server process only, every thread). Each server runs
+// in its own process pinned to core 0, each load generator in its own process pinned to core 1
+// (when the machine has two cores or more). Rounds alternate the order of the variants; the output
+// gives medians over rounds, the per-round ratios to static mTLS and their spread (min–max), as
+// markdown tables. Never a best-of.
+//
+// Options (flag or environment variable):
+//   --seconds N      BENCH_SECONDS      measured seconds per run (default 2)
+//   --warmup N       BENCH_WARMUP       seconds before each measured window (default 0.5)
+//   --rounds N       BENCH_ROUNDS       rounds, at least 5 for a published figure (default 6)
+//   --concurrency N  BENCH_CONCURRENCY  concurrent connection loops / keep-alive connections (default 16)
+//   --kinds a,b      BENCH_KINDS        full,resumed,keepalive
+//   --variants a,b   BENCH_VARIANTS     static,static-sni,static-hook,exempt,plugin (static is always run)
+//   --intentions N   BENCH_INTENTIONS   intentions for `api` (default 1000)
+//   --profile DIR    BENCH_PROFILE      run the servers under `node --cpu-prof`, profiles into DIR
+//   --json FILE      BENCH_JSON         also write every measurement as JSON
+//   --quick                             seconds 0.3, warmup 0.15, rounds 5: direction only, not figures
+const { spawn, spawnSync, execFile } = require('node:child_process')
+const { promisify } = require('node:util')
+const fs = require('node:fs')
+const os = require('node:os')
+const path = require('node:path')
+const { request } = require('undici')
+const { startDevAgent } = require('../dist/dev-agent/index.js')
+
+const ALL_VARIANTS = ['static', 'static-sni', 'static-hook', 'exempt', 'plugin']
+const ALL_KINDS = ['full', 'resumed', 'keepalive']
+
+function readOptions (argv, env) {
+  const flags = {}
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i]
+    if (!arg.startsWith('--')) throw new Error(`unexpected argument ${arg}`)
+    const eq = arg.indexOf('=')
+    if (eq !== -1) flags[arg.slice(2, eq)] = arg.slice(eq + 1)
+    else if (arg === '--quick') flags.quick = 'true'
+    else flags[arg.slice(2)] = argv[++i]
+  }
+  const quick = flags.quick === 'true'
+  const pick = (name, fallback) => flags[name] ?? env[`BENCH_${name.toUpperCase()}`] ?? fallback
+  const number = (name, fallback) => {
+    const value = Number(pick(name, fallback))
+    if (!(value > 0)) throw new Error(`--${name} must be a positive number`)
+    return value
+  }
+  const list = (name, all) => {
+    const items = String(pick(name, all.join(','))).split(',').filter(Boolean)
+    for (const item of items) if (!all.includes(item)) throw new Error(`--${name}: unknown ${item}; one of ${all.join(', ')}`)
+    return all.filter((item) => items.includes(item) || (name === 'variants' && item === 'static'))
+  }
+  return {
+    seconds: number('seconds', quick ? 0.3 : 2),
+    warmup: number('warmup', quick ? 0.15 : 0.5),
+    rounds: Math.round(number('rounds', quick ? 5 : 6)),
+    concurrency: Math.round(number('concurrency', 16)),
+    intentions: Math.round(number('intentions', 1000)),
+    kinds: list('kinds', ALL_KINDS),
+    variants: list('variants', ALL_VARIANTS),
+    profile: pick('profile', null),
+    json: pick('json', null),
+    quick
+  }
+}
+
+const LABELS = {
+  static: 'static mTLS (no plugin)',
+  'static-sni': 'static mTLS + SNICallback',
+  'static-hook': 'static mTLS + one empty onRequest hook',
+  exempt: 'plugin, route exempt',
+  plugin: 'plugin, N intentions'
+}
+
+async function agentApi (agent, method, urlPath, body) {
+  const res = await request(`${agent.address}${urlPath}`, { method, body: body === undefined ? undefined : JSON.stringify(body) })
+  const text = await res.body.text()
+  if (res.statusCode !== 200) throw new Error(`${method} ${urlPath}: ${res.statusCode} ${text}`)
+  return JSON.parse(text)
+}
+
+function pinned (core, args, pin) {
+  return pin ? ['taskset', ['-c', String(core), ...args]] : [args[0], args.slice(1)]
+}
+
+function startServer (variant, address, opts, pin) {
+  const nodeArgs = opts.profile === null ? [] : ['--cpu-prof', '--cpu-prof-interval=100', `--cpu-prof-dir=${opts.profile}`, `--cpu-prof-name=${variant}.cpuprofile`]
+  const [command, args] = pinned(0, [process.execPath, ...nodeArgs, path.join(__dirname, 'server.js'), variant, address], pin)
+  return new Promise((resolve, reject) => {
+    const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'inherit'] })
+    child.stdout.once('data', (chunk) => resolve({ child, port: Number(String(chunk).trim()) }))
+    child.once('exit', (code) => reject(new Error(`${variant} server exited with ${code}`)))
+  })
+}
+
+async function load (server, kind, seconds, warmup, opts, files, pin, clockTicks) {
+  const config = { port: server.port, kind, seconds, warmup, concurrency: opts.concurrency, serverPid: server.child.pid, clockTicks, ...files }
+  const [command, args] = pinned(1, [process.execPath, path.join(__dirname, 'connection-load.js'), JSON.stringify(config)], pin)
+  const { stdout } = await promisify(execFile)(command, args, { maxBuffer: 1 << 20 })
+  const result = JSON.parse(stdout)
+  if (result.failed > 0) throw new Error(`${server.variant} ${kind}: ${result.failed} failed requests`)
+  if (result.ops === 0) throw new Error(`${server.variant} ${kind}: no request completed`)
+  if (kind === 'resumed' && result.notResumed > result.ops * 0.01) {
+    throw new Error(`${server.variant} resumed: ${result.notResumed} of ${result.ops} connections did not resume their session`)
+  }
+  return {
+    rate: result.ops / result.seconds,
+    cpuPerOp: result.cpuMicros / result.ops,
+    p50: result.p50,
+    p99: result.p99
+  }
+}
+
+const median = (values) => {
+  const sorted = [...values].sort((a, b) => a - b)
+  const mid = sorted.length >> 1
+  return sorted.length % 2 === 1 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2
+}
+const spread = (values, digits) => `${Math.min(...values).toFixed(digits)}–${Math.max(...values).toFixed(digits)}`
+const int = (value) => Math.round(value).toLocaleString('en-US')
+const ms = (value) => `${value.toFixed(value < 10 ? 1 : 0)} ms`
+const ratioCell = (ratios, digits, suffix = '×') => `${median(ratios).toFixed(digits)}${suffix} (${spread(ratios, digits)})`
+
+function table (kind, results, opts) {
+  const rows = []
+  const runs = (variant) => results[variant][kind]
+  const perRound = (variant, field, base, invert = false) => runs(variant).map((run, i) => {
+    const ref = runs(base)[i][field]
+    return invert ? ref / run[field] : run[field] / ref
+  })
+  const label = (variant) => LABELS[variant].replace('N intentions', `${int(opts.intentions)} intentions`)
+  if (kind === 'keepalive') {
+    const floor = opts.variants.includes('static-hook')
+    rows.push(`| server | req/s | server CPU per request | CPU capacity vs static${floor ? ' | vs static + empty hook' : ''} |`)
+    rows.push(`|---|---|---|---|${floor ? '---|' : ''}`)
+    for (const variant of opts.variants) {
+      const cpu = median(runs(variant).map((r) => r.cpuPerOp))
+      const cells = [label(variant), int(median(runs(variant).map((r) => r.rate))), `${cpu.toFixed(1)} µs`,
+        variant === 'static' ? '1' : ratioCell(perRound(variant, 'cpuPerOp', 'static', true), 3, '')]
+      if (floor) cells.push(variant === 'static-hook' ? '1' : ratioCell(perRound(variant, 'cpuPerOp', 'static-hook', true), 3, ''))
+      rows.push(`| ${cells.join(' | ')} |`)
+    }
+  } else {
+    rows.push('| server | new connections/s | server CPU per connection | vs static (per round) | p50 | p99 | p99 vs static (per round) |')
+    rows.push('|---|---|---|---|---|---|---|')
+    for (const variant of opts.variants) {
+      const r = runs(variant)
+      const isStatic = variant === 'static'
+      rows.push(`| ${[label(variant), int(median(r.map((x) => x.rate))), `${int(median(r.map((x) => x.cpuPerOp)))} µs`,
+        isStatic ? '1' : ratioCell(perRound(variant, 'cpuPerOp', 'static'), 2),
+        ms(median(r.map((x) => x.p50))), ms(median(r.map((x) => x.p99))),
+        isStatic ? '1' : ratioCell(perRound(variant, 'p99', 'static'), 2)].join(' | ')} |`)
+    }
+  }
+  return rows.join('\n')
+}
+
+function roundsTable (kind, results, opts) {
+  const unit = kind === 'keepalive' ? 'request' : 'connection'
+  const rows = [`| server CPU per ${unit} (µs) | ${Array.from({ length: opts.rounds }, (_, i) => `round ${i + 1}`).join(' | ')} |`,
+    `|---|${'---|'.repeat(opts.rounds)}`]
+  for (const variant of opts.variants) {
+    rows.push(`| ${variant} | ${results[variant][kind].map((r) => r.cpuPerOp.toFixed(kind === 'keepalive' ? 1 : 0)).join(' | ')} |`)
+  }
+  return rows.join('\n')
+}
+
+const TITLES = {
+  full: 'New connections, full TLS 1.3 handshake with a client certificate, one GET, Connection: close',
+  resumed: 'New connections, resumed TLS 1.3 sessions, one GET, Connection: close',
+  keepalive: 'Keep-alive, one request at a time per connection'
+}
+
+async function main () {
+  const opts = readOptions(process.argv.slice(2), process.env)
+  const cores = os.cpus().length
+  const pin = cores >= 2 && spawnSync('taskset', ['-V']).status === 0
+  if (pin) spawnSync('taskset', ['-a', '-p', '-c', '1', String(process.pid)])
+  const clockTicks = Number(spawnSync('getconf', ['CLK_TCK']).stdout?.toString().trim()) || 100
+  if (opts.profile !== null) fs.mkdirSync(opts.profile, { recursive: true })
+  const startedAt = Date.now()
+
+  const agent = await startDevAgent({ defaultPolicy: 'deny' })
+  await agentApi(agent, 'PUT', '/v1/config', { Kind: 'service-defaults', Name: 'api', Protocol: 'http' })
+  // The caller `web` sorts last among the exact names, with an L7 permission.
+  const sources = [{ Name: 'web', Permissions: [{ Action: 'allow', HTTP: { PathPrefix: '/' } }] }]
+  for (let i = 1; i < opts.intentions; i++) sources.push({ Name: `svc-${String(i).padStart(5, '0')}`, Action: i % 2 === 0 ? 'allow' : 'deny' })
+  await agentApi(agent, 'PUT', '/v1/config', { Kind: 'service-intentions', Name: 'api', Sources: sources })
+
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fcn-bench-'))
+  const leaf = await agentApi(agent, 'GET', '/v1/agent/connect/ca/leaf/web')
+  const roots = await agentApi(agent, 'GET', '/v1/agent/connect/ca/roots')
+  const files = { cert: path.join(dir, 'cert.pem'), key: path.join(dir, 'key.pem'), ca: path.join(dir, 'ca.pem') }
+  fs.writeFileSync(files.cert, leaf.CertPEM)
+  fs.writeFileSync(files.key, leaf.PrivateKeyPEM)
+  fs.writeFileSync(files.ca, roots.Roots.map((r) => r.RootCert).join(''))
+
+  const servers = {}
+  const results = {}
+  try {
+    for (const variant of opts.variants) {
+      servers[variant] = { variant, ...await startServer(variant, agent.address, opts, pin) }
+      results[variant] = Object.fromEntries(opts.kinds.map((kind) => [kind, []]))
+    }
+    // One unrecorded pass so that every server has compiled its hot paths.
+    for (const kind of opts.kinds) {
+      for (const variant of opts.variants) await load(servers[variant], kind, opts.seconds, opts.warmup, opts, files, pin, clockTicks)
+    }
+    for (let round = 0; round < opts.rounds; round++) {
+      for (const kind of opts.kinds) {
+        // Alternate the order, so that no variant always runs first or last.
+        const order = round % 2 === 0 ? opts.variants : [...opts.variants].reverse()
+        for (const variant of order) {
+          results[variant][kind].push(await load(servers[variant], kind, opts.seconds, opts.warmup, opts, files, pin, clockTicks))
+        }
+      }
+      process.stderr.write(`round ${round + 1}/${opts.rounds} done\n`)
+    }
+  } finally {
+    await Promise.all(Object.values(servers).map(({ child }) => new Promise((resolve) => {
+      child.removeAllListeners('exit')
+      child.once('exit', resolve)
+      child.kill('SIGTERM')
+    })))
+    await agent.close()
+    fs.rmSync(dir, { recursive: true, force: true })
+  }
+
+  const minutes = ((Date.now() - startedAt) / 60000).toFixed(1)
+  const out = []
+  out.push(`Machine: ${os.cpus()[0]?.model ?? 'unknown CPU'}, ${cores} cores, Linux ${os.release()}, Node ${process.version}, OpenSSL ${process.versions.openssl}.`)
+  out.push(`Method: ${pin ? 'server pinned to core 0, load generator to core 1' : 'NOT pinned (one core, or no taskset)'}; ` +
+    `${opts.rounds} rounds alternating the variants, ${opts.seconds} s measured per run after ${opts.warmup} s of warm-up, ` +
+    `${opts.concurrency} concurrent connections; server CPU from /proc/<pid>/stat; medians over rounds; ` +
+    `ratios are per round against static mTLS in the same round: median (min–max). Run took ${minutes} min.` +
+    (opts.quick ? ' QUICK RUN: direction only, not figures to publish.' : ''))
+  for (const kind of opts.kinds) {
+    out.push('', `**${TITLES[kind]}**`, '', table(kind, results, opts), '', roundsTable(kind, results, opts))
+  }
+  process.stdout.write(out.join('\n') + '\n')
+  if (opts.json !== null) fs.writeFileSync(opts.json, JSON.stringify({ opts, results }, null, 2))
+}
+
+main().catch((err) => {
+  process.stderr.write(String(err.stack) + '\n')
+  process.exit(1)
+})
