@@ -6,6 +6,8 @@
 //   static       Fastify with static mTLS options (leaf, key and roots from the same agent)
 //   static-sni   the same with an SNICallback
 //   static-hook  static mTLS with one empty onRequest hook (the floor of Fastify's hook machinery)
+//   static-hooks static mTLS with an empty onRequest and an empty preParsing hook (the machinery of
+//                the plugin's decision hook and its backstop, without their work)
 //   exempt       the plugin with the route exempt
 //   plugin       the plugin enforcing 1,000 intentions (the caller's L7 intention sorts last)
 // Server CPU is read from /proc/<pid>/stat (the server process only, every thread). Each server runs
@@ -20,11 +22,12 @@
 //   --rounds N       BENCH_ROUNDS       rounds, at least 5 for a published figure (default 6)
 //   --concurrency N  BENCH_CONCURRENCY  concurrent connection loops / keep-alive connections (default 16)
 //   --kinds a,b      BENCH_KINDS        full,resumed,keepalive
-//   --variants a,b   BENCH_VARIANTS     static,static-sni,static-hook,exempt,plugin (static is always run)
+//   --variants a,b   BENCH_VARIANTS     static,static-sni,static-hook,static-hooks,exempt,plugin (static is always run)
 //   --intentions N   BENCH_INTENTIONS   intentions for `api` (default 1000)
 //   --profile DIR    BENCH_PROFILE      run the servers under `node --cpu-prof`, profiles into DIR
 //   --json FILE      BENCH_JSON         also write every measurement as JSON
-//   --quick                             seconds 0.3, warmup 0.15, rounds 5: direction only, not figures
+//   --quick                             seconds 0.4, warmup 0.2, rounds 5, variants static,static-hook,plugin:
+//                                       direction only (about 40 s), not figures to publish
 const { spawn, spawnSync, execFile } = require('node:child_process')
 const { promisify } = require('node:util')
 const fs = require('node:fs')
@@ -33,8 +36,9 @@ const path = require('node:path')
 const { request } = require('undici')
 const { startDevAgent } = require('../dist/dev-agent/index.js')
 
-const ALL_VARIANTS = ['static', 'static-sni', 'static-hook', 'exempt', 'plugin']
+const ALL_VARIANTS = ['static', 'static-sni', 'static-hook', 'static-hooks', 'exempt', 'plugin']
 const ALL_KINDS = ['full', 'resumed', 'keepalive']
+const QUICK_VARIANTS = ['static', 'static-hook', 'plugin']
 
 function readOptions (argv, env) {
   const flags = {}
@@ -54,13 +58,14 @@ function readOptions (argv, env) {
     return value
   }
   const list = (name, all) => {
-    const items = String(pick(name, all.join(','))).split(',').filter(Boolean)
+    const fallback = quick && name === 'variants' ? QUICK_VARIANTS : all
+    const items = String(pick(name, fallback.join(','))).split(',').filter(Boolean)
     for (const item of items) if (!all.includes(item)) throw new Error(`--${name}: unknown ${item}; one of ${all.join(', ')}`)
     return all.filter((item) => items.includes(item) || (name === 'variants' && item === 'static'))
   }
   return {
-    seconds: number('seconds', quick ? 0.3 : 2),
-    warmup: number('warmup', quick ? 0.15 : 0.5),
+    seconds: number('seconds', quick ? 0.4 : 2),
+    warmup: number('warmup', quick ? 0.2 : 0.5),
     rounds: Math.round(number('rounds', quick ? 5 : 6)),
     concurrency: Math.round(number('concurrency', 16)),
     intentions: Math.round(number('intentions', 1000)),
@@ -76,6 +81,7 @@ const LABELS = {
   static: 'static mTLS (no plugin)',
   'static-sni': 'static mTLS + SNICallback',
   'static-hook': 'static mTLS + one empty onRequest hook',
+  'static-hooks': 'static mTLS + empty onRequest and preParsing hooks',
   exempt: 'plugin, route exempt',
   plugin: 'plugin, N intentions'
 }
@@ -210,8 +216,9 @@ async function main () {
       servers[variant] = { variant, ...await startServer(variant, agent.address, opts, pin) }
       results[variant] = Object.fromEntries(opts.kinds.map((kind) => [kind, []]))
     }
-    // One unrecorded pass so that every server has compiled its hot paths.
-    for (const kind of opts.kinds) {
+    // One unrecorded pass so that every server has compiled its hot paths (a quick run relies on
+    // each run's own warm-up).
+    for (const kind of opts.quick ? [] : opts.kinds) {
       for (const variant of opts.variants) await load(servers[variant], kind, opts.seconds, opts.warmup, opts, files, pin, clockTicks)
     }
     for (let round = 0; round < opts.rounds; round++) {

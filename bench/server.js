@@ -4,6 +4,8 @@
 //   static-sni   the same with an SNICallback that keeps the default context (what any dynamic
 //                certificate setup pays per handshake, whoever implements it)
 //   static-hook  static mTLS plus one empty onRequest hook: the floor of Fastify's hook machinery
+//   static-hooks static mTLS plus an empty onRequest and an empty preParsing hook: the machinery
+//                of the plugin's two hooks (its decision and its backstop), without their work
 //   exempt       the plugin with the route exempt (dynamic TLS, no decision): "mTLS, no enforcement"
 //   plugin       the same app with fastify-consul-native (dynamic TLS + enforcement)
 // Prints its port on stdout, then serves until SIGTERM, on which it closes and exits (so that
@@ -12,7 +14,7 @@ const Fastify = require('fastify')
 const { request } = require('undici')
 const { consulNative, httpsOptions } = require('../dist/index.js')
 
-const MODES = ['static', 'static-sni', 'static-hook', 'exempt', 'plugin']
+const MODES = ['static', 'static-sni', 'static-hook', 'static-hooks', 'exempt', 'plugin']
 
 async function agentJson (address, path) {
   const res = await request(`${address}${path}`)
@@ -28,7 +30,8 @@ async function main () {
     const roots = await agentJson(address, '/v1/agent/connect/ca/roots')
     const sni = mode === 'static-sni' ? { SNICallback: (_name, cb) => cb(null, undefined) } : {}
     app = Fastify({ https: { key: leaf.PrivateKeyPEM, cert: leaf.CertPEM, ca: roots.Roots.map((r) => r.RootCert), requestCert: true, rejectUnauthorized: true, ...sni } })
-    if (mode === 'static-hook') app.addHook('onRequest', function emptyHook (_request, _reply, done) { done() })
+    if (mode === 'static-hook' || mode === 'static-hooks') app.addHook('onRequest', function emptyHook (_request, _reply, done) { done() })
+    if (mode === 'static-hooks') app.addHook('preParsing', function emptyPreParsing (_request, _reply, payload, done) { done(null, payload) })
     app.get('/', async () => ({ hello: 'world' }))
   } else {
     app = Fastify({ https: httpsOptions() })
