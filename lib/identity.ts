@@ -72,8 +72,6 @@ export class IdentityResolver {
   readonly #byLeaf = new LRUCache<string, PeerIdentity>({ max: LEAF_CACHE_MAX })
   /** False once a session was found whose certificate is not the peer's: Node's slower API from then on. */
   #sessionReadable = true
-  /** How many leaves were parsed, and how many chains walked (diagnostics, and proof for the tests). */
-  readonly counts = { leavesParsed: 0, chainsWalked: 0 }
 
   /** Installs new roots; identities cached under older roots are re-validated on their next use. */
   setTrust (trust: TrustAnchors): void {
@@ -134,13 +132,9 @@ export class IdentityResolver {
       const seen = this.#byLeaf.get(der)
       if (seen !== undefined && seen.epoch === epoch) return seen
     }
-    if (recheck) {
-      this.counts.chainsWalked++
-      if (!chainsToCurrentRoots(cert, [...peerChain, ...(trust.intermediates ?? [])], trust.roots, now)) {
-        return noIdentity('client certificate does not chain to the current CA roots', epoch)
-      }
+    if (recheck && !chainsToCurrentRoots(cert, [...peerChain, ...(trust.intermediates ?? [])], trust.roots, now)) {
+      return noIdentity('client certificate does not chain to the current CA roots', epoch)
     }
-    this.counts.leavesParsed++
     const peer = identityFromCertificate(cert, trust.trustDomain, epoch)
     this.#byLeaf.set(der, peer)
     return peer
