@@ -2,7 +2,7 @@
 // pure request decision (lib/intentions/request.ts), and apply its verdict in one place: counter,
 // log line, error. No agent call (except mode 'agent'), and no allocation on the allow path of a
 // canonical request.
-import type { FastifyRequest, onRequestHookHandler } from 'fastify'
+import type { FastifyReply, FastifyRequest, onRequestHookHandler } from 'fastify'
 import { LRUCache } from 'lru-cache'
 import type { AgentClient } from './agent/client'
 import { BadHeaderError, BadPathError, DeniedError, UnauthenticatedError } from './errors'
@@ -15,6 +15,7 @@ import type { RequestOutcome, RequestView, ServiceRules } from './intentions/req
 import type { RoutePolicies, RoutePolicy } from './route-policy'
 import type { ConsulSync } from './sync'
 import type { DynamicTls } from './tls'
+import { closeRefused, continueIfAwaited } from './transport'
 
 // mode 'agent': one authorize call per caller URI at most every AUTHORIZE_TTL_MS (coalescing
 // bursts of new connections), and one decision per connection for its lifetime, as L4 does.
@@ -62,7 +63,7 @@ const EFFECTS: Readonly<Record<Exclude<RequestOutcome, 'ask-agent'>, OutcomeEffe
     counter: 'rejected',
     event: 'bad-header',
     level: 'info',
-    message: 'fastify-consul-native: header name with an underscore rejected by the mesh request normalization',
+    message: 'fastify-consul-native: request rejected for its headers (an underscore in a name, or an ambiguous header)',
     error: () => new BadHeaderError()
   }
 }
@@ -144,24 +145,41 @@ export class Enforcer {
  * routes exist). Synchronous in mode 'l7'; mode 'agent' may wait for the agent.
  */
 export function enforceHook (enforcer: Enforcer, routes: RoutePolicies): onRequestHookHandler {
-  return function consulNativeOnRequest (request, _reply, done) {
+  return function consulNativeOnRequest (request, reply, done) {
     const outcome = enforcer.check(request, routes.of(request))
-    if (outcome instanceof Promise) outcome.then((err) => done(err ?? undefined), done)
-    else done(outcome ?? undefined)
+    if (outcome instanceof Promise) outcome.then((err) => { settle(request, reply, err, done) }, done)
+    else settle(request, reply, outcome, done)
   }
 }
 
 /**
- * `preParsing` backstop: a request that reaches body parsing without a recorded decision (a hook
- * order this plugin did not foresee) is denied, never served.
+ * Completes the hook with the enforcer's outcome: an allowed request that waits for `100 Continue`
+ * gets it; a refused one does not hold its connection open (docs/semantics.md#transport).
  */
-export function consulNativeBackstop<T> (request: FastifyRequest, _reply: unknown, payload: T, done: (err: Error | null, payload?: T) => void): void {
-  if (request.consulDecision !== null) {
+function settle (request: FastifyRequest, reply: FastifyReply, err: Error | null, done: (err?: Error) => void): void {
+  if (err === null) {
+    continueIfAwaited(request.raw, reply.raw)
+    done()
+    return
+  }
+  closeRefused(request.raw, reply.raw)
+  done(err)
+}
+
+/**
+ * `preParsing` backstop: a request that reaches body parsing without a recorded decision (a hook
+ * order this plugin did not foresee) is denied, never served. "Without" is null (the decorated
+ * default) or undefined: in an encapsulated context created before the plugin, the request
+ * object lacks the decoration until the decision sets it (docs/semantics.md#transport-hook-order).
+ */
+export function consulNativeBackstop<T> (request: FastifyRequest, reply: FastifyReply, payload: T, done: (err: Error | null, payload?: T) => void): void {
+  if (request.consulDecision != null) {
     done(null, payload)
     return
   }
   request.log.error({ consulNative: { event: 'no-decision', method: request.method, path: request.url } },
     'fastify-consul-native: no access decision was recorded for this request; denying')
+  closeRefused(request.raw, reply.raw)
   done(new DeniedError())
 }
 

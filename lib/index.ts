@@ -10,7 +10,7 @@ import { resolveAgentConfig } from './agent/config'
 import { createCertificateSource } from './certificates/index'
 import { AgentAuthorizer, consulNativeBackstop, Enforcer, enforceHook } from './enforcement'
 import { NotHttpsError, NotRootError } from './errors'
-import { isRootInstance, routerOptionsOf } from './fastify-internals'
+import { isRootInstance, routerOptionsOf, serverBindingsOf } from './fastify-internals'
 import { addHealthRoute } from './health'
 import type { ServiceIdentity } from './identity'
 import type { Decision } from './intentions/policy'
@@ -25,6 +25,7 @@ import { RoutePolicies } from './route-policy'
 import { ConsulSync } from './sync'
 import type { ConsulNativeStatus } from './sync'
 import { attachExtraServers, dynamicTlsOf, httpsOptions } from './tls'
+import { deferContinue } from './transport'
 
 export interface ConsulNativeDecorator {
   /** Leaf, roots, intentions and per-watch sync state; `ready` once everything is loaded. */
@@ -102,8 +103,15 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
   fastify.addHook('onRoute', (route) => routes.compile(route))
   fastify.addHook('onRequest', enforceHook(enforcer, routes))
   fastify.addHook('preParsing', consulNativeBackstop)
+  // `100 Continue` only after the decision (docs/semantics.md#transport-continue).
+  if (!deferContinue(fastify.server)) {
+    log.warn({ consulNative: { event: 'check-continue-taken' } },
+      'fastify-consul-native: the server already has a \'checkContinue\' listener: it, not the access decision, decides when a body is read')
+  }
   fastify.addHook('onListen', function consulNativeOnListen (done) {
     attachExtraServers(tls, fastify, log)
+    // Fastify's extra servers are created at listen: no listener of the application's can be there yet.
+    for (const server of serverBindingsOf(fastify) ?? []) if (dynamicTlsOf(server) === tls) deferContinue(server as Parameters<typeof deferContinue>[0])
     done()
   })
   if (opts.register !== null) {

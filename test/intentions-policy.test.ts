@@ -5,6 +5,7 @@ import type { Intention, IntentionPermission } from '../lib/agent/wire'
 import { ixn } from './helpers/intentions'
 import { InvalidIntentionsError } from '../lib/errors'
 import { HeaderMatcher, type HeaderMatchKind, type HeaderSource, type PathMatchKind, PermissionMatcher, asciiLower, headerValue } from '../lib/intentions/matchers'
+import { headerAmbiguity, singleValued } from '../lib/intentions/headers'
 import {
   type CallerIdentity, type CompiledOverride, type CompiledPolicy, type Decision, type PolicyInput, type RequestFacts, type RouteSource,
   RuleError, compareBytes, comparePrecedence, compileOverride, compilePolicy, decide, decideOverride, decideSpellings
@@ -289,8 +290,52 @@ t.test('L7 matching', async (t) => {
   t.test('Host and :authority are one header; HTTP/2 carries :authority', async (t) => {
     const p = one(allow({ Header: [{ Name: ':authority', Exact: 'api' }] }))
     t.equal(allowed(p, req('/', 'GET', ['Host', 'api'])), true)
-    t.equal(allowed(p, req('/', 'GET', [':authority', 'api', 'host', 'other'])), true, ':authority wins when both are present')
+    headerAmbiguity.reason = null
+    t.equal(allowed(p, req('/', 'GET', [':authority', 'api', 'host', 'api'])), true, 'both present and equal')
+    t.equal(headerAmbiguity.reason, null, 'no ambiguity')
     t.equal(allowed(one(allow({ Header: [{ Name: 'HOST', Exact: 'api' }] })), req('/', 'GET', [':authority', 'api'])), true)
+  })
+
+  t.test('headers are read as the application reads them (docs/semantics.md#transport-headers)', async (t) => {
+    t.test('HTTP/2 host differing from :authority: host (what Fastify reads) decides, and the ambiguity is recorded', async (t) => {
+      const p = one(deny({ Header: [{ Name: 'host', Exact: 'admin.internal' }] }), true)
+      headerAmbiguity.reason = null
+      t.equal(allowed(p, req('/', 'GET', [':method', 'GET', ':authority', 'public', 'host', 'admin.internal'])), false)
+      t.equal(headerAmbiguity.reason, 'HTTP/2 host header differs from :authority')
+      headerAmbiguity.reason = null
+    })
+
+    t.test('a name Node keeps single-valued: the first value (what req.headers holds), and the repetition is recorded', async (t) => {
+      const p = one(deny({ Header: [{ Name: 'Host', Exact: 'admin.internal' }] }), true)
+      for (const raw of [['Host', 'admin.internal', 'HOST', 'public'], [':method', 'GET', 'host', 'admin.internal', 'host', 'public']]) {
+        headerAmbiguity.reason = null
+        t.equal(allowed(p, req('/', 'GET', raw)), false, `${raw[0]}: the first value decides`)
+        t.equal(headerAmbiguity.reason, 'header host sent more than once')
+      }
+      headerAmbiguity.reason = null
+      t.equal(headerValue(['User-Agent', 'a', 'user-agent', 'b'], 'user-agent', singleValued('user-agent')), 'a')
+      t.equal(headerAmbiguity.reason, 'header user-agent sent more than once')
+      headerAmbiguity.reason = null
+    })
+
+    t.test('single-valued per transport: Node joins if-match over HTTP/1.1, keeps the first over HTTP/2; server the reverse', async (t) => {
+      t.equal(headerValue(['If-Match', 'a', 'If-Match', 'b'], 'if-match', singleValued('if-match')), 'a,b')
+      t.equal(headerValue(['Server', 'a', 'Server', 'b'], 'server', singleValued('server')), 'a')
+      t.equal(headerAmbiguity.reason, 'header server sent more than once')
+      headerAmbiguity.reason = null
+      t.equal(headerValue([':path', '/', 'server', 'a', 'server', 'b'], 'server', singleValued('server')), 'a,b')
+      t.equal(headerValue([':path', '/', 'if-match', 'a', 'if-match', 'b'], 'if-match', singleValued('if-match')), 'a')
+      t.equal(headerAmbiguity.reason, 'header if-match sent more than once')
+      headerAmbiguity.reason = null
+      t.equal(singleValued('x-env'), 0)
+    })
+
+    t.test('cookie crumbs are joined with "; " (RFC 9113 §8.2.3), as Node joins them for the application', async (t) => {
+      const p = one(deny({ Header: [{ Name: 'cookie', Exact: 'session=1; role=admin' }] }), true)
+      t.equal(allowed(p, req('/', 'GET', [':method', 'GET', 'cookie', 'session=1', 'cookie', 'role=admin'])), false, 'HTTP/2 crumbs')
+      t.equal(allowed(p, req('/', 'GET', ['Cookie', 'session=1', 'Cookie', 'role=admin'])), false, 'repeated HTTP/1.1 lines')
+      t.equal(headerAmbiguity.reason, null, 'cookie is a list, not an ambiguity')
+    })
   })
 
   t.test(':method is the request method and :path the raw request target', async (t) => {

@@ -120,3 +120,20 @@ t.test('the verdict object is reused: every call overwrites every field', async 
   t.equal(decideRequest(service(), EXEMPT, view('/'), out), out)
   t.same(out, { outcome: 'exempt', decision: { allow: true, reason: 'route exempt (config.consulNative: false)' }, dropUnderscoreHeaders: false })
 })
+
+t.test('a header the decision reads ambiguously rejects the request (docs/semantics.md#transport-headers)', async (t) => {
+  const p = compilePolicy({
+    destination: 'api',
+    defaultAllow: true,
+    protocol: 'http',
+    intentions: [ixn('web', 'api', 9, [deny({ Header: [{ Name: 'host', Exact: 'admin.internal' }] }), allow({ PathPrefix: '/' })])]
+  })
+  const svc = service(null, { policy: p })
+  t.same(decided(svc, SERVICE, view('/', WEB, ['Host', 'public', 'Host', 'admin.internal'])),
+    ['bad-header', 'header host sent more than once', false], 'HTTP/1.1: a repeated Host, whatever the first value')
+  t.same(decided(svc, SERVICE, view('/', WEB, [':method', 'GET', ':authority', 'public', 'host', 'admin.internal'])),
+    ['bad-header', 'HTTP/2 host header differs from :authority', false])
+  t.same(decided(svc, SERVICE, view('/', WEB, [':method', 'GET', ':authority', 'public'])), ['allow', 'intention default/web => default/api (precedence 9), permission 2 (allow)', false],
+    'the next request starts without the previous ambiguity')
+  t.same(decided(svc, SERVICE, view('/', WEB, ['User-Agent', 'a', 'User-Agent', 'b']))[0], 'allow', 'a repeated header no rule reads changes nothing')
+})

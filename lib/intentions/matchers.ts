@@ -2,6 +2,7 @@
 // per request without allocating in the common case. Pure: no I/O, no clock, no Fastify types.
 // Rules: docs/semantics.md#permissions, docs/semantics.md#headers, docs/semantics.md#re2, docs/semantics.md#permission-validation.
 import { RE2JS } from 're2js'
+import { AUTHORITY_MISMATCH_REASON, headerAmbiguity, isHttp2, nameIs, recordRepeated, SINGLE_HTTP1, SINGLE_HTTP2, singleValued } from './headers'
 
 /** A permission (or route source) that cannot be compiled; the message says exactly what is wrong. */
 export class RuleError extends TypeError {}
@@ -45,6 +46,8 @@ export class HeaderMatcher implements HeaderMatcherFields {
   readonly regex: RE2JS | null
   readonly ignoreCase: boolean
   readonly invert: boolean
+  /** `singleValued(name)`: whether Node keeps this header single-valued, per transport. */
+  readonly single: number
 
   constructor (fields: HeaderMatcherFields) {
     this.name = fields.name
@@ -54,12 +57,13 @@ export class HeaderMatcher implements HeaderMatcherFields {
     this.regex = fields.regex
     this.ignoreCase = fields.ignoreCase
     this.invert = fields.invert
+    this.single = singleValued(fields.name)
   }
 
   matches (method: string, url: string, rawHeaders: readonly string[]): boolean {
     let v: string | undefined
     const source = this.source
-    if (source === 'header') v = headerValue(rawHeaders, this.name)
+    if (source === 'header') v = headerValue(rawHeaders, this.name, this.single)
     else if (source === 'method') v = method
     else if (source === 'path') v = url
     else v = authorityValue(rawHeaders)
@@ -139,36 +143,46 @@ export class PermissionMatcher implements PermissionMatcherFields {
 }
 
 /**
- * The value of header `lname` (lower-case) in Node's `rawHeaders`, repeated values joined with ','
- * as Envoy does (docs/semantics.md#headers); `undefined` when absent. Returns the stored string when it occurs once.
+ * The value of header `lname` (lower-case) in Node's `rawHeaders` as the application reads it
+ * (docs/semantics.md#headers): repeated values joined with ',' as Envoy does, `cookie` crumbs with
+ * '; ' as HTTP/2 requires; for a name Node keeps single-valued (`single`, see `singleValued()`),
+ * the first value, and the repetition is recorded (docs/semantics.md#transport-headers).
+ * `undefined` when absent. Returns the stored string when it occurs once.
  */
-export function headerValue (raw: readonly string[], lname: string): string | undefined {
+export function headerValue (raw: readonly string[], lname: string, single = 0): string | undefined {
   let first: string | undefined
   let joined: string | undefined
   for (let i = 0; i + 1 < raw.length; i += 2) {
     if (nameIs(raw[i], lname)) {
-      if (first === undefined) first = raw[i + 1]
-      else joined = (joined === undefined ? first : joined) + ',' + raw[i + 1]
+      if (first === undefined) {
+        first = raw[i + 1]
+      } else if (single !== 0 && (single & (isHttp2(raw) ? SINGLE_HTTP2 : SINGLE_HTTP1)) !== 0) {
+        recordRepeated(lname)
+        return first
+      } else {
+        joined = (joined === undefined ? first : joined) + (lname === 'cookie' ? '; ' : ',') + raw[i + 1]
+      }
     }
   }
   return joined === undefined ? first : joined
 }
 
-/** `Host` and `:authority` are one header to Envoy: HTTP/2 carries ':authority', HTTP/1 'host'. */
-function authorityValue (raw: readonly string[]): string | undefined {
-  const authority = headerValue(raw, ':authority')
-  return authority === undefined ? headerValue(raw, 'host') : authority
-}
+const SINGLE_BOTH = SINGLE_HTTP1 | SINGLE_HTTP2
 
-/** ASCII case-insensitive equality of a raw header name with a lower-case name. */
-function nameIs (name: string, lname: string): boolean {
-  if (name.length !== lname.length) return false
-  for (let i = 0; i < name.length; i++) {
-    let c = name.charCodeAt(i)
-    if (c >= 65 && c <= 90) c += 32
-    if (c !== lname.charCodeAt(i)) return false
+/**
+ * `Host` and `:authority` are one header to Envoy: HTTP/2 carries ':authority', HTTP/1 'host'.
+ * Fastify reads `host` first; when an HTTP/2 request carries both and they differ, that is the
+ * value, and the disagreement is recorded (docs/semantics.md#transport-headers).
+ */
+function authorityValue (raw: readonly string[]): string | undefined {
+  const host = headerValue(raw, 'host', SINGLE_BOTH)
+  const authority = headerValue(raw, ':authority', SINGLE_BOTH)
+  if (authority === undefined) return host
+  if (host !== undefined && host !== authority) {
+    headerAmbiguity.reason = AUTHORITY_MISMATCH_REASON
+    return host
   }
-  return true
+  return authority
 }
 
 /** Whether `v` holds the ASCII-lowercased `p` at `offset`, ignoring ASCII case (Envoy ignore_case). */

@@ -9,6 +9,7 @@
 // each as an outcome of its own; what matchers need of the request (headers, query, cookies) is in
 // `RequestView`.
 import type { RequestNormalization } from '../agent/wire'
+import { headerAmbiguity } from './headers'
 import { canonicalPath, routedPath, routerPaths } from './path'
 import type { RouterOptions } from './path'
 import { decideOverride, decideSpellings } from './policy'
@@ -85,7 +86,8 @@ export function newVerdict (): RequestVerdict {
  * Decides one request and writes the verdict into `out` (returned). Order: exemption, identity,
  * path normalization (400), header names (400), then the route override and the service's
  * intentions on the canonical path, where every other spelling the router treats alike can only
- * add a denial, and the path the router dispatched on must be allowed in its own right.
+ * add a denial, and the path the router dispatched on must be allowed in its own right. A header
+ * they read ambiguously (repeated, or HTTP/2 host vs :authority) makes it 400 whatever they decided.
  */
 export function decideRequest (service: ServiceRules, route: RouteRules, request: RequestView, out: RequestVerdict): RequestVerdict {
   out.dropUnderscoreHeaders = false
@@ -111,10 +113,14 @@ export function decideRequest (service: ServiceRules, route: RouteRules, request
   facts.url = isPathOf(url, path) ? url : path + queryOf(url)
   facts.rawHeaders = rawHeaders
   facts.path = path
+  headerAmbiguity.reason = null
   const decision = service.agentDecides
     ? (route.override === null ? null : decideOverride(route.override, caller, facts, service.policy))
     : decideLocally(service, route, caller, facts, url)
   facts.rawHeaders = EMPTY
+  // A header the decision read is one the application may read otherwise (docs/semantics.md#transport-headers).
+  const ambiguity = headerAmbiguity.reason
+  if (ambiguity !== null) return settle(out, 'bad-header', Object.freeze({ allow: false, reason: ambiguity }))
   if (decision === null) return settle(out, 'ask-agent', ASK_AGENT_DECISION)
   return settle(out, decision.allow ? 'allow' : 'deny', decision)
 }

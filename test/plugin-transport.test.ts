@@ -1,0 +1,248 @@
+// Transport-level spellings of a request, over real mTLS sockets (docs/semantics.md#transport):
+// one header sent twice, HTTP/2 :authority vs host, cookie crumbs, Expect: 100-continue, bodies
+// from refused callers, WebSocket upgrades in both registration orders, and hooks of plugins
+// registered before this one.
+import { once } from 'node:events'
+import http2 from 'node:http2'
+import t from 'tap'
+import Fastify from 'fastify'
+import type { FastifyInstance } from 'fastify'
+import websocket from '@fastify/websocket'
+import WebSocket from 'ws'
+import consulNative, { httpsOptions } from '../lib/index'
+import { leafFor, rootPems, setIntentions, setProtocol, startAgent, startService } from './helpers/mesh'
+import type { Credentials, Tap } from './helpers/mesh'
+import { http1, http2Raw, Http1Reader, rawSocket } from './helpers/raw-http'
+
+const HEADER_RULES = [
+  {
+    Name: 'web',
+    Permissions: [
+      { Action: 'deny', HTTP: { Header: [{ Name: 'host', Exact: 'admin.internal' }] } },
+      { Action: 'deny', HTTP: { Header: [{ Name: 'authorization', Exact: 'Bearer admin' }] } },
+      { Action: 'deny', HTTP: { Header: [{ Name: 'cookie', Exact: 'session=1; role=admin' }] } },
+      { Action: 'allow', HTTP: { PathPrefix: '/' } }
+    ]
+  }
+]
+
+/** What the application reads of the headers the rules above look at. */
+function headerRoutes (app: FastifyInstance): void {
+  app.get('/h', async (request) => ({ host: request.host, authorization: request.headers.authorization ?? null, cookie: request.headers.cookie ?? null }))
+  app.post('/upload', async (request) => ({ received: String(request.body).length }))
+}
+
+async function h2Request (t: Tap, origin: string, creds: Credentials, headers: http2.OutgoingHttpHeaders, body?: string): Promise<{ status: number, body: string, continued: boolean, rstCode: number | undefined }> {
+  const session = http2.connect(origin, { ...creds, checkServerIdentity: () => undefined })
+  t.teardown(() => session.close())
+  const stream = session.request(headers, { endStream: body === undefined && headers.expect === undefined })
+  let continued = false
+  let status = 0
+  let data = ''
+  stream.on('continue', () => { continued = true; stream.end(body) })
+  stream.on('response', (h) => { status = Number(h[':status']) })
+  stream.on('data', (chunk: Buffer) => { data += chunk.toString() })
+  stream.on('error', () => {})
+  if (body !== undefined && headers.expect === undefined) stream.write(body)
+  await once(stream, 'close')
+  return { status, body: data, continued, rstCode: stream.rstCode }
+}
+
+t.test('one header, two values: a repeated single-valued header the rules read is rejected (docs/semantics.md#transport-headers)', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'deny' })
+  await setProtocol(agent, 'api', 'http')
+  await setIntentions(agent, 'api', HEADER_RULES)
+  const svc = await startService(t, agent, { http2: true, routes: headerRoutes })
+  const web = await leafFor(agent, 'web')
+  const send = async (lines: string[]): Promise<{ status: number, body: any }> => {
+    const { response } = await http1(t, svc.port, web, `GET /h HTTP/1.1\r\n${lines.join('\r\n')}\r\nConnection: close\r\n\r\n`)
+    return { status: response.status, body: JSON.parse(response.body) }
+  }
+
+  t.test('HTTP/1.1', async (t) => {
+    t.equal((await send(['Host: admin.internal'])).status, 403, 'the rule holds')
+    for (const lines of [['Host: admin.internal', 'Host: public'], ['Host: public', 'HOST: admin.internal'],
+      ['Host: public', 'Authorization: Bearer admin', 'authorization: Bearer user']]) {
+      const res = await send(lines)
+      t.equal(res.status, 400, lines.join(' / '))
+      t.equal(res.body.code, 'FST_CONSUL_NATIVE_BAD_HEADER')
+    }
+    t.same((await send(['Host: public', 'Authorization: Bearer user'])).body, { host: 'public', authorization: 'Bearer user', cookie: null }, 'one value each: served')
+  })
+
+  t.test('HTTP/2 (raw frames: node:http2 will not repeat a single-valued header)', async (t) => {
+    const base: Array<[string, string]> = [[':method', 'GET'], [':scheme', 'https'], [':path', '/h']]
+    const repeated = await http2Raw(t, svc.port, web, [...base, ['host', 'admin.internal'], ['host', 'public']])
+    t.same(repeated, { body: '', reset: http2.constants.NGHTTP2_PROTOCOL_ERROR }, 'host twice: nghttp2 itself resets the stream')
+    const auth = await http2Raw(t, svc.port, web, [...base, [':authority', 'public'], ['authorization', 'Bearer admin'], ['authorization', 'Bearer user']])
+    t.match(JSON.parse(auth.body), { statusCode: 400, code: 'FST_CONSUL_NATIVE_BAD_HEADER' }, 'authorization twice')
+    const once = await http2Raw(t, svc.port, web, [...base, ['host', 'public']])
+    t.same(JSON.parse(once.body), { host: 'public', authorization: null, cookie: null }, 'host once: served')
+  })
+})
+
+t.test('HTTP/2 :authority and host must agree; cookie crumbs are joined with "; " (docs/semantics.md#transport-headers)', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'deny' })
+  await setProtocol(agent, 'api', 'http')
+  await setIntentions(agent, 'api', HEADER_RULES)
+  const svc = await startService(t, agent, { http2: true, routes: headerRoutes })
+  const web = await leafFor(agent, 'web')
+
+  const mismatch = await h2Request(t, svc.origin, web, { ':path': '/h', ':authority': 'public', host: 'admin.internal' })
+  t.equal(mismatch.status, 400, ':authority public, host admin.internal')
+  t.equal(JSON.parse(mismatch.body).code, 'FST_CONSUL_NATIVE_BAD_HEADER')
+  t.equal((await h2Request(t, svc.origin, web, { ':path': '/h', ':authority': 'admin.internal' })).status, 403, ':authority alone is the host')
+  t.same(JSON.parse((await h2Request(t, svc.origin, web, { ':path': '/h', ':authority': 'public', host: 'public' })).body).host, 'public', 'agreeing: served')
+
+  const crumbs = await h2Request(t, svc.origin, web, { ':path': '/h', cookie: ['session=1', 'role=admin'] })
+  t.equal(crumbs.status, 403, 'crumbs session=1 and role=admin are the cookie "session=1; role=admin"')
+  const user = await h2Request(t, svc.origin, web, { ':path': '/h', cookie: ['session=1', 'role=user'] })
+  t.equal(JSON.parse(user.body).cookie, 'session=1; role=user', 'the application reads the same joined value')
+  const { response } = await http1(t, svc.port, web, 'GET /h HTTP/1.1\r\nHost: public\r\nCookie: session=1\r\nCookie: role=admin\r\nConnection: close\r\n\r\n')
+  t.equal(response.status, 403, 'HTTP/1.1: two Cookie lines are joined alike')
+})
+
+t.test('Expect: 100-continue: no Continue before the decision; a refused caller\'s connection closes unread (docs/semantics.md#transport-continue)', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'deny' })
+  await setIntentions(agent, 'api', [{ Name: 'web', Action: 'allow' }])
+  const svc = await startService(t, agent, { http2: true, routes: headerRoutes })
+  const web = await leafFor(agent, 'web')
+  const billing = await leafFor(agent, 'billing')
+  const anonymous = { ca: await rootPems(agent) }
+  const head = (length: number): string =>
+    `POST /upload HTTP/1.1\r\nHost: api\r\nContent-Type: text/plain\r\nContent-Length: ${length}\r\nExpect: 100-continue\r\n\r\n`
+
+  t.test('HTTP/1.1', async (t) => {
+    for (const [name, creds, status] of [['no certificate', anonymous, 401], ['denied', billing, 403]] as const) {
+      const { response, reader } = await http1(t, svc.port, creds, head(209715200))
+      t.equal(response.status, status, `${name}: the first answer is final, not 100 Continue`)
+      t.equal(response.headers.connection, 'close', `${name}: Connection: close`)
+      await reader.closedByServer()
+      t.pass(`${name}: the server closed the connection without reading the body`)
+    }
+    const { response, socket, reader } = await http1(t, svc.port, web, head(5))
+    t.equal(response.status, 100, 'allowed: 100 Continue')
+    socket.write('hello')
+    const final = await reader.response()
+    t.same([final.status, JSON.parse(final.body)], [200, { received: 5 }])
+  })
+
+  t.test('HTTP/2', async (t) => {
+    const headers = { ':method': 'POST', ':path': '/upload', 'content-type': 'text/plain', expect: '100-continue' }
+    const denied = await h2Request(t, svc.origin, billing, headers, 'hello')
+    t.same([denied.status, denied.continued], [403, false], 'denied: 403, never 100')
+    const allowed = await h2Request(t, svc.origin, web, headers, 'hello')
+    t.same([allowed.status, allowed.continued, JSON.parse(allowed.body)], [200, true, { received: 5 }], 'allowed: 100, then the body')
+  })
+})
+
+t.test('a refused caller\'s body is not drained: the connection (HTTP/1.1) or stream (HTTP/2) ends after the answer', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'deny' })
+  await setIntentions(agent, 'api', [{ Name: 'web', Action: 'allow' }])
+  const svc = await startService(t, agent, { http2: true, routes: headerRoutes })
+  const billing = await leafFor(agent, 'billing')
+  const anonymous = { ca: await rootPems(agent) }
+  const chunk = 'x'.repeat(16384)
+
+  for (const [name, creds, status] of [['no certificate', anonymous, 401], ['denied', billing, 403]] as const) {
+    const socket = await rawSocket(t, svc.port, creds)
+    const reader = new Http1Reader(socket)
+    socket.write(`POST /upload HTTP/1.1\r\nHost: api\r\nContent-Type: text/plain\r\nContent-Length: 209715200\r\n\r\n${chunk}`)
+    const response = await reader.response()
+    t.same([response.status, response.headers.connection], [status, 'close'], `HTTP/1.1 ${name}`)
+    await reader.closedByServer()
+    t.pass(`HTTP/1.1 ${name}: closed with 200 MB announced and 16 KiB sent`)
+
+    const session = http2.connect(svc.origin, { ...creds, checkServerIdentity: () => undefined })
+    t.teardown(() => session.close())
+    const stream = session.request({ ':method': 'POST', ':path': '/upload', 'content-type': 'text/plain' }, { endStream: false })
+    stream.on('error', () => {})
+    stream.write(chunk)
+    const [h2headers] = await once(stream, 'response') as [http2.IncomingHttpHeaders]
+    stream.resume()
+    await once(stream, 'close')
+    t.same([h2headers[':status'], stream.rstCode], [status, http2.constants.NGHTTP2_NO_ERROR], `HTTP/2 ${name}: answered, then the stream is reset with NO_ERROR`)
+  }
+})
+
+/** A service with a WebSocket echo route, @fastify/websocket registered before or after the plugin. */
+async function websocketService (t: Tap, agentAddress: string, websocketFirst: boolean): Promise<{ app: FastifyInstance, port: number }> {
+  const app: FastifyInstance = Fastify({ https: httpsOptions() }) as unknown as FastifyInstance
+  t.teardown(async () => await app.close())
+  if (websocketFirst) await app.register(websocket)
+  await app.register(consulNative, { service: 'api', agent: { address: agentAddress } })
+  if (!websocketFirst) await app.register(websocket)
+  app.get('/ws', { websocket: true }, (socket) => {
+    socket.on('message', (message: Buffer) => socket.send(`echo ${message.toString()}`))
+  })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  return { app, port: (app.server.address() as { port: number }).port }
+}
+
+// Service leaves have no DNS SAN (see mtlsClient in helpers/mesh.ts); ws's types want a boolean, node:tls wants undefined.
+const noServerIdentityCheck = (() => undefined) as unknown as () => boolean
+
+const UPGRADE = 'GET /ws HTTP/1.1\r\nHost: api\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n'
+
+for (const websocketFirst of [false, true]) {
+  t.test(`WebSocket upgrades, @fastify/websocket registered ${websocketFirst ? 'before' : 'after'} the plugin: a refused upgrade closes its socket (docs/semantics.md#transport-upgrades)`, async (t) => {
+    const agent = await startAgent(t, { defaultPolicy: 'deny' })
+    await setIntentions(agent, 'api', [{ Name: 'web', Action: 'allow' }])
+    const { app, port } = await websocketService(t, agent.address, websocketFirst)
+    const web = await leafFor(agent, 'web')
+    const billing = await leafFor(agent, 'billing')
+    const anonymous = { ca: await rootPems(agent) }
+
+    for (const [name, creds, status] of [['no certificate', anonymous, 401], ['denied', billing, 403]] as const) {
+      for (let i = 0; i < 3; i++) {
+        const { response, reader } = await http1(t, port, creds, UPGRADE)
+        t.equal(response.status, status, `${name} #${i + 1}: answered`)
+        await reader.closedByServer()
+        t.pass(`${name} #${i + 1}: the server closed the socket`)
+      }
+    }
+
+    const ws = new WebSocket(`wss://127.0.0.1:${port}/ws`, { ...web, checkServerIdentity: noServerIdentityCheck })
+    await once(ws, 'open')
+    ws.send('hi')
+    const [message] = await once(ws, 'message') as [Buffer]
+    t.equal(message.toString(), 'echo hi', 'an allowed caller upgrades')
+    ws.close()
+    await once(ws, 'close')
+    await app.close()
+    t.pass('app.close() is not held up by refused upgrades')
+  })
+}
+
+t.test('an encapsulated plugin registered before this one runs its onRequest hooks before the decision (docs/semantics.md#transport-hook-order)', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'deny' })
+  await setIntentions(agent, 'api', [{ Name: 'web', Action: 'allow' }])
+  const app: FastifyInstance = Fastify({ https: httpsOptions() }) as unknown as FastifyInstance
+  t.teardown(async () => await app.close())
+  const seen: unknown[] = []
+  let served = 0
+  await app.register(async (child) => {
+    child.addHook('onRequest', async (request) => { seen.push(request.consulDecision) })
+    child.post('/early', async () => { served++; return 'served' })
+  })
+  await app.register(consulNative, { service: 'api', agent: { address: agent.address } })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const port = (app.server.address() as { port: number }).port
+  const post = 'POST /early HTTP/1.1\r\nHost: api\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi'
+  t.equal((await http1(t, port, await leafFor(agent, 'billing'), post)).response.status, 403, 'denied')
+  t.equal((await http1(t, port, await leafFor(agent, 'web'), post)).response.status, 200, 'allowed')
+  t.same(seen, [undefined, undefined], 'the child hook ran first both times, with no decision yet (not even the null default)')
+  t.equal(served, 1, 'the denied handler never ran')
+})
+
+t.test('a checkContinue listener of the application\'s own is kept, with a warning that it decides when a body is read', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'deny' })
+  const lines: Array<{ consulNative?: { event?: string }, msg?: string }> = []
+  const app = Fastify({ https: httpsOptions(), logger: { level: 'warn', stream: { write: (line: string) => { lines.push(JSON.parse(line)) } } } })
+  t.teardown(async () => await app.close())
+  const own = (): void => {}
+  app.server.on('checkContinue', own)
+  await app.register(consulNative, { service: 'api', agent: { address: agent.address } })
+  t.same(app.server.listeners('checkContinue'), [own], 'the plugin adds none')
+  t.match(lines.find((line) => line.consulNative?.event === 'check-continue-taken')?.msg, /not the access decision, decides when a body is read/)
+})
