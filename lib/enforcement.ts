@@ -16,6 +16,7 @@ import type { RoutePolicies, RoutePolicy } from './route-policy'
 import type { ConsulSync } from './sync'
 import type { DynamicTls } from './tls'
 import { closeRefused, continueIfAwaited } from './transport'
+import type { UpgradeTracker } from './upgrades'
 
 // mode 'agent': one authorize call per caller URI at most every AUTHORIZE_TTL_MS (coalescing
 // bursts of new connections), and one decision per connection for its lifetime, as L4 does.
@@ -116,6 +117,30 @@ export class Enforcer {
     return this.#apply(request, peer, outcome, verdict.decision)
   }
 
+  /**
+   * Decides an earlier request again with the identity, intentions and settings in force now,
+   * without counting or logging it (docs/semantics.md#transport-long-lived).
+   */
+  redecide (request: FastifyRequest, route: RoutePolicy): boolean | Promise<boolean> {
+    const raw = request.raw
+    const peer = this.#tls.identities.peer(raw, Date.now())
+    const service = this.#service
+    service.policy = this.#sync.policy
+    service.normalization = this.#sync.normalization
+    const view = this.#request
+    view.caller = peer.identity
+    view.method = raw.method as string
+    view.url = raw.url as string
+    view.rawHeaders = raw.rawHeaders
+    const outcome = decideRequest(service, route, view, this.#verdict).outcome
+    view.caller = null
+    view.rawHeaders = EMPTY
+    if (outcome === 'ask-agent') {
+      return (this.#authorize as AgentAuthorizer).decide(request, peer.identity as ServiceIdentity).then((decision) => decision.allow)
+    }
+    return outcome === 'allow' || outcome === 'exempt'
+  }
+
   /** The one place an outcome becomes a counter, a log line and an error. */
   #apply (request: FastifyRequest, peer: PeerIdentity, outcome: Exclude<RequestOutcome, 'ask-agent'>, decision: Decision): Error | null {
     request.consulDecision = decision
@@ -144,26 +169,28 @@ export class Enforcer {
  * declared before the plugin and on 404s too (so an unauthenticated caller cannot tell which
  * routes exist). Synchronous in mode 'l7'; mode 'agent' may wait for the agent.
  */
-export function enforceHook (enforcer: Enforcer, routes: RoutePolicies): onRequestHookHandler {
+export function enforceHook (enforcer: Enforcer, routes: RoutePolicies, upgrades: UpgradeTracker | null = null): onRequestHookHandler {
+  /**
+   * Completes the hook with the enforcer's outcome: an allowed request that waits for `100 Continue`
+   * gets it, an allowed Upgrade is tracked (option `recheckUpgrades`); a refused request does not
+   * hold its connection open (docs/semantics.md#transport).
+   */
+  function settle (request: FastifyRequest, reply: FastifyReply, route: RoutePolicy, err: Error | null, done: (err?: Error) => void): void {
+    if (err === null) {
+      continueIfAwaited(request.raw, reply.raw)
+      if (upgrades !== null) upgrades.trackIfUpgrade(request, route)
+      done()
+      return
+    }
+    closeRefused(request.raw, reply.raw)
+    done(err)
+  }
   return function consulNativeOnRequest (request, reply, done) {
-    const outcome = enforcer.check(request, routes.of(request))
-    if (outcome instanceof Promise) outcome.then((err) => { settle(request, reply, err, done) }, done)
-    else settle(request, reply, outcome, done)
+    const route = routes.of(request)
+    const outcome = enforcer.check(request, route)
+    if (outcome instanceof Promise) outcome.then((err) => { settle(request, reply, route, err, done) }, done)
+    else settle(request, reply, route, outcome, done)
   }
-}
-
-/**
- * Completes the hook with the enforcer's outcome: an allowed request that waits for `100 Continue`
- * gets it; a refused one does not hold its connection open (docs/semantics.md#transport).
- */
-function settle (request: FastifyRequest, reply: FastifyReply, err: Error | null, done: (err?: Error) => void): void {
-  if (err === null) {
-    continueIfAwaited(request.raw, reply.raw)
-    done()
-    return
-  }
-  closeRefused(request.raw, reply.raw)
-  done(err)
 }
 
 /**

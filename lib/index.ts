@@ -26,6 +26,7 @@ import { ConsulSync } from './sync'
 import type { ConsulNativeStatus } from './sync'
 import { attachExtraServers, dynamicTlsOf, httpsOptions } from './tls'
 import { deferContinue } from './transport'
+import { UpgradeTracker } from './upgrades'
 
 export interface ConsulNativeDecorator {
   /** Leaf, roots, intentions and per-watch sync state; `ready` once everything is loaded. */
@@ -101,7 +102,21 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
   })
 
   fastify.addHook('onRoute', (route) => routes.compile(route))
-  fastify.addHook('onRequest', enforceHook(enforcer, routes))
+  // docs/semantics.md#transport-long-lived: open WebSockets decided again on every change.
+  let upgrades: UpgradeTracker | null = null
+  if (opts.recheckUpgrades) {
+    const tracker = upgrades = new UpgradeTracker(log)
+    /* c8 ignore start */
+    // redecide() never rejects (a failed agent call is a deny): only a bug would get here.
+    const failed = (err: Error): void => {
+      log.error({ consulNative: { event: 'upgrade-recheck-failed' }, err }, 'fastify-consul-native: could not decide open upgrades again')
+    }
+    /* c8 ignore stop */
+    const recheck = (): void => { tracker.recheck((request, route) => enforcer.redecide(request, route)).catch(failed) }
+    sync.events.on('intentions', recheck)
+    sync.events.on('tls', recheck)
+  }
+  fastify.addHook('onRequest', enforceHook(enforcer, routes, upgrades))
   fastify.addHook('preParsing', consulNativeBackstop)
   // `100 Continue` only after the decision (docs/semantics.md#transport-continue).
   if (!deferContinue(fastify.server)) {

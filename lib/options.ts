@@ -39,6 +39,8 @@ export interface ConsulNativeOptions {
   register?: boolean | RegisterOptions
   /** Where the leaf and CA roots come from. Default `{ source: 'agent' }`. */
   certificates?: CertificatesOptions
+  /** Decide open WebSockets (upgraded connections) again when intentions or certificates change, and close those now refused. Default false. */
+  recheckUpgrades?: boolean
 }
 
 /** Per-route setting: `false` exempts the route; an object adds route-level intentions. */
@@ -74,6 +76,7 @@ export interface ResolvedOptions {
   readonly blockingWait: number
   readonly register: RegisterOptions | null
   readonly certificates: CertificatesOptions
+  readonly recheckUpgrades: boolean
 }
 
 export const DEFAULT_READY_TIMEOUT = 8_000
@@ -81,7 +84,7 @@ export const DEFAULT_BLOCKING_WAIT = 300_000
 export const MAX_BLOCKING_WAIT = 600_000
 export const DEFAULT_HEALTH_URL = '/health'
 
-const KNOWN = new Set(['service', 'agent', 'datacenter', 'namespace', 'partition', 'readyTimeout', 'defaultPolicy', 'health', 'mode', 'blockingWait', 'register', 'certificates'])
+const KNOWN = new Set(['service', 'agent', 'datacenter', 'namespace', 'partition', 'readyTimeout', 'defaultPolicy', 'health', 'mode', 'blockingWait', 'register', 'certificates', 'recheckUpgrades'])
 // Consul service names are DNS-friendly; this also keeps them safe inside a URL path segment.
 const SERVICE_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]*$/
 
@@ -117,7 +120,8 @@ export function resolveOptions (raw: unknown): ResolvedOptions {
     mode,
     blockingWait: positiveMs(opts, 'blockingWait', DEFAULT_BLOCKING_WAIT, MAX_BLOCKING_WAIT),
     register,
-    certificates
+    certificates,
+    recheckUpgrades: optionalBoolean(opts, 'recheckUpgrades')
   }
 }
 
@@ -146,6 +150,13 @@ function positiveMs (opts: Record<string, unknown>, name: string, fallback: numb
     fail(name, `must be a number of milliseconds above 0${max === Infinity ? '' : ` and at most ${max}`}, got ${JSON.stringify(value)}`)
   }
   return Math.floor(value)
+}
+
+function optionalBoolean (opts: Record<string, unknown>, name: string): boolean {
+  const value = opts[name]
+  if (value === undefined) return false
+  if (typeof value !== 'boolean') fail(name, `must be true or false, got ${JSON.stringify(value)}`)
+  return value
 }
 
 function oneOf<T extends string> (opts: Record<string, unknown>, name: string, values: readonly T[]): T {

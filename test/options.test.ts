@@ -15,11 +15,17 @@ t.test('defaults', async (t) => {
     mode: 'l7',
     blockingWait: DEFAULT_BLOCKING_WAIT,
     register: null,
-    certificates: { source: 'agent' }
+    certificates: { source: 'agent' },
+    recheckUpgrades: false
   })
   t.same(resolveOptions({ service: 'api', health: {} }).health, { url: '/health' }, 'health: {} keeps the default url')
   t.equal(resolveOptions({ service: 'api', health: false }).health, null)
   t.equal(resolveOptions({ service: 'api', readyTimeout: 1500.7 }).readyTimeout, 1500)
+})
+
+t.test('recheckUpgrades is a boolean', async (t) => {
+  t.equal(resolveOptions({ service: 'api', recheckUpgrades: true }).recheckUpgrades, true)
+  t.throws(() => resolveOptions({ service: 'api', recheckUpgrades: 'yes' }), { code: 'FST_CONSUL_NATIVE_INVALID_OPTION', message: /recheckUpgrades.*must be true or false/ })
 })
 
 t.test('anything but an options object is refused', async (t) => {

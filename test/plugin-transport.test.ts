@@ -10,6 +10,7 @@ import type { FastifyInstance } from 'fastify'
 import websocket from '@fastify/websocket'
 import WebSocket from 'ws'
 import consulNative, { httpsOptions } from '../lib/index'
+import type { ConsulNativeOptions } from '../lib/index'
 import { leafFor, rootPems, setIntentions, setProtocol, startAgent, startService } from './helpers/mesh'
 import type { Credentials, Tap } from './helpers/mesh'
 import { http1, http2Raw, Http1Reader, rawSocket } from './helpers/raw-http'
@@ -166,15 +167,17 @@ t.test('a refused caller\'s body is not drained: the connection (HTTP/1.1) or st
 })
 
 /** A service with a WebSocket echo route, @fastify/websocket registered before or after the plugin. */
-async function websocketService (t: Tap, agentAddress: string, websocketFirst: boolean): Promise<{ app: FastifyInstance, port: number }> {
+async function websocketService (t: Tap, agentAddress: string, websocketFirst: boolean, plugin: Partial<ConsulNativeOptions> = {}): Promise<{ app: FastifyInstance, port: number }> {
   const app: FastifyInstance = Fastify({ https: httpsOptions() }) as unknown as FastifyInstance
   t.teardown(async () => await app.close())
   if (websocketFirst) await app.register(websocket)
-  await app.register(consulNative, { service: 'api', agent: { address: agentAddress } })
+  await app.register(consulNative, { service: 'api', agent: { address: agentAddress }, ...plugin })
   if (!websocketFirst) await app.register(websocket)
-  app.get('/ws', { websocket: true }, (socket) => {
+  const echo = (socket: WebSocket): void => {
     socket.on('message', (message: Buffer) => socket.send(`echo ${message.toString()}`))
-  })
+  }
+  app.get('/ws', { websocket: true }, echo)
+  app.get('/ws-open', { websocket: true, config: { consulNative: false } }, echo)
   await app.listen({ port: 0, host: '127.0.0.1' })
   return { app, port: (app.server.address() as { port: number }).port }
 }
@@ -245,4 +248,50 @@ t.test('a checkContinue listener of the application\'s own is kept, with a warni
   await app.register(consulNative, { service: 'api', agent: { address: agent.address } })
   t.same(app.server.listeners('checkContinue'), [own], 'the plugin adds none')
   t.match(lines.find((line) => line.consulNative?.event === 'check-continue-taken')?.msg, /not the access decision, decides when a body is read/)
+})
+
+/** An open WebSocket to `path`, and a round trip that proves it still carries messages. */
+async function openSocket (t: Tap, port: number, creds: Partial<Credentials> & { ca: string[] }, path = '/ws'): Promise<{ ws: WebSocket, echo: (text: string) => Promise<string> }> {
+  const ws = new WebSocket(`wss://127.0.0.1:${port}${path}`, { ...creds, checkServerIdentity: noServerIdentityCheck })
+  t.teardown(() => ws.terminate())
+  await once(ws, 'open')
+  return {
+    ws,
+    echo: async (text) => {
+      ws.send(text)
+      const [message] = await once(ws, 'message') as [Buffer]
+      return message.toString()
+    }
+  }
+}
+
+for (const mode of ['l7', 'agent'] as const) {
+  t.test(`recheckUpgrades (mode '${mode}'): an open WebSocket whose intention is revoked is closed; others stay (docs/semantics.md#transport-long-lived)`, async (t) => {
+    const agent = await startAgent(t, { defaultPolicy: 'deny' })
+    await setIntentions(agent, 'api', [{ Name: 'web', Action: 'allow' }, { Name: 'ops', Action: 'allow' }])
+    const { app, port } = await websocketService(t, agent.address, false, { recheckUpgrades: true, mode })
+    const web = await openSocket(t, port, await leafFor(agent, 'web'))
+    const ops = await openSocket(t, port, await leafFor(agent, 'ops'))
+    const open = await openSocket(t, port, await leafFor(agent, 'web'), '/ws-open')
+    t.equal(await web.echo('before'), 'echo before')
+
+    const webClosed = once(web.ws, 'close')
+    await setIntentions(agent, 'api', [{ Name: 'web', Action: 'deny' }, { Name: 'ops', Action: 'allow' }])
+    await webClosed
+    t.pass('web\'s WebSocket was closed once its intention became deny')
+    t.equal(await ops.echo('after'), 'echo after', 'ops is still allowed: its WebSocket stays')
+    t.equal(await open.echo('after'), 'echo after', 'an exempt route\'s WebSocket stays')
+    t.equal(app.consulNative.status().ready, true)
+  })
+}
+
+t.test('without recheckUpgrades an allowed WebSocket outlives the revocation of its intention (docs/semantics.md#transport-long-lived)', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'deny' })
+  await setIntentions(agent, 'api', [{ Name: 'web', Action: 'allow' }])
+  const { app, port } = await websocketService(t, agent.address, false)
+  const web = await openSocket(t, port, await leafFor(agent, 'web'))
+  const updated = once(app.consulNative.events, 'intentions')
+  await setIntentions(agent, 'api', [{ Name: 'web', Action: 'deny' }])
+  await updated
+  t.equal(await web.echo('after'), 'echo after', 'still open: decided once, at the upgrade')
 })

@@ -1,0 +1,46 @@
+// Long-lived connections (docs/semantics.md#transport-long-lived): with the option
+// `recheckUpgrades`, every allowed Upgrade (a WebSocket) is remembered until its socket closes,
+// decided again whenever the intentions, the mesh settings or the certificates change, and closed
+// when it would now be refused. Nothing is kept for ordinary requests.
+import type { Socket } from 'node:net'
+import type { FastifyBaseLogger, FastifyRequest } from 'fastify'
+import type { RoutePolicy } from './route-policy'
+
+interface OpenUpgrade { readonly request: FastifyRequest, readonly route: RoutePolicy }
+
+/** Whether a request, decided again now, is still allowed. */
+export type Redecide = (request: FastifyRequest, route: RoutePolicy) => boolean | Promise<boolean>
+
+export class UpgradeTracker {
+  readonly #open = new Map<Socket, OpenUpgrade>()
+  readonly #log: FastifyBaseLogger
+
+  constructor (log: FastifyBaseLogger) {
+    this.#log = log
+  }
+
+  /** The number of upgraded connections being tracked. */
+  get size (): number { return this.#open.size }
+
+  /** Remembers an allowed request if it is an Upgrade (Node set `upgrade`, absent from its types), until its socket closes. */
+  trackIfUpgrade (request: FastifyRequest, route: RoutePolicy): void {
+    if ((request.raw as { upgrade?: boolean }).upgrade !== true) return
+    const socket = request.raw.socket
+    this.#open.set(socket, { request, route })
+    socket.once('close', () => this.#open.delete(socket))
+  }
+
+  /** Decides every tracked connection again and closes those refused now; resolves with how many were closed. */
+  async recheck (redecide: Redecide): Promise<number> {
+    let closed = 0
+    for (const [socket, { request, route }] of [...this.#open]) {
+      if (await redecide(request, route)) continue
+      this.#log.info({ consulNative: { event: 'upgrade-revoked', source: request.consulSource?.uri ?? null, path: request.raw.url } },
+        'fastify-consul-native: closing an upgraded connection that is no longer allowed')
+      this.#open.delete(socket)
+      socket.destroy()
+      closed++
+    }
+    return closed
+  }
+}
