@@ -4,6 +4,7 @@
 // when it would now be refused. Nothing is kept for ordinary requests.
 import type { Socket } from 'node:net'
 import type { FastifyBaseLogger, FastifyRequest } from 'fastify'
+import type { ServiceIdentity } from './identity'
 import type { RoutePolicy } from './route-policy'
 
 interface OpenUpgrade { readonly request: FastifyRequest, readonly route: RoutePolicy }
@@ -35,7 +36,9 @@ export class UpgradeTracker {
     let closed = 0
     for (const [socket, { request, route }] of [...this.#open]) {
       if (await redecide(request, route)) continue
-      this.#log.info({ consulNative: { event: 'upgrade-revoked', source: request.consulSource?.uri ?? null, path: request.raw.url } },
+      // Only a non-exempt route can become refused, and it was allowed for a verified caller.
+      const source = (request.consulSource as ServiceIdentity).uri
+      this.#log.info({ consulNative: { event: 'upgrade-revoked', source, path: request.raw.url } },
         'fastify-consul-native: closing an upgraded connection that is no longer allowed')
       this.#open.delete(socket)
       socket.destroy()
