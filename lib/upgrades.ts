@@ -20,9 +20,6 @@ export class UpgradeTracker {
     this.#log = log
   }
 
-  /** The number of upgraded connections being tracked. */
-  get size (): number { return this.#open.size }
-
   /** Remembers an allowed request if it is an Upgrade (Node set `upgrade`, absent from its types), until its socket closes. */
   trackIfUpgrade (request: FastifyRequest, route: RoutePolicy): void {
     if ((request.raw as { upgrade?: boolean }).upgrade !== true) return

@@ -274,6 +274,8 @@ for (const mode of ['l7', 'agent'] as const) {
     const ops = await openSocket(t, port, await leafFor(agent, 'ops'))
     const open = await openSocket(t, port, await leafFor(agent, 'web'), '/ws-open')
     t.equal(await web.echo('before'), 'echo before')
+    const plain = await http1(t, port, await leafFor(agent, 'web'), 'GET /ws HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n')
+    t.equal(plain.response.status, 404, 'an allowed request without Upgrade is not tracked (@fastify/websocket answers 404)')
 
     const webClosed = once(web.ws, 'close')
     await setIntentions(agent, 'api', [{ Name: 'web', Action: 'deny' }, { Name: 'ops', Action: 'allow' }])
