@@ -43,19 +43,33 @@ function lowerAscii (s: string): string {
   return s.replace(/[A-Z]/g, (c) => c.toLowerCase())
 }
 
+// docs/semantics.md#transport-headers: the names Node keeps single-valued, per transport.
+const SINGLE_HTTP1 = new Set(['age', 'authorization', 'content-length', 'content-type', 'etag', 'expires', 'from', 'host',
+  'if-modified-since', 'if-unmodified-since', 'last-modified', 'location', 'max-forwards', 'proxy-authorization', 'referer',
+  'retry-after', 'server', 'user-agent'])
+const SINGLE_HTTP2 = new Set([...SINGLE_HTTP1, 'access-control-allow-credentials', 'access-control-max-age',
+  'access-control-request-method', 'content-encoding', 'content-language', 'content-location', 'content-md5', 'content-range',
+  'date', 'dnt', 'if-match', 'if-none-match', 'if-range', 'range', 'tk', 'upgrade-insecure-requests', 'x-content-type-options'])
+SINGLE_HTTP2.delete('server')
+
 function lookupHeader (req: RequestFacts, headerName: string): string | undefined {
   const wanted = headerName.toLowerCase()
   if (wanted === ':method') return req.method
   if (wanted === ':path') return req.url
-  const collect = (n: string): string | undefined => {
+  const collect = (n: string): string[] => {
     const values: string[] = []
     for (let i = 0; i < req.rawHeaders.length; i += 2) {
       if (req.rawHeaders[i].toLowerCase() === n) values.push(req.rawHeaders[i + 1])
     }
-    return values.length === 0 ? undefined : values.join(',')
+    return values
   }
-  if (wanted === 'host' || wanted === ':authority') return collect(':authority') ?? collect('host')
-  return collect(wanted)
+  // Host and :authority: what the application reads, host first; each its first value.
+  if (wanted === 'host' || wanted === ':authority') return collect('host')[0] ?? collect(':authority')[0]
+  const values = collect(wanted)
+  if (values.length === 0) return undefined
+  const http2 = req.rawHeaders.length > 0 && req.rawHeaders[0].startsWith(':')
+  if ((http2 ? SINGLE_HTTP2 : SINGLE_HTTP1).has(wanted)) return values[0]
+  return values.join(wanted === 'cookie' ? '; ' : ',')
 }
 
 function headerMatches (h: IntentionHTTPHeaderPermission, req: RequestFacts): boolean {
