@@ -888,6 +888,16 @@ export class ConfigEntryStore {
     return out.sort(compareIntentions)
   }
 
+  /** Every intention of every `service-intentions` entry, in precedence order (`GET /v1/connect/intentions`). */
+  allIntentions (): Intention[] {
+    const out: Intention[] = []
+    for (const stored of this.#entries.values()) {
+      if (stored.kind !== SERVICE_INTENTIONS) continue
+      for (const src of (stored.intentions as IntentionsEntry).Sources) out.push(toIntention(stored, src))
+    }
+    return out.sort(compareIntentions)
+  }
+
   /** Intentions whose (local) source is `name` or `*`, in precedence order (`by=source`). */
   sourceIntentions (name: string): Intention[] {
     const out: Intention[] = []

@@ -13,6 +13,7 @@ import { DevCatalog, unknownServiceMessage } from './catalog'
 import { ConfigEntryStore, MESH, PROXY_DEFAULTS, SERVICE_DEFAULTS, SERVICE_INTENTIONS, goQuote } from './config-entries'
 import { pathUnescape } from './go'
 import { DevAgentHttpError } from './http-error'
+import { IntentionsApi, exactQuery } from './intentions'
 
 export type Privilege = 'read' | 'write' | 'manage'
 export type Policy = 'allow' | 'deny'
@@ -210,6 +211,7 @@ export class DevAgentServer {
   readonly hub: ChangeHub
   readonly config: ConfigEntryStore
   readonly catalog: DevCatalog
+  readonly intentions: IntentionsApi
   readonly nodeId = randomUUID()
   #cfg: DevAgentServerConfig
   #server: Server
@@ -234,6 +236,7 @@ export class DevAgentServer {
         hub.notify('config')
       }
     })
+    this.intentions = new IntentionsApi(this.config)
     this.catalog = new DevCatalog({
       nodeName: cfg.nodeName,
       datacenter: cfg.datacenter,
@@ -404,6 +407,9 @@ export class DevAgentServer {
       r('/v1/connect/ca/roots', ['GET'], async (ctx) => await this.#roots(ctx, false)),
       r('/v1/connect/ca/configuration', ['GET', 'PUT'], async (ctx) => ctx.method === 'GET' ? this.#caConfigGet(ctx) : await this.#caConfigSet(ctx)),
       r('/v1/connect/intentions/match', ['GET'], async (ctx) => await this.#match(ctx)),
+      r('/v1/connect/intentions', ['GET', 'POST'], async (ctx) => ctx.method === 'GET' ? await this.#intentionList(ctx) : await this.#intentionCreate(ctx)),
+      r('/v1/connect/intentions/exact', ['GET', 'PUT', 'DELETE'], async (ctx) => await this.#intentionExact(ctx)),
+      r('/v1/connect/intentions/check', ['GET'], (ctx) => this.#intentionCheck(ctx)),
       r('/v1/config', ['PUT'], async (ctx) => await this.#configApply(ctx)),
       r('/v1/config/', ['GET', 'DELETE'], async (ctx) => ctx.method === 'GET' ? await this.#configGet(ctx) : this.#configDelete(ctx)),
       r('/v1/health/connect/', ['GET'], async (ctx) => await this.#healthConnect(ctx))
@@ -731,6 +737,68 @@ export class DevAgentServer {
     return { 'X-Cache': 'HIT', Age: String(Math.floor((now - (this.#intentionsCache.get(key) as { at: number }).at) / 1000)) }
   }
 
+  // -------------------------------------------------------------------------------------------
+  // Intentions by name (docs/semantics.md#rollout-dev-agent-intentions)
+
+  async #intentionList (ctx: Ctx): Promise<Reply> {
+    this.#rejectEnterprise(ctx)
+    const consistency = this.#consistency(ctx)
+    const { index, timeoutMs } = this.#blocking(ctx)
+    this.#require(ctx, 'intention', 'read')
+    const result = await block({
+      hub: this.hub,
+      topics: ['config'],
+      timeoutMs,
+      signal: ctx.signal,
+      run: () => ({ index: this.config.tableIndex, value: this.intentions.list() }),
+      ready: indexReady(index)
+    })
+    return { json: result.value, headers: this.#meta(result.index, consistency) }
+  }
+
+  async #intentionCreate (ctx: Ctx): Promise<Reply> {
+    this.#rejectEnterprise(ctx)
+    const body = await this.#jsonBody(ctx, (message) => new DevAgentHttpError(500, `Failed to decode request body: ${message}`))
+    return { json: this.intentions.create(body, (destination) => this.#require(ctx, 'intention', 'write', destination)) }
+  }
+
+  async #intentionExact (ctx: Ctx): Promise<Reply> {
+    this.#rejectEnterprise(ctx)
+    if (ctx.method === 'GET') {
+      const consistency = this.#consistency(ctx)
+      const { source, destination } = exactQuery(ctx.query, true)
+      this.#require(ctx, 'intention', 'read', destination.name)
+      return { json: this.intentions.get(source, destination), headers: this.#meta(this.config.tableIndex, consistency) }
+    }
+    const { source, destination } = exactQuery(ctx.query, false)
+    const authorizeWrite = (name: string): void => { this.#require(ctx, 'intention', 'write', name) }
+    if (ctx.method === 'DELETE') return { json: this.intentions.delete(source, destination, authorizeWrite) }
+    const body = await this.#jsonBody(ctx, (message) => new DevAgentHttpError(400, `Request decode failed: ${message}`))
+    return { json: this.intentions.put(source, destination, body, authorizeWrite) }
+  }
+
+  #intentionCheck (ctx: Ctx): Reply {
+    this.#rejectEnterprise(ctx)
+    const consistency = this.#consistency(ctx)
+    const destination = ctx.query.get('destination')
+    // Consul asks only service:read here: the answer says allowed or not, nothing about intentions.
+    const management = this.#require(ctx, 'service', 'read', destination ?? undefined)
+    const allowed = this.intentions.check(ctx.query, {
+      defaultIntentionPolicy: this.#cfg.defaultIntentionPolicy,
+      aclsEnabled: this.#cfg.acl.enabled,
+      tokenDefaultAllow: management || this.#cfg.acl.defaultPolicy === 'allow'
+    })
+    return { json: allowed, headers: this.#meta(this.config.tableIndex, consistency) }
+  }
+
+  async #jsonBody (ctx: Ctx, fail: (message: string) => DevAgentHttpError): Promise<unknown> {
+    try {
+      return parseJson(await ctx.body())
+    } catch (err) {
+      throw fail((err as Error).message)
+    }
+  }
+
   async #authorize (ctx: Ctx): Promise<Reply> {
     this.#rejectEnterprise(ctx)
     const text = await ctx.body()
@@ -781,6 +849,8 @@ export class DevAgentServer {
     }
     this.#rejectEnterprise(ctx)
     const applied = this.config.apply(body, ctx.query.get('cas'), (kind, name) => this.#requireConfig(ctx, kind, name, 'write'))
+    // A source written as a config entry has no LegacyID (Consul refuses one there).
+    if (applied && (body as { Kind?: unknown }).Kind === SERVICE_INTENTIONS) this.intentions.forget(String((body as { Name?: unknown }).Name))
     return { json: applied }
   }
 
@@ -829,6 +899,7 @@ export class DevAgentServer {
     this.#rejectEnterprise(ctx)
     if ([SERVICE_INTENTIONS, SERVICE_DEFAULTS, PROXY_DEFAULTS, MESH].includes(kind)) this.#requireConfig(ctx, kind, name, 'write')
     const deleted = this.config.delete(kind, name, ctx.query.get('cas'))
+    if (kind === SERVICE_INTENTIONS && deleted !== false) this.intentions.forget(name)
     // A CAS delete answers whether it deleted; a plain delete answers {} (also for a missing entry).
     return { json: deleted === undefined ? {} : deleted }
   }
