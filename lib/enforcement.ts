@@ -5,13 +5,15 @@
 import type { FastifyReply, FastifyRequest, onRequestHookHandler } from 'fastify'
 import { LRUCache } from 'lru-cache'
 import type { AgentClient } from './agent/client'
+import type { Candidate } from './candidate'
 import { BadHeaderError, BadPathError, DeniedError, UnauthenticatedError } from './errors'
 import { connectionOf } from './identity'
 import type { PeerIdentity, ServiceIdentity } from './identity'
 import type { Decision } from './intentions/policy'
 import type { RouterOptions } from './intentions/path'
 import { decideRequest, newVerdict } from './intentions/request'
-import type { RequestOutcome, RequestView, ServiceRules } from './intentions/request'
+import type { RequestOutcome, RequestVerdict, RequestView, ServiceRules } from './intentions/request'
+import type { Enforcement } from './options'
 import type { RoutePolicies, RoutePolicy } from './route-policy'
 import type { ConsulSync } from './sync'
 import type { DynamicTls } from './tls'
@@ -31,7 +33,17 @@ export interface EnforcementCounters {
   unauthenticated: number
   rejected: number
   exempt: number
+  /** Shadow enforcement: would-be 403s and 401s that were served (docs/semantics.md#rollout-shadow). */
+  shadowDenied: number
+  shadowUnauthenticated: number
 }
+
+/** `request.consulDecision`: `enforced: false` marks a shadowed would-be denial that was served. */
+export interface ConsulDecision extends Decision {
+  readonly enforced?: false
+}
+
+type FinalOutcome = Exclude<RequestOutcome, 'ask-agent'>
 
 /** What a final outcome does: the counter it adds to, its log line (event name, level, message) and the error it answers with. */
 interface OutcomeEffect {
@@ -42,7 +54,7 @@ interface OutcomeEffect {
   readonly error: (() => Error) | null
 }
 
-const EFFECTS: Readonly<Record<Exclude<RequestOutcome, 'ask-agent'>, OutcomeEffect>> = {
+const EFFECTS: Readonly<Record<FinalOutcome, OutcomeEffect>> = {
   allow: { counter: 'allowed', event: 'allowed', level: 'debug', message: 'fastify-consul-native: request allowed', error: null },
   exempt: { counter: 'exempt', event: null, level: 'debug', message: '', error: null },
   deny: { counter: 'denied', event: 'denied', level: 'info', message: 'fastify-consul-native: request denied', error: () => new DeniedError() },
@@ -69,7 +81,35 @@ const EFFECTS: Readonly<Record<Exclude<RequestOutcome, 'ask-agent'>, OutcomeEffe
   }
 }
 
+/** Shadow enforcement: what a would-be 403 or 401 does instead (the request is served). */
+const SHADOW_EFFECTS: Readonly<Record<'deny' | 'unauthenticated', OutcomeEffect>> = {
+  deny: { counter: 'shadowDenied', event: 'shadow-denied', level: 'info', message: 'fastify-consul-native: request would be denied (shadow enforcement: served)', error: null },
+  unauthenticated: {
+    counter: 'shadowUnauthenticated',
+    event: 'shadow-unauthenticated',
+    level: 'info',
+    message: 'fastify-consul-native: request without a verified service identity (shadow enforcement: served)',
+    error: null
+  }
+}
+
+/** The shadowed copy of each denial decision (decisions are frozen and shared, so the copies are too). */
+const SHADOWED = new WeakMap<Decision, ConsulDecision>()
+
+function shadowed (decision: Decision): ConsulDecision {
+  let copy = SHADOWED.get(decision)
+  if (copy === undefined) SHADOWED.set(decision, copy = Object.freeze({ allow: decision.allow, reason: decision.reason, enforced: false }))
+  return copy
+}
+
 const EMPTY: readonly string[] = []
+
+/** The plugin's rollout settings the per-request check applies. */
+export interface RolloutSettings {
+  /** The plugin's `enforcement` option; a route's own setting wins. */
+  enforcement: Enforcement
+  candidate: Candidate | null
+}
 
 export class Enforcer {
   readonly #tls: DynamicTls
@@ -79,14 +119,23 @@ export class Enforcer {
   readonly #service: ServiceRules
   readonly #request: RequestView = { caller: null, method: '', url: '', rawHeaders: EMPTY }
   readonly #verdict = newVerdict()
+  readonly #enforcement: Enforcement
+  readonly #candidate: Candidate | null
+  /** The candidate's service inputs and verdict, reused like the live ones. */
+  readonly #candidateService: ServiceRules
+  readonly #candidateVerdict = newVerdict()
   /** Plain counters: an increment costs nothing on the request path. */
-  readonly counters: EnforcementCounters = { allowed: 0, denied: 0, unauthenticated: 0, rejected: 0, exempt: 0 }
+  readonly counters: EnforcementCounters = { allowed: 0, denied: 0, unauthenticated: 0, rejected: 0, exempt: 0, shadowDenied: 0, shadowUnauthenticated: 0 }
 
-  constructor (tls: DynamicTls, sync: ConsulSync, router: RouterOptions, authorize: AgentAuthorizer | null = null) {
+  constructor (tls: DynamicTls, sync: ConsulSync, router: RouterOptions, authorize: AgentAuthorizer | null = null,
+    rollout: RolloutSettings = { enforcement: 'enforce', candidate: null }) {
     this.#tls = tls
     this.#sync = sync
     this.#authorize = authorize
     this.#service = { policy: sync.policy, normalization: sync.normalization, router, agentDecides: authorize !== null }
+    this.#enforcement = rollout.enforcement
+    this.#candidate = rollout.candidate
+    this.#candidateService = { policy: sync.policy, normalization: null, router, agentDecides: false }
   }
 
   /**
@@ -106,15 +155,47 @@ export class Enforcer {
     view.url = raw.url as string
     view.rawHeaders = raw.rawHeaders
     const verdict = decideRequest(service, route, view, this.#verdict)
+    const candidate = this.#candidate
+    // The candidate is decided only where the intentions decide: exemption, identity and
+    // normalization do not depend on them (docs/semantics.md#rollout-candidate).
+    if (candidate !== null && candidate.policy !== null && (verdict.outcome === 'allow' || verdict.outcome === 'deny')) {
+      this.#compare(request, peer, candidate, route, view, verdict)
+    }
     view.caller = null
     view.rawHeaders = EMPTY
     if (verdict.dropUnderscoreHeaders) dropUnderscoreHeaders(raw)
     const outcome = verdict.outcome
     if (outcome === 'ask-agent') {
       return (this.#authorize as AgentAuthorizer).decide(request, peer.identity as ServiceIdentity)
-        .then((decision) => this.#apply(request, peer, decision.allow ? 'allow' : 'deny', decision))
+        .then((decision) => this.#apply(request, peer, route, decision.allow ? 'allow' : 'deny', decision))
     }
-    return this.#apply(request, peer, outcome, verdict.decision)
+    return this.#apply(request, peer, route, outcome, verdict.decision)
+  }
+
+  /** Decides the request again against the candidate; counts and logs a disagreement. */
+  #compare (request: FastifyRequest, peer: PeerIdentity, candidate: Candidate, route: RoutePolicy, view: RequestView, live: RequestVerdict): void {
+    const service = this.#candidateService
+    service.policy = candidate.policy as NonNullable<Candidate['policy']>
+    service.normalization = this.#service.normalization
+    const mine = decideRequest(service, route, view, this.#candidateVerdict).decision
+    const theirs = live.decision
+    if (mine.allow === theirs.allow) return
+    if (theirs.allow) candidate.disagreements.allowDeny++
+    else candidate.disagreements.denyAllow++
+    const raw = request.raw
+    request.log.info({
+      consulNative: {
+        event: 'candidate-disagrees',
+        source: (peer.identity as ServiceIdentity).uri,
+        route: request.routeOptions.url,
+        method: raw.method,
+        path: raw.url,
+        live: theirs.allow ? 'allow' : 'deny',
+        liveReason: theirs.reason,
+        candidate: mine.allow ? 'allow' : 'deny',
+        candidateReason: mine.reason
+      }
+    }, 'fastify-consul-native: the candidate intentions decide this request differently')
   }
 
   /**
@@ -142,9 +223,15 @@ export class Enforcer {
   }
 
   /** The one place an outcome becomes a counter, a log line and an error. */
-  #apply (request: FastifyRequest, peer: PeerIdentity, outcome: Exclude<RequestOutcome, 'ask-agent'>, decision: Decision): Error | null {
+  #apply (request: FastifyRequest, peer: PeerIdentity, route: RoutePolicy, outcome: FinalOutcome, decision: Decision): Error | null {
+    let effect = EFFECTS[outcome]
+    // Shadow enforcement serves would-be 403s and 401s; a 400 of the request normalization is
+    // never shadowed (docs/semantics.md#rollout-shadow).
+    if ((outcome === 'deny' || outcome === 'unauthenticated') && (route.enforcement ?? this.#enforcement) === 'shadow') {
+      effect = SHADOW_EFFECTS[outcome]
+      decision = shadowed(decision)
+    }
     request.consulDecision = decision
-    const effect = EFFECTS[outcome]
     this.counters[effect.counter]++
     if (effect.event !== null && (effect.level === 'info' || isDebug(request.log))) {
       const raw = request.raw

@@ -9,11 +9,12 @@ import { AgentClient } from './agent/client'
 import { resolveAgentConfig } from './agent/config'
 import { createCertificateSource } from './certificates/index'
 import { AgentAuthorizer, consulNativeBackstop, Enforcer, enforceHook } from './enforcement'
+import type { ConsulDecision } from './enforcement'
 import { NotHttpsError, NotRootError } from './errors'
+import type { ExplainInput, Explanation } from './explain'
 import { isRootInstance, routerOptionsOf, serverBindingsOf } from './fastify-internals'
 import { addHealthRoute } from './health'
 import type { ServiceIdentity } from './identity'
-import type { Decision } from './intentions/policy'
 import { metricFamilies, prometheusText } from './metrics'
 import type { MetricFamily } from './metrics'
 import { checkReadyTimeout, resolveOptions } from './options'
@@ -22,6 +23,7 @@ import { ServiceCaller } from './outbound'
 import type { OutboundFetchInit, OutboundOptions } from './outbound'
 import { registerOnListen } from './registration'
 import { RoutePolicies } from './route-policy'
+import { Rollout } from './rollout'
 import { ConsulSync } from './sync'
 import type { ConsulNativeStatus } from './sync'
 import { attachExtraServers, dynamicTlsOf, httpsOptions } from './tls'
@@ -45,6 +47,12 @@ export interface ConsulNativeDecorator {
   fetch (service: string, path: string, init?: OutboundFetchInit): Promise<Response>
   /** An undici Dispatcher that sends every request to an instance of `service`, for `request`, `fetch` or `@fastify/reply-from`. */
   dispatcher (service: string, opts?: OutboundOptions): Dispatcher
+  /**
+   * Decides a request as the plugin would, with the live intentions, and explains it: the
+   * decision, what decided it, and every step in precedence order. With a candidate loaded,
+   * `candidate` explains it against the candidate too.
+   */
+  explain (input: ExplainInput): Explanation & { candidate?: Explanation }
 }
 
 declare module 'fastify' {
@@ -58,8 +66,11 @@ declare module 'fastify' {
   interface FastifyRequest {
     /** The caller's verified Consul service identity, or null. */
     consulSource: ServiceIdentity | null
-    /** Why the request was allowed (set before handlers run). */
-    consulDecision: Decision | null
+    /**
+     * Why the request was allowed (set before handlers run). In shadow enforcement a would-be
+     * denial that is served keeps `allow: false` and its reason, with `enforced: false`.
+     */
+    consulDecision: ConsulDecision | null
   }
 }
 
@@ -85,20 +96,23 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
   }
   const authorizer = opts.mode === 'agent' ? new AgentAuthorizer(client, opts.service) : null
   if (authorizer !== null) sync.events.on('intentions', () => authorizer.invalidate())
-  const enforcer = new Enforcer(tls, sync, router, authorizer)
   const routes = new RoutePolicies(router)
+  const rollout = new Rollout(opts, sync, routes, router, log)
+  sync.rollout = () => rollout.status()
+  const enforcer = new Enforcer(tls, sync, router, authorizer, { enforcement: opts.enforcement, candidate: rollout.candidate })
   const outbound = new ServiceCaller({ client, tls, tlsEvents: sync.events, log, blockingWait: opts.blockingWait })
 
   fastify.decorateRequest('consulSource', null)
   fastify.decorateRequest('consulDecision', null)
-  const metrics = (): MetricFamily[] => metricFamilies(enforcer.counters, sync.failureCounts, sync.status(), Date.now())
+  const metrics = (): MetricFamily[] => metricFamilies(enforcer.counters, sync.failureCounts, sync.status(), Date.now(), rollout.candidate?.disagreements ?? null)
   fastify.decorate('consulNative', {
     status: () => sync.status(),
     events: sync.events,
     metrics,
     prometheus: () => prometheusText(metrics()),
     fetch: outbound.fetch.bind(outbound),
-    dispatcher: outbound.dispatcher.bind(outbound)
+    dispatcher: outbound.dispatcher.bind(outbound),
+    explain: (input: ExplainInput) => rollout.explain(input)
   })
 
   fastify.addHook('onRoute', (route) => routes.compile(route))
@@ -138,6 +152,7 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
     done()
   })
   fastify.addHook('onClose', async function consulNativeOnClose () {
+    rollout.stop()
     sync.registration?.stop()
     sync.stop()
     tls.detachAll()
@@ -155,6 +170,7 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
     await client.close()
     throw err
   }
+  await rollout.start()
   // The main server gets the first material now, before it accepts connections.
   tls.attach(fastify.server)
 }
@@ -164,7 +180,10 @@ export const consulNative = fp(consulNativePlugin, { fastify: '5.x', name: 'fast
 export default consulNative
 export { httpsOptions }
 export * from './errors'
-export type { ConsulNativeOptions, RouteConsulNativeConfig, RoutePermission, RouteSourceInput, HealthRouteOptions } from './options'
+export type { ConsulNativeOptions, Enforcement, RouteConsulNativeConfig, RoutePermission, RouteSourceInput, HealthRouteOptions } from './options'
+export type { ConsulDecision } from './enforcement'
+export type { CandidateStatus } from './candidate'
+export type { ExplainInput, Explanation, TraceStep } from './explain'
 export type { RegisterOptions } from './registration'
 export type { OutboundFetchInit, OutboundOptions } from './outbound'
 export type { AgentOptions } from './agent/config'

@@ -15,16 +15,24 @@ export interface MetricFamily {
   readonly values: readonly MetricValue[]
 }
 
+/** The `outcome` label of each counter. */
+const OUTCOME_LABELS: ReadonlyArray<readonly [keyof EnforcementCounters, string]> = [
+  ['allowed', 'allowed'], ['denied', 'denied'], ['unauthenticated', 'unauthenticated'], ['rejected', 'rejected'],
+  ['exempt', 'exempt'], ['shadowDenied', 'shadow_denied'], ['shadowUnauthenticated', 'shadow_unauthenticated']
+]
+
+/** Candidate disagreements by verdict, live then candidate (docs/semantics.md#rollout-candidate). */
+export interface CandidateDisagreements { readonly allowDeny: number, readonly denyAllow: number }
+
 export function metricFamilies (counters: EnforcementCounters, syncFailures: Readonly<Record<string, number>>,
-  status: ConsulNativeStatus, now: number): MetricFamily[] {
+  status: ConsulNativeStatus, now: number, disagreements: CandidateDisagreements | null = null): MetricFamily[] {
   const leafExpiry = status.leaf === null ? null : (Date.parse(status.leaf.validBefore) - now) / 1000
-  return [
+  const families: MetricFamily[] = [
     {
       name: 'consul_native_requests_total',
       help: 'Requests decided by fastify-consul-native, by outcome.',
       type: 'counter',
-      values: (['allowed', 'denied', 'unauthenticated', 'rejected', 'exempt'] as const)
-        .map((outcome) => ({ value: counters[outcome], labels: { outcome } }))
+      values: OUTCOME_LABELS.map(([counter, outcome]) => ({ value: counters[counter], labels: { outcome } }))
     },
     {
       name: 'consul_native_sync_failures_total',
@@ -45,6 +53,18 @@ export function metricFamilies (counters: EnforcementCounters, syncFailures: Rea
       values: leafExpiry === null ? [] : [{ value: Math.round(leafExpiry), labels: {} }]
     }
   ]
+  if (disagreements !== null) {
+    families.push({
+      name: 'consul_native_candidate_disagreements_total',
+      help: 'Requests the candidate intentions decide differently from the live ones, by verdict.',
+      type: 'counter',
+      values: [
+        { value: disagreements.allowDeny, labels: { live: 'allow', candidate: 'deny' } },
+        { value: disagreements.denyAllow, labels: { live: 'deny', candidate: 'allow' } }
+      ]
+    })
+  }
+  return families
 }
 
 /** The Prometheus text exposition format (version 0.0.4) of `families`. */

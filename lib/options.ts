@@ -41,7 +41,21 @@ export interface ConsulNativeOptions {
   certificates?: CertificatesOptions
   /** Decide open WebSockets (upgraded connections) again when intentions or certificates change, and close those now refused. Default false. */
   recheckUpgrades?: boolean
+  /**
+   * `'enforce'` (default) answers 401/403; `'shadow'` decides every request the same way but
+   * serves the would-be denials, logging and counting them. A route's `enforcement` wins.
+   */
+  enforcement?: Enforcement
+  /**
+   * A `service-intentions` config entry in Consul's JSON form (what `consul config write` takes),
+   * inline or as a path to a file re-read when it changes: every request is also decided against
+   * it, and disagreements with the live intentions are counted and logged. Never changes a response.
+   */
+  candidate?: string | Record<string, unknown>
 }
+
+/** How denials are applied: answered (`'enforce'`) or only recorded (`'shadow'`). */
+export type Enforcement = 'enforce' | 'shadow'
 
 /** Per-route setting: `false` exempts the route; an object adds route-level intentions. */
 /** An L7 permission as written in JavaScript; Consul's JSON form (`Action`, `HTTP`, …) is accepted too. */
@@ -59,9 +73,10 @@ export interface RoutePermission {
 /** A route-level source: `action` (L4) or `permissions` (L7), as in a service-intentions entry. */
 export type RouteSourceInput = Omit<RouteSource, 'permissions'> & { permissions?: Array<RoutePermission | IntentionPermission> }
 
-export interface RouteConsulNativeConfig {
-  sources: RouteSourceInput[]
-}
+/** `sources`: route-level intentions, evaluated before the service's; `enforcement`: this route's, winning over the plugin's option. */
+export type RouteConsulNativeConfig =
+  | { sources: RouteSourceInput[], enforcement?: Enforcement }
+  | { sources?: RouteSourceInput[], enforcement: Enforcement }
 
 export interface ResolvedOptions {
   readonly service: string
@@ -77,6 +92,9 @@ export interface ResolvedOptions {
   readonly register: RegisterOptions | null
   readonly certificates: CertificatesOptions
   readonly recheckUpgrades: boolean
+  readonly enforcement: Enforcement
+  /** An inline entry, or a file path; null without a candidate. */
+  readonly candidate: string | Record<string, unknown> | null
 }
 
 export const DEFAULT_READY_TIMEOUT = 8_000
@@ -84,7 +102,7 @@ export const DEFAULT_BLOCKING_WAIT = 300_000
 export const MAX_BLOCKING_WAIT = 600_000
 export const DEFAULT_HEALTH_URL = '/health'
 
-const KNOWN = new Set(['service', 'agent', 'datacenter', 'namespace', 'partition', 'readyTimeout', 'defaultPolicy', 'health', 'mode', 'blockingWait', 'register', 'certificates', 'recheckUpgrades'])
+const KNOWN = new Set(['service', 'agent', 'datacenter', 'namespace', 'partition', 'readyTimeout', 'defaultPolicy', 'health', 'mode', 'blockingWait', 'register', 'certificates', 'recheckUpgrades', 'enforcement', 'candidate'])
 // Consul service names are DNS-friendly; this also keeps them safe inside a URL path segment.
 const SERVICE_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]*$/
 
@@ -108,6 +126,8 @@ export function resolveOptions (raw: unknown): ResolvedOptions {
   }
   const certificates = resolveCertificatesOption(opts.certificates)
   const mode = oneOf(opts, 'mode', ['l7', 'agent'] as const)
+  const candidate = candidateOption(opts.candidate)
+  if (candidate !== null && mode === 'agent') fail('candidate', "needs mode 'l7': in mode 'agent' the agent decides, so there is no local decision to compare with")
   return {
     service,
     agent: opts.agent as AgentOptions | undefined,
@@ -121,7 +141,9 @@ export function resolveOptions (raw: unknown): ResolvedOptions {
     blockingWait: positiveMs(opts, 'blockingWait', DEFAULT_BLOCKING_WAIT, MAX_BLOCKING_WAIT),
     register,
     certificates,
-    recheckUpgrades: optionalBoolean(opts, 'recheckUpgrades')
+    recheckUpgrades: optionalBoolean(opts, 'recheckUpgrades'),
+    enforcement: oneOf(opts, 'enforcement', ['enforce', 'shadow'] as const),
+    candidate
   }
 }
 
@@ -178,4 +200,11 @@ function healthOption (value: unknown): { url: string } | null {
   if (url === undefined) return { url: DEFAULT_HEALTH_URL }
   if (typeof url !== 'string' || !url.startsWith('/')) fail('health.url', `must be a path starting with "/", got ${JSON.stringify(url)}`)
   return { url }
+}
+
+function candidateOption (value: unknown): string | Record<string, unknown> | null {
+  if (value === undefined) return null
+  if (typeof value === 'string' && value !== '') return value
+  if (value !== null && typeof value === 'object' && !Array.isArray(value)) return value as Record<string, unknown>
+  fail('candidate', `must be a service-intentions config entry (an object) or the path of a JSON file holding one, got ${JSON.stringify(value)}`)
 }

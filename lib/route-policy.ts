@@ -6,6 +6,7 @@ import { routeConfigReader } from './fastify-internals'
 import { compileOverride } from './intentions/policy'
 import type { CompiledOverride, RouteSource } from './intentions/policy'
 import type { RouterOptions } from './intentions/path'
+import type { Enforcement } from './options'
 
 /** What a route asks of the plugin, compiled. */
 export interface RoutePolicy {
@@ -15,11 +16,14 @@ export interface RoutePolicy {
   readonly override: CompiledOverride | null
   /** Router options for this route when they differ from the server's (a prefixed root route answers with and without its trailing slash). */
   readonly router?: RouterOptions
+  /** The route's own `enforcement`; null: the plugin's option applies. */
+  readonly enforcement: Enforcement | null
 }
 
 /** Routes without `config.consulNative` (and 404s): the service's intentions decide. */
-export const SERVICE_POLICY: RoutePolicy = Object.freeze({ exempt: false, override: null })
-export const EXEMPT_POLICY: RoutePolicy = Object.freeze({ exempt: true, override: null })
+export const SERVICE_POLICY: RoutePolicy = Object.freeze({ exempt: false, override: null, enforcement: null })
+export const EXEMPT_POLICY: RoutePolicy = Object.freeze({ exempt: true, override: null, enforcement: null })
+const EXPECTED = 'expected false or { sources?: [...], enforcement?: \'enforce\' | \'shadow\' } with at least one of them'
 
 const kRoutePolicy = Symbol('fastify-consul-native.routePolicy')
 
@@ -32,6 +36,8 @@ export class RoutePolicies {
   readonly #router: RouterOptions
   readonly #configOf = routeConfigReader()
   readonly #late = new WeakMap<object, RoutePolicy>()
+  /** Every policy compiled so far, by `'METHOD /url'` (status and explain read it). */
+  readonly named = new Map<string, RoutePolicy>()
 
   constructor (router: RouterOptions) {
     this.#router = router
@@ -41,6 +47,7 @@ export class RoutePolicies {
   compile (route: RouteOptions): void {
     const name = `${String(route.method)} ${route.url}`
     const policy = withPrefixTwin(compileRoutePolicy(route.config?.consulNative, name), route, this.#router)
+    this.named.set(name, policy)
     route.config = { ...route.config, [kRoutePolicy]: policy } as typeof route.config
   }
 
@@ -52,8 +59,10 @@ export class RoutePolicies {
   }
 
   #compileLate (config: Record<string | symbol, unknown>, request: FastifyRequest): RoutePolicy {
-    const policy = compileRoutePolicy(config.consulNative, `${request.method} ${String(request.routeOptions.url)}`)
+    const name = `${request.method} ${String(request.routeOptions.url)}`
+    const policy = compileRoutePolicy(config.consulNative, name)
     this.#late.set(config, policy)
+    this.named.set(name, policy)
     return policy
   }
 }
@@ -66,17 +75,24 @@ export function compileRoutePolicy (value: unknown, route: string): RoutePolicy 
   if (value === undefined) return SERVICE_POLICY
   if (value === false) return EXEMPT_POLICY
   if (value === null || typeof value !== 'object' || Array.isArray(value)) {
-    throw new InvalidRouteConfigError(route, `expected false or { sources: [...] }, got ${describe(value)}`)
+    throw new InvalidRouteConfigError(route, `${EXPECTED}, got ${describe(value)}`)
   }
-  const { sources, ...rest } = value as Record<string, unknown>
+  const { sources, enforcement, ...rest } = value as Record<string, unknown>
   const extra = Object.keys(rest)
-  if (extra.length > 0) throw new InvalidRouteConfigError(route, `unknown key "${extra[0] as string}" (known: sources)`)
+  if (extra.length > 0) throw new InvalidRouteConfigError(route, `unknown key "${extra[0] as string}" (known: sources, enforcement)`)
+  if (enforcement !== undefined && enforcement !== 'enforce' && enforcement !== 'shadow') {
+    throw new InvalidRouteConfigError(route, `enforcement must be 'enforce' or 'shadow', got ${describe(enforcement)}`)
+  }
+  if (sources === undefined) {
+    if (enforcement === undefined) throw new InvalidRouteConfigError(route, EXPECTED)
+    return Object.freeze({ exempt: false, override: null, enforcement })
+  }
   if (!Array.isArray(sources) || sources.length === 0) {
     throw new InvalidRouteConfigError(route, 'sources must be a non-empty array of { name, action } or { name, permissions }')
   }
   try {
     const normalized = sources.map((source, i) => canonicalSource(source, `sources[${i}]`))
-    return Object.freeze({ exempt: false, override: compileOverride(normalized) })
+    return Object.freeze({ exempt: false, override: compileOverride(normalized), enforcement: enforcement ?? null })
   } catch (err) {
     throw new InvalidRouteConfigError(route, (err as Error).message, { cause: err })
   }

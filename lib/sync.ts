@@ -13,7 +13,8 @@ import type { CertificateSink, CertificateSource, LeafCertificate, SourcePart, T
 import { NotReadyError } from './errors'
 import { compilePolicy } from './intentions/policy'
 import type { CompiledPolicy } from './intentions/policy'
-import type { ResolvedOptions } from './options'
+import type { CandidateStatus } from './candidate'
+import type { Enforcement, ResolvedOptions } from './options'
 import type { RegistrationState, ServiceRegistration } from './registration'
 import type { DynamicTls } from './tls'
 
@@ -28,7 +29,17 @@ export interface ConsulNativeStatus {
   watches: Record<string, { lastSuccess: string | null, lastError: string | null, failures: number }>
   /** Registration with the agent (option `register`), or null when the plugin does not register. */
   registration: (RegistrationState & { id: string }) | null
+  /**
+   * The enforcement in force (docs/semantics.md#rollout-status): the plugin's `enforcement` option,
+   * and the routes whose own setting differs from it (`'METHOD /url'` → mode).
+   */
+  enforcement: { mode: Enforcement, routes: Record<string, Enforcement> }
+  /** The candidate intentions (option `candidate`), or null without one. */
+  candidate: CandidateStatus | null
 }
+
+/** The rollout part of the status, supplied by the plugin. */
+export interface RolloutStatus { enforcement: ConsulNativeStatus['enforcement'], candidate: CandidateStatus | null }
 
 // Warn when the leaf has less than this share of its lifetime left and the agent is failing.
 const EXPIRY_WARNING_SHARE = 0.2
@@ -75,10 +86,13 @@ export class ConsulSync {
   readonly #failureCounts: Record<string, number> = {}
   /** Set by the plugin when it registers the instance; reported by status(). */
   registration: ServiceRegistration | null = null
+  /** Set by the plugin: enforcement and candidate, reported by status(). */
+  rollout: () => RolloutStatus
 
   /** `source`: where the leaf and roots come from; by default the agent's endpoints. */
   constructor (opts: ResolvedOptions, client: AgentClient, tls: DynamicTls, log: FastifyBaseLogger, source?: CertificateSource) {
     this.#opts = opts
+    this.rollout = () => ({ enforcement: { mode: opts.enforcement, routes: {} }, candidate: null })
     this.#policy = compilePolicy({ destination: opts.service, intentions: [], defaultAllow: false, protocol: 'tcp' })
     this.#client = client
     this.#tls = tls
@@ -136,6 +150,12 @@ export class ConsulSync {
   /** The compiled policy in force: deny-all until the first inputs are in (start() resolves once all have). */
   get policy (): CompiledPolicy { return this.#policy }
   get normalization (): RequestNormalization | null { return this.#normalization }
+
+  /** The live inputs of the policy in force, to compile a candidate against. */
+  get liveInputs (): { intentions: readonly Intention[], defaultAllow: boolean, protocol: string } {
+    return { intentions: this.#currentIntentions, defaultAllow: this.#defaultAllow, protocol: this.#protocol }
+  }
+
   /** Every first value loaded, and the leaf within its validity period. */
   get ready (): boolean {
     const leaf = this.#currentLeaf
@@ -212,7 +232,8 @@ export class ConsulSync {
         ? null
         : { count: this.#policy.size, index: this.#policyIndex, defaultAllow: this.#defaultAllow, protocol: this.#protocol, requestNormalization: this.#normalization },
       watches,
-      registration: this.registration === null ? null : { id: this.registration.id, ...this.registration.state }
+      registration: this.registration === null ? null : { id: this.registration.id, ...this.registration.state },
+      ...this.rollout()
     }
   }
 
@@ -268,23 +289,14 @@ export class ConsulSync {
   async #resolveDefaultPolicy (): Promise<boolean> {
     const configured = this.#opts.defaultPolicy
     if (configured !== 'agent') return configured === 'allow'
-    // docs/semantics.md#default-policy: the agent's default_intention_policy, then its ACL default policy, then the
-    // X-Consul-Default-ACL-Policy header (on every answer, even when agent/self is refused);
-    // fail closed when none is known.
-    const signal = this.#startup.signal
-    try {
-      const self = await this.#client.agentSelf(signal)
-      return (self.body.defaultIntentionPolicy ?? self.body.aclDefaultPolicy ?? self.defaultAclPolicy) === 'allow'
-    } catch (err) {
-      this.#defaultPolicyError = err as Error
-      if (signal.aborted) throw err
-      const header = await this.#client.roots({ signal }).then((res) => res.defaultAclPolicy, () => null)
-      this.#log.warn({ consulNative: { event: 'default-policy-unknown', reason: (err as Error).message, header } },
-        header === 'allow'
+    const found = await agentDefaultPolicy(this.#client, this.#startup.signal, (err) => { this.#defaultPolicyError = err })
+    if (found.error !== null) {
+      this.#log.warn({ consulNative: { event: 'default-policy-unknown', reason: found.error.message, header: found.header } },
+        found.header === 'allow'
           ? 'fastify-consul-native: cannot read the agent\'s default intention policy; its ACL default policy header says allow'
           : 'fastify-consul-native: cannot read the agent\'s default intention policy, denying by default')
-      return header === 'allow'
     }
+    return found.allow
   }
 
   #notReady (timeoutMs: number): Error {
@@ -326,12 +338,32 @@ export class ConsulSync {
   }
 }
 
+/**
+ * The agent's default intention decision (docs/semantics.md#default-policy): its
+ * default_intention_policy, then its ACL default policy, then the X-Consul-Default-ACL-Policy
+ * header (on every answer, even when agent/self is refused); deny when none is known. `error`
+ * says why agent/self could not be read. Rethrows when `signal` aborted.
+ */
+export async function agentDefaultPolicy (client: AgentClient, signal?: AbortSignal, onSelfError?: (err: Error) => void):
+Promise<{ allow: boolean, error: Error | null, header: 'allow' | 'deny' | null }> {
+  try {
+    const self = await client.agentSelf(signal)
+    return { allow: (self.body.defaultIntentionPolicy ?? self.body.aclDefaultPolicy ?? self.defaultAclPolicy) === 'allow', error: null, header: self.defaultAclPolicy }
+  } catch (err) {
+    // Known before the header lookup, which may hang: a readyTimeout then names this failure.
+    onSelfError?.(err as Error)
+    if (signal?.aborted === true) throw err
+    const header = await client.roots({ signal }).then((res) => res.defaultAclPolicy, () => null)
+    return { allow: header === 'allow', error: err as Error, header }
+  }
+}
+
 function pick<T> (res: { index: number | null, body: T }): { index: number | null, value: T } {
   return { index: res.index, value: res.body }
 }
 
 /** Consul's protocol resolution: service-defaults, then proxy-defaults `global`, else tcp. */
-function protocolOf (serviceDefaults: { protocol: string | null } | null | undefined, proxyDefaults: { protocol: string | null } | null | undefined): string {
+export function protocolOf (serviceDefaults: { protocol: string | null } | null | undefined, proxyDefaults: { protocol: string | null } | null | undefined): string {
   // An empty Protocol is "not set" in Consul, like an absent one.
   return (serviceDefaults?.protocol ?? '') || (proxyDefaults?.protocol ?? '') || 'tcp'
 }

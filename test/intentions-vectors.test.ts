@@ -6,6 +6,9 @@ import { ixn } from './helpers/intentions'
 import { canonicalPath } from '../lib/intentions/path'
 import { compilePolicy, decide } from '../lib/intentions/policy'
 import { referenceDecide } from './helpers/reference-engine'
+import { explainRequest } from '../lib/explain'
+import { decideRequest, newVerdict } from '../lib/intentions/request'
+import { SERVICE_POLICY } from '../lib/route-policy'
 
 type Answer = 'allow' | 'deny' | 'unauthenticated' | 'rejected'
 
@@ -109,6 +112,15 @@ t.test('the test vectors of docs/semantics.md#test-vectors, answered as the plug
       const d = decide(compilePolicy(input), caller, req)
       t.equal(d.allow ? 'allow' : 'deny', v.answer, d.reason)
       t.same(d, referenceDecide(input, caller, req), 'the reference engine agrees, reason included')
+      // docs/semantics.md#rollout-explain: explain answers what the request pipeline answers.
+      const rules = { policy: compilePolicy(input), normalization: v.normalization ?? null, router: { caseSensitive: true, ignoreTrailingSlash: false, ignoreDuplicateSlashes: false, useSemicolonDelimiter: false }, agentDecides: false }
+      const headers: Record<string, string[]> = {}
+      for (let i = 0; i < (v.headers ?? []).length; i += 2) (headers[(v.headers as string[])[i] as string] ??= []).push((v.headers as string[])[i + 1] as string)
+      const explained = explainRequest(rules, SERVICE_POLICY, null, { source: v.source, method, path: url, headers })
+      const real = decideRequest(rules, SERVICE_POLICY, { caller, method, url, rawHeaders: v.headers ?? [] }, newVerdict())
+      t.same([explained.allow, explained.reason], [real.decision.allow, real.decision.reason], 'explain decides as the pipeline does')
+      t.equal(explained.allow ? 'allow' : 'deny', v.answer, 'explain gives the vector\'s answer')
+      t.ok(explained.decidedBy?.defaultPolicy === true || explained.reason.startsWith(explained.decidedBy?.intention as string), 'the trace names the decider')
     })
   }
 })

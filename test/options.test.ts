@@ -16,7 +16,9 @@ t.test('defaults', async (t) => {
     blockingWait: DEFAULT_BLOCKING_WAIT,
     register: null,
     certificates: { source: 'agent' },
-    recheckUpgrades: false
+    recheckUpgrades: false,
+    enforcement: 'enforce',
+    candidate: null
   })
   t.same(resolveOptions({ service: 'api', health: {} }).health, { url: '/health' }, 'health: {} keeps the default url')
   t.equal(resolveOptions({ service: 'api', health: false }).health, null)
@@ -37,4 +39,16 @@ t.test('anything but an options object is refused', async (t) => {
 t.test('the default https check needs the health route', async (t) => {
   t.throws(() => resolveOptions({ service: 'api', health: false, register: true }), { code: 'FST_CONSUL_NATIVE_INVALID_OPTION', message: /register\.check/ })
   t.equal(resolveOptions({ service: 'api', health: false, register: { check: 'tcp' } }).register?.check, 'tcp')
+})
+
+t.test('enforcement and candidate (docs/semantics.md#rollout-shadow, docs/semantics.md#rollout-candidate)', async (t) => {
+  t.equal(resolveOptions({ service: 'api', enforcement: 'shadow' }).enforcement, 'shadow')
+  t.throws(() => resolveOptions({ service: 'api', enforcement: 'dry-run' }), { code: 'FST_CONSUL_NATIVE_INVALID_OPTION', message: /enforcement: must be one of 'enforce', 'shadow'/ })
+  t.equal(resolveOptions({ service: 'api', candidate: '/etc/candidate.json' }).candidate, '/etc/candidate.json')
+  const entry = { Kind: 'service-intentions', Name: 'api', Sources: [] }
+  t.equal(resolveOptions({ service: 'api', candidate: entry }).candidate, entry)
+  for (const bad of ['', 42, null, []]) {
+    t.throws(() => resolveOptions({ service: 'api', candidate: bad }), { message: /candidate: must be a service-intentions config entry/ }, JSON.stringify(bad))
+  }
+  t.throws(() => resolveOptions({ service: 'api', candidate: entry, mode: 'agent' }), { message: /candidate: needs mode 'l7'/ })
 })

@@ -246,5 +246,5 @@ t.test('the health route answers 503 while the leaf is not valid', async (t) => 
   const anonymous = mtlsClient(t, { ca: [] }, { rejectUnauthorized: false })
   const res = await get(anonymous, `${svc.origin}/health`)
   t.equal(res.status, 503)
-  t.same(res.body, { status: 'critical', service: 'api', registered: null })
+  t.same(res.body, { status: 'critical', service: 'api', registered: null, enforcement: 'enforce' })
 })

@@ -34,9 +34,11 @@ t.test('invalid values fail with FST_CONSUL_NATIVE_INVALID_ROUTE_CONFIG naming t
     [null, /got null/],
     [['web'], /got an array/],
     ['web', /got string "web"/],
-    [{}, /sources must be a non-empty array/],
+    [{}, /with at least one of them/],
+    [{ enforcement: 'dry-run' }, /enforcement must be 'enforce' or 'shadow', got string "dry-run"/],
+    [{ sources: 'web', enforcement: 'shadow' }, /sources must be a non-empty array/],
     [{ sources: [] }, /non-empty/],
-    [{ sources: [{ name: 'web', action: 'allow' }], extra: true }, /unknown key "extra"/],
+    [{ sources: [{ name: 'web', action: 'allow' }], extra: true }, /unknown key "extra" \(known: sources, enforcement\)/],
     [{ sources: [{ name: 'web', action: 'maybe' }] }, /action/],
     [{ sources: [{ name: 'web', permissions: [{ action: 'allow', Action: 'deny', http: { pathPrefix: '/' } }] }] }, /repeats Action/],
     [{ sources: [{ name: 'web', permissions: [{ action: 'allow', http: { pathRegex: '(' } }] }] }, /Regex|regex/],
@@ -47,4 +49,13 @@ t.test('invalid values fail with FST_CONSUL_NATIVE_INVALID_ROUTE_CONFIG naming t
     t.throws(() => compileRoutePolicy(value, 'GET /x'), { code: 'FST_CONSUL_NATIVE_INVALID_ROUTE_CONFIG', message: /GET \/x/ }, JSON.stringify(value))
     t.throws(() => compileRoutePolicy(value, 'GET /x'), { message }, JSON.stringify(value))
   }
+})
+
+t.test('a route\'s enforcement, alone or with sources (docs/semantics.md#rollout-shadow)', async (t) => {
+  t.same(compileRoutePolicy({ enforcement: 'shadow' }, 'GET /a'), { exempt: false, override: null, enforcement: 'shadow' })
+  t.same(compileRoutePolicy({ enforcement: 'enforce' }, 'GET /a').enforcement, 'enforce')
+  const both = compileRoutePolicy({ enforcement: 'shadow', sources: [{ name: 'web', action: 'allow' }] }, 'GET /a')
+  t.equal(both.enforcement, 'shadow')
+  t.equal(decideOverride(both.override as CompiledOverride, caller('web'), request('GET', '/a'))?.allow, true)
+  t.equal(compileRoutePolicy({ sources: [{ name: 'web', action: 'allow' }] }, 'GET /a').enforcement, null, 'sources alone: the plugin option applies')
 })

@@ -543,7 +543,9 @@ t.test('status() before and after start()', async (t) => {
     roots: null,
     intentions: null,
     watches: { leaf: idle, roots: idle, intentions: idle, 'service-defaults': idle, 'proxy-defaults': idle, mesh: idle },
-    registration: null
+    registration: null,
+    enforcement: { mode: 'enforce', routes: {} },
+    candidate: null
   })
   t.equal(allows(h.sync.policy, 'web'), false, 'before any sync the policy denies everyone')
   t.equal(h.sync.normalization, null)
@@ -567,7 +569,9 @@ t.test('status() before and after start()', async (t) => {
     roots: { activeRootId: f.roots.ActiveRootID, ids: f.roots.Roots.map((root) => root.ID) },
     intentions: { count: 1, index: 10, defaultAllow: false, protocol: 'tcp', requestNormalization: { MergeSlashes: true } },
     watches: undefined,
-    registration: null
+    registration: null,
+    enforcement: { mode: 'enforce', routes: {} },
+    candidate: null
   })
   t.same(Object.keys(status.watches), ['leaf', 'roots', 'intentions', 'service-defaults', 'proxy-defaults', 'mesh'])
   for (const [name, watch] of Object.entries(status.watches)) {

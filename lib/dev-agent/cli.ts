@@ -3,8 +3,10 @@
 import type { EventEmitter } from 'node:events'
 import { startDevAgent } from './index'
 import type { DevAgentOptions } from './index'
+import { rolloutMain } from '../rollout-cli'
 
 export const USAGE = `Usage: fastify-consul-native dev-agent [options]
+       fastify-consul-native explain|verify ... (see fastify-consul-native explain --help)
 
 Runs an embedded Consul dev agent (HTTP API only) until interrupted.
 
@@ -23,6 +25,8 @@ export interface CliIO {
   stderr: { write: (text: string) => unknown }
   /** Where SIGINT and SIGTERM arrive (the process). */
   signals: Pick<EventEmitter, 'once' | 'off'>
+  /** The CONSUL_* variables `explain` and `verify` read; default process.env. */
+  env?: NodeJS.ProcessEnv
 }
 
 export type ParsedArgs = { help: true } | { help: false, options: DevAgentOptions }
@@ -70,6 +74,7 @@ export function parseArgs (argv: readonly string[]): ParsedArgs {
 
 /** Runs the command; resolves with the exit code once the agent has stopped. */
 export async function main (argv: readonly string[], io: CliIO): Promise<number> {
+  if (argv[0] === 'explain' || argv[0] === 'verify') return await rolloutMain(argv, { stdout: io.stdout, stderr: io.stderr, env: io.env ?? process.env })
   let parsed: ParsedArgs
   try {
     parsed = parseArgs(argv)

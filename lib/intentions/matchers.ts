@@ -101,6 +101,12 @@ export interface PermissionMatcherFields {
   readonly headers: readonly HeaderMatcher[] | null
 }
 
+/** PermissionMatcher.mismatch() results. */
+export const MATCHED = -1
+export const MISMATCH_METHOD = 0
+export const MISMATCH_PATH = 1
+export const MISMATCH_HEADER = 2
+
 /** The compiled HTTP part of one permission: every present part must match (AND). */
 export class PermissionMatcher implements PermissionMatcherFields {
   readonly methods: readonly string[] | null
@@ -118,6 +124,15 @@ export class PermissionMatcher implements PermissionMatcherFields {
   }
 
   matches (method: string, path: string, url: string, rawHeaders: readonly string[]): boolean {
+    return this.mismatch(method, path, url, rawHeaders) === MATCHED
+  }
+
+  /**
+   * The first condition that fails, checked in a fixed order: MISMATCH_METHOD, MISMATCH_PATH,
+   * then MISMATCH_HEADER + i for header matcher i; MATCHED when all hold. The one evaluation
+   * both the decision and its explanation use (docs/semantics.md#rollout-explain).
+   */
+  mismatch (method: string, path: string, url: string, rawHeaders: readonly string[]): number {
     const methods = this.methods
     if (methods !== null) {
       let found = false
@@ -125,20 +140,20 @@ export class PermissionMatcher implements PermissionMatcherFields {
         // Case-sensitive on purpose: Consul stores methods upper-cased and Envoy compares exactly (docs/semantics.md#methods).
         if (methods[i] === method) { found = true; break }
       }
-      if (!found) return false
+      if (!found) return MISMATCH_METHOD
     }
     switch (this.pathKind) {
-      case 'exact': if (path !== this.pathValue) return false; break
-      case 'prefix': if (!path.startsWith(this.pathValue)) return false; break
-      case 'regex': if (!(this.pathRegex as RE2JS).testExact(bytesToText(path))) return false; break
+      case 'exact': if (path !== this.pathValue) return MISMATCH_PATH; break
+      case 'prefix': if (!path.startsWith(this.pathValue)) return MISMATCH_PATH; break
+      case 'regex': if (!(this.pathRegex as RE2JS).testExact(bytesToText(path))) return MISMATCH_PATH; break
     }
     const headers = this.headers
     if (headers !== null) {
       for (let i = 0; i < headers.length; i++) {
-        if (!headers[i].matches(method, url, rawHeaders)) return false
+        if (!headers[i].matches(method, url, rawHeaders)) return MISMATCH_HEADER + i
       }
     }
-    return true
+    return MATCHED
   }
 }
 

@@ -3,7 +3,7 @@
 // Rules: docs/semantics.md#decision-rules and docs/semantics.md#request-rules.
 import type { Intention, IntentionPermission } from '../agent/wire'
 import { InvalidIntentionsError } from '../errors'
-import { PermissionMatcher, type RegexCache, RuleError, compileHttp, hasLowercaseEscape, isObject } from './matchers'
+import { type HeaderMatcher, MATCHED, MISMATCH_HEADER, MISMATCH_METHOD, PermissionMatcher, type RegexCache, RuleError, compileHttp, hasLowercaseEscape, isObject } from './matchers'
 
 export { RuleError } from './matchers'
 
@@ -22,6 +22,26 @@ export interface RequestFacts {
 }
 
 export interface Decision { readonly allow: boolean, readonly reason: string }
+
+/** Why a permission did not match: its first failing condition, or a JWT it needs. */
+export type PermissionMismatch = 'method' | 'path' | 'header' | 'jwt'
+
+/**
+ * Receives the steps of one decision from the code that makes it (docs/semantics.md#rollout-explain):
+ * `explain` passes one, the request path passes null and pays nothing for it.
+ */
+export interface DecisionTrace {
+  /**
+   * A source rule looked at, in precedence order, up to the first whose source matches the
+   * caller (reported with `matched` true); `scope` says whether it is a route override.
+   */
+  source (scope: 'route' | 'service', rule: string, matched: boolean): void
+  /**
+   * A permission of the matched rule checked against `path` (the canonical path or another
+   * spelling of it): `failed` is null when it matched, and `header` names the failing header.
+   */
+  permission (rule: string, index: number, action: 'allow' | 'deny', path: string, failed: PermissionMismatch | null, header: string | null): void
+}
 
 export interface PolicyInput {
   /** This service's name; 'ns/name' or 'partition/ns/name' also restrict the destination namespace/partition. */
@@ -65,6 +85,8 @@ interface Permission {
 
 /** One source rule: a compiled intention or route-override source ('default' for an empty partition or namespace). */
 interface Rule {
+  /** How decisions and traces name it (`intention default/web => default/api (precedence 9)`). */
+  readonly label: string
   readonly partition: string
   readonly namespace: string
   readonly name: string
@@ -79,8 +101,8 @@ interface Rule {
 }
 
 /** A rule whose verdict never depends on the request (L4). */
-function fixedRule (partition: string, namespace: string, name: string, fixed: Decision): Rule {
-  return { partition, namespace, name, fixed, permissions: [], noMatchAllow: fixed, noMatchDeny: fixed, noMatchAlone: fixed }
+function fixedRule (label: string, partition: string, namespace: string, name: string, fixed: Decision): Rule {
+  return { label, partition, namespace, name, fixed, permissions: [], noMatchAllow: fixed, noMatchDeny: fixed, noMatchAlone: fixed }
 }
 
 interface PolicyFields {
@@ -117,17 +139,25 @@ export class CompiledPolicy {
    * map lookups, no scan and no allocation. Not memoized per caller object: measured, a WeakMap
    * saves ~20 ns on a hit but costs ~200 ns and GC pauses for every new identity object.
    */
-  ruleFor (caller: CallerIdentity): Rule | null {
-    const byNamespace = this.#index.get(orDefault(caller.partition))
-    if (byNamespace === undefined) return null
-    // At most four patterns can match: ns/name, ns/*, */name, */*; the earliest one decides.
+  ruleFor (caller: CallerIdentity, trace: DecisionTrace | null): Rule | null {
     let best = Infinity
-    const exactNs = byNamespace.get(orDefault(caller.namespace))
-    if (exactNs !== undefined) best = earliest(exactNs, caller.service, best)
-    const anyNs = byNamespace.get('*')
-    if (anyNs !== undefined) best = earliest(anyNs, caller.service, best)
+    const byNamespace = this.#index.get(orDefault(caller.partition))
+    if (byNamespace !== undefined) {
+      // At most four patterns can match: ns/name, ns/*, */name, */*; the earliest one decides.
+      const exactNs = byNamespace.get(orDefault(caller.namespace))
+      if (exactNs !== undefined) best = earliest(exactNs, caller.service, best)
+      const anyNs = byNamespace.get('*')
+      if (anyNs !== undefined) best = earliest(anyNs, caller.service, best)
+    }
+    // The index found the first match: every rule before it did not match.
+    if (trace !== null) traceSources(trace, 'service', this.#rules, best)
     return best === Infinity ? null : this.#rules[best]
   }
+}
+
+function traceSources (trace: DecisionTrace, scope: 'route' | 'service', rules: readonly Rule[], matched: number): void {
+  const end = Math.min(matched, rules.length - 1)
+  for (let i = 0; i <= end; i++) trace.source(scope, rules[i].label, i === matched)
 }
 
 function earliest (byName: ReadonlyMap<string, number>, service: string, best: number): number {
@@ -149,16 +179,18 @@ export class CompiledOverride {
     this.size = rules.length
   }
 
-  ruleFor (caller: CallerIdentity): Rule | null {
+  ruleFor (caller: CallerIdentity, trace: DecisionTrace | null): Rule | null {
     const partition = orDefault(caller.partition)
     const namespace = orDefault(caller.namespace)
     const rules = this.#rules
+    let found = Infinity
     for (let i = 0; i < rules.length; i++) {
       const r = rules[i]
       if (r.partition === partition && (r.namespace === '*' || r.namespace === namespace) &&
-        (r.name === '*' || r.name === caller.service)) return r
+        (r.name === '*' || r.name === caller.service)) { found = i; break }
     }
-    return null
+    if (trace !== null) traceSources(trace, 'route', rules, found)
+    return found === Infinity ? null : rules[found]
   }
 }
 
@@ -167,31 +199,47 @@ function orDefault (s: string | undefined | null): string {
 }
 
 /** The verdict of a rule whose source matched; `defaultAllow` null: a route override without a policy. */
-function evaluate (rule: Rule, req: RequestFacts, defaultAllow: boolean | null): Decision {
+function evaluate (rule: Rule, req: RequestFacts, defaultAllow: boolean | null, trace: DecisionTrace | null): Decision {
   if (rule.fixed !== null) return rule.fixed
-  const perms = rule.permissions
-  for (let i = 0; i < perms.length; i++) {
-    const p = perms[i]
-    if (p.usable && p.matcher.matches(req.method, req.path, req.url, req.rawHeaders)) return p.decision
-  }
+  const i = firstMatch(rule, req, req.path, trace)
+  if (i !== -1) return rule.permissions[i].decision
   // No fall-through to lower intentions: the default policy decides (docs/semantics.md#first-match).
   return defaultAllow === null ? rule.noMatchAlone : defaultAllow ? rule.noMatchAllow : rule.noMatchDeny
 }
 
 /** A denial that `path` (an alternate spelling) gets from a deny permission of `rule`, or null. */
-function alternateDenial (rule: Rule, req: RequestFacts, path: string): Decision | null {
+function alternateDenial (rule: Rule, req: RequestFacts, path: string, trace: DecisionTrace | null): Decision | null {
+  const i = firstMatch(rule, req, path, trace)
+  return i === -1 ? null : rule.permissions[i].altDecision
+}
+
+/** The position of the first usable permission of `rule` matching the request on `path`, or -1. */
+function firstMatch (rule: Rule, req: RequestFacts, path: string, trace: DecisionTrace | null): number {
   const perms = rule.permissions
   for (let i = 0; i < perms.length; i++) {
     const p = perms[i]
-    if (p.usable && p.matcher.matches(req.method, path, req.url, req.rawHeaders)) return p.altDecision
+    if (!p.usable) {
+      if (trace !== null) trace.permission(rule.label, i + 1, p.decision.allow ? 'allow' : 'deny', path, 'jwt', null)
+      continue
+    }
+    const miss = p.matcher.mismatch(req.method, path, req.url, req.rawHeaders)
+    if (trace !== null) tracePermission(trace, rule, i, path, miss)
+    if (miss === MATCHED) return i
   }
-  return null
+  return -1
+}
+
+function tracePermission (trace: DecisionTrace, rule: Rule, i: number, path: string, miss: number): void {
+  const p = rule.permissions[i]
+  const failed = miss === MATCHED ? null : miss === MISMATCH_METHOD ? 'method' : miss < MISMATCH_HEADER ? 'path' : 'header'
+  const header = failed === 'header' ? (p.matcher.headers as readonly HeaderMatcher[])[miss - MISMATCH_HEADER].name : null
+  trace.permission(rule.label, i + 1, p.decision.allow ? 'allow' : 'deny', path, failed, header)
 }
 
 /** Decide one request of a verified caller against the service's policy (docs/semantics.md#first-match). */
 export function decide (policy: CompiledPolicy, caller: CallerIdentity, req: RequestFacts): Decision {
-  const rule = policy.ruleFor(caller)
-  return rule === null ? policy.defaultDecision : evaluate(rule, req, policy.defaultAllow)
+  const rule = policy.ruleFor(caller, null)
+  return rule === null ? policy.defaultDecision : evaluate(rule, req, policy.defaultAllow, null)
 }
 
 /**
@@ -200,10 +248,10 @@ export function decide (policy: CompiledPolicy, caller: CallerIdentity, req: Req
  * default policy decides, as for intentions; pass `policy` to supply it, otherwise that case denies.
  */
 export function decideOverride (override: CompiledOverride, caller: CallerIdentity, req: RequestFacts,
-  policy?: CompiledPolicy): Decision | null {
-  const rule = override.ruleFor(caller)
+  policy?: CompiledPolicy, trace: DecisionTrace | null = null): Decision | null {
+  const rule = override.ruleFor(caller, trace)
   if (rule === null) return null
-  return evaluate(rule, req, policy === undefined ? null : policy.defaultAllow)
+  return evaluate(rule, req, policy === undefined ? null : policy.defaultAllow, trace)
 }
 
 /**
@@ -214,14 +262,14 @@ export function decideOverride (override: CompiledOverride, caller: CallerIdenti
  * '/items/' not listed).
  */
 export function decideSpellings (policy: CompiledPolicy, override: CompiledOverride | null, caller: CallerIdentity,
-  req: RequestFacts, alternatePaths: readonly string[]): Decision {
-  let rule = override === null ? null : override.ruleFor(caller)
-  if (rule === null) rule = policy.ruleFor(caller)
+  req: RequestFacts, alternatePaths: readonly string[], trace: DecisionTrace | null = null): Decision {
+  let rule = override === null ? null : override.ruleFor(caller, trace)
+  if (rule === null) rule = policy.ruleFor(caller, trace)
   if (rule === null) return policy.defaultDecision
-  const d = evaluate(rule, req, policy.defaultAllow)
+  const d = evaluate(rule, req, policy.defaultAllow, trace)
   if (!d.allow || rule.fixed !== null) return d
   for (let i = 0; i < alternatePaths.length; i++) {
-    const denial = alternateDenial(rule, req, alternatePaths[i])
+    const denial = alternateDenial(rule, req, alternatePaths[i], trace)
     if (denial !== null) return denial
   }
   return d
@@ -301,6 +349,7 @@ function compilePermissions (perms: readonly unknown[], where: string, strict: b
 function l7Rule (partition: string, namespace: string, name: string, fixed: Decision | null,
   permissions: Permission[], head: string, sep: string): Rule {
   return {
+    label: head,
     partition,
     namespace,
     name,
@@ -332,7 +381,7 @@ function compileIntention (ixn: Intention, http: boolean, protocol: string, coun
       const fixed = action === 'allow' && ruleJwt
         ? decision(false, `${head} allow requires a JWT, which is not supported (deny)`)
         : decision(action === 'allow', `${head} ${String(action)}`)
-      return fixedRule(partition, namespace, ixn.SourceName, fixed)
+      return fixedRule(head, partition, namespace, ixn.SourceName, fixed)
     }
     // Compiled even when unused (non-HTTP protocol) so a bad regex is reported either way.
     const permissions = compilePermissions(perms, 'Permissions', false, head, ruleJwt, cache)
@@ -479,7 +528,7 @@ export function compileOverride (sources: readonly RouteSource[]): CompiledOverr
         compilePermissions(perms, `${where}.permissions`, true, head, false, cache), head, ': ')
     } else {
       const fixed = decision(action === 'allow', `${head} ${action as string}`)
-      rule = fixedRule(orDefault(partition), orDefault(namespace), name, fixed)
+      rule = fixedRule(head, orDefault(partition), orDefault(namespace), name, fixed)
     }
     // The same precedence numbers as intentions to an exact destination (docs/semantics.md#precedence-numbers): 9, 8, 7.
     compiled.push({ rule, precedence: namespace === '*' ? 7 : name === '*' ? 8 : 9 })

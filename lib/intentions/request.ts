@@ -13,7 +13,7 @@ import { headerAmbiguity } from './headers'
 import { canonicalPath, routedPath, routerPaths } from './path'
 import type { RouterOptions } from './path'
 import { decideOverride, decideSpellings } from './policy'
-import type { CallerIdentity, CompiledOverride, CompiledPolicy, Decision } from './policy'
+import type { CallerIdentity, CompiledOverride, CompiledPolicy, Decision, DecisionTrace } from './policy'
 
 /**
  * What to do with the request. `'ask-agent'` (mode `'agent'` only): no route override matched,
@@ -89,7 +89,8 @@ export function newVerdict (): RequestVerdict {
  * add a denial, and the path the router dispatched on must be allowed in its own right. A header
  * they read ambiguously (repeated, or HTTP/2 host vs :authority) makes it 400 whatever they decided.
  */
-export function decideRequest (service: ServiceRules, route: RouteRules, request: RequestView, out: RequestVerdict): RequestVerdict {
+export function decideRequest (service: ServiceRules, route: RouteRules, request: RequestView, out: RequestVerdict,
+  trace: DecisionTrace | null = null): RequestVerdict {
   out.dropUnderscoreHeaders = false
   if (route.exempt) return settle(out, 'exempt', EXEMPT_DECISION)
   const caller = request.caller
@@ -115,8 +116,8 @@ export function decideRequest (service: ServiceRules, route: RouteRules, request
   facts.path = path
   headerAmbiguity.reason = null
   const decision = service.agentDecides
-    ? (route.override === null ? null : decideOverride(route.override, caller, facts, service.policy))
-    : decideLocally(service, route, caller, facts, url)
+    ? (route.override === null ? null : decideOverride(route.override, caller, facts, service.policy, trace))
+    : decideLocally(service, route, caller, facts, url, trace)
   facts.rawHeaders = EMPTY
   // A header the decision read is one the application may read otherwise (docs/semantics.md#transport-headers).
   const ambiguity = headerAmbiguity.reason
@@ -130,15 +131,16 @@ export function decideRequest (service: ServiceRules, route: RouteRules, request
  * can only add a denial. The router dispatched on the path as sent, though: when that differs
  * structurally (dot segments, backslashes), it must be allowed in its own right.
  */
-function decideLocally (service: ServiceRules, route: RouteRules, caller: CallerIdentity, req: MutableFacts, url: string): Decision {
+function decideLocally (service: ServiceRules, route: RouteRules, caller: CallerIdentity, req: MutableFacts, url: string,
+  trace: DecisionTrace | null): Decision {
   const router = route.router ?? service.router
   const path = req.path
-  let decision = decideSpellings(service.policy, route.override, caller, req, routerPaths(path, router))
+  let decision = decideSpellings(service.policy, route.override, caller, req, routerPaths(path, router), trace)
   if (decision.allow) {
     const routed = routedPath(url)
     if (routed !== null && routed !== path) {
       req.path = routed
-      decision = decideSpellings(service.policy, route.override, caller, req, routerPaths(routed, router))
+      decision = decideSpellings(service.policy, route.override, caller, req, routerPaths(routed, router), trace)
     }
   }
   return decision

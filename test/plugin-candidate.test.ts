@@ -1,0 +1,105 @@
+// Candidate intentions on live traffic (docs/semantics.md#rollout-candidate): every request is
+// also decided against the candidate; disagreements are counted and logged; responses never change.
+import t from 'tap'
+import { once } from 'node:events'
+import { Writable } from 'node:stream'
+import { mkdtemp, rm, writeFile } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { agentCall, get, leafFor, mtlsClient, rootPems, setIntentions, setProtocol, startAgent, startService, waitForStatus } from './helpers/mesh'
+
+function logLines (): { stream: Writable, lines: any[] } {
+  const lines: any[] = []
+  const stream = new Writable({
+    write (chunk, _enc, done) {
+      for (const line of String(chunk).split('\n')) if (line !== '') lines.push(JSON.parse(line))
+      done()
+    }
+  })
+  return { stream, lines }
+}
+
+const CANDIDATE = {
+  Kind: 'service-intentions',
+  Name: 'api',
+  Sources: [
+    { Name: 'web', Permissions: [{ Action: 'allow', HTTP: { PathPrefix: '/public' } }] },
+    { Name: 'billing', Action: 'allow' }
+  ]
+}
+
+t.test('disagreements are counted and logged with both reasons; responses follow the live intentions', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'deny' })
+  await setProtocol(agent, 'api', 'http')
+  await setIntentions(agent, 'api', [{ Name: 'web', Action: 'allow' }, { Name: 'billing', Action: 'deny' }])
+  const logs = logLines()
+  const svc = await startService(t, agent, {
+    plugin: { candidate: CANDIDATE },
+    fastify: { logger: { level: 'info', stream: logs.stream } },
+    routes: (app) => {
+      app.all('/*', async (request) => ({ decision: request.consulDecision }))
+      app.get('/open', { config: { consulNative: false } }, async () => 'open')
+    }
+  })
+  const web = mtlsClient(t, await leafFor(agent, 'web'))
+  const billing = mtlsClient(t, await leafFor(agent, 'billing'))
+  const anonymous = mtlsClient(t, { ca: await rootPems(agent) })
+
+  t.equal((await get(web, `${svc.origin}/public/x`)).status, 200, 'both allow')
+  const private_ = await get(web, `${svc.origin}/private`)
+  t.equal(private_.status, 200, 'live allows, the candidate would deny: served')
+  t.same(private_.body.decision, { allow: true, reason: 'intention default/web => default/api (precedence 9) allow' })
+  t.equal((await get(billing, `${svc.origin}/x`)).status, 403, 'live denies, the candidate would allow: still denied')
+  t.equal((await get(anonymous, `${svc.origin}/x`)).status, 401, 'no identity: no candidate decision')
+  t.equal((await get(anonymous, `${svc.origin}/open`)).status, 200, 'exempt: no candidate decision')
+
+  const disagreements = logs.lines.filter((l) => l.consulNative?.event === 'candidate-disagrees')
+  t.match(disagreements, [
+    {
+      level: 30,
+      consulNative: {
+        source: /\/svc\/web$/,
+        route: '/*',
+        method: 'GET',
+        path: '/private',
+        live: 'allow',
+        liveReason: 'intention default/web => default/api (precedence 9) allow',
+        candidate: 'deny',
+        candidateReason: 'intention default/web => default/api (precedence 9): no permission matched, default policy (deny)'
+      }
+    },
+    { consulNative: { source: /\/svc\/billing$/, live: 'deny', candidate: 'allow', candidateReason: 'intention default/billing => default/api (precedence 9) allow' } }
+  ])
+  t.equal(disagreements.length, 2)
+  const family = svc.app.consulNative.metrics().find((m) => m.name === 'consul_native_candidate_disagreements_total')
+  t.same(family?.values, [{ value: 1, labels: { live: 'allow', candidate: 'deny' } }, { value: 1, labels: { live: 'deny', candidate: 'allow' } }])
+  t.match(svc.app.consulNative.prometheus(), 'consul_native_candidate_disagreements_total{live="allow",candidate="deny"} 1\n')
+  t.match(svc.app.consulNative.status().candidate, { source: 'inline', loaded: true, count: 2, lastError: null, disagreements: 2 })
+
+  // The live intentions change: the candidate is recompiled against them (its own entry replaces
+  // the live one, so decisions against it stay the same).
+  await setIntentions(agent, 'api', [{ Name: 'web', Action: 'deny' }])
+  const index = Number((await agentCall(agent, 'GET', '/v1/connect/intentions/match?by=destination&name=api')).headers['x-consul-index'])
+  await waitForStatus(svc.app, (s) => (s.intentions?.index ?? 0) >= index)
+  t.equal((await get(web, `${svc.origin}/public/y`)).status, 403)
+  t.match(logs.lines.filter((l) => l.consulNative?.event === 'candidate-disagrees').at(-1), { consulNative: { path: '/public/y', live: 'deny', candidate: 'allow' } })
+})
+
+t.test('a candidate file: loaded after start, re-read on change, status and events say so', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'plugin-candidate-'))
+  t.teardown(async () => await rm(dir, { recursive: true, force: true }))
+  const file = join(dir, 'api.json')
+  await writeFile(file, JSON.stringify(CANDIDATE))
+  const agent = await startAgent(t, { defaultPolicy: 'deny' })
+  await setIntentions(agent, 'api', [{ Name: 'web', Action: 'allow' }])
+  const svc = await startService(t, agent, { plugin: { candidate: file, enforcement: 'shadow' } })
+  t.match(svc.app.consulNative.status().candidate, { source: file, loaded: true, count: 2 })
+  const web = mtlsClient(t, await leafFor(agent, 'web'))
+  t.equal((await get(web, `${svc.origin}/admin`)).status, 200, 'protocol tcp: the L7 candidate denies web, the response does not change')
+  t.equal(svc.app.consulNative.status().candidate?.disagreements, 1)
+
+  const changed = once(svc.app.consulNative.events, 'candidate')
+  await writeFile(file, '[]')
+  const [status] = await changed
+  t.match(status.candidate, { loaded: true, count: 2, lastError: /must be a JSON object/ })
+})
