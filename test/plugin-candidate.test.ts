@@ -103,3 +103,28 @@ t.test('a candidate file: loaded after start, re-read on change, status and even
   const [status] = await changed
   t.match(status.candidate, { loaded: true, count: 2, lastError: /must be a JSON object/ })
 })
+
+t.test('fastify.consulNative.explain(): live and candidate, with a route\'s overrides', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'deny' })
+  await setProtocol(agent, 'api', 'http')
+  await setIntentions(agent, 'api', [{ Name: 'web', Action: 'allow' }])
+  const svc = await startService(t, agent, {
+    plugin: { candidate: CANDIDATE },
+    routes: (app) => {
+      app.get('/ops', { config: { consulNative: { sources: [{ name: 'web', action: 'deny' }] } } }, async () => 'ops')
+      app.get('/public/x', async () => 'x')
+    }
+  })
+  const explained = svc.app.consulNative.explain({ source: 'web', method: 'GET', path: '/private' })
+  t.match(explained, { allow: true, decidedBy: { intention: 'intention default/web => default/api (precedence 9)', permission: null } })
+  t.match(explained.candidate, { allow: false, reason: /no permission matched, default policy \(deny\)/ })
+  const viaRoute = svc.app.consulNative.explain({ source: 'web', method: 'GET', path: '/ops', route: '/ops' })
+  t.match(viaRoute, { allow: false, reason: 'route override sources[0] web deny', trace: [{ step: 'route', route: 'GET /ops', exempt: false, overrides: 1 }] })
+  t.match(svc.app.consulNative.explain({ source: 'web', method: 'GET', path: '/health', route: '/health' }), { outcome: 'exempt' })
+  t.throws(() => svc.app.consulNative.explain({ source: 'web', method: 'GET', path: '/x', route: '/nowhere' }),
+    { code: 'FST_CONSUL_NATIVE_INVALID_OPTION', message: /no route GET \/nowhere was declared after the plugin \(known: .*GET \/ops/ })
+
+  const plain = await startService(t, agent)
+  t.notOk('candidate' in plain.app.consulNative.explain({ source: 'web', method: 'GET', path: '/' }), 'no candidate, no candidate explanation')
+})
+

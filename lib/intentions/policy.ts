@@ -219,7 +219,8 @@ function firstMatch (rule: Rule, req: RequestFacts, path: string, trace: Decisio
   for (let i = 0; i < perms.length; i++) {
     const p = perms[i]
     if (!p.usable) {
-      if (trace !== null) trace.permission(rule.label, i + 1, p.decision.allow ? 'allow' : 'deny', path, 'jwt', null)
+      // Only an allow can be unusable (it needs a JWT).
+      if (trace !== null) trace.permission(rule.label, i + 1, 'allow', path, 'jwt', null)
       continue
     }
     const miss = p.matcher.mismatch(req.method, path, req.url, req.rawHeaders)
