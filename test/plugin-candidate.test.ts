@@ -127,4 +127,3 @@ t.test('fastify.consulNative.explain(): live and candidate, with a route\'s over
   const plain = await startService(t, agent)
   t.notOk('candidate' in plain.app.consulNative.explain({ source: 'web', method: 'GET', path: '/' }), 'no candidate, no candidate explanation')
 })
-
