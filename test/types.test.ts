@@ -4,7 +4,7 @@ import t from 'tap'
 import Fastify from 'fastify'
 import type { FastifyInstance, FastifyRequest } from 'fastify'
 import consulNative, { consulNative as named, httpsOptions, DeniedError, UnauthenticatedError, InvalidOptionError, NoInstancesError } from '../lib/index'
-import type { ConsulNativeOptions, ConsulNativeStatus, Decision, ServiceIdentity } from '../lib/index'
+import type { ConsulDecision, ConsulNativeOptions, ConsulNativeStatus, Decision, Explanation, ServiceIdentity } from '../lib/index'
 import { startDevAgent } from '../lib/dev-agent/index'
 import type { DevAgent, DevAgentOptions } from '../lib/dev-agent/index'
 
@@ -41,16 +41,28 @@ t.test('the public types describe what users write', async (t) => {
       }
     }
   }, async () => 'ok')
+  // Rollout: per-route enforcement, alone or with sources; plugin options.
+  app.get('/new', { config: { consulNative: { enforcement: 'shadow' } } }, async () => 'ok')
+  app.get('/both', { config: { consulNative: { enforcement: 'enforce', sources: [{ name: 'ops', action: 'allow' }] } } }, async () => 'ok')
+  // @ts-expect-error enforcement is 'enforce' | 'shadow'
+  app.get('/dry', { config: { consulNative: { enforcement: 'dry-run' } } }, async () => 'ok')
+  const rollout: ConsulNativeOptions = { service: 'api', enforcement: 'shadow', candidate: './intentions.next.json' }
+  // @ts-expect-error enforcement is 'enforce' | 'shadow'
+  const wrongMode: ConsulNativeOptions = { service: 'api', enforcement: 'off' }
+  t.ok(rollout && wrongMode)
   // @ts-expect-error true is not a route setting (and is refused at run time only once registered)
   app.get('/bad', { config: { consulNative: true } }, async () => 'ok')
   app.get('/who', async (request: FastifyRequest) => {
     const source: ServiceIdentity | null = request.consulSource
     const decision: Decision | null = request.consulDecision
-    return { service: source?.service, allow: decision?.allow }
+    const shadowed: false | undefined = (request.consulDecision as ConsulDecision | null)?.enforced
+    return { service: source?.service, allow: decision?.allow, shadowed }
   })
   const typed = app as unknown as FastifyInstance
   const status = (): ConsulNativeStatus => typed.consulNative.status()
   t.type(status, 'function')
+  const explain = (): Explanation => typed.consulNative.explain({ source: 'web', method: 'GET', path: '/', headers: { 'x-env': 'prod' }, route: '/open' })
+  t.type(explain, 'function')
   t.type(typed.consulNative?.events?.on ?? (() => {}), 'function')
   t.equal(new DeniedError().statusCode, 403)
   t.equal(new UnauthenticatedError().statusCode, 401)
