@@ -227,6 +227,14 @@ t.test('FileCertificateSource on its own: trust domain rules, chains, repeats an
   t.match(rejected.failures[0]?.error.message, /rejected by TLS: key values mismatch/)
   t.equal(rejected.logger.events('certificate-files-rejected').length, 1, 'logged once')
 
+  // The same failure read again (a poll finding the same missing file) is reported and logged once;
+  // a restart reads at once, so this does not wait for a poll.
+  const missing = await run({ ...files, certFile: join(dir, 'absent.pem') })
+  missing.source.stop()
+  missing.source.start({ update: () => undefined, failure: (part, error) => missing.failures.push({ part, error }) })
+  t.equal(missing.failures.length, 1, 'a repeated failure is not reported again')
+  t.equal(missing.logger.events('certificate-files-rejected').length, 1, 'nor logged again')
+
   const good = await run({ ...files, trustDomain: agent.trustDomain.toUpperCase() })
   t.equal(good.updates.length, 1)
   t.equal(good.updates[0]?.trust?.trustDomain, agent.trustDomain)
