@@ -1,6 +1,8 @@
-// The HTTP client for the local Consul agent. One undici Pool per agent: a single origin, with one
-// request per connection (pipelining 1) and enough connections that the long polls of every watch
-// plus short calls never share a socket, so a short call never waits behind a 10-minute poll.
+// The HTTP client for the local Consul agent (docs/semantics.md#outbound-agent-pools). Two undici
+// Pools to the one origin, one request per connection (pipelining 1): blocking queries get a pool of
+// their own, with a connection each, and every other call (authorize, TTL passes, registration,
+// non-blocking reads) a small pool that long polls never occupy, so a short call never waits
+// behind a 10-minute poll, however many watches (each outbound target adds one) are parked.
 import { Pool } from 'undici'
 import type { Dispatcher } from 'undici'
 import type { AgentConfig } from './config'
@@ -60,7 +62,10 @@ export interface AgentClientOptions {
   partition?: string
   /** Largest response body accepted, in bytes. Default 4 MiB. */
   maxBodyBytes?: number
-  /** Upper bound of open connections. Default 32: every watch holds one during its long poll. */
+  /**
+   * Upper bound of open connections for short calls (everything but blocking queries). Default 8.
+   * Blocking queries use a separate pool without a bound: each parked poll holds its own connection.
+   */
   connections?: number
   /** Timeout of a non-blocking call (headers and body). Default 10 000 ms. */
   requestTimeoutMs?: number
@@ -70,7 +75,7 @@ export interface AgentClientOptions {
 
 export const DEFAULT_WAIT_MS = 300_000
 export const MAX_WAIT_MS = 600_000
-const DEFAULTS = { maxBodyBytes: 4 * 1024 * 1024, connections: 32, requestTimeoutMs: 10_000, blockingMarginMs: 5_000 }
+const DEFAULTS = { maxBodyBytes: 4 * 1024 * 1024, connections: 8, requestTimeoutMs: 10_000, blockingMarginMs: 5_000 }
 /** Error bodies are plain text; a few KiB is plenty and bounds what a broken agent can make us hold. */
 const ERROR_BODY_BYTES = 16 * 1024
 const ERROR_TEXT_CHARS = 512
@@ -109,7 +114,10 @@ export function blockingTimeout (waitMs: number, marginMs: number): number {
 
 export class AgentClient {
   readonly #config: AgentConfig
-  readonly #pool: Pool
+  /** Non-blocking calls: never queued behind a long poll. */
+  readonly #short: Pool
+  /** Blocking queries: one connection per parked poll. */
+  readonly #long: Pool
   readonly #scope: Readonly<Partial<Record<ScopeParam, string>>>
   readonly #maxBodyBytes: number
   readonly #requestTimeoutMs: number
@@ -128,11 +136,10 @@ export class AgentClient {
     this.#blockingMarginMs = positiveInt(opts.blockingMarginMs, DEFAULTS.blockingMarginMs, 'agent.blockingMarginMs')
     const connections = positiveInt(opts.connections, DEFAULTS.connections, 'agent.connections')
 
-    this.#pool = new Pool(config.origin, {
-      connections,
-      pipelining: 1,
-      connect: { ...config.tls, ...(config.socketPath === null ? {} : { socketPath: config.socketPath }) }
-    })
+    const connect = { ...config.tls, ...(config.socketPath === null ? {} : { socketPath: config.socketPath }) }
+    this.#short = new Pool(config.origin, { connections, pipelining: 1, connect })
+    // No bound: the number of watches is the app's (targets it calls); a bound would park polls in a queue.
+    this.#long = new Pool(config.origin, { pipelining: 1, connect })
   }
 
   /** Where the agent is, for logs (never the token). */
@@ -151,8 +158,10 @@ export class AgentClient {
       if (v !== undefined) search.set(s, v)
     }
     let timeoutMs = this.#requestTimeoutMs
+    let pool = this.#short
     const b = opts.blocking
     if (b !== undefined && ((b.index !== undefined && b.index > 0) || b.hash !== undefined)) {
+      pool = this.#long
       const waitMs = clampWait(b.waitMs)
       if (b.hash !== undefined) search.set('hash', b.hash)
       else search.set('index', String(b.index))
@@ -172,7 +181,7 @@ export class AgentClient {
 
     let res: Dispatcher.ResponseData
     try {
-      res = await this.#pool.request({
+      res = await pool.request({
         method,
         path: qs === '' ? path : `${path}?${qs}`,
         headers,
@@ -258,7 +267,7 @@ export class AgentClient {
 
   /** Destroys open connections, failing in-flight long polls at once, so shutdown is prompt. Idempotent. */
   close (): Promise<void> {
-    this.#closing ??= this.#pool.destroy()
+    this.#closing ??= Promise.all([this.#short.destroy(), this.#long.destroy()]).then(() => undefined)
     return this.#closing
   }
 
