@@ -70,3 +70,7 @@ export const NoInstancesError = createError<'FST_CONSUL_NATIVE_NO_INSTANCES', 50
 /** Outbound call: the instance dialled did not present the target service's SPIFFE identity. */
 export const PeerMismatchError = createError<'FST_CONSUL_NATIVE_PEER_MISMATCH', 502, [service: string, presented: string, options?: Cause]>(
   'FST_CONSUL_NATIVE_PEER_MISMATCH', 'Service %s answered with identity %s', 502)
+
+/** Outbound call: `fetch()`'s `timeout` (the whole call) or `headersTimeout` expired. */
+export const OutboundTimeoutError = createError<'FST_CONSUL_NATIVE_TIMEOUT', 504, [service: string, reason: string, options?: ErrorOptions]>(
+  'FST_CONSUL_NATIVE_TIMEOUT', 'Outbound call to service %s timed out: %s', 504)

@@ -100,7 +100,9 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
   const rollout = new Rollout(opts, sync, routes, router, log)
   sync.rollout = () => rollout.status()
   const enforcer = new Enforcer(tls, sync, router, authorizer, { enforcement: opts.enforcement, candidate: rollout.candidate })
-  const outbound = new ServiceCaller({ client, tls, tlsEvents: sync.events, log, blockingWait: opts.blockingWait })
+  const outbound = new ServiceCaller({
+    client, tls, tlsEvents: sync.events, log, blockingWait: opts.blockingWait, namespace: opts.namespace, partition: opts.partition
+  })
 
   fastify.decorateRequest('consulSource', null)
   fastify.decorateRequest('consulDecision', null)
@@ -185,7 +187,7 @@ export type { ConsulDecision } from './enforcement'
 export type { CandidateStatus } from './candidate'
 export type { ExplainInput, Explanation, TraceStep } from './explain'
 export type { RegisterOptions } from './registration'
-export type { OutboundFetchInit, OutboundOptions } from './outbound'
+export type { OutboundFetchInit, OutboundOptions, OutboundTimeouts } from './outbound'
 export type { AgentOptions } from './agent/config'
 export type { CertificatesOptions, AgentCertificatesOptions, FilesCertificatesOptions } from './certificates/options'
 export type { ServiceIdentity } from './identity'

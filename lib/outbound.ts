@@ -1,7 +1,9 @@
 // Outbound calls to other mesh services: discovery of their Connect-capable instances
 // (`/v1/health/connect/<service>`, docs/semantics.md#discovery) kept current by a blocking watch, and mTLS with
-// the current leaf, where the peer must present exactly the target service's SPIFFE ID. One undici
-// Pool per instance; a new leaf or new roots replace every pool (the old ones close gracefully).
+// the current leaf, where the peer must present exactly the target service's SPIFFE ID
+// (docs/semantics.md#outbound-scope). One undici Pool per instance; a new leaf or new roots replace
+// every pool (the old ones close gracefully). An instance that cannot be reached or proves the wrong
+// identity is skipped for a while (docs/semantics.md#outbound-skip-list).
 import type { EventEmitter } from 'node:events'
 import type { PeerCertificate } from 'node:tls'
 import type { FastifyBaseLogger } from 'fastify'
@@ -9,7 +11,7 @@ import { Dispatcher, Pool, errors as undiciErrors, fetch as undiciFetch } from '
 import type { RequestInit, Response } from 'undici'
 import type { AgentClient } from './agent/client'
 import { BlockingWatch } from './agent/watch'
-import { AgentInvalidResponseError, NoInstancesError, PeerMismatchError } from './errors'
+import { AgentInvalidResponseError, InvalidOptionError, NoInstancesError, OutboundTimeoutError, PeerMismatchError } from './errors'
 import { parseSpiffeId, parseSubjectAltNames } from './spiffe'
 import type { DynamicTls, TlsMaterial } from './tls'
 
@@ -18,8 +20,30 @@ export interface OutboundOptions {
   datacenter?: string
   /** Only instances whose checks all pass (`?passing`). Default true. */
   passingOnly?: boolean
-  /** Namespace the peer's SPIFFE ID must carry. Default `default`; sent as `ns` (ENT) only when given. */
+  /**
+   * Namespace of the target (Consul Enterprise): sent as `ns` in discovery, and required in the
+   * peer's SPIFFE ID. Default: the plugin's `namespace`; when neither is set, nothing is sent and
+   * the ID must carry `default`.
+   */
   namespace?: string
+  /**
+   * Admin partition of the target (Consul Enterprise): sent as `partition` in discovery, and
+   * required in the peer's SPIFFE ID. Default: the plugin's `partition`, else `default`.
+   */
+  partition?: string
+}
+
+/** Per-call limits of `fetch()` (milliseconds). */
+export interface OutboundTimeouts {
+  /** Longest wait for the response headers once the request is sent; 0 disables. Default: undici's (300 000). */
+  headersTimeout?: number
+  /** Longest silence between two chunks of the response body; 0 disables. Default: undici's (300 000). */
+  bodyTimeout?: number
+  /**
+   * Longest time for the whole call, discovery and body included; on expiry the call (or the body
+   * being read) fails with FST_CONSUL_NATIVE_TIMEOUT. Default: none.
+   */
+  timeout?: number
 }
 
 export interface ServiceCallerDeps {
@@ -30,9 +54,12 @@ export interface ServiceCallerDeps {
   log: FastifyBaseLogger
   /** Wait of each discovery poll, ms. */
   blockingWait: number
+  /** The plugin's own namespace and partition: the defaults of every target. */
+  namespace?: string | undefined
+  partition?: string | undefined
 }
 
-export type OutboundFetchInit = RequestInit & OutboundOptions
+export type OutboundFetchInit = RequestInit & OutboundOptions & OutboundTimeouts
 
 /** An instance that refused or failed a connection is avoided for this long (unless none is left). */
 export const FAILED_INSTANCE_MS = 10_000
@@ -40,21 +67,32 @@ const IDEMPOTENT = new Set(['GET', 'HEAD', 'OPTIONS', 'PUT', 'DELETE'])
 // Failures of the connection itself, before the request was written: safe to send elsewhere.
 const CONNECT_ERRORS = new Set(['ECONNREFUSED', 'ECONNRESET', 'EHOSTUNREACH', 'ENETUNREACH', 'ETIMEDOUT', 'EADDRNOTAVAIL',
   'UND_ERR_CONNECT_TIMEOUT', 'UND_ERR_SOCKET'])
+// OpenSSL's verdicts on a peer chain (Node's `err.code`): the instance is not one of the mesh's.
+const UNTRUSTED_ERRORS = new Set(['UNABLE_TO_GET_ISSUER_CERT', 'UNABLE_TO_GET_ISSUER_CERT_LOCALLY',
+  'UNABLE_TO_VERIFY_LEAF_SIGNATURE', 'UNABLE_TO_DECRYPT_CERT_SIGNATURE', 'UNABLE_TO_DECODE_ISSUER_PUBLIC_KEY',
+  'CERT_SIGNATURE_FAILURE', 'CERT_NOT_YET_VALID', 'CERT_HAS_EXPIRED', 'ERROR_IN_CERT_NOT_BEFORE_FIELD',
+  'ERROR_IN_CERT_NOT_AFTER_FIELD', 'DEPTH_ZERO_SELF_SIGNED_CERT', 'SELF_SIGNED_CERT_IN_CHAIN', 'CERT_CHAIN_TOO_LONG',
+  'CERT_REVOKED', 'INVALID_CA', 'PATH_LENGTH_EXCEEDED', 'INVALID_PURPOSE', 'CERT_UNTRUSTED', 'CERT_REJECTED'])
 const HOST_LABEL = /^[A-Za-z0-9-]{1,63}$/
+const DEFAULT_SCOPE = 'default'
+
+/** What the peer of an outbound connection must prove; `partition` defaults to `default`. */
+export interface ExpectedPeer { service: string, namespace: string, partition?: string, trustDomain: string }
 
 /**
  * The `checkServerIdentity` of every outbound connection: the peer certificate (already verified
  * against the roots) must carry exactly one URI SAN, unquoted, that is a service SPIFFE ID of the
- * trust domain, the namespace and the service expected. The datacenter is not compared. Returns
- * the error to fail the handshake with, or undefined.
+ * trust domain, the partition, the namespace and the service expected. The datacenter is not
+ * compared. Returns the error to fail the handshake with, or undefined.
  */
-export function checkPeerIdentity (expected: { service: string, namespace: string, trustDomain: string },
-  cert: Pick<PeerCertificate, 'subjectaltname'>): Error | undefined {
+export function checkPeerIdentity (expected: ExpectedPeer, cert: Pick<PeerCertificate, 'subjectaltname'>): Error | undefined {
   const sans = parseSubjectAltNames(cert.subjectaltname)
   const uris = sans?.uris ?? []
   const uri = uris.length === 1 ? uris[0] as string : null
   const id = uri === null || sans?.quotedUris !== 0 ? null : parseSpiffeId(uri)
+  // Consul writes partitions in lower case (docs/semantics.md#spiffe-ids); names keep their case.
   if (id?.kind === 'service' && id.trustDomain === expected.trustDomain.toLowerCase() &&
+    id.partition.toLowerCase() === (expected.partition ?? DEFAULT_SCOPE).toLowerCase() &&
     id.namespace === expected.namespace && id.service === expected.service) return undefined
   return new PeerMismatchError(expected.service, uris.length === 0 ? 'none' : uris.join(' '))
 }
@@ -77,6 +115,39 @@ export function parseHealthConnect (body: unknown, path: string): Array<{ origin
 }
 
 type Instance = ReturnType<typeof parseHealthConnect>[number]
+
+/** Checks the per-call limits of fetch(): whole milliseconds; 0 disables the undici ones. */
+function callLimits (headersTimeout: unknown, bodyTimeout: unknown, timeout: unknown): OutboundTimeouts {
+  const check = (value: unknown, name: string, min: number): number | undefined => {
+    if (value === undefined) return undefined
+    if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < min) {
+      throw new InvalidOptionError(name, `must be an integer number of milliseconds${min === 0 ? ' (0 disables it)' : ' above 0'}, got ${String(value)}`)
+    }
+    return value
+  }
+  return { headersTimeout: check(headersTimeout, 'headersTimeout', 0), bodyTimeout: check(bodyTimeout, 'bodyTimeout', 0), timeout: check(timeout, 'timeout', 1) }
+}
+
+/** One fetch() call's view of a target: its requests carry the call's headers and body timeouts. */
+class CallLimits extends Dispatcher {
+  readonly #target: Dispatcher
+  readonly #limits: OutboundTimeouts
+
+  constructor (target: Dispatcher, limits: OutboundTimeouts) {
+    super()
+    this.#target = target
+    this.#limits = limits
+  }
+
+  override dispatch (opts: Dispatcher.DispatchOptions, handler: Dispatcher.DispatchHandler): boolean {
+    const { headersTimeout, bodyTimeout } = this.#limits
+    return this.#target.dispatch({
+      ...opts,
+      ...(headersTimeout === undefined ? {} : { headersTimeout }),
+      ...(bodyTimeout === undefined ? {} : { bodyTimeout })
+    }, handler)
+  }
+}
 
 /** Whether two answers list different places to dial (an agent restarted without state may reuse an index). */
 export function instancesDiffer (a: readonly Instance[], b: readonly Instance[]): boolean {
@@ -149,7 +220,9 @@ function failHandler (handler: Dispatcher.DispatchHandler, err: Error): void {
 class ServiceDispatcher extends Dispatcher {
   readonly #service: string
   readonly #namespace: string
+  readonly #partition: string
   readonly #deps: ServiceCallerDeps
+  readonly #onClosed: () => void
   readonly #watch: BlockingWatch<Instance[]>
   readonly #pools = new Map<string, Pool>()
   readonly #failedAt = new Map<string, number>()
@@ -157,13 +230,16 @@ class ServiceDispatcher extends Dispatcher {
   #next = 0
   #closed = false
 
-  constructor (service: string, opts: Required<Pick<OutboundOptions, 'passingOnly'>> & OutboundOptions, deps: ServiceCallerDeps) {
+  constructor (service: string, opts: ResolvedTarget, deps: ServiceCallerDeps, onClosed: () => void) {
     super()
     this.#service = service
-    this.#namespace = opts.namespace ?? 'default'
+    this.#namespace = opts.namespace ?? DEFAULT_SCOPE
+    this.#partition = opts.partition ?? DEFAULT_SCOPE
     this.#deps = deps
+    this.#onClosed = onClosed
     const path = `/v1/health/connect/${encodeURIComponent(service)}`
-    const query = { passing: opts.passingOnly ? '' : undefined, dc: opts.datacenter, ns: opts.namespace }
+    // ns and partition only when configured: a CE agent refuses them (docs/semantics.md#scopes).
+    const query = { passing: opts.passingOnly ? '' : undefined, dc: opts.datacenter, ns: opts.namespace, partition: opts.partition }
     this.#watch = new BlockingWatch<Instance[]>({
       name: `outbound:${service}`,
       waitMs: deps.blockingWait,
@@ -241,8 +317,14 @@ class ServiceDispatcher extends Dispatcher {
     const retriable = exclude === null && IDEMPOTENT.has(opts.method.toUpperCase()) &&
       (body === undefined || body === null || typeof body === 'string' || body instanceof Uint8Array)
     const guarded = guardHandler(handler, (err) => {
-      if (!CONNECT_ERRORS.has((err as { code?: string }).code as string)) return false
+      const code = (err as { code?: string }).code as string
+      const impostor = err instanceof PeerMismatchError || UNTRUSTED_ERRORS.has(code)
+      if (!impostor && !CONNECT_ERRORS.has(code)) return false
       this.#failedAt.set(instance.origin, Date.now())
+      if (impostor) {
+        this.#deps.log.warn({ service: this.#service, instance: instance.id, err },
+          `outbound instance did not prove the identity of ${this.#service}; skipping it for ${FAILED_INSTANCE_MS} ms`)
+      }
       if (!retriable || list.length < 2) return false
       this.#deps.log.debug({ service: this.#service, instance: instance.id, err }, 'outbound connection failed; retrying on another instance')
       this.#send(opts, handler, instance.origin)
@@ -264,7 +346,7 @@ class ServiceDispatcher extends Dispatcher {
   #poolFor (origin: string, material: TlsMaterial): Pool {
     let pool = this.#pools.get(origin)
     if (pool === undefined) {
-      const expected = { service: this.#service, namespace: this.#namespace, trustDomain: material.trustDomain }
+      const expected = { service: this.#service, namespace: this.#namespace, partition: this.#partition, trustDomain: material.trustDomain }
       pool = new Pool(origin, {
         allowH2: true,
         connect: {
@@ -284,6 +366,8 @@ class ServiceDispatcher extends Dispatcher {
   /** Stops discovery and closes the pools gracefully (`close`) or at once (`destroy`); later requests fail. */
   #shutdown (how: 'close' | 'destroy', callback: (() => void) | undefined): Promise<void> | undefined {
     this.#closed = true
+    // Out of the cache at once: the next dispatcher() for this target builds a new one.
+    this.#onClosed()
     this.#watch.stop()
     const pools = [...this.#pools.values()]
     this.#pools.clear()
@@ -309,6 +393,8 @@ class ServiceDispatcher extends Dispatcher {
   }
 }
 
+type ResolvedTarget = Required<Pick<OutboundOptions, 'passingOnly'>> & OutboundOptions
+
 /** Calls other mesh services over mTLS: `dispatcher(service)` for any undici API, `fetch(service, path)`. */
 export class ServiceCaller {
   readonly #deps: ServiceCallerDeps
@@ -330,11 +416,19 @@ export class ServiceCaller {
    */
   dispatcher (service: string, opts: OutboundOptions = {}): Dispatcher {
     if (this.#closed) throw new undiciErrors.ClientClosedError()
-    const resolved = { ...opts, passingOnly: opts.passingOnly ?? true }
-    const key = JSON.stringify([service, resolved.datacenter, resolved.namespace, resolved.passingOnly])
+    const resolved: ResolvedTarget = {
+      datacenter: opts.datacenter,
+      passingOnly: opts.passingOnly ?? true,
+      namespace: opts.namespace ?? this.#deps.namespace,
+      partition: opts.partition ?? this.#deps.partition
+    }
+    const key = JSON.stringify([service, resolved.datacenter, resolved.namespace, resolved.partition, resolved.passingOnly])
     let d = this.#dispatchers.get(key)
     if (d === undefined) {
-      d = new ServiceDispatcher(service, resolved, this.#deps)
+      const created: ServiceDispatcher = new ServiceDispatcher(service, resolved, this.#deps, () => {
+        if (this.#dispatchers.get(key) === created) this.#dispatchers.delete(key)
+      })
+      d = created
       this.#dispatchers.set(key, d)
     }
     return d
@@ -343,17 +437,34 @@ export class ServiceCaller {
   /**
    * undici `fetch` to `path` on an instance of `service` (the URL is
    * `https://<service>.service.consul<path>`; the host is cosmetic). Rejects with NoInstancesError
-   * or PeerMismatchError themselves rather than fetch's `TypeError: fetch failed`.
+   * or PeerMismatchError themselves rather than fetch's `TypeError: fetch failed`, and with
+   * OutboundTimeoutError when `timeout` or `headersTimeout` expires (docs/semantics.md#outbound-timeouts).
    */
   async fetch (service: string, path: string, init: OutboundFetchInit = {}): Promise<Response> {
-    const { datacenter, passingOnly, namespace, ...rest } = init
-    const dispatcher = this.dispatcher(service, { datacenter, passingOnly, namespace })
+    const { datacenter, passingOnly, namespace, partition, headersTimeout, bodyTimeout, timeout, ...rest } = init
+    const limits = callLimits(headersTimeout, bodyTimeout, timeout)
+    const target = this.dispatcher(service, { datacenter, passingOnly, namespace, partition })
+    const dispatcher = limits.headersTimeout === undefined && limits.bodyTimeout === undefined ? target : new CallLimits(target, limits)
+    let signal = rest.signal
+    let timer: NodeJS.Timeout | undefined
+    if (timeout !== undefined) {
+      const expiry = new AbortController()
+      // The reason is the error fetch rejects with, and the one a body being read fails with.
+      timer = setTimeout(() => expiry.abort(new OutboundTimeoutError(service, `not complete within ${timeout} ms`)), timeout)
+      // Only a pending body holds the timer; it must not hold the process.
+      timer.unref()
+      signal = signal === undefined || signal === null ? expiry.signal : AbortSignal.any([signal, expiry.signal])
+    }
     const host = HOST_LABEL.test(service) ? `${service}.service.consul` : 'service.consul'
     try {
-      return await undiciFetch(new URL(path, `https://${host}`), { ...rest, dispatcher })
+      return await undiciFetch(new URL(path, `https://${host}`), { ...rest, signal, dispatcher })
     } catch (err) {
+      clearTimeout(timer)
       const cause = (err as { cause?: unknown }).cause
       if (cause instanceof NoInstancesError || cause instanceof PeerMismatchError) throw cause
+      if ((cause as { code?: unknown } | undefined)?.code === 'UND_ERR_HEADERS_TIMEOUT') {
+        throw new OutboundTimeoutError(service, `no response headers within ${limits.headersTimeout as number} ms`, { cause })
+      }
       throw err
     }
   }

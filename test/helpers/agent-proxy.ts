@@ -23,6 +23,8 @@ export class AgentProxy extends EventEmitter {
   readonly calls: ProxiedCall[] = []
   /** Delays handing the agent's answer back to the client (the agent has already acted on the call). */
   holdAnswer: ((call: ProxiedCall) => Promise<void> | undefined) | null = null
+  /** The URL forwarded to the agent (e.g. without Enterprise parameters a CE agent refuses). */
+  rewrite: ((url: string) => string) | null = null
   readonly #server: http.Server
   readonly #upstream = new Agent({ pipelining: 1 })
 
@@ -39,7 +41,7 @@ export class AgentProxy extends EventEmitter {
         const headers = { ...req.headers }
         delete headers.host
         delete headers.connection
-        request(`${target}${call.url}`, {
+        request(`${target}${this.rewrite?.(call.url) ?? call.url}`, {
           method: call.method as Dispatcher.HttpMethod,
           headers,
           body: chunks.length === 0 ? undefined : Buffer.concat(chunks),
