@@ -9,12 +9,15 @@ import http from 'node:http'
 import https from 'node:https'
 import type { ServerResponse } from 'node:http'
 import type { AddressInfo } from 'node:net'
+import { readFileSync } from 'node:fs'
+import { join } from 'node:path'
 import type { FastifyBaseLogger } from 'fastify'
 import { AgentClient } from '../lib/agent/client'
 import { resolveAgentConfig } from '../lib/agent/config'
 import type { DevAgent } from '../lib/dev-agent/index'
 import { InvalidOptionError, OutboundTimeoutError } from '../lib/errors'
 import { ServiceCaller } from '../lib/outbound'
+import type { OutboundOptions, OutboundTimeouts } from '../lib/outbound'
 import { DynamicTls } from '../lib/tls'
 import { startProxy } from './helpers/agent-proxy'
 import type { ProxiedCall } from './helpers/agent-proxy'
@@ -229,4 +232,15 @@ t.test('namespace and partition: sent in discovery and required in the peer iden
   await t.rejects(plain.caller.fetch('api', '/port'), { code: 'FST_CONSUL_NATIVE_PEER_MISMATCH' })
   t.equal(discovery('api').at(-1), 'passing=')
   t.equal(await idOf(plain.caller, {}, 'billing'), 'billing-default')
+})
+
+t.test('the README\'s table of outbound options matches the types', async (t) => {
+  // The compiler rejects a key missing from, or not in, the two interfaces.
+  const keys: Record<keyof OutboundOptions | keyof OutboundTimeouts, true> = {
+    datacenter: true, passingOnly: true, namespace: true, partition: true, headersTimeout: true, bodyTimeout: true, timeout: true
+  }
+  const readme = readFileSync(join(__dirname, '..', 'README.md'), 'utf8')
+  const table = readme.slice(readme.indexOf('Options of `fetch(service, path, init)`')).split('\n\n')[1] as string
+  const documented = [...table.matchAll(/^\| `(\w+)` \|/gm)].map((m) => m[1])
+  t.same(documented.sort(), Object.keys(keys).sort())
 })
