@@ -289,6 +289,10 @@ export class ServiceRegistration {
   readonly #logged = new Map<Loop, string>()
   #started = false
   #everRegistered = false
+  /** A registration was sent and its fate is unknown (no answer, or the client gave up waiting). */
+  #maybeRegistered = false
+  /** The first registration, while in flight: deregister() waits for it. */
+  #registering: Promise<void> | null = null
   #loops: Promise<void> = Promise.resolve()
   #deregistering: Promise<void> | null = null
 
@@ -310,11 +314,15 @@ export class ServiceRegistration {
 
   /** `PUT /v1/agent/service/register?replace-existing-checks=true`; throws RegisterFailedError. */
   async register (): Promise<void> {
+    const put = this.#put(undefined)
+    this.#registering = put.then(noop, noop)
     try {
-      await this.#put(undefined)
+      await put
     } catch (err) {
       this.#state.lastError = (err as Error).message
       throw err
+    } finally {
+      this.#registering = null
     }
     const r = this.#registration
     this.#log.info({ consulNative: { event: 'registered', serviceId: r.id, address: r.body.Address, port: r.body.Port, checkId: r.checkId } },
@@ -349,9 +357,15 @@ export class ServiceRegistration {
 
   async #deregister (): Promise<void> {
     this.stop()
-    // A restore in flight must not land after the deregistration.
+    // A registration in flight (close() while listen() registers) must not land after the
+    // deregistration: wait for its answer (docs/semantics.md#registration-close). So must a restore.
+    if (this.#registering !== null) {
+      this.#log.debug({ consulNative: { event: 'deregister-after-registration', serviceId: this.#registration.id } },
+        'fastify-consul-native: closing while the registration is in flight; deregistering once the agent answers')
+      await this.#registering
+    }
     await this.#loops
-    if (!this.#everRegistered) return
+    if (!this.#everRegistered && !this.#maybeRegistered) return
     const id = this.#registration.id
     try {
       const res = await this.#client.request('PUT', `/v1/agent/service/deregister/${encodeURIComponent(id)}`, { allow404: true, scoped: AGENT_SCOPES })
@@ -370,6 +384,8 @@ export class ServiceRegistration {
     try {
       await this.#client.request('PUT', '/v1/agent/service/register', { query: { 'replace-existing-checks': 'true' }, body: r.body, signal, scoped: AGENT_SCOPES })
     } catch (err) {
+      // Without an answer (timeout, lost connection), the agent may have registered it all the same.
+      if (agentStatusOf(err) === null) this.#maybeRegistered = true
       throw new RegisterFailedError(r.service, consulMessage(err), { cause: err })
     }
     this.#everRegistered = true
@@ -502,9 +518,10 @@ export function registerOnListen (fastify: FastifyInstance, wiring: Registration
   const registerInstance = async (): Promise<void> => {
     const { address, port } = fastify.server.address() as AddressInfo
     const registration = new ServiceRegistration(client, buildRegistration(service, options, { address, port }, healthUrl), log)
+    // Known before the PUT is sent, so that a close() meanwhile deregisters it (docs/semantics.md#registration-close).
+    sync.registration = registration
     await registration.register()
     registration.start()
-    sync.registration = registration
   }
   // Fastify's onListen hook cannot fail listen(), so listen() itself is extended...
   extendListen(fastify, registerInstance, () => { viaListen = true })

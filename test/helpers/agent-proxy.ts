@@ -27,12 +27,15 @@ export class AgentProxy extends EventEmitter {
   rewrite: ((url: string) => string) | null = null
   readonly #server: http.Server
   readonly #upstream = new Agent({ pipelining: 1 })
+  readonly #responses = new Map<ProxiedCall, http.ServerResponse>()
 
   constructor (target: string) {
     super()
     this.#server = http.createServer((req, res) => {
       const call: ProxiedCall = { method: req.method as string, url: req.url as string, status: null }
       this.calls.push(call)
+      this.#responses.set(call, res)
+      res.on('close', () => this.#responses.delete(call))
       this.inflight.add(call)
       this.emit('call', call)
       const chunks: Buffer[] = []
@@ -51,6 +54,8 @@ export class AgentProxy extends EventEmitter {
           call.status = up.statusCode
           this.inflight.delete(call)
           this.emit('answered', call)
+          // A client that gives up while the answer is held (its connection closes) is reported.
+          res.on('close', () => { if (!res.writableFinished) this.emit('client-gone', call) })
           await this.holdAnswer?.(call)
           const out = { ...up.headers }
           delete out['transfer-encoding']
@@ -68,6 +73,11 @@ export class AgentProxy extends EventEmitter {
 
   get address (): string {
     return `http://127.0.0.1:${(this.#server.address() as AddressInfo).port}`
+  }
+
+  /** Cuts the client's connection of every unanswered call that matches. */
+  cut (match: (call: ProxiedCall) => boolean): void {
+    for (const [call, res] of this.#responses) if (match(call)) res.destroy()
   }
 
   /** Calls in flight at the agent whose URL matches. */
