@@ -72,5 +72,5 @@ export const PeerMismatchError = createError<'FST_CONSUL_NATIVE_PEER_MISMATCH', 
   'FST_CONSUL_NATIVE_PEER_MISMATCH', 'Service %s answered with identity %s', 502)
 
 /** Outbound call: `fetch()`'s `timeout` (the whole call) or `headersTimeout` expired. */
-export const OutboundTimeoutError = createError<'FST_CONSUL_NATIVE_TIMEOUT', 504, [service: string, reason: string, options?: ErrorOptions]>(
+export const OutboundTimeoutError = createError<'FST_CONSUL_NATIVE_TIMEOUT', 504, [service: string, reason: string, options?: Cause]>(
   'FST_CONSUL_NATIVE_TIMEOUT', 'Outbound call to service %s timed out: %s', 504)

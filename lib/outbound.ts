@@ -322,8 +322,8 @@ class ServiceDispatcher extends Dispatcher {
       if (!impostor && !CONNECT_ERRORS.has(code)) return false
       this.#failedAt.set(instance.origin, Date.now())
       if (impostor) {
-        this.#deps.log.warn({ service: this.#service, instance: instance.id, err },
-          `outbound instance did not prove the identity of ${this.#service}; skipping it for ${FAILED_INSTANCE_MS} ms`)
+        this.#deps.log.warn({ consulNative: { event: 'outbound-identity-refused', service: this.#service, instance: instance.id }, err },
+          `fastify-consul-native: an instance of ${this.#service} did not prove its identity; skipping it for ${FAILED_INSTANCE_MS} ms`)
       }
       if (!retriable || list.length < 2) return false
       this.#deps.log.debug({ service: this.#service, instance: instance.id, err }, 'outbound connection failed; retrying on another instance')

@@ -140,7 +140,8 @@ t.test('an instance with the wrong identity, or an untrusted chain, is skipped l
   await res.body.dump()
   t.equal(impostor.connections() + untrusted.connections(), 2)
 
-  const warned = log.at('warn').map((c) => [(c.obj as { instance: string }).instance, (c.obj as { err: { code?: string } }).err.code])
+  const refused = log.at('warn').filter((c) => (c.obj.consulNative as { event?: string } | undefined)?.event === 'outbound-identity-refused')
+  const warned = refused.map((c) => [(c.obj.consulNative as { instance: string }).instance, (c.obj as { err: { code?: string } }).err.code])
   t.same(warned.sort(), [['api-impostor', 'FST_CONSUL_NATIVE_PEER_MISMATCH'], ['api-untrusted', warned.find((w) => w[0] === 'api-untrusted')?.[1]]].sort(), 'each is logged at warn')
   t.match(warned.find((w) => w[0] === 'api-untrusted')?.[1], /^[A-Z_]+$/, 'with OpenSSL\'s verdict for the chain')
 
