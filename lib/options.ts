@@ -21,9 +21,9 @@ export interface ConsulNativeOptions {
   agent?: AgentOptions
   /** Datacenter to request certificates and intentions for. Default: the agent's. */
   datacenter?: string
-  /** Consul Enterprise namespace; sent only when set (a CE agent rejects it, even as `default`). */
+  /** Consul Enterprise namespace; sent only when set (a CE agent rejects it, even as `default`). Also outbound targets' default. */
   namespace?: string
-  /** Consul Enterprise admin partition; sent only when set. */
+  /** Consul Enterprise admin partition; sent only when set. Also outbound targets' default. */
   partition?: string
   /** How long `register()` waits for the first leaf, roots and intentions (ms). Default 8000; must stay below Fastify's pluginTimeout. */
   readyTimeout?: number

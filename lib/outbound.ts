@@ -128,25 +128,71 @@ function callLimits (headersTimeout: unknown, bodyTimeout: unknown, timeout: unk
   return { headersTimeout: check(headersTimeout, 'headersTimeout', 0), bodyTimeout: check(bodyTimeout, 'bodyTimeout', 0), timeout: check(timeout, 'timeout', 1) }
 }
 
-/** One fetch() call's view of a target: its requests carry the call's headers and body timeouts. */
+/**
+ * One fetch() call's view of a target: its requests carry the call's headers and body timeouts,
+ * and its `timeout` runs from the call until the response is complete (a redirect's next request
+ * gets what is left), so no timer outlives a finished call.
+ */
 class CallLimits extends Dispatcher {
   readonly #target: Dispatcher
   readonly #limits: OutboundTimeouts
+  readonly #deadline: number | null
+  readonly #expire: () => void
+  #timer: NodeJS.Timeout | null = null
+  readonly #settled = (): void => this.disarm()
 
-  constructor (target: Dispatcher, limits: OutboundTimeouts) {
+  constructor (target: Dispatcher, limits: OutboundTimeouts, expire: () => void) {
     super()
     this.#target = target
     this.#limits = limits
+    this.#expire = expire
+    this.#deadline = limits.timeout === undefined ? null : Date.now() + limits.timeout
+    this.#arm()
+  }
+
+  #arm (): void {
+    if (this.#deadline === null || this.#timer !== null) return
+    this.#timer = setTimeout(this.#expire, Math.max(0, this.#deadline - Date.now()))
+    // A call never holds the process open by itself.
+    this.#timer.unref()
+  }
+
+  disarm (): void {
+    if (this.#timer !== null) clearTimeout(this.#timer)
+    this.#timer = null
   }
 
   override dispatch (opts: Dispatcher.DispatchOptions, handler: Dispatcher.DispatchHandler): boolean {
     const { headersTimeout, bodyTimeout } = this.#limits
+    this.#arm()
     return this.#target.dispatch({
       ...opts,
       ...(headersTimeout === undefined ? {} : { headersTimeout }),
       ...(bodyTimeout === undefined ? {} : { bodyTimeout })
-    }, handler)
+    }, this.#deadline === null ? handler : settledHandler(handler, this.#settled))
   }
+}
+
+// The callbacks of both undici handler styles; those that end a request come first.
+const FINAL_CALLBACKS = ['onComplete', 'onError', 'onUpgrade', 'onResponseEnd', 'onResponseError', 'onRequestUpgrade']
+const HANDLER_CALLBACKS = [...FINAL_CALLBACKS, 'onConnect', 'onResponseStarted', 'onHeaders', 'onData', 'onBodySent', 'onRequestSent',
+  'onRequestStart', 'onResponseStart', 'onResponseData']
+
+/** Forwards every callback `handler` has, in its own style, and calls `settled` once the request ended. */
+function settledHandler (handler: Dispatcher.DispatchHandler, settled: () => void): Dispatcher.DispatchHandler {
+  const h = handler as Record<string, ((...args: any[]) => any) | undefined>
+  const wrapped: Record<string, (...args: unknown[]) => unknown> = {}
+  for (const name of HANDLER_CALLBACKS) {
+    const callback = h[name]
+    if (typeof callback !== 'function') continue
+    wrapped[name] = FINAL_CALLBACKS.includes(name)
+      ? (...args) => {
+          settled()
+          return callback.apply(handler, args)
+        }
+      : (...args) => callback.apply(handler, args)
+  }
+  return wrapped as unknown as Dispatcher.DispatchHandler
 }
 
 /** Whether two answers list different places to dial (an agent restarted without state may reuse an index). */
@@ -444,22 +490,23 @@ export class ServiceCaller {
     const { datacenter, passingOnly, namespace, partition, headersTimeout, bodyTimeout, timeout, ...rest } = init
     const limits = callLimits(headersTimeout, bodyTimeout, timeout)
     const target = this.dispatcher(service, { datacenter, passingOnly, namespace, partition })
-    const dispatcher = limits.headersTimeout === undefined && limits.bodyTimeout === undefined ? target : new CallLimits(target, limits)
     let signal = rest.signal
-    let timer: NodeJS.Timeout | undefined
+    let dispatcher: Dispatcher = target
+    let call: CallLimits | null = null
     if (timeout !== undefined) {
       const expiry = new AbortController()
       // The reason is the error fetch rejects with, and the one a body being read fails with.
-      timer = setTimeout(() => expiry.abort(new OutboundTimeoutError(service, `not complete within ${timeout} ms`)), timeout)
-      // Only a pending body holds the timer; it must not hold the process.
-      timer.unref()
+      call = new CallLimits(target, limits, () => expiry.abort(new OutboundTimeoutError(service, `not complete within ${timeout} ms`)))
       signal = signal === undefined || signal === null ? expiry.signal : AbortSignal.any([signal, expiry.signal])
+    } else if (headersTimeout !== undefined || bodyTimeout !== undefined) {
+      call = new CallLimits(target, limits, noop)
     }
+    if (call !== null) dispatcher = call
     const host = HOST_LABEL.test(service) ? `${service}.service.consul` : 'service.consul'
     try {
       return await undiciFetch(new URL(path, `https://${host}`), { ...rest, signal, dispatcher })
     } catch (err) {
-      clearTimeout(timer)
+      call?.disarm()
       const cause = (err as { cause?: unknown }).cause
       if (cause instanceof NoInstancesError || cause instanceof PeerMismatchError) throw cause
       if ((cause as { code?: unknown } | undefined)?.code === 'UND_ERR_HEADERS_TIMEOUT') {

@@ -9,6 +9,7 @@ import http from 'node:http'
 import https from 'node:https'
 import type { ServerResponse } from 'node:http'
 import type { AddressInfo } from 'node:net'
+import { createHook } from 'node:async_hooks'
 import { readFileSync } from 'node:fs'
 import { join } from 'node:path'
 import type { FastifyBaseLogger } from 'fastify'
@@ -67,6 +68,9 @@ async function startInstance (t: Tap, agent: DevAgent, id: string, cert: { certP
   const server = https.createServer({ key: cert.keyPem, cert: cert.certPem }, (req, res) => {
     if (req.url === '/stall-headers') {
       stalled.push(res)
+    } else if (req.url === '/redirect') {
+      res.writeHead(302, { location: '/port' })
+      res.end()
     } else if (req.url === '/stall-body') {
       stalled.push(res)
       res.writeHead(200, { 'content-type': 'text/plain' })
@@ -197,6 +201,21 @@ t.test('per-call timeouts: headersTimeout, bodyTimeout and the overall timeout',
   await t.rejects(aborted, { message: 'caller gave up' })
   t.equal(await idOf(caller, { timeout: 60_000, headersTimeout: 60_000, bodyTimeout: 0 }), 'api-slow')
   await t.rejects(caller.fetch('api', '/nowhere', { signal: AbortSignal.abort(new Error('before')), timeout: 60_000 }), { message: 'before' })
+
+  // A finished call leaves no timer behind, a redirect included (its next request gets what is left).
+  const timers: Array<{ _destroyed?: boolean }> = []
+  const hook = createHook({
+    init (_id, type, _trigger, resource) {
+      if (type === 'Timeout' && (resource as { _idleTimeout?: number })._idleTimeout !== undefined && (resource as { _idleTimeout: number })._idleTimeout > 500_000) timers.push(resource as { _destroyed?: boolean })
+    }
+  }).enable()
+  t.teardown(() => hook.disable())
+  t.equal(await idOf(caller, { timeout: 600_000 }), 'api-slow')
+  const redirected = await caller.fetch('api', '/redirect', { timeout: 600_000 })
+  t.same(await redirected.json(), { id: 'api-slow' }, 'the redirect was followed')
+  hook.disable()
+  t.equal(timers.length, 3, 'one timer per request: the call, the redirect and its target')
+  t.same(timers.map((timer) => timer._destroyed), [true, true, true], 'each cleared once its response was complete')
 
   for (const [name, value] of [['headersTimeout', -1], ['bodyTimeout', 1.5], ['timeout', 0], ['timeout', '5']] as const) {
     await t.rejects(caller.fetch('api', '/port', { [name]: value }), InvalidOptionError, `${name}: ${String(value)}`)
