@@ -133,6 +133,8 @@ export interface LiveInputs {
   intentions: readonly Intention[]
   defaultAllow: boolean
   protocol: string
+  /** The bound the live intentions are compiled with (docs/semantics.md#paths-regex-size). */
+  maxRegexProgramSize?: number
 }
 
 /**
@@ -141,7 +143,7 @@ export interface LiveInputs {
  */
 export function compileCandidate (service: string, candidate: { destination: string, intentions: Intention[] }, live: LiveInputs): CompiledPolicy {
   const kept = live.intentions.filter((ixn) => ixn.DestinationName !== candidate.destination)
-  return compilePolicy({ destination: service, intentions: [...kept, ...candidate.intentions], defaultAllow: live.defaultAllow, protocol: live.protocol })
+  return compilePolicy({ destination: service, intentions: [...kept, ...candidate.intentions], defaultAllow: live.defaultAllow, protocol: live.protocol, maxRegexProgramSize: live.maxRegexProgramSize })
 }
 
 /** `status().candidate`. */

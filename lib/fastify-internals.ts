@@ -12,17 +12,43 @@ export function isRootInstance (fastify: object): boolean {
   return Object.getPrototypeOf(fastify) === Object.prototype
 }
 
-/** The router options that decide which spellings of a path reach the same handler. */
-export function routerOptionsOf (fastify: { readonly initialConfig: object }): RouterOptions {
-  // Fastify 5.x moved these under `routerOptions`; reading the old top-level keys warns there.
-  const config = fastify.initialConfig as Record<string, unknown>
-  const router = (config.routerOptions ?? config) as Partial<RouterOptions>
-  return {
-    ignoreTrailingSlash: router.ignoreTrailingSlash === true,
-    ignoreDuplicateSlashes: router.ignoreDuplicateSlashes === true,
-    caseSensitive: router.caseSensitive !== false,
-    useSemicolonDelimiter: router.useSemicolonDelimiter === true
+const ROUTER_KEYS = ['ignoreTrailingSlash', 'ignoreDuplicateSlashes', 'caseSensitive', 'useSemicolonDelimiter'] as const
+
+/**
+ * The router options that decide which spellings of a path reach the same handler, as the router
+ * really uses them (docs/semantics.md#paths-router-options). Fastify 5 builds find-my-way's options
+ * from `routerOptions` and, for each key absent there, the deprecated top-level key; `initialConfig`
+ * cannot tell which (its validator fills `routerOptions` with defaults), so the options object
+ * Fastify handed to the router is read from its private symbol, with find-my-way's own defaults.
+ * Without it (another Fastify version), each option counts as set when either spelling sets it:
+ * more spellings are checked, never fewer.
+ */
+export function routerOptionsOf (fastify: object & { readonly initialConfig: object }): RouterOptions {
+  const used = privateValue(fastify, 'fastify.options') as { routerOptions?: Record<string, unknown> } | undefined
+  const router = used?.routerOptions
+  if (router !== undefined && router !== null && typeof router === 'object') {
+    return {
+      ignoreTrailingSlash: Boolean(router.ignoreTrailingSlash),
+      ignoreDuplicateSlashes: Boolean(router.ignoreDuplicateSlashes),
+      caseSensitive: router.caseSensitive === undefined ? true : Boolean(router.caseSensitive),
+      useSemicolonDelimiter: Boolean(router.useSemicolonDelimiter)
+    }
   }
+  const config = fastify.initialConfig as Record<string, unknown>
+  const nested = (config.routerOptions ?? {}) as Record<string, unknown>
+  const out: RouterOptions = { ignoreTrailingSlash: false, ignoreDuplicateSlashes: false, caseSensitive: true, useSemicolonDelimiter: false }
+  for (const key of ROUTER_KEYS) {
+    const widened = key !== 'caseSensitive'
+    out[key] = config[key] === widened || nested[key] === widened ? widened : !widened
+  }
+  return out
+}
+
+function privateValue (target: object, description: string): unknown {
+  for (const symbol of Object.getOwnPropertySymbols(target)) {
+    if (symbol.description === description) return (target as Record<symbol, unknown>)[symbol]
+  }
+  return undefined
 }
 
 /**

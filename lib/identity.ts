@@ -10,7 +10,7 @@ import { X509Certificate } from 'node:crypto'
 import { LRUCache } from 'lru-cache'
 import type { Socket } from 'node:net'
 import type { TLSSocket, DetailedPeerCertificate } from 'node:tls'
-import { parseSpiffeId, parseSubjectAltNames } from './spiffe'
+import { parseSpiffeId, parseSubjectAltNames, serviceSpiffeId } from './spiffe'
 
 /** A verified caller, exposed as `request.consulSource`. */
 export interface ServiceIdentity {
@@ -204,6 +204,9 @@ export function identityFromCertificate (cert: X509Certificate, trustDomain: str
   if (sans.uris.length !== 1 || sans.quotedUris !== 0) {
     return noIdentity(`expected exactly one URI SAN, found ${sans.uris.length}${sans.quotedUris > 0 ? ' (quoted)' : ''}`, epoch)
   }
+  // A CA certificate is never a caller, whatever it names (docs/semantics.md#paths-canonical-identity).
+  // (X509Certificate#ca is not this: OpenSSL also requires keyCertSign when a key usage is present.)
+  if (isCaCertificate(cert.raw)) return noIdentity('client certificate is a CA certificate (basicConstraints CA:TRUE)', epoch)
   // Consul leaves carry clientAuth; OpenSSL checks it too, this keeps the rule explicit.
   const eku = cert.keyUsage
   if (eku !== undefined && !eku.includes(CLIENT_AUTH_OID)) return noIdentity('certificate lacks the clientAuth extended key usage', epoch)
@@ -214,6 +217,9 @@ export function identityFromCertificate (cert: X509Certificate, trustDomain: str
   if (id.trustDomain !== trustDomain.toLowerCase()) {
     return noIdentity(`trust domain ${id.trustDomain} is not ${trustDomain}`, epoch)
   }
+  // One identity, one spelling: the ID must be written exactly as Consul writes it (docs/semantics.md#paths-canonical-identity).
+  const canonical = serviceSpiffeId(id.trustDomain, id)
+  if (uri !== canonical) return noIdentity(`SPIFFE ID ${uri} is not in Consul's canonical form (${canonical})`, epoch)
   const identity: ServiceIdentity = Object.freeze({
     uri,
     trustDomain: id.trustDomain,
@@ -269,4 +275,61 @@ export function chainsToCurrentRoots (leaf: X509Certificate, candidates: readonl
 
 function validAt (cert: X509Certificate, now: number): boolean {
   return now >= Date.parse(cert.validFrom) && now < Date.parse(cert.validTo)
+}
+
+const BASIC_CONSTRAINTS_OID = Buffer.from([0x55, 0x1d, 0x13]) // 2.5.29.19
+
+/**
+ * Whether a DER certificate's basicConstraints says CA:TRUE, read by walking its structure:
+ * Certificate → tbsCertificate → [3] extensions → the basicConstraints extension. A certificate
+ * whose structure cannot be walked counts as a CA (fail closed); TLS already parsed it, so that
+ * does not happen for a verified peer.
+ */
+export function isCaCertificate (der: Buffer): boolean {
+  const certificate = tlv(der, 0)
+  if (certificate === null) return true
+  const tbs = tlv(der, certificate.start)
+  if (tbs === null) return true
+  for (let at = tbs.start; at < tbs.end;) {
+    const field = tlv(der, at)
+    if (field === null) return true
+    if (der[at] === 0xa3) {
+      const extensions = tlv(der, field.start)
+      if (extensions === null) return true
+      for (let e = extensions.start; e < extensions.end;) {
+        const extension = tlv(der, e)
+        if (extension === null) return true
+        const oid = tlv(der, extension.start)
+        if (oid === null) return true
+        if (der.subarray(oid.start, oid.end).equals(BASIC_CONSTRAINTS_OID)) {
+          const critical = der[oid.end] === 0x01 ? tlv(der, oid.end) : oid
+          // An OCTET STRING holding BasicConstraints ::= SEQUENCE { cA BOOLEAN DEFAULT FALSE, ... }
+          const value = critical === null ? null : tlv(der, critical.end)
+          const sequence = value === null ? null : tlv(der, value.start)
+          if (sequence === null) return true
+          return sequence.start < sequence.end && der[sequence.start] === 0x01 && der[sequence.start + 2] !== 0x00
+        }
+        e = extension.end
+      }
+      return false
+    }
+    at = field.end
+  }
+  return false
+}
+
+/** One DER TLV at `at`: where its contents start and end, or null when malformed. */
+function tlv (der: Buffer, at: number): { start: number, end: number } | null {
+  if (at + 2 > der.length) return null
+  let length = der[at + 1] as number
+  let start = at + 2
+  if (length >= 0x80) {
+    const bytes = length & 0x7f
+    if (bytes === 0 || bytes > 4 || start + bytes > der.length) return null
+    length = 0
+    for (let i = 0; i < bytes; i++) length = length * 256 + (der[start + i] as number)
+    start += bytes
+  }
+  const end = start + length
+  return end > der.length ? null : { start, end }
 }

@@ -96,7 +96,11 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
   }
   const authorizer = opts.mode === 'agent' ? new AgentAuthorizer(client, opts.service) : null
   if (authorizer !== null) sync.events.on('intentions', () => authorizer.invalidate())
-  const routes = new RoutePolicies(router)
+  const routes = new RoutePolicies(router, {
+    hasRoute: (route) => fastify.hasRoute(route as Parameters<typeof fastify.hasRoute>[0]),
+    log,
+    maxRegexProgramSize: opts.maxRegexProgramSize
+  })
   const rollout = new Rollout(opts, sync, routes, router, log)
   sync.rollout = () => rollout.status()
   const enforcer = new Enforcer(tls, sync, router, authorizer, { enforcement: opts.enforcement, candidate: rollout.candidate })

@@ -4,6 +4,7 @@ import type { AgentOptions } from './agent/config'
 import { resolveCertificatesOption } from './certificates/options'
 import type { CertificatesOptions } from './certificates/options'
 import { InvalidOptionError } from './errors'
+import { DEFAULT_MAX_REGEX_PROGRAM_SIZE } from './intentions/matchers'
 import type { IntentionPermission } from './agent/wire'
 import type { RouteSource } from './intentions/policy'
 import { validateRegisterOption } from './registration'
@@ -52,6 +53,11 @@ export interface ConsulNativeOptions {
    * it, and disagreements with the live intentions are counted and logged. Never changes a response.
    */
   candidate?: string | Record<string, unknown>
+  /**
+   * The largest RE2 program a `PathRegex` or header `Regex` may compile to (re2js `programSize()`);
+   * a larger one rejects the intention update, or the route. Default 100, Envoy's default.
+   */
+  maxRegexProgramSize?: number
 }
 
 /** How denials are applied: answered (`'enforce'`) or only recorded (`'shadow'`). */
@@ -95,6 +101,7 @@ export interface ResolvedOptions {
   readonly enforcement: Enforcement
   /** An inline entry, or a file path; null without a candidate. */
   readonly candidate: string | Record<string, unknown> | null
+  readonly maxRegexProgramSize: number
 }
 
 export const DEFAULT_READY_TIMEOUT = 8_000
@@ -102,7 +109,7 @@ export const DEFAULT_BLOCKING_WAIT = 300_000
 export const MAX_BLOCKING_WAIT = 600_000
 export const DEFAULT_HEALTH_URL = '/health'
 
-const KNOWN = new Set(['service', 'agent', 'datacenter', 'namespace', 'partition', 'readyTimeout', 'defaultPolicy', 'health', 'mode', 'blockingWait', 'register', 'certificates', 'recheckUpgrades', 'enforcement', 'candidate'])
+const KNOWN = new Set(['service', 'agent', 'datacenter', 'namespace', 'partition', 'readyTimeout', 'defaultPolicy', 'health', 'mode', 'blockingWait', 'register', 'certificates', 'recheckUpgrades', 'enforcement', 'candidate', 'maxRegexProgramSize'])
 // Consul service names are DNS-friendly; this also keeps them safe inside a URL path segment.
 const SERVICE_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]*$/
 
@@ -143,8 +150,16 @@ export function resolveOptions (raw: unknown): ResolvedOptions {
     certificates,
     recheckUpgrades: optionalBoolean(opts, 'recheckUpgrades'),
     enforcement: oneOf(opts, 'enforcement', ['enforce', 'shadow'] as const),
-    candidate
+    candidate,
+    maxRegexProgramSize: positiveInteger(opts, 'maxRegexProgramSize', DEFAULT_MAX_REGEX_PROGRAM_SIZE)
   }
+}
+
+function positiveInteger (opts: Record<string, unknown>, name: string, fallback: number): number {
+  const value = opts[name]
+  if (value === undefined) return fallback
+  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < 1) fail(name, `must be a positive integer, got ${JSON.stringify(value)}`)
+  return value
 }
 
 /** `readyTimeout` must leave Fastify's `pluginTimeout` (0: none) room, or register() would time out first. */

@@ -38,17 +38,27 @@ export class RoutePolicies {
   readonly #late = new WeakMap<object, RoutePolicy>()
   /** Every policy compiled so far, by `'METHOD /url'` (status and explain read it). */
   readonly named = new Map<string, RoutePolicy>()
+  readonly #fastify: RouteHost
 
-  constructor (router: RouterOptions) {
+  constructor (router: RouterOptions, fastify: RouteHost) {
     this.#router = router
+    this.#fastify = fastify
   }
 
   /** The `onRoute` hook body: compiles the route's setting once and keeps it in its config. */
   compile (route: RouteOptions): void {
     const name = `${String(route.method)} ${route.url}`
-    const policy = withPrefixTwin(compileRoutePolicy(route.config?.consulNative, name), route, this.#router)
+    const policy = withPrefixTwin(this.#compileLogged(route.config?.consulNative, name), route, this.#router)
     this.named.set(name, policy)
     route.config = { ...route.config, [kRoutePolicy]: policy } as typeof route.config
+  }
+
+  #compileLogged (value: unknown, name: string): RoutePolicy {
+    const policy = compileRoutePolicy(value, name, this.#fastify.maxRegexProgramSize)
+    for (const warning of policy.override?.warnings ?? []) {
+      this.#fastify.log.warn({ consulNative: { event: 'route-path-rule', route: name } }, `fastify-consul-native: route ${name}: ${warning}`)
+    }
+    return policy
   }
 
   /** The policy of the route a request reached: a property read on the request path. */
@@ -58,20 +68,39 @@ export class RoutePolicies {
     return (config[kRoutePolicy] as RoutePolicy | undefined) ?? this.#late.get(config) ?? this.#compileLate(config, request)
   }
 
+  /**
+   * A route declared before the plugin gets the same policy as one declared after: its override,
+   * and the prefixed-root twin (docs/semantics.md#paths-declaration-order). Its declaration is
+   * gone by now; a context whose URL is registered both with and without a trailing slash is
+   * taken as such a twin.
+   */
   #compileLate (config: Record<string | symbol, unknown>, request: FastifyRequest): RoutePolicy {
-    const name = `${request.method} ${String(request.routeOptions.url)}`
-    const policy = compileRoutePolicy(config.consulNative, name)
+    const url = String(config.url)
+    const method = request.method
+    const name = `${method} ${url}`
+    let policy = this.#compileLogged(config.consulNative, name)
+    const host = this.#fastify
+    if (url !== '/' && !url.endsWith('/') && host.hasRoute({ method, url }) && host.hasRoute({ method, url: url + '/' })) {
+      policy = withPrefixTwin(policy, { prefix: url, routePath: '', prefixTrailingSlash: request.routeOptions.prefixTrailingSlash }, this.#router)
+    }
     this.#late.set(config, policy)
     this.named.set(name, policy)
     return policy
   }
 }
 
+/** What RoutePolicies needs of the Fastify instance and the plugin's options. */
+export interface RouteHost {
+  hasRoute (route: { method: string, url: string }): boolean
+  readonly log: { warn (obj: object, msg: string): void }
+  readonly maxRegexProgramSize?: number
+}
+
 /**
  * Compiles a route's `config.consulNative` value. Throws FST_CONSUL_NATIVE_INVALID_ROUTE_CONFIG,
  * naming the route, for anything but `undefined`, `false` or `{ sources: [...] }`.
  */
-export function compileRoutePolicy (value: unknown, route: string): RoutePolicy {
+export function compileRoutePolicy (value: unknown, route: string, maxRegexProgramSize?: number): RoutePolicy {
   if (value === undefined) return SERVICE_POLICY
   if (value === false) return EXEMPT_POLICY
   if (value === null || typeof value !== 'object' || Array.isArray(value)) {
@@ -92,7 +121,7 @@ export function compileRoutePolicy (value: unknown, route: string): RoutePolicy 
   }
   try {
     const normalized = sources.map((source, i) => canonicalSource(source, `sources[${i}]`))
-    return Object.freeze({ exempt: false, override: compileOverride(normalized), enforcement: enforcement ?? null })
+    return Object.freeze({ exempt: false, override: compileOverride(normalized, maxRegexProgramSize), enforcement: enforcement ?? null })
   } catch (err) {
     throw new InvalidRouteConfigError(route, (err as Error).message, { cause: err })
   }

@@ -152,8 +152,8 @@ export class ConsulSync {
   get normalization (): RequestNormalization | null { return this.#normalization }
 
   /** The live inputs of the policy in force, to compile a candidate against. */
-  get liveInputs (): { intentions: readonly Intention[], defaultAllow: boolean, protocol: string } {
-    return { intentions: this.#currentIntentions, defaultAllow: this.#defaultAllow, protocol: this.#protocol }
+  get liveInputs (): { intentions: readonly Intention[], defaultAllow: boolean, protocol: string, maxRegexProgramSize: number } {
+    return { intentions: this.#currentIntentions, defaultAllow: this.#defaultAllow, protocol: this.#protocol, maxRegexProgramSize: this.#opts.maxRegexProgramSize }
   }
 
   /** Every first value loaded, and the leaf within its validity period. */
@@ -269,7 +269,9 @@ export class ConsulSync {
   #compile (change: { intentions?: Intention[], index?: number, protocol?: string }): void {
     const intentions = change.intentions ?? this.#currentIntentions
     const protocol = change.protocol ?? this.#protocol
-    const policy = compilePolicy({ destination: this.#opts.service, intentions, defaultAllow: this.#defaultAllow, protocol })
+    const policy = compilePolicy({
+      destination: this.#opts.service, intentions, defaultAllow: this.#defaultAllow, protocol, maxRegexProgramSize: this.#opts.maxRegexProgramSize
+    })
     for (const warning of policy.warnings) {
       // Once per distinct cause for the life of the plugin, not on every recompile.
       if (this.#warned.has(warning)) continue

@@ -135,7 +135,7 @@ t.test('chainsToCurrentRoots: expired links and unreadable dates fail closed', a
   const leaf = new X509Certificate((await ca.signLeaf('web')).certPem)
   t.equal(chainsToCurrentRoots(leaf, [], [root], Date.now()), true)
   t.equal(chainsToCurrentRoots(leaf, [], [root], Date.parse(leaf.validTo) + 1), false, 'an expired leaf')
-  const undated = { ...leaf, subjectAltName: leaf.subjectAltName, keyUsage: leaf.keyUsage, validFrom: 'garbage', validTo: 'garbage' } as unknown as X509Certificate
+  const undated = { ...leaf, raw: leaf.raw, subjectAltName: leaf.subjectAltName, keyUsage: leaf.keyUsage, validFrom: 'garbage', validTo: 'garbage' } as unknown as X509Certificate
   t.match(identityFromCertificate(undated, ca.trustDomain).reason, /unreadable certificate validity dates/)
 })
 

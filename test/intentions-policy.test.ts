@@ -359,7 +359,10 @@ t.test('L7 matching', async (t) => {
     t.equal(allowed(one(allow({ Header: [{ Name: 'x', Regex: 'é€' }] })), req('/', 'GET', ['x', 'é€'])), true, 'a string wider than bytes is matched as is')
     t.equal(allowed(one(allow({ Header: [{ Name: 'x', Regex: '€é' }] })), req('/', 'GET', ['x', '€é'])), true)
     t.equal(allowed(one(allow({ PathRegex: '/caf.' })), req(utf8('/café'))), true, 'a path kept raw (normalization disabled) too')
-    t.equal(allowed(one(allow({ PathExact: '/café' })), req(utf8('/café'))), true)
+    // Path rules are compared in the percent-encoded alphabet of canonical paths (docs/semantics.md#paths-non-ascii).
+    t.equal(allowed(one(allow({ PathExact: '/café' })), req('/caf%C3%A9')), true, 'a non-ASCII path rule matches the encoded path')
+    t.equal(allowed(one(allow({ PathPrefix: '/caf\u00e9/' })), req('/caf%C3%A9/x')), true)
+    t.equal(allowed(one(allow({ PathExact: '/café' })), req(utf8('/café'))), false, 'not raw bytes: canonical paths never carry them')
   })
 
   t.test('asciiLower returns its input when there is nothing to lower', async (t) => {

@@ -18,7 +18,8 @@ t.test('defaults', async (t) => {
     certificates: { source: 'agent' },
     recheckUpgrades: false,
     enforcement: 'enforce',
-    candidate: null
+    candidate: null,
+    maxRegexProgramSize: 100
   })
   t.same(resolveOptions({ service: 'api', health: {} }).health, { url: '/health' }, 'health: {} keeps the default url')
   t.equal(resolveOptions({ service: 'api', health: false }).health, null)

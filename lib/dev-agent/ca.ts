@@ -89,6 +89,8 @@ export interface IssueCertificateOptions {
   extKeyUsage?: Array<'serverAuth' | 'clientAuth'>
   /** Subject CN; the subject is empty when absent, as for Consul's leaves. */
   commonName?: string
+  /** basicConstraints CA:TRUE, which Consul never sets on a leaf. Default false. */
+  ca?: boolean
 }
 
 interface IssueParams {
@@ -98,6 +100,7 @@ interface IssueParams {
   notAfter: Date
   extKeyUsage: Array<'serverAuth' | 'clientAuth'>
   commonName?: string | undefined
+  ca?: boolean
 }
 
 interface SigningKey {
@@ -233,7 +236,8 @@ export class DevCertificateAuthority {
       notBefore,
       notAfter: opts.notAfter ?? new Date(notBefore.getTime() + this.#leafTTLms),
       extKeyUsage: opts.extKeyUsage ?? ['clientAuth', 'serverAuth'],
-      commonName: opts.commonName
+      commonName: opts.commonName,
+      ca: opts.ca === true
     })
     return { certPem, privateKeyPem }
   }
@@ -327,7 +331,7 @@ export class DevCertificateAuthority {
       ...opts.extKeyUsage.length > 0
         ? [extension(asn.id_ce_extKeyUsage, false, new asn.ExtendedKeyUsage(opts.extKeyUsage.map((usage) => EXTENDED_KEY_USAGES[usage])))]
         : [],
-      extension(asn.id_ce_basicConstraints, true, new asn.BasicConstraints({ cA: false })),
+      extension(asn.id_ce_basicConstraints, true, new asn.BasicConstraints({ cA: opts.ca === true })),
       extension(asn.id_ce_subjectKeyIdentifier, false, new asn.SubjectKeyIdentifier(keyIdOf(publicKey))),
       extension(asn.id_ce_authorityKeyIdentifier, false, authorityKeyIdentifier(root.key.keyId)),
       // RFC 5280 §4.2.1.6: with an empty subject the SAN extension must be critical.

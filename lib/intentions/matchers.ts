@@ -3,6 +3,7 @@
 // Rules: docs/semantics.md#permissions, docs/semantics.md#headers, docs/semantics.md#re2, docs/semantics.md#permission-validation.
 import { RE2JS } from 're2js'
 import { AUTHORITY_MISMATCH_REASON, headerAmbiguity, isHttp2, nameIs, recordRepeated, SINGLE_HTTP1, SINGLE_HTTP2, singleValued } from './headers'
+import { canonicalRulePath } from './path'
 
 /** A permission (or route source) that cannot be compiled; the message says exactly what is wrong. */
 export class RuleError extends TypeError {}
@@ -94,8 +95,10 @@ export class HeaderMatcher implements HeaderMatcherFields {
 export interface PermissionMatcherFields {
   readonly methods: readonly string[] | null
   readonly pathKind: PathMatchKind
-  /** UTF-8 bytes as a latin1 string for 'exact' and 'prefix'; the pattern for 'regex'. */
+  /** The canonical percent-spelling for 'exact' and 'prefix' (docs/semantics.md#paths-non-ascii); the pattern for 'regex'. */
   readonly pathValue: string
+  /** The path rule as written; defaults to `pathValue`. */
+  readonly writtenPath?: string
   /** Set for pathKind 'regex' only. */
   readonly pathRegex: RE2JS | null
   readonly headers: readonly HeaderMatcher[] | null
@@ -114,6 +117,7 @@ export class PermissionMatcher implements PermissionMatcherFields {
   readonly pathValue: string
   readonly pathRegex: RE2JS | null
   readonly headers: readonly HeaderMatcher[] | null
+  readonly writtenPath: string
 
   constructor (fields: PermissionMatcherFields) {
     this.methods = fields.methods
@@ -121,6 +125,7 @@ export class PermissionMatcher implements PermissionMatcherFields {
     this.pathValue = fields.pathValue
     this.pathRegex = fields.pathRegex
     this.headers = fields.headers
+    this.writtenPath = fields.writtenPath ?? fields.pathValue
   }
 
   matches (method: string, path: string, url: string, rawHeaders: readonly string[]): boolean {
@@ -242,10 +247,23 @@ function ruleBytes (s: string): string {
   return /^[\x00-\x7f]*$/.test(s) ? s : Buffer.from(s, 'utf8').toString('latin1')
 }
 
-/** Compiled patterns shared within one compilation: a compiled RE2 program costs ~5 KiB. */
-export type RegexCache = Map<string, RE2JS>
+/** Envoy's default bound on an RE2 program's size (docs/semantics.md#paths-regex-size). */
+export const DEFAULT_MAX_REGEX_PROGRAM_SIZE = 100
 
-/** Compile an RE2 pattern; a pattern RE2 rejects fails here, at compile time (docs/semantics.md#re2). */
+/**
+ * Compiled patterns shared within one compilation (a compiled RE2 program costs ~5 KiB), and the
+ * largest program size that compilation accepts.
+ */
+export class RegexCache extends Map<string, RE2JS> {
+  constructor (readonly maxProgramSize: number = DEFAULT_MAX_REGEX_PROGRAM_SIZE) {
+    super()
+  }
+}
+
+/**
+ * Compile an RE2 pattern; a pattern RE2 rejects, or whose program is larger than the cache's
+ * bound, fails here, at compile time (docs/semantics.md#re2, docs/semantics.md#paths-regex-size).
+ */
 export function compileRegex (pattern: string, where: string, cache: RegexCache): RE2JS {
   let re = cache.get(pattern)
   if (re !== undefined) return re
@@ -253,6 +271,13 @@ export function compileRegex (pattern: string, where: string, cache: RegexCache)
     re = RE2JS.compile(pattern)
   } catch (err) {
     throw new RuleError(`${where} ${JSON.stringify(pattern)} is not a valid RE2 regular expression: ${(err as Error).message}`)
+  }
+  // RE2 matches in linear time, but per input byte in proportion to its program: a large one
+  // blocks the event loop on every request, so it is refused as Envoy refuses it.
+  const size = re.programSize()
+  if (size > cache.maxProgramSize) {
+    throw new RuleError(`${where} ${JSON.stringify(pattern)} compiles to an RE2 program of size ${size}, above the limit of ` +
+      `${cache.maxProgramSize} (raise it with the maxRegexProgramSize option)`)
   }
   cache.set(pattern, re)
   return re
@@ -309,12 +334,13 @@ export function compileHttp (http: unknown, where: string, strict: boolean, cach
   let pathValue = ''
   let pathRegex: RE2JS | null = null
   if (exact !== '') {
+    // Request paths are compared percent-encoded: a literal rule is spelled the same way (docs/semantics.md#paths-non-ascii).
     pathKind = 'exact'
-    pathValue = ruleBytes(exact)
+    pathValue = canonicalRulePath(exact)
     if (strict && !exact.startsWith('/')) throw new RuleError(`${where}.PathExact must start with "/"`)
   } else if (prefix !== '') {
     pathKind = 'prefix'
-    pathValue = ruleBytes(prefix)
+    pathValue = canonicalRulePath(prefix)
     if (strict && !prefix.startsWith('/')) throw new RuleError(`${where}.PathPrefix must start with "/"`)
   } else if (regex !== '') {
     pathKind = 'regex'
@@ -328,7 +354,8 @@ export function compileHttp (http: unknown, where: string, strict: boolean, cach
   if (strict && pathKind === 'none' && methods === null && headers === null) {
     throw new RuleError(`${where} must set at least one of PathExact, PathPrefix, PathRegex, Methods, Header`)
   }
-  return new PermissionMatcher({ methods, pathKind, pathValue, pathRegex, headers })
+  const writtenPath = exact !== '' ? exact : prefix !== '' ? prefix : regex
+  return new PermissionMatcher({ methods, pathKind, pathValue, pathRegex, headers, writtenPath })
 }
 
 function compileMethods (v: unknown, where: string, strict: boolean): string[] | null {
@@ -391,6 +418,24 @@ function compileHeader (h: unknown, where: string, cache: RegexCache): HeaderMat
   const regex = kind === 'regex' ? compileRegex(value, `${where}.Regex`, cache) : null
   const bytes = kind === 'regex' ? value : ruleBytes(value)
   return new HeaderMatcher({ name: lname, source, kind, value: ignoreCase ? asciiLower(bytes) : bytes, regex, ignoreCase, invert })
+}
+
+/**
+ * How a path rule with characters request paths never carry literally is compared, for a load-time
+ * warning (docs/semantics.md#paths-non-ascii), or null: `PathExact`/`PathPrefix` are compared
+ * percent-encoded (Envoy compares them as written and never matches them); a `PathRegex` with a
+ * non-ASCII character can only match percent-encoded text.
+ */
+export function pathRuleNote (m: PermissionMatcher): string | null {
+  if (m.pathKind === 'regex') {
+    // eslint-disable-next-line no-control-regex
+    return /[^\x00-\x7f]/.test(m.pathValue)
+      ? `PathRegex ${JSON.stringify(m.pathValue)} has non-ASCII characters, but request paths are matched percent-encoded (write them as %XX escapes of their UTF-8 bytes)`
+      : null
+  }
+  if (m.writtenPath === m.pathValue) return null
+  return `${m.pathKind === 'exact' ? 'PathExact' : 'PathPrefix'} ${JSON.stringify(m.writtenPath)} is compared as ${JSON.stringify(m.pathValue)}, ` +
+    'the percent-encoded spelling request paths are compared in; Envoy compares it as written and never matches it: write it encoded'
 }
 
 /** Whether a literal path rule uses lower-case percent-escapes, which canonical paths never contain. */

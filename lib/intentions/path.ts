@@ -217,30 +217,162 @@ const SUB_DELIM_ESCAPED = /%(?:2[1789A]|5[BD])/gi
 const SUB_DELIM_ANY = /[!'()*[\]%]/
 
 /**
- * The other spellings of the canonical `path` that Fastify's router sends to the same handler:
- * the router's own lookup key under `router` (semicolon cut, duplicate slashes removed, trailing
- * slash trimmed and re-added, lower-cased), the `(`/`%28`-style spellings of the characters
- * find-my-way decodes, and, when the raw `url` is given, the router's view of it (dot segments,
- * backslashes, double or escaped slashes left as the router sees them), spelled canonically.
- * The hook evaluates each as an alternate path (see `decideSpellings`): an alternate can only add
- * a denial from a deny permission. Returns a shared empty array when nothing applies.
- * Limitation: with `caseSensitive: false` only lower-case spellings are produced, so path rules
- * must be written in lower case to cover every case variant.
+ * The other spellings of the canonical `path` that Fastify's router sends to the same handler
+ * (docs/semantics.md#router-spellings): the router's own lookup key under `router` (semicolon cut,
+ * duplicate slashes removed, trailing slash trimmed and re-added, lower-cased), the `(`/`%28`-style
+ * spellings of the characters find-my-way decodes, and, when the raw `url` is given, the router's
+ * view of it: dot segments, backslashes and escaped slashes left as sent, and, when the target
+ * carries escapes or non-ASCII, find-my-way's own decoded path, folded exactly as the router folds
+ * it (`toLowerCase` on the *decoded* text, docs/semantics.md#paths-unicode-case) and the path with
+ * reserved escapes decoded the way route parameters are (docs/semantics.md#paths-parameters), each
+ * spelled canonically. The hook evaluates each as an alternate path (see `decideSpellings`): an
+ * alternate can only add a denial from a deny permission. Returns a shared empty array when
+ * nothing applies. `urlIsPath`: the caller already knows `url` is `path` plus a query or fragment.
  */
-export function routerPaths (path: string, router: RouterOptions, url?: string): readonly string[] {
+export function routerPaths (path: string, router: RouterOptions, url?: string, urlIsPath = false): readonly string[] {
   const plain = !router.ignoreTrailingSlash && !router.ignoreDuplicateSlashes && router.caseSensitive &&
     !router.useSemicolonDelimiter
   // The common case in one scan: the target is this path (plus a query) and spells nothing the
   // router would read differently.
-  if (plain && (url === undefined || sameTarget(url, path)) && isPlainSpelling(path)) return NO_PATHS
+  if (plain && (urlIsPath || url === undefined || sameTarget(url, path)) && isPlainSpelling(path)) return NO_PATHS
   // Not skipped when url === path: with normalization disabled the raw path is not percent-canonical.
   let routed = url === undefined ? null : routedSpelling(url)
   if (routed === path) routed = null
-  if (plain && routed === null && !SUB_DELIM_ANY.test(path)) return NO_PATHS
+  const decoded = url === undefined ? null : routerDecodedPath(url, router.useSemicolonDelimiter)
+  if (plain && routed === null && decoded === null && !SUB_DELIM_ANY.test(path)) return NO_PATHS
   const out: string[] = []
   addVariants(out, path, path, router)
   if (routed !== null) addVariants(out, path, routed, router)
+  if (decoded !== null) {
+    const reserved = decodedHasReservedEscape
+    addDecodedVariants(out, path, decoded, router, false)
+    if (reserved) {
+      // What a route parameter holds: find-my-way decodes the reserved escapes it left in the path.
+      const param = decodeReservedEscapes(decoded)
+      addDecodedVariants(out, path, param, router, true)
+      const resolved = removeDotSegments(param)
+      if (resolved !== param) addDecodedVariants(out, path, resolved, router, true)
+    }
+  }
   return out.length === 0 ? NO_PATHS : out
+}
+
+// Set by routerDecodedPath: whether an escape of a reserved character is left in its result.
+let decodedHasReservedEscape = false
+const RESERVED_ESCAPE = /%(?:2[3-6BbCcFf]|3[AaBbDdFf]|40)/
+const RESERVED_ESCAPE_ALL = /%(?:2[3-6BbCcFf]|3[AaBbDdFf]|40)/g
+const PERCENT_25 = /%25/g
+
+/**
+ * find-my-way's decoded path for a request target (its `safeDecodeURI`), when the target carries
+ * an escape or a non-ASCII character; null otherwise, and when the router would refuse the target.
+ * The path ends at the first `?` or `#` (or `;` with `useSemicolonDelimiter`); escapes of the
+ * reserved characters `# $ % & + , / : ; = ? @` are kept as written, every other escape is decoded
+ * as UTF-8 (`decodeURI`; an escape that is not UTF-8 makes the router answer 400).
+ */
+function routerDecodedPath (url: string, semicolon: boolean): string | null {
+  let start = 0
+  if (url.charCodeAt(0) !== 47) {
+    const m = /^https?:\/\/[^/?#]+/i.exec(url)
+    if (m === null) return null
+    start = m[0].length
+  }
+  let end = url.length
+  let special = false
+  for (let i = start + 1; i < end; i++) {
+    const c = url.charCodeAt(i)
+    if (c === 63 || c === 35 || (c === 59 && semicolon)) { end = i; break }
+    if (c === 37 || c >= 0x80) special = true
+  }
+  if (!special) return null
+  let path = url.slice(start, end)
+  decodedHasReservedEscape = RESERVED_ESCAPE.test(path)
+  if (path.includes('%')) {
+    try {
+      // find-my-way re-escapes '%25' first so decodeURI leaves it as it was.
+      path = decodeURI(path.replace(PERCENT_25, '%2525'))
+    } catch {
+      return null
+    }
+  }
+  return path
+}
+
+/** find-my-way's `safeDecodeURIComponent` on a decoded path: the reserved escapes it kept, decoded. */
+function decodeReservedEscapes (path: string): string {
+  return path.replace(RESERVED_ESCAPE_ALL, (m) => String.fromCharCode(parseInt(m.slice(1), 16)))
+}
+
+/**
+ * Decoded text spelled canonically: non-ASCII as upper-case UTF-8 escapes, characters a path may
+ * not carry literally escaped, escapes left in the text upper-cased (or, with `literalPercent`,
+ * every `%` written `%25`: the text is fully decoded).
+ */
+function spellDecoded (text: string, literalPercent: boolean): string {
+  let out = ''
+  let last = 0
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i)
+    let rep: string
+    if (c === 37) {
+      if (literalPercent) {
+        rep = '%25'
+      } else {
+        // Only escapes of reserved characters survive decodeURI, each valid: upper-case it.
+        rep = '%' + text.slice(i + 1, i + 3).toUpperCase()
+        out += text.slice(last, i) + rep
+        i += 2
+        last = i + 1
+        continue
+      }
+    } else if (c >= 0x80) {
+      const cp = text.codePointAt(i) as number
+      rep = ''
+      for (const b of Buffer.from(String.fromCodePoint(cp), 'utf8')) rep += escapeByte(b)
+      if (cp > 0xffff) {
+        out += text.slice(last, i) + rep
+        i++
+        last = i + 1
+        continue
+      }
+    } else if ((CLASS[c] & (ESCAPE | INVALID)) !== 0) {
+      rep = escapeByte(c)
+    } else {
+      continue
+    }
+    out += text.slice(last, i) + rep
+    last = i + 1
+  }
+  return last === 0 ? text : out + text.slice(last)
+}
+
+/**
+ * A `PathExact`/`PathPrefix` rule in the alphabet request paths are compared in
+ * (docs/semantics.md#paths-non-ascii): non-ASCII characters as upper-case UTF-8 escapes, and the
+ * characters a canonical path never carries literally escaped. Escapes the rule already has are
+ * left as written. Returns `rule` itself when nothing changes.
+ */
+export function canonicalRulePath (rule: string): string {
+  let out = ''
+  let last = 0
+  for (let i = 0; i < rule.length; i++) {
+    const c = rule.charCodeAt(i)
+    if (c < 0x80 && (c === 37 || (CLASS[c] & (ESCAPE | INVALID)) === 0)) continue
+    let rep: string
+    if (c >= 0x80) {
+      const cp = rule.codePointAt(i) as number
+      rep = ''
+      for (const b of Buffer.from(String.fromCodePoint(cp), 'utf8')) rep += escapeByte(b)
+      out += rule.slice(last, i) + rep
+      if (cp > 0xffff) i++
+      last = i + 1
+      continue
+    }
+    rep = escapeByte(c)
+    out += rule.slice(last, i) + rep
+    last = i + 1
+  }
+  return last === 0 ? rule : out + rule.slice(last)
 }
 
 function sameTarget (url: string, path: string): boolean {
@@ -299,6 +431,30 @@ function addVariants (out: string[], primary: string, base: string, router: Rout
       add(out, primary, f.replace(SUB_DELIM_ESCAPED, (m) => String.fromCharCode(parseInt(m.slice(1), 16))))
       add(out, primary, f.replace(SUB_DELIM_LITERAL, (m) => escapeByte(m.charCodeAt(0))))
     }
+  }
+}
+
+/**
+ * The router's lookup keys for a decoded path: duplicate slashes removed, trailing slash trimmed
+ * and re-added, lower-cased with `toLowerCase` on the decoded text as find-my-way does (so
+ * U+212A KELVIN SIGN folds to `k`), each then spelled canonically.
+ */
+function addDecodedVariants (out: string[], primary: string, decoded: string, router: RouterOptions, literalPercent: boolean): void {
+  const forms = [decoded]
+  if (router.ignoreDuplicateSlashes) forms.push(decoded.replace(SLASH_RUN, '/'))
+  if (router.ignoreTrailingSlash) {
+    const key = forms[forms.length - 1]
+    const trimmed = key.length > 1 && key.endsWith('/') ? key.slice(0, -1) : key
+    forms.push(trimmed)
+    if (trimmed !== '/') forms.push(trimmed + '/')
+  }
+  if (!router.caseSensitive) {
+    for (let i = forms.length - 1; i >= 0; i--) forms.push(forms[i].toLowerCase())
+  }
+  for (const f of forms) {
+    const spelled = spellDecoded(f, literalPercent)
+    add(out, primary, spelled)
+    if (SUB_DELIM_ANY.test(spelled)) add(out, primary, spelled.replace(SUB_DELIM_LITERAL, (m) => escapeByte(m.charCodeAt(0))))
   }
 }
 

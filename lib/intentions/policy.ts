@@ -3,7 +3,7 @@
 // Rules: docs/semantics.md#decision-rules and docs/semantics.md#request-rules.
 import type { Intention, IntentionPermission } from '../agent/wire'
 import { InvalidIntentionsError } from '../errors'
-import { type HeaderMatcher, MATCHED, MISMATCH_HEADER, MISMATCH_METHOD, PermissionMatcher, type RegexCache, RuleError, compileHttp, hasLowercaseEscape, isObject } from './matchers'
+import { DEFAULT_MAX_REGEX_PROGRAM_SIZE, type HeaderMatcher, MATCHED, MISMATCH_HEADER, MISMATCH_METHOD, PermissionMatcher, RegexCache, RuleError, compileHttp, hasLowercaseEscape, isObject, pathRuleNote } from './matchers'
 
 export { RuleError } from './matchers'
 
@@ -51,6 +51,8 @@ export interface PolicyInput {
   defaultAllow: boolean
   /** The service protocol: only 'http', 'http2' and 'grpc' evaluate L7 permissions (docs/semantics.md#protocol). */
   protocol: string
+  /** The largest RE2 program accepted (docs/semantics.md#paths-regex-size); default 100, as Envoy. */
+  maxRegexProgramSize?: number
 }
 
 /** A route-level source rule: like a `service-intentions` source, evaluated before the service's policy. */
@@ -171,12 +173,15 @@ function earliest (byName: ReadonlyMap<string, number>, service: string, best: n
 /** A route's `sources`, compiled by compileOverride(). */
 export class CompiledOverride {
   readonly size: number
+  /** One line per path rule compared otherwise than written (docs/semantics.md#paths-non-ascii), for the caller to log. */
+  readonly warnings: readonly string[]
   /** In precedence order. */
   readonly #rules: readonly Rule[]
 
-  constructor (rules: readonly Rule[]) {
+  constructor (rules: readonly Rule[], warnings: readonly string[] = []) {
     this.#rules = rules
     this.size = rules.length
+    this.warnings = Object.freeze(warnings)
   }
 
   ruleFor (caller: CallerIdentity, trace: DecisionTrace | null): Rule | null {
@@ -276,6 +281,23 @@ export function decideSpellings (policy: CompiledPolicy, override: CompiledOverr
   return d
 }
 
+/**
+ * `decideSpellings` for a route override alone (mode `'agent'`, docs/semantics.md#paths-agent-mode): the
+ * same spelling rules, and null when no override source matches the caller (the agent then decides).
+ */
+export function decideOverrideSpellings (override: CompiledOverride, caller: CallerIdentity, req: RequestFacts,
+  alternatePaths: readonly string[], policy: CompiledPolicy, trace: DecisionTrace | null = null): Decision | null {
+  const rule = override.ruleFor(caller, trace)
+  if (rule === null) return null
+  const d = evaluate(rule, req, policy.defaultAllow, trace)
+  if (!d.allow || rule.fixed !== null) return d
+  for (let i = 0; i < alternatePaths.length; i++) {
+    const denial = alternateDenial(rule, req, alternatePaths[i], trace)
+    if (denial !== null) return denial
+  }
+  return d
+}
+
 // ---------------------------------------------------------------------------------------------
 // Compilation
 
@@ -362,7 +384,7 @@ function l7Rule (partition: string, namespace: string, name: string, fixed: Deci
   }
 }
 
-interface Counts { peer: number, sameness: number, jwt: number, destination: number, l7OnTcp: number, lowercase: string[] }
+interface Counts { peer: number, sameness: number, jwt: number, destination: number, l7OnTcp: number, lowercase: string[], pathNotes: string[] }
 
 function compileIntention (ixn: Intention, http: boolean, protocol: string, counts: Counts, cache: RegexCache): Rule {
   const src = label(ixn.SourcePartition, ixn.SourceNS, ixn.SourceName)
@@ -393,6 +415,7 @@ function compileIntention (ixn: Intention, http: boolean, protocol: string, coun
     } else if (counts.lowercase.length === 0 && permissions.some((p) => hasLowercaseEscape(p.matcher))) {
       counts.lowercase.push(description)
     }
+    notePathRules(permissions, `intention ${description}`, counts.pathNotes)
     return l7Rule(partition, namespace, ixn.SourceName, fixed, permissions, head, ': ')
   } catch (err) {
     throw new InvalidIntentionsError(description, (err as Error).message)
@@ -422,7 +445,7 @@ export function compilePolicy (input: PolicyInput): CompiledPolicy {
   const protocol = input.protocol
   const http = HTTP_LIKE.has(protocol.toLowerCase())
 
-  const counts: Counts = { peer: 0, sameness: 0, jwt: 0, destination: 0, l7OnTcp: 0, lowercase: [] }
+  const counts: Counts = { peer: 0, sameness: 0, jwt: 0, destination: 0, l7OnTcp: 0, lowercase: [], pathNotes: [] }
   const kept: Intention[] = []
   for (const ixn of input.intentions) {
     // Peers and sameness groups never match a local identity (docs/semantics.md#peers).
@@ -436,7 +459,7 @@ export function compilePolicy (input: PolicyInput): CompiledPolicy {
 
   const rules: Rule[] = []
   const index = new Map<string, Map<string, Map<string, number>>>()
-  const cache: RegexCache = new Map()
+  const cache = new RegexCache(regexLimit(input.maxRegexProgramSize))
   for (const ixn of kept) {
     const rule = compileIntention(ixn, http, protocol, counts, cache)
     const position = rules.length
@@ -470,6 +493,7 @@ function warningsFor (c: Counts, protocol: string): string[] {
     w.push(`${c.l7OnTcp} intention(s) have L7 permissions but the service protocol ${JSON.stringify(protocol)} is not ` +
       'HTTP-like: they deny every request from their sources')
   }
+  w.push(...c.pathNotes)
   if (c.lowercase.length > 0) {
     w.push(`intention ${c.lowercase[0]} has a PathExact or PathPrefix with a lower-case percent-escape: request ` +
       'paths are compared with upper-case escapes, so it can only match with path normalization disabled')
@@ -494,9 +518,10 @@ function checkName (v: unknown, where: string, required: boolean, wildcard: bool
  * Consul validates a `service-intentions` entry source. Throws a TypeError (RuleError) whose
  * message says exactly what is wrong.
  */
-export function compileOverride (sources: readonly RouteSource[]): CompiledOverride {
+export function compileOverride (sources: readonly RouteSource[], maxRegexProgramSize?: number): CompiledOverride {
   const seen = new Map<string, number>()
-  const cache: RegexCache = new Map()
+  const cache = new RegexCache(regexLimit(maxRegexProgramSize))
+  const notes: string[] = []
   const compiled: Array<{ rule: Rule, precedence: number }> = []
   sources.forEach((s: unknown, i) => {
     const where = `sources[${i}]`
@@ -525,8 +550,9 @@ export function compileOverride (sources: readonly RouteSource[]): CompiledOverr
     const head = `route override ${where} ${partition === undefined && namespace === undefined ? name : label(partition, namespace, name)}`
     let rule: Rule
     if (l7) {
-      rule = l7Rule(orDefault(partition), orDefault(namespace), name, null,
-        compilePermissions(perms, `${where}.permissions`, true, head, false, cache), head, ': ')
+      const permissions = compilePermissions(perms, `${where}.permissions`, true, head, false, cache)
+      notePathRules(permissions, where, notes)
+      rule = l7Rule(orDefault(partition), orDefault(namespace), name, null, permissions, head, ': ')
     } else {
       const fixed = decision(action === 'allow', `${head} ${action as string}`)
       rule = fixedRule(head, orDefault(partition), orDefault(namespace), name, fixed)
@@ -537,5 +563,19 @@ export function compileOverride (sources: readonly RouteSource[]): CompiledOverr
   compiled.sort((a, b) => b.precedence - a.precedence ||
     compareBytes(a.rule.partition, b.rule.partition) || compareBytes(a.rule.namespace, b.rule.namespace) ||
     compareBytes(a.rule.name, b.rule.name))
-  return new CompiledOverride(compiled.map((c) => c.rule))
+  return new CompiledOverride(compiled.map((c) => c.rule), notes)
+}
+
+function regexLimit (max: number | undefined): number {
+  if (max === undefined) return DEFAULT_MAX_REGEX_PROGRAM_SIZE
+  if (!Number.isSafeInteger(max) || max < 1) throw new TypeError('maxRegexProgramSize must be a positive integer')
+  return max
+}
+
+/** Notes path rules compared otherwise than written (docs/semantics.md#paths-non-ascii). */
+function notePathRules (permissions: readonly Permission[], where: string, notes: string[]): void {
+  for (let i = 0; i < permissions.length; i++) {
+    const note = pathRuleNote(permissions[i].matcher)
+    if (note !== null) notes.push(`${where}, permission ${i + 1}: ${note}`)
+  }
 }

@@ -12,7 +12,7 @@ import type { RequestNormalization } from '../agent/wire'
 import { headerAmbiguity } from './headers'
 import { canonicalPath, routedPath, routerPaths } from './path'
 import type { RouterOptions } from './path'
-import { decideOverride, decideSpellings } from './policy'
+import { decideOverrideSpellings, decideSpellings } from './policy'
 import type { CallerIdentity, CompiledOverride, CompiledPolicy, Decision, DecisionTrace } from './policy'
 
 /**
@@ -111,13 +111,12 @@ export function decideRequest (service: ServiceRules, route: RouteRules, request
 
   facts.method = request.method
   // A ':path' header matcher sees the normalized path with the query, as Envoy's RBAC does.
-  facts.url = isPathOf(url, path) ? url : path + queryOf(url)
+  const urlIsPath = isPathOf(url, path)
+  facts.url = urlIsPath ? url : path + queryOf(url)
   facts.rawHeaders = rawHeaders
   facts.path = path
   headerAmbiguity.reason = null
-  const decision = service.agentDecides
-    ? (route.override === null ? null : decideOverride(route.override, caller, facts, service.policy, trace))
-    : decideLocally(service, route, caller, facts, url, trace)
+  const decision = service.agentDecides && route.override === null ? null : decideLocally(service, route, caller, facts, url, urlIsPath, trace)
   facts.rawHeaders = EMPTY
   // A header the decision read is one the application may read otherwise (docs/semantics.md#transport-headers).
   const ambiguity = headerAmbiguity.reason
@@ -129,18 +128,25 @@ export function decideRequest (service: ServiceRules, route: RouteRules, request
 /**
  * The canonical path decides, and every other spelling the router treats alike (per its options)
  * can only add a denial. The router dispatched on the path as sent, though: when that differs
- * structurally (dot segments, backslashes), it must be allowed in its own right.
+ * structurally (dot segments, backslashes), it must be allowed in its own right. In mode `'agent'`
+ * only the route override decides here, by the same rules; null: no override source matched.
  */
 function decideLocally (service: ServiceRules, route: RouteRules, caller: CallerIdentity, req: MutableFacts, url: string,
-  trace: DecisionTrace | null): Decision {
+  urlIsPath: boolean, trace: DecisionTrace | null): Decision | null {
   const router = route.router ?? service.router
   const path = req.path
-  let decision = decideSpellings(service.policy, route.override, caller, req, routerPaths(path, router), trace)
-  if (decision.allow) {
+  const agent = service.agentDecides
+  let decision = agent
+    ? decideOverrideSpellings(route.override as CompiledOverride, caller, req, routerPaths(path, router, url, urlIsPath), service.policy, trace)
+    : decideSpellings(service.policy, route.override, caller, req, routerPaths(path, router, url, urlIsPath), trace)
+  if (decision !== null && decision.allow) {
     const routed = routedPath(url)
     if (routed !== null && routed !== path) {
       req.path = routed
-      decision = decideSpellings(service.policy, route.override, caller, req, routerPaths(routed, router), trace)
+      const alternates = routerPaths(routed, router)
+      decision = agent
+        ? decideOverrideSpellings(route.override as CompiledOverride, caller, req, alternates, service.policy, trace)
+        : decideSpellings(service.policy, route.override, caller, req, alternates, trace)
     }
   }
   return decision
