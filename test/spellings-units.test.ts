@@ -11,6 +11,7 @@ import { compileHttp, DEFAULT_MAX_REGEX_PROGRAM_SIZE, pathRuleNote, RegexCache }
 import { routerOptionsOf } from '../lib/fastify-internals'
 import { resolveOptions } from '../lib/options'
 import { identityFromCertificate, isCaCertificate } from '../lib/identity'
+import { decideRequest, newVerdict } from '../lib/intentions/request'
 import http2 from 'node:http2'
 import { get, leafFor, mtlsClient, rootPems, startAgent, startService } from './helpers/mesh'
 import { DevCertificateAuthority } from '../lib/dev-agent/index'
@@ -201,4 +202,18 @@ t.test('a CA:TRUE or non-canonical caller certificate gets 401 over HTTP/1.1 and
   }
   const good = await leafFor(agent, 'web')
   t.equal((await get(mtlsClient(t, good), `${svc.origin}/`)).status, 200, 'the canonical leaf the agent issues is served')
+})
+
+t.test('mode \'agent\': the route override decides the routed spelling in its own right too (docs/semantics.md#paths-agent-mode)', async (t) => {
+  const policy = compilePolicy({ destination: 'api', intentions: [], defaultAllow: false, protocol: 'http' })
+  const override = compileOverride([{ name: 'web', permissions: [{ Action: 'allow', HTTP: { PathPrefix: '/open' } }] } as never])
+  const service = { policy, normalization: null, router: D, agentDecides: true }
+  const decideUrl = (url: string): string => decideRequest(service, { exempt: false, override },
+    { caller: { partition: '', namespace: 'default', service: 'web' }, method: 'GET', url, rawHeaders: [] }, newVerdict()).outcome
+  t.equal(decideUrl('/open/x'), 'allow')
+  t.equal(decideUrl('/files/../open/x'), 'deny', 'canonical /open/x is allowed, the routed /files/../open/x is not (no permission matched)')
+  t.equal(decideUrl('/open/x'), 'allow')
+  t.equal(decideRequest(service, { exempt: false, override },
+    { caller: { partition: '', namespace: 'default', service: 'ops' }, method: 'GET', url: '/files/../open', rawHeaders: [] }, newVerdict()).outcome,
+  'ask-agent', 'no override source for the caller: the agent decides')
 })
