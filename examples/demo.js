@@ -2,6 +2,9 @@
 // `npm run demo`: a dev agent, an `api` service protected by the plugin, and three callers over
 // real mTLS (web, billing, ops) plus one without a certificate; then a `web` service calling `api`
 // through the plugin. Prints who got what, and why.
+// `npm run demo -- --agentless`: the same, with no local agent: certificates from the Consul
+// server's gRPC CA service (the dev agent's gRPC port), intentions from its HTTP API, and the
+// instance registered the way consul-k8s would, by the platform rather than by the plugin.
 const Fastify = require('fastify')
 const { request, Agent } = require('undici')
 const { consulNative, httpsOptions } = require('fastify-consul-native')
@@ -11,7 +14,7 @@ async function agentApi (agent, method, path, body) {
   const res = await request(`${agent.address}${path}`, { method, body: body === undefined ? undefined : JSON.stringify(body) })
   const text = await res.body.text()
   if (res.statusCode !== 200) throw new Error(`${method} ${path}: ${res.statusCode} ${text}`)
-  return JSON.parse(text)
+  return text === '' ? null : JSON.parse(text)
 }
 
 // Blocks on the agent (a blocking query) until `service` has a passing instance.
@@ -25,8 +28,14 @@ async function waitUntilPassing (agent, service) {
   }
 }
 
+const agentless = process.argv.includes('--agentless')
+
 async function main () {
-  const agent = await startDevAgent({ defaultPolicy: 'deny' })
+  const agent = await startDevAgent({ defaultPolicy: 'deny', ...(agentless ? { grpcPort: 0 } : {}) })
+  // Agentless: WatchRoots and Sign on the server's gRPC port; HTTP only for intentions and discovery.
+  const pluginOptions = (service) => agentless
+    ? { service, agent: { address: agent.address }, certificates: { source: 'consul-grpc', address: agent.grpcAddress, plaintext: true } }
+    : { service, agent: { address: agent.address } }
 
   // Intentions for `api`, in Consul's own form: web by L7 permissions, billing denied.
   await agentApi(agent, 'PUT', '/v1/config', { Kind: 'service-defaults', Name: 'api', Protocol: 'http' })
@@ -48,7 +57,7 @@ async function main () {
 
   const app = Fastify({ https: httpsOptions() })
   // register: the agent lists this instance (Connect native) for callers that discover it.
-  await app.register(consulNative, { service: 'api', agent: { address: agent.address }, register: { check: 'tcp' } })
+  await app.register(consulNative, agentless ? pluginOptions('api') : { ...pluginOptions('api'), register: { check: 'tcp' } })
   app.get('/v1/items', async (req) => ({ items: [], caller: req.consulSource.service }))
   app.post('/v1/orders', async () => ({ ordered: true }))
   app.get('/admin', async () => ({ admin: true }))
@@ -62,6 +71,11 @@ async function main () {
   })
   await app.listen({ port: 0, host: '127.0.0.1' })
   const origin = `https://127.0.0.1:${app.server.address().port}`
+  if (agentless) {
+    // On Kubernetes consul-k8s registers the pod; here the demo does it in its place.
+    await agentApi(agent, 'PUT', '/v1/agent/service/register', { Name: 'api', Port: app.server.address().port, Address: '127.0.0.1', Connect: { Native: true } })
+  }
+  const pluginRequests = agent.requestLog.length
 
   const roots = (await agentApi(agent, 'GET', '/v1/agent/connect/ca/roots')).Roots.map((root) => root.RootCert)
   const clients = { none: new Agent({ connect: { ca: roots, checkServerIdentity: () => undefined } }) }
@@ -94,7 +108,7 @@ async function main () {
   }
   const widths = rows[0].map((_, i) => Math.max(...rows.map((row) => row[i].length)))
   const line = (row) => row.map((cell, i) => cell.padEnd(widths[i])).join('  ')
-  process.stdout.write(`\nfastify-consul-native demo: service "api", trust domain ${agent.trustDomain}\n\n`)
+  process.stdout.write(`\nfastify-consul-native demo${agentless ? ' (agentless)' : ''}: service "api", trust domain ${agent.trustDomain}\n\n`)
   process.stdout.write(line(rows[0]) + '\n' + widths.map((w) => '-'.repeat(w)).join('  ') + '\n')
   for (const row of rows.slice(1)) process.stdout.write(line(row) + '\n')
   process.stdout.write('\n')
@@ -103,7 +117,7 @@ async function main () {
   // api's instances through the agent and checks that the server really is `api`.
   await waitUntilPassing(agent, 'api')
   const web = Fastify({ https: httpsOptions() })
-  await web.register(consulNative, { service: 'web', agent: { address: agent.address } })
+  await web.register(consulNative, pluginOptions('web'))
   await web.ready()
   const s2s = [['GET', '/v1/items'], ['GET', '/admin']]
   const s2sRows = [['from', 'to', 'method', 'path', 'status']]
@@ -118,6 +132,12 @@ async function main () {
   process.stdout.write(line2(s2sRows[0]) + '\n' + w2.map((w) => '-'.repeat(w)).join('  ') + '\n')
   for (const row of s2sRows.slice(1)) process.stdout.write(line2(row) + '\n')
   process.stdout.write('\n')
+
+  if (agentless) {
+    // What the plugin asked for while starting: gRPC for certificates, HTTP for the rest.
+    const used = [...new Set(agent.requestLog.slice(0, pluginRequests).map((entry) => `${entry.method} ${entry.path}`))]
+    process.stdout.write(`requests the dev agent served until api was up (no /v1/agent/connect/* among them):\n  ${used.join('\n  ')}\n\n`)
+  }
 
   for (const client of Object.values(clients)) await client.close()
   await web.close()

@@ -31,6 +31,10 @@ export const AgentResponseError = createError<'FST_CONSUL_NATIVE_AGENT_ERROR', 5
 export const AgentInvalidResponseError = createError<'FST_CONSUL_NATIVE_AGENT_INVALID_RESPONSE', 502, [request: string, reason: string, options?: Cause]>(
   'FST_CONSUL_NATIVE_AGENT_INVALID_RESPONSE', 'Consul agent answered %s with an invalid body: %s', 502)
 
+/** A certificate source other than the agent failed: a Consul server's gRPC CA service, or the certificate files. */
+export const CertificateSourceError = createError(
+  'FST_CONSUL_NATIVE_CERTIFICATE_SOURCE', 'Certificate source %s: %s', 502)
+
 /** The agent could not be reached (connection refused, timeout, TLS failure). */
 export const AgentUnreachableError = createError<'FST_CONSUL_NATIVE_AGENT_UNREACHABLE', 503, [agent: string, reason: string, options?: Cause]>(
   'FST_CONSUL_NATIVE_AGENT_UNREACHABLE', 'Consul agent unreachable at %s: %s', 503)

@@ -83,12 +83,13 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
   if (!isRootInstance(fastify)) throw new NotRootError()
 
   const log = fastify.log
-  const client = new AgentClient(resolveAgentConfig(opts.agent, process.env), {
+  const agentConfig = resolveAgentConfig(opts.agent, process.env)
+  const client = new AgentClient(agentConfig, {
     datacenter: opts.datacenter,
     namespace: opts.namespace,
     partition: opts.partition
   })
-  const sync = new ConsulSync(opts, client, tls, log, createCertificateSource(opts, client, process.env, log))
+  const sync = new ConsulSync(opts, client, tls, log, createCertificateSource(opts, client, agentConfig.token, process.env, log))
   const router = routerOptionsOf(fastify)
   if (!router.caseSensitive) {
     log.warn({ consulNative: { event: 'case-insensitive-router' } },
@@ -193,7 +194,7 @@ export type { ExplainInput, Explanation, TraceStep } from './explain'
 export type { RegisterOptions } from './registration'
 export type { OutboundFetchInit, OutboundOptions, OutboundTimeouts } from './outbound'
 export type { AgentOptions } from './agent/config'
-export type { CertificatesOptions, AgentCertificatesOptions, FilesCertificatesOptions } from './certificates/options'
+export type { CertificatesOptions, AgentCertificatesOptions, ConsulGrpcCertificatesOptions, FilesCertificatesOptions } from './certificates/options'
 export type { ServiceIdentity } from './identity'
 export type { Decision, RouteSource } from './intentions/policy'
 export type { ConsulNativeStatus } from './sync'

@@ -135,6 +135,11 @@ export function resolveOptions (raw: unknown): ResolvedOptions {
   const mode = oneOf(opts, 'mode', ['l7', 'agent'] as const)
   const candidate = candidateOption(opts.candidate)
   if (candidate !== null && mode === 'agent') fail('candidate', "needs mode 'l7': in mode 'agent' the agent decides, so there is no local decision to compare with")
+  if (certificates.source === 'consul-grpc') {
+    // docs/semantics.md#consul-grpc: without a local agent there is no authorize endpoint and nothing to register with.
+    if (mode === 'agent') fail('mode', "'agent' asks the local agent's /v1/agent/connect/authorize, which certificates.source 'consul-grpc' runs without; use mode 'l7'")
+    if (register !== null) fail('register', "needs a local agent; with certificates.source 'consul-grpc' (agentless, e.g. Kubernetes) the platform registers the instance (consul-k8s)")
+  }
   return {
     service,
     agent: opts.agent as AgentOptions | undefined,

@@ -2,13 +2,25 @@
 import type { AgentClient } from '../agent/client'
 import type { ResolvedOptions } from '../options'
 import { AgentCertificateSource } from './agent'
+import { GrpcCertificateSource, resolveGrpcTarget } from './consul-grpc'
 import { FileCertificateSource } from './files'
 import type { CertificateSource, SourceLogger } from './source'
 
-export function createCertificateSource (opts: ResolvedOptions, client: AgentClient, env: NodeJS.ProcessEnv, log: SourceLogger): CertificateSource {
+export function createCertificateSource (opts: ResolvedOptions, client: AgentClient, token: string | null, env: NodeJS.ProcessEnv, log: SourceLogger): CertificateSource {
   const certificates = opts.certificates
   switch (certificates.source) {
     case 'files': return new FileCertificateSource(certificates, env, log)
+    case 'consul-grpc': {
+      const configured = opts.datacenter
+      return new GrpcCertificateSource(resolveGrpcTarget(certificates, env), {
+        service: opts.service,
+        namespace: opts.namespace,
+        partition: opts.partition,
+        token,
+        // docs/semantics.md#consul-grpc: the server's own datacenter, from the HTTP API at agent.address.
+        datacenter: async () => configured ?? (await client.agentSelf()).body.datacenter
+      }, log)
+    }
     default: return new AgentCertificateSource(client, opts.service, opts.blockingWait, log)
   }
 }

@@ -94,6 +94,8 @@ export interface IssueCertificateOptions {
 }
 
 interface IssueParams {
+  /** DER SubjectPublicKeyInfo of a key the requester holds (a CSR); a new key is generated when absent. */
+  publicKeySpki?: Buffer
   uris: string[]
   dnsNames: string[]
   notBefore: Date
@@ -211,6 +213,24 @@ export class DevCertificateAuthority {
   }
 
   /**
+   * Signs a leaf for a key the requester holds, as Consul's Sign RPC does for a CSR: `uri` is the
+   * CSR's SPIFFE ID, already authorized by the caller. No private key is returned.
+   */
+  async signPublicKey (publicKeySpki: Buffer, uri: string): Promise<Omit<SignedLeaf, 'privateKeyPem'>> {
+    const validAfter = wholeSeconds(Date.now() - MINUTE_MS)
+    const validBefore = new Date(validAfter.getTime() + this.#leafTTLms)
+    const { certPem, serialNumber } = await this.#issue({
+      publicKeySpki,
+      uris: [uri],
+      dnsNames: [],
+      notBefore: validAfter,
+      notAfter: validBefore,
+      extKeyUsage: ['clientAuth', 'serverAuth']
+    })
+    return { certPem, serialNumber, uri, validAfter, validBefore }
+  }
+
+  /**
    * Replaces the active root the way Consul does when the CA configuration gets a new key: the old
    * root's key cross-signs the new root, that certificate becomes the first `IntermediateCerts`
    * entry of the new root (so new leaves chain to either root), and the old root stays listed as
@@ -320,7 +340,9 @@ export class DevCertificateAuthority {
 
   async #issue (opts: IssueParams): Promise<{ certPem: string, privateKeyPem: string, serialNumber: string }> {
     const root = this.#active()
-    const { privateKey, publicKey } = await generateKeyPairAsync('ec', { namedCurve: 'prime256v1' })
+    const { privateKey, publicKey } = opts.publicKeySpki === undefined
+      ? await generateKeyPairAsync('ec', { namedCurve: 'prime256v1' })
+      : { privateKey: null, publicKey: createPublicKey({ key: opts.publicKeySpki, format: 'der', type: 'spki' }) }
     const serialNumber = this.#takeSerial()
     const names = [
       ...opts.dnsNames.map((dNSName) => new asn.GeneralName({ dNSName })),
@@ -349,7 +371,7 @@ export class DevCertificateAuthority {
     })
     return {
       certPem: pem(der) + (root.intermediateCerts ?? []).join(''),
-      privateKeyPem: privateKey.export({ type: 'sec1', format: 'pem' }) as string,
+      privateKeyPem: privateKey === null ? '' : privateKey.export({ type: 'sec1', format: 'pem' }) as string,
       serialNumber: colonHex(serialBytes(serialNumber))
     }
   }

@@ -1,5 +1,6 @@
 // `fastify-consul-native dev-agent`: runs the dev agent until SIGINT/SIGTERM. The one place in
-// lib/ that writes to stdout: the agent's address, so scripts can read it.
+// lib/ that writes to stdout: the agent's address (and its gRPC address as a CONSUL_GRPC_ADDR
+// line when it has one), so scripts can read them.
 import type { EventEmitter } from 'node:events'
 import { startDevAgent } from './index'
 import type { DevAgentOptions } from './index'
@@ -12,6 +13,8 @@ Runs an embedded Consul dev agent (HTTP API only) until interrupted.
 
 Options:
   --port <n>                 TCP port (default 8500, 0 for any free port)
+  --grpc-port <n>            also serve Consul's gRPC CA service (WatchRoots, Sign) on this
+                             port, plaintext, for agentless clients (0 for any free port)
   --host <addr>              address to listen on (default 127.0.0.1)
   --datacenter <name>        datacenter (default dc1)
   --node-name <name>         node name (default: this host's name)
@@ -33,7 +36,7 @@ export type ParsedArgs = { help: true } | { help: false, options: DevAgentOption
 
 class UsageError extends Error {}
 
-const VALUE_OPTIONS = new Set(['--port', '--host', '--datacenter', '--node-name', '--default-policy', '--leaf-ttl'])
+const VALUE_OPTIONS = new Set(['--port', '--grpc-port', '--host', '--datacenter', '--node-name', '--default-policy', '--leaf-ttl'])
 
 /** Parses `dev-agent [--option value | --option=value]...`. Throws on a usage error. */
 export function parseArgs (argv: readonly string[]): ParsedArgs {
@@ -51,10 +54,11 @@ export function parseArgs (argv: readonly string[]): ParsedArgs {
     values.set(name, value)
   }
   const options: DevAgentOptions = { port: 8500 }
-  const port = values.get('--port')
-  if (port !== undefined) {
-    if (!/^\d+$/.test(port)) throw new UsageError(`--port must be a number, got ${JSON.stringify(port)}`)
-    options.port = Number(port)
+  for (const [flag, key] of [['--port', 'port'], ['--grpc-port', 'grpcPort']] as const) {
+    const value = values.get(flag)
+    if (value === undefined) continue
+    if (!/^\d+$/.test(value)) throw new UsageError(`${flag} must be a number, got ${JSON.stringify(value)}`)
+    options[key] = Number(value)
   }
   const host = values.get('--host')
   if (host !== undefined) options.host = host
@@ -94,6 +98,7 @@ export async function main (argv: readonly string[], io: CliIO): Promise<number>
     return 1
   }
   io.stdout.write(`${agent.address}\n`)
+  if (agent.grpcAddress !== null) io.stdout.write(`CONSUL_GRPC_ADDR=${agent.grpcAddress}\n`)
   await new Promise<void>((resolve) => {
     const stop = (): void => {
       io.signals.off('SIGINT', stop)

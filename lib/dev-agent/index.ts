@@ -3,17 +3,26 @@
 import { hostname } from 'node:os'
 import { formatGoDuration, parseGoDuration } from './blocking'
 import type { DevCertificateAuthority } from './ca'
+import { DevGrpcServer } from './grpc'
 import { DevAgentServer } from './server'
-import type { Policy, Privilege } from './server'
+import type { Policy, Privilege, RequestLogEntry } from './server'
 
 export { DevCertificateAuthority } from './ca'
 export { DevAgentHttpError } from './http-error'
+export type { RequestLogEntry } from './server'
 
 export interface DevAgentOptions {
   /** TCP port; 0 (the default) picks a free one. */
   port?: number
   /** Default `127.0.0.1`. */
   host?: string
+  /**
+   * Also serve Consul's gRPC `ConnectCAService` (WatchRoots, Sign) on this port, for agentless
+   * clients (`certificates: { source: 'consul-grpc' }`); 0 picks a free one. Default: no gRPC port.
+   */
+  grpcPort?: number
+  /** Serve the gRPC port over TLS, with a certificate from a CA of its own (`grpcCaPem`). Default false (plaintext). */
+  grpcTls?: boolean
   /** Default `dc1`. */
   datacenter?: string
   /** Default: the machine's host name, as `consul agent -dev`. */
@@ -51,6 +60,15 @@ export interface DevAgent {
    * and leaf watchers are woken and leaves are re-issued.
    */
   readonly ca: DevCertificateAuthority
+  /** `host:port` of the gRPC port, or null without `grpcPort`. */
+  readonly grpcAddress: string | null
+  /** PEM of the CA that signed the gRPC port's certificate (`grpcTls`), else null. */
+  readonly grpcCaPem: string | null
+  /**
+   * Every HTTP request (method and path without query) and gRPC call (`gRPC`, full method name)
+   * served, oldest first; the newest 10 000 are kept.
+   */
+  readonly requestLog: readonly RequestLogEntry[]
   /** Releases all blocked queries, stops check runners and timers, closes every socket. */
   close: () => Promise<void>
 }
@@ -89,6 +107,9 @@ function leafTTL (value: unknown): { ms: number, text: string } {
 export async function startDevAgent (options: DevAgentOptions = {}): Promise<DevAgent> {
   const port = options.port ?? 0
   if (!Number.isInteger(port) || port < 0 || port > 65535) fail('port', 'must be an integer from 0 to 65535')
+  const grpcPort = options.grpcPort
+  if (grpcPort !== undefined && (!Number.isInteger(grpcPort) || grpcPort < 0 || grpcPort > 65535)) fail('grpcPort', 'must be an integer from 0 to 65535')
+  if (options.grpcTls !== undefined && typeof options.grpcTls !== 'boolean') fail('grpcTls', 'must be a boolean')
   const host = text(options.host, 'host', '127.0.0.1')
   const datacenter = text(options.datacenter, 'datacenter', 'dc1')
   if (!/^[A-Za-z0-9_-]+$/.test(datacenter)) fail('datacenter', 'may contain only letters, digits, "_" and "-"')
@@ -114,6 +135,15 @@ export async function startDevAgent (options: DevAgentOptions = {}): Promise<Dev
   const boundPort = server.port
   // A wildcard bind is reached through loopback.
   const urlHost = host === '0.0.0.0' ? '127.0.0.1' : host === '::' ? '[::1]' : host.includes(':') ? `[${host}]` : host
+  let grpc: DevGrpcServer | null = null
+  if (grpcPort !== undefined) {
+    try {
+      grpc = await DevGrpcServer.start(server, { host, port: grpcPort, tls: options.grpcTls === true, datacenter })
+    } catch (err) {
+      await server.close()
+      throw err
+    }
+  }
   return {
     address: `http://${urlHost}:${boundPort}`,
     host,
@@ -121,6 +151,12 @@ export async function startDevAgent (options: DevAgentOptions = {}): Promise<Dev
     trustDomain: server.ca.trustDomain,
     datacenter,
     ca: server.ca,
-    close: async () => await server.close()
+    grpcAddress: grpc === null ? null : `${urlHost}:${grpc.port}`,
+    grpcCaPem: grpc?.caPem ?? null,
+    requestLog: server.requestLog,
+    close: async () => {
+      await grpc?.close()
+      await server.close()
+    }
   }
 }

@@ -16,6 +16,15 @@ import { DevAgentHttpError } from './http-error'
 import { IntentionsApi, exactQuery } from './intentions'
 
 export type Privilege = 'read' | 'write' | 'manage'
+
+/** One request the dev agent served: HTTP method and path (no query), or `gRPC` and the full method name. */
+export interface RequestLogEntry {
+  readonly method: string
+  readonly path: string
+}
+
+/** The request log keeps this many newest entries, so a long-running dev agent stays small. */
+const REQUEST_LOG_LIMIT = 10_000
 export type Policy = 'allow' | 'deny'
 
 export interface DevAgentServerConfig {
@@ -213,6 +222,9 @@ export class DevAgentServer {
   readonly catalog: DevCatalog
   readonly intentions: IntentionsApi
   readonly nodeId = randomUUID()
+  /** Every request served, oldest first (bounded). */
+  readonly requestLog: RequestLogEntry[] = []
+  readonly #rootsListeners = new Set<() => void>()
   #cfg: DevAgentServerConfig
   #server: Server
   #routes: Route[]
@@ -316,7 +328,29 @@ export class DevAgentServer {
   // -------------------------------------------------------------------------------------------
   // Request plumbing
 
+  /** Records a request in `requestLog`. */
+  logRequest (method: string, path: string): void {
+    this.requestLog.push({ method, path })
+    if (this.requestLog.length > REQUEST_LOG_LIMIT) this.requestLog.shift()
+  }
+
+  /** `fn` runs after every CA rotation; returns its removal. */
+  onRootsChange (fn: () => void): () => void {
+    this.#rootsListeners.add(fn)
+    return () => this.#rootsListeners.delete(fn)
+  }
+
+  /**
+   * The ACL rule of the gRPC CA service: with ACLs on, the token must be known and may write
+   * services (`name`, or any service when absent). Throws DevAgentHttpError 403 otherwise.
+   */
+  requireServiceWrite (token: string | undefined, name?: string): void {
+    this.#require({ token } as Ctx, 'service', 'write', name)
+  }
+
   async #handle (req: IncomingMessage, res: ServerResponse): Promise<void> {
+    const url = req.url as string
+    this.logRequest(req.method as string, url.includes('?') ? url.slice(0, url.indexOf('?')) : url)
     const abort = new AbortController()
     res.once('close', () => abort.abort())
     let reply: Reply
@@ -590,6 +624,7 @@ export class DevAgentServer {
 
   #afterRotation (): void {
     this.hub.notify('roots')
+    for (const fn of this.#rootsListeners) fn()
     // Consul re-issues leaves within a random 0-30 s of a rotation; the dev agent uses a short window.
     for (const leaf of this.#leaves.values()) {
       if (leaf.cert !== null) this.#schedule(leaf, this.#cfg.random() * this.#cfg.rotationJitterMs, 'rotation')
