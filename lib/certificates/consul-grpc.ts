@@ -311,7 +311,9 @@ function trustOf (message: WatchRootsResponse): TrustBundle {
   if (!message.roots.some((root) => root.id === message.activeRootId)) {
     throw new CertificateSourceError('consul-grpc WatchRoots', `active root "${message.activeRootId}" is not among the roots`)
   }
-  for (const root of message.roots) new X509Certificate(root.rootCert) // throws on a bad PEM
+  // A root that is not a certificate would only fail later, inside the TLS context.
+  const certificates = message.roots.map((root) => new X509Certificate(root.rootCert))
+  if (certificates.some((cert) => !cert.ca)) throw new CertificateSourceError('consul-grpc WatchRoots', 'a root is not a CA certificate')
   return {
     trustDomain: message.trustDomain.toLowerCase(),
     rootPems: message.roots.map((root) => root.rootCert),
