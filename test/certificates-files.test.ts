@@ -214,10 +214,15 @@ t.test('FileCertificateSource on its own: trust domain rules, chains, repeats an
     return { updates, failures, source, logger }
   }
 
-  const unchained = await run(files)
+  const unchained = await run({ ...files, pollInterval: 10 })
   t.match(unchained.failures[0]?.error.message, /does not chain to the CA bundle/, 'a leaf of another CA is refused')
-  t.equal(unchained.source.health().leaf.failures, 1)
-  t.equal(unchained.source.health().roots.lastError, null)
+  // A file that stays missing: read on every poll, reported once.
+  await rm(files.caFile)
+  while (unchained.logger.events('certificate-files-rejected-again').length === 0) await new Promise((resolve) => setImmediate(resolve))
+  t.equal(unchained.failures.filter((f) => /cannot read/.test(f.error.message)).length, 1, 'one report for one cause')
+  t.equal(unchained.source.health().roots.failures, 2, 'the missing bundle is the current problem')
+  t.equal(unchained.source.health().leaf.failures, 0, 'the leaf is not the problem now')
+  t.equal(unchained.source.health().leaf.lastError, null)
 
   await writeFile(files.caFile, rootsPem(agent))
   const wrongDomain = await run({ ...files, trustDomain: 'elsewhere.consul' })

@@ -40,6 +40,8 @@ export interface GrpcSourceContext {
 }
 
 const SIGN_TIMEOUT_MS = 30_000
+/** Renewals never follow each other closer than this, so a very short-lived leaf cannot spin. */
+const MIN_RENEWAL_MS = 1000
 const BACKOFF = { initialMs: 200, maxMs: 30_000 }
 /** setTimeout's longest delay; longer waits (a leaf of months) are chained. */
 const MAX_TIMER_MS = 2 ** 31 - 1
@@ -84,12 +86,11 @@ export function resolveGrpcTarget (opts: ConsulGrpcCertificatesOptions, env: Nod
 
 /**
  * When to renew a leaf, as Consul's agent cache does: at a random point between 60% and 90% of
- * its lifetime; at once past 90% (or for a leaf shorter than 10 minutes); when already past 60%,
- * between now and 90%. Returns the delay in ms from `now`.
+ * its lifetime; at once past 90%; when already past 60%, between now and 90%. Returns the delay
+ * in ms from `now`; the caller spaces renewals by at least MIN_RENEWAL_MS.
  */
 export function renewalDelay (validAfter: number, validBefore: number, now: number, random: number): number {
   const lifetime = validBefore - validAfter
-  if (lifetime < 10 * 60_000) return 0
   const hard = validAfter + lifetime * 0.9
   if (now >= hard) return 0
   const soft = Math.max(validAfter + lifetime * 0.6, now)
@@ -200,6 +201,8 @@ export class GrpcCertificateSource implements CertificateSource {
     let trust: TrustBundle
     try {
       trust = trustOf(message)
+      // Healthy before the plugin's `tls` event fires; a rejection below marks it failed again.
+      this.#roots.ok()
       ;(this.#sink as CertificateSink).update({ trust })
     } catch (err) {
       this.#failed('roots', err instanceof CertificateSourceError ? err : new CertificateSourceError('consul-grpc WatchRoots', (err as Error).message, { cause: err }))
@@ -243,9 +246,10 @@ export class GrpcCertificateSource implements CertificateSource {
         service: this.#ctx.service
       })
       const { privateKey } = await generateKeyPairAsync('ec', { namedCurve: 'prime256v1' })
-      const certPem = await this.#signCsr(createCsr(privateKey, uri))
+      const certPem = await this.#signCsr(createCsr(privateKey, [uri]))
       if (this.#stopped) return
       leaf = leafOf(certPem, privateKey, uri)
+      this.#leaf.ok()
       ;(this.#sink as CertificateSink).update({ leaf })
     } catch (err) {
       if (this.#stopped) return
@@ -255,7 +259,7 @@ export class GrpcCertificateSource implements CertificateSource {
     }
     this.#current = leaf
     this.#recovered('leaf')
-    this.#schedule(renewalDelay(Date.parse(leaf.validAfter), Date.parse(leaf.validBefore), Date.now(), this.#random()))
+    this.#schedule(Math.max(MIN_RENEWAL_MS, renewalDelay(Date.parse(leaf.validAfter), Date.parse(leaf.validBefore), Date.now(), this.#random())))
   }
 
   async #signCsr (csr: string): Promise<string> {

@@ -14,13 +14,13 @@ const SIGNATURE_HASH: Record<string, string> = {
 }
 const TAG = { integer: 0x02, bitString: 0x03, oid: 0x06, sequence: 0x30, set: 0x31, attributes: 0xa0 }
 
-/** A PEM CSR for `uri`, signed with `privateKey` (EC P-256: ECDSA with SHA-256). */
-export function createCsr (privateKey: KeyObject, uri: string): string {
+/** A PEM CSR for the URI SANs `uris` (Consul wants exactly one), signed with `privateKey` (EC P-256: ECDSA with SHA-256). */
+export function createCsr (privateKey: KeyObject, uris: readonly string[]): string {
   const san = new asn.Extension({
     extnID: asn.id_ce_subjectAltName,
     // RFC 5280 §4.2.1.6: with an empty subject the SAN extension is critical.
     critical: true,
-    extnValue: new OctetString(AsnConvert.serialize(new asn.SubjectAlternativeName([new asn.GeneralName({ uniformResourceIdentifier: uri })])))
+    extnValue: new OctetString(AsnConvert.serialize(new asn.SubjectAlternativeName(uris.map((uniformResourceIdentifier) => new asn.GeneralName({ uniformResourceIdentifier })))))
   })
   const extensionRequest = AsnConvert.serialize(new asn.Attribute({
     type: EXTENSION_REQUEST,
@@ -55,7 +55,7 @@ export function parseCsr (pem: string): ParsedCsr {
   if (info === undefined || algorithm === undefined || signature === undefined || signature.tag !== TAG.bitString) {
     throw new Error('request: expected info, algorithm and signature')
   }
-  const [, , spki, attributes] = children(info, 'request info')
+  const [, , spki, ...rest] = children(info, 'request info')
   if (spki === undefined || spki.tag !== TAG.sequence) throw new Error('request info: no subject public key')
   const publicKeySpki = spki.raw
   const publicKey = createPublicKey({ key: publicKeySpki, format: 'der', type: 'spki' })
@@ -63,21 +63,16 @@ export function parseCsr (pem: string): ParsedCsr {
   const hash = SIGNATURE_HASH[oid]
   if (hash === undefined) throw new Error(`unsupported signature algorithm ${oid}`)
   if (!verify(hash, info.raw, publicKey, signature.content.subarray(1))) throw new Error('the signature does not match the request')
-  const uris: string[] = []
-  if (attributes !== undefined && attributes.tag === TAG.attributes) {
-    for (const attribute of children(attributes, 'attributes')) {
-      const parsed = AsnConvert.parse(attribute.raw, asn.Attribute)
-      if (parsed.type !== EXTENSION_REQUEST) continue
-      for (const value of parsed.values) {
-        for (const extension of AsnConvert.parse(value, asn.Extensions)) {
-          if (extension.extnID !== asn.id_ce_subjectAltName) continue
-          for (const name of AsnConvert.parse(extension.extnValue.buffer, asn.SubjectAlternativeName)) {
-            if (name.uniformResourceIdentifier !== undefined) uris.push(name.uniformResourceIdentifier)
-          }
-        }
-      }
-    }
-  }
+  // The SAN extension of the extensionRequest attribute, if any; other attributes, extensions and name kinds are ignored.
+  const uris = rest.filter((node) => node.tag === TAG.attributes)
+    .flatMap((node) => children(node, 'attributes'))
+    .map((attribute) => AsnConvert.parse(attribute.raw, asn.Attribute))
+    .filter((attribute) => attribute.type === EXTENSION_REQUEST)
+    .flatMap((attribute) => attribute.values.flatMap((value) => [...AsnConvert.parse(value, asn.Extensions)]))
+    .filter((extension) => extension.extnID === asn.id_ce_subjectAltName)
+    .flatMap((extension) => [...AsnConvert.parse(extension.extnValue.buffer, asn.SubjectAlternativeName)])
+    .map((name) => name.uniformResourceIdentifier)
+    .filter((uri): uri is string => uri !== undefined)
   return { publicKeySpki, uris }
 }
 

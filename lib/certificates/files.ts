@@ -160,7 +160,10 @@ export class FileCertificateSource implements CertificateSource {
   #failed (error: FilesError, key: string | null): void {
     // Unreadable files leave nothing to compare; the good content, once back, is installed again.
     this.#lastKey = key
-    if (this.#error?.message === error.message) return
+    if (this.#error?.message === error.message) {
+      this.#log.debug({ consulNative: { event: 'certificate-files-rejected-again', part: error.part, reason: error.message } }, 'fastify-consul-native: certificate files still not usable')
+      return
+    }
     this.#error = error
     this.#failures++
     this.#log.warn({ consulNative: { event: 'certificate-files-rejected', part: error.part, reason: error.message } },

@@ -2,6 +2,7 @@
 // so that the plugin's agentless source can be run and tested without a Consul server. WatchRoots
 // streams the roots at once and after every rotation; Sign certifies a CSR for a service of this
 // datacenter that the token may write.
+import { createPublicKey } from 'node:crypto'
 import * as grpc from '@grpc/grpc-js'
 import { connectCA, CONNECT_CA_SERVICE } from '../certificates/connectca'
 import type { SignRequest, SignResponse, WatchRootsResponse } from '../certificates/connectca'
@@ -105,6 +106,8 @@ async function sign (agent: DevAgentServer, datacenter: string, request: SignReq
   if (id.datacenter !== datacenter) throw invalid(`SPIFFE ID in CSR from a different datacenter: ${id.datacenter}`)
   if (id.namespace !== 'default' || id.partition !== 'default') throw invalid('Namespaces and partitions are a Consul Enterprise feature')
   agent.requireServiceWrite(token, id.service)
+  // The dev CA derives key IDs from EC points (Consul also signs RSA keys).
+  if (createPublicKey({ key: csr.publicKeySpki, format: 'der', type: 'spki' }).asymmetricKeyType !== 'ec') throw invalid('the dev agent signs EC keys only')
   const signed = await agent.ca.signPublicKey(csr.publicKeySpki, uri)
   return signed.certPem
 }
