@@ -103,3 +103,15 @@ t.test('a real process from the TypeScript source', async (t) => {
   child.kill('SIGTERM')
   t.equal(await exited, 0, 'SIGTERM closes it cleanly')
 })
+
+t.test('--grpc-port: the gRPC CA service too, its address printed as CONSUL_GRPC_ADDR', async (t) => {
+  t.same(parseArgs(['dev-agent', '--grpc-port', '0']), { help: false, options: { port: 8500, grpcPort: 0 } })
+  t.throws(() => parseArgs(['dev-agent', '--grpc-port=x']), { message: '--grpc-port must be a number, got "x"' })
+  const cli = io()
+  const done = main(['dev-agent', '--port', '0', '--grpc-port', '0'], cli.io)
+  while (cli.out.length < 2) await new Promise((resolve) => setTimeout(resolve, 5))
+  t.match(cli.out[0], /^http:\/\/127\.0\.0\.1:\d+\n$/, 'the HTTP address first, as before')
+  t.match(cli.out[1], /^CONSUL_GRPC_ADDR=127\.0\.0\.1:\d+\n$/)
+  cli.signals.emit('SIGTERM')
+  t.equal(await done, 0)
+})
