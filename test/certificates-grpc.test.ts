@@ -19,6 +19,9 @@ import { defaultRoutes, get, mtlsClient, setIntentions, setProtocol, startAgent,
 import type { Credentials, Tap } from './helpers/mesh'
 import { servedLeaf, startLoad } from './helpers/load'
 import { nthCall, startFakeConnectCA } from './helpers/fake-connect-ca'
+import { GrpcCertificateSource } from '../lib/certificates/consul-grpc'
+import type { CertificateSink, LeafCertificate, TrustBundle } from '../lib/certificates/source'
+import { recordingLogger } from './helpers/stub-agent'
 import { startTcpProxy } from './helpers/tcp-proxy'
 
 async function startGrpcService (t: Tap, httpAddress: string, certificates: ConsulNativeOptions['certificates'], extra: Partial<ConsulNativeOptions> = {}): Promise<{ app: FastifyInstance, port: number, origin: string }> {
@@ -296,6 +299,67 @@ t.test('root changes while a Sign is in flight sign once more afterwards, not co
   release()
   await nthCall(fake, 'sign', signed + 2)
   await waitForStatus(svc.app, (s) => s.leaf !== null && s.watches.leaf?.lastError === null && fake.calls.sign === signed + 2)
-  const served = await servedLeaf(svc.port, { key: (await fake.ca.signLeaf('web')).privateKeyPem, cert: (await fake.ca.signLeaf('web')).certPem })
+  const webLeaf = await fake.ca.signLeaf('web')
+  const served = await servedLeaf(svc.port, { key: webLeaf.privateKeyPem, cert: webLeaf.certPem })
   t.ok(served.checkIssued(new X509Certificate(fake.ca.roots()[0]?.RootCert as string)), 'the leaf in force is from the newest root')
+})
+
+t.test('stop() while Sign is in flight: the answer is discarded, nothing installed or reported', async (t) => {
+  const fake = await startFakeConnectCA(t)
+  const logger = recordingLogger()
+  const source = new GrpcCertificateSource({ address: fake.address, plaintext: true, ca: null, servername: undefined },
+    { service: 'api', namespace: undefined, partition: undefined, token: null, datacenter: async () => 'dc1', random: () => 0.5 }, logger.log)
+  const updates: Array<{ leaf?: LeafCertificate, trust?: TrustBundle }> = []
+  const failures: Error[] = []
+  const firstLeaf = new Promise<void>((resolve) => {
+    const sink: CertificateSink = {
+      update: (change) => {
+        updates.push(change)
+        if (change.leaf !== undefined) resolve()
+      },
+      failure: (_part, error) => failures.push(error)
+    }
+    source.start(sink)
+  })
+  await firstLeaf
+  let release!: () => void
+  fake.signGate = new Promise((resolve) => { release = resolve })
+  await fake.ca.rotate()
+  fake.push(fake.rootsMessage())
+  await once(fake.events, 'sign-request')
+  const before = updates.length
+  source.stop()
+  release()
+  while (logger.events('certificate-source-stopped').length === 0) await new Promise((resolve) => setImmediate(resolve))
+  t.equal(updates.length, before, 'nothing installed after stop()')
+  t.same(failures, [], 'nothing reported')
+  t.equal(source.health().leaf.lastError, null)
+})
+
+t.test('a datacenter that cannot be read is a leaf failure, retried until it can', async (t) => {
+  const fake = await startFakeConnectCA(t)
+  const logger = recordingLogger()
+  let lookups = 0
+  const source = new GrpcCertificateSource({ address: fake.address, plaintext: true, ca: null, servername: undefined }, {
+    service: 'api',
+    namespace: undefined,
+    partition: undefined,
+    token: null,
+    datacenter: async () => {
+      if (++lookups === 1) throw new Error('Consul agent answered GET /v1/agent/self with 403: ACL not found')
+      return 'dc1'
+    },
+    random: () => 0
+  }, logger.log)
+  t.teardown(() => source.stop())
+  const failures: Error[] = []
+  await new Promise<void>((resolve) => {
+    source.start({
+      update: (change) => { if (change.leaf !== undefined) resolve() },
+      failure: (_part, error) => failures.push(error)
+    })
+  })
+  t.match(failures[0]?.message, /Certificate source consul-grpc leaf: Consul agent answered GET \/v1\/agent\/self with 403/)
+  t.equal(lookups, 2)
+  t.equal(logger.events('certificate-source-recovered').length, 1, 'recovery logged')
 })

@@ -112,7 +112,14 @@ t.test('grpcPort and grpcTls options', async (t) => {
   await new Promise<void>((resolve) => blocker.listen(0, '127.0.0.1', () => resolve()))
   t.teardown(() => blocker.close())
   const busy = (blocker.address() as net.AddressInfo).port
-  await t.rejects(startDevAgent({ grpcPort: busy }), {}, 'port in use')
+  const free = net.createServer()
+  await new Promise<void>((resolve) => free.listen(0, '127.0.0.1', () => resolve()))
+  const httpPort = (free.address() as net.AddressInfo).port
+  await new Promise<void>((resolve) => free.close(() => resolve()))
+  await t.rejects(startDevAgent({ port: httpPort, grpcPort: busy }), Error, 'port in use')
+  const again = await startDevAgent({ port: httpPort })
+  t.equal(again.port, httpPort, 'the HTTP port was released')
+  await again.close()
 })
 
 t.test('parseCsr refuses what is not a well-formed, correctly signed request', async (t) => {
@@ -135,6 +142,7 @@ t.test('parseCsr refuses what is not a well-formed, correctly signed request', a
     ['one part only', Buffer.from('30053003020100', 'hex'), /expected info, algorithm and signature/],
     ['no signature', Buffer.from('300a30030201003003020100', 'hex'), /expected info, algorithm and signature/],
     ['long lengths', Buffer.from('3081033003020100', 'hex').subarray(0, 6), /truncated/],
+    ['a length cut short', Buffer.from('308201', 'hex'), /request: truncated/],
     ['info without key', Buffer.from('3014' + '3003020100' + '300a06082a8648ce3d040302' + '030100', 'hex'), /no subject public key/],
     ['SHA-384 claimed', replace('2a8648ce3d040302', '2a8648ce3d040303'), /unsupported signature algorithm 1\.2\.840\.10045\.4\.3\.3/],
     ['altered identity', replace(Buffer.from('svc/api').toString('hex'), Buffer.from('svc/apj').toString('hex')), /signature does not match/]

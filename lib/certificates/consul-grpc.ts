@@ -236,30 +236,40 @@ export class GrpcCertificateSource implements CertificateSource {
 
   async #sign (): Promise<void> {
     const trust = this.#trust as TrustBundle
+    const signed = await this.#newLeaf(trust).catch((err: Error) => err)
+    if (this.#stopped) {
+      this.#log.debug({ consulNative: { event: 'certificate-source-stopped', source: 'consul-grpc' } }, 'fastify-consul-native: Sign answered after stop; discarded')
+      return
+    }
     let leaf: LeafCertificate
     try {
-      this.#datacenter ??= await this.#ctx.datacenter()
-      const uri = serviceSpiffeId(trust.trustDomain, {
-        partition: this.#ctx.partition,
-        namespace: this.#ctx.namespace,
-        datacenter: this.#datacenter,
-        service: this.#ctx.service
-      })
-      const { privateKey } = await generateKeyPairAsync('ec', { namedCurve: 'prime256v1' })
-      const certPem = await this.#signCsr(createCsr(privateKey, [uri]))
-      if (this.#stopped) return
-      leaf = leafOf(certPem, privateKey, uri)
+      if (signed instanceof Error) throw signed
+      leaf = signed
       this.#leaf.ok()
       ;(this.#sink as CertificateSink).update({ leaf })
     } catch (err) {
-      if (this.#stopped) return
-      this.#failed('leaf', err instanceof CertificateSourceError ? err : new CertificateSourceError('consul-grpc Sign', (err as Error).message, { cause: err }))
+      // Sign's own failures are typed already; the datacenter lookup's or a TLS rejection are wrapped.
+      this.#failed('leaf', err instanceof CertificateSourceError ? err : new CertificateSourceError('consul-grpc leaf', (err as Error).message, { cause: err }))
       this.#schedule(backoff(this.#leaf.failures, this.#random))
       return
     }
     this.#current = leaf
     this.#recovered('leaf')
     this.#schedule(Math.max(MIN_RENEWAL_MS, renewalDelay(Date.parse(leaf.validAfter), Date.parse(leaf.validBefore), Date.now(), this.#random())))
+  }
+
+  /** A new key, its CSR for the service's SPIFFE ID, and the leaf Sign makes of it. */
+  async #newLeaf (trust: TrustBundle): Promise<LeafCertificate> {
+    this.#datacenter ??= await this.#ctx.datacenter()
+    const uri = serviceSpiffeId(trust.trustDomain, {
+      partition: this.#ctx.partition,
+      namespace: this.#ctx.namespace,
+      datacenter: this.#datacenter,
+      service: this.#ctx.service
+    })
+    const { privateKey } = await generateKeyPairAsync('ec', { namedCurve: 'prime256v1' })
+    const certPem = await this.#signCsr(createCsr(privateKey, [uri]))
+    return leafOf(certPem, privateKey, uri)
   }
 
   async #signCsr (csr: string): Promise<string> {
@@ -277,6 +287,7 @@ export class GrpcCertificateSource implements CertificateSource {
     const at = Date.now() + delayMs
     const arm = (): void => {
       this.#leafTimer = setTimeout(() => {
+        /* c8 ignore next -- only when the renewal point is more than setTimeout's 24.8 days away */
         if (Date.now() < at) arm()
         else this.#renewNow()
       }, Math.min(Math.max(0, at - Date.now()), MAX_TIMER_MS)).unref()
@@ -334,7 +345,7 @@ function leafOf (certPem: string, privateKey: KeyObject, uri: string): LeafCerti
 }
 
 function rpcError (method: string, err: grpc.ServiceError): Error {
-  const code = grpc.status[err.code] ?? String(err.code)
+  const code = grpc.status[err.code]
   return new CertificateSourceError(`consul-grpc ${method}`, `${code}: ${err.details}`, { cause: err })
 }
 

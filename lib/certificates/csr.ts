@@ -95,8 +95,9 @@ function read (buf: Buffer, at: number, what: string): Tlv {
   if (length >= 0x80) {
     const bytes = length & 0x7f
     if (bytes < 1 || bytes > 3) throw new Error(`${what}: bad length`)
+    if (start + bytes > buf.length) throw new Error(`${what}: truncated`)
     length = 0
-    for (let i = 0; i < bytes; i++) length = length * 256 + (buf[start + i] ?? 0)
+    for (let i = 0; i < bytes; i++) length = length * 256 + (buf[start + i] as number)
     start += bytes
   }
   if (start + length > buf.length) throw new Error(`${what}: truncated`)

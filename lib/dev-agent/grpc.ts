@@ -72,8 +72,10 @@ export class DevGrpcServer {
           (err: unknown) => callback(statusError(err)))
       }
     })
+    /* c8 ignore next -- IPv6 hosts are bracketed; not exercised, as test machines may lack IPv6 */
+    const host = opts.host.includes(':') ? `[${opts.host}]` : opts.host
     const port = await new Promise<number>((resolve, reject) => {
-      server.bindAsync(`${opts.host.includes(':') ? `[${opts.host}]` : opts.host}:${opts.port}`, credentials, (err, bound) => {
+      server.bindAsync(`${host}:${opts.port}`, credentials, (err, bound) => {
         if (err !== null) reject(err)
         else resolve(bound)
       })
