@@ -7,7 +7,7 @@ import { readdirSync, readFileSync, watch } from 'node:fs'
 import type { FSWatcher } from 'node:fs'
 import { dirname, join } from 'node:path'
 import { X509Certificate } from 'node:crypto'
-import { InvalidOptionError } from '../errors'
+import { CertificateSourceError, InvalidOptionError } from '../errors'
 import { chainsToCurrentRoots } from '../identity'
 import { DEFAULT_FILES_POLL_MS } from './options'
 import type { FilesCertificatesOptions } from './options'
@@ -23,14 +23,11 @@ const CSI_FILES = { chain: 'tls.crt', key: 'tls.key', ca: 'ca.crt' }
 // Several files of one rotation land within a few milliseconds; one read after the last event.
 const SETTLE_MS = 25
 
-/** A problem with one read, tagged with the part it concerns. */
-class FilesError extends Error {
-  readonly part: SourcePart
-  constructor (part: SourcePart, message: string, options?: ErrorOptions) {
-    super(message, options)
-    this.name = 'CertificateFilesError'
-    this.part = part
-  }
+/** A problem with one read (FST_CONSUL_NATIVE_CERTIFICATE_SOURCE), tagged with the part it concerns. */
+type FilesError = InstanceType<typeof CertificateSourceError> & { readonly part: SourcePart }
+
+function filesError (part: SourcePart, message: string, options?: ErrorOptions): FilesError {
+  return Object.assign(new CertificateSourceError('files', message, options), { part })
 }
 
 interface Snapshot {
@@ -145,7 +142,7 @@ export class FileCertificateSource implements CertificateSource {
       snapshot = this.#parse(contents)
       sink.update({ leaf: snapshot.leaf, trust: snapshot.trust })
     } catch (err) {
-      this.#failed(err instanceof FilesError ? err : new FilesError('leaf', `rejected by TLS: ${(err as Error).message}`, { cause: err }), key)
+      this.#failed(isFilesError(err) ? err : filesError('leaf', `rejected by TLS: ${(err as Error).message}`, { cause: err }), key)
       return
     }
     this.#lastKey = key
@@ -176,20 +173,20 @@ export class FileCertificateSource implements CertificateSource {
     try {
       leaf = leafFromPem(chainPem, keyPem)
     } catch (err) {
-      throw new FilesError('leaf', `leaf certificate: ${(err as Error).message}`, { cause: err })
+      throw filesError('leaf', `leaf certificate: ${(err as Error).message}`, { cause: err })
     }
     const leafDomain = domainOf(leaf.uri)
     const trustDomain = this.#trustDomain ?? leafDomain
-    if (leafDomain !== trustDomain) throw new FilesError('leaf', `the leaf's SPIFFE ID ${leaf.uri} is not in trust domain ${trustDomain}`)
+    if (leafDomain !== trustDomain) throw filesError('leaf', `the leaf's SPIFFE ID ${leaf.uri} is not in trust domain ${trustDomain}`)
     const roots = pemBlocks(caPem).filter((block) => block.type === 'CERTIFICATE').map((block) => block.pem)
-    if (roots.length === 0) throw new FilesError('roots', 'CA bundle: no CERTIFICATE block')
+    if (roots.length === 0) throw filesError('roots', 'CA bundle: no CERTIFICATE block')
     const rootCerts = roots.map((pem) => new X509Certificate(pem))
     const chain = pemBlocks(leaf.chainPem).map((block) => new X509Certificate(block.pem))
     const intermediates = chain.slice(1)
     const now = Date.now()
     const active = rootCerts.find((root) => chainsToCurrentRoots(chain[0] as X509Certificate, intermediates, [root], now))
     if (active === undefined) {
-      throw new FilesError('leaf', `the leaf (serial ${leaf.serial}, valid ${leaf.validAfter} to ${leaf.validBefore}) is not valid now or does not chain to the CA bundle`)
+      throw filesError('leaf', `the leaf (serial ${leaf.serial}, valid ${leaf.validAfter} to ${leaf.validBefore}) is not valid now or does not chain to the CA bundle`)
     }
     return {
       leaf,
@@ -213,7 +210,7 @@ export class FileCertificateSource implements CertificateSource {
     try {
       names = readdirSync(layout.dir)
     } catch (err) {
-      throw new FilesError('leaf', `cannot list ${layout.dir}: ${(err as Error).message}`, { cause: err })
+      throw filesError('leaf', `cannot list ${layout.dir}: ${(err as Error).message}`, { cause: err })
     }
     if (names.includes(CSI_FILES.chain)) {
       return {
@@ -224,7 +221,7 @@ export class FileCertificateSource implements CertificateSource {
     }
     const bundleName = SPIFFE_CREDENTIAL_BUNDLES.find((name) => names.includes(name))
     if (bundleName === undefined) {
-      throw new FilesError('leaf', `${layout.dir} holds neither ${CSI_FILES.chain} (csi-driver-spiffe) nor a SPIFFE credential bundle (${SPIFFE_CREDENTIAL_BUNDLES.join(', ')})`)
+      throw filesError('leaf', `${layout.dir} holds neither ${CSI_FILES.chain} (csi-driver-spiffe) nor a SPIFFE credential bundle (${SPIFFE_CREDENTIAL_BUNDLES.join(', ')})`)
     }
     const bundle = readPart('leaf', join(layout.dir, bundleName))
     const blocks = pemBlocks(bundle)
@@ -237,13 +234,13 @@ export class FileCertificateSource implements CertificateSource {
       try {
         trustDomain = domainOf(leafFromPem(chainPem, keyPem).uri)
       } catch (err) {
-        throw new FilesError('leaf', `${bundleName}: ${(err as Error).message}`, { cause: err })
+        throw filesError('leaf', `${bundleName}: ${(err as Error).message}`, { cause: err })
       }
       this.#bundleDomain = { bundle, trustDomain }
     }
     const caName = SPIFFE_TRUST_BUNDLE_SUFFIXES.map((suffix) => `${trustDomain}${suffix}`).find((name) => names.includes(name))
     if (caName === undefined) {
-      throw new FilesError('roots', `${layout.dir} has no trust bundle for ${trustDomain} (${SPIFFE_TRUST_BUNDLE_SUFFIXES.map((s) => trustDomain + s).join(', ')})`)
+      throw filesError('roots', `${layout.dir} has no trust bundle for ${trustDomain} (${SPIFFE_TRUST_BUNDLE_SUFFIXES.map((s) => trustDomain + s).join(', ')})`)
     }
     return { chainPem, keyPem, caPem: readPart('roots', join(layout.dir, caName)) }
   }
@@ -254,11 +251,15 @@ function domainOf (uri: string): string {
   return new URL(uri).host.toLowerCase()
 }
 
+function isFilesError (err: unknown): err is FilesError {
+  return err instanceof CertificateSourceError && 'part' in err
+}
+
 function readPart (part: SourcePart, path: string): string {
   try {
     return readFileSync(path, 'utf8')
   } catch (err) {
-    throw new FilesError(part, `cannot read ${path}: ${(err as Error).message}`, { cause: err })
+    throw filesError(part, `cannot read ${path}: ${(err as Error).message}`, { cause: err })
   }
 }
 
