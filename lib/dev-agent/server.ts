@@ -331,7 +331,8 @@ export class DevAgentServer {
   /** Records a request in `requestLog`. */
   logRequest (method: string, path: string): void {
     this.requestLog.push({ method, path })
-    if (this.requestLog.length > REQUEST_LOG_LIMIT) this.requestLog.shift()
+    // Removes nothing until the limit is passed (a negative count is 0).
+    this.requestLog.splice(0, this.requestLog.length - REQUEST_LOG_LIMIT)
   }
 
   /** `fn` runs after every CA rotation; returns its removal. */
