@@ -9,6 +9,7 @@ import { parseIntention } from './agent/parse'
 import type { Intention, IntentionPermission } from './agent/wire'
 import { compilePolicy } from './intentions/policy'
 import type { CompiledPolicy } from './intentions/policy'
+import { logEvent } from './log'
 
 /** A candidate entry that cannot be used; the message says what to fix. */
 export class CandidateError extends Error {}
@@ -267,18 +268,16 @@ export class Candidate {
     const changed = this.#lastError !== null || first
     this.#lastError = null
     if (changed) {
-      this.#log.info({ consulNative: { event: 'candidate-loaded', source: this.status().source, count: entry.intentions.length } },
-        'fastify-consul-native: candidate intentions loaded')
+      logEvent(this.#log, 'info', 'candidate-loaded', { source: this.status().source, count: entry.intentions.length }, 'candidate intentions loaded')
     }
     this.#onChange()
   }
 
   #reject (reason: string): void {
     this.#lastError = reason
-    this.#log.error({ consulNative: { event: 'candidate-rejected', source: this.status().source, reason } },
-      this.policy === null
-        ? 'fastify-consul-native: candidate intentions rejected; no candidate decisions until it is fixed'
-        : 'fastify-consul-native: candidate intentions rejected; the last good candidate stays in use')
+    logEvent(this.#log, 'error', 'candidate-rejected', { source: this.status().source, reason }, this.policy === null
+      ? 'fastify-consul-native: candidate intentions rejected; no candidate decisions until it is fixed'
+      : 'fastify-consul-native: candidate intentions rejected; the last good candidate stays in use')
     this.#onChange()
   }
 }

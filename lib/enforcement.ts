@@ -19,6 +19,10 @@ import type { ConsulSync } from './sync'
 import type { DynamicTls } from './tls'
 import { closeRefused, continueIfAwaited } from './transport'
 import type { UpgradeTracker } from './upgrades'
+import { logEvent } from './log'
+import type { EventSink, LogEvent } from './log'
+import { LogLimiter, SUPPRESS } from './log-limiter'
+import type { LogLimit } from './log-limiter'
 
 // mode 'agent': one authorize call per caller URI at most every AUTHORIZE_TTL_MS (coalescing
 // bursts of new connections), and one decision per connection for its lifetime, as L4 does.
@@ -45,50 +49,54 @@ export interface ConsulDecision extends Decision {
 
 type FinalOutcome = Exclude<RequestOutcome, 'ask-agent'>
 
-/** What a final outcome does: the counter it adds to, its log line (event name, level, message) and the error it answers with. */
+/**
+ * What a final outcome does: the counter it adds to, its log line (event name, message; `limited`
+ * lines are written at info through the `logDenials` limiter, the others at debug) and the error
+ * it answers with.
+ */
 interface OutcomeEffect {
   readonly counter: keyof EnforcementCounters
-  readonly event: string | null
-  readonly level: 'debug' | 'info'
+  readonly event: LogEvent | null
+  readonly limited: boolean
   readonly message: string
   readonly error: (() => Error) | null
 }
 
 const EFFECTS: Readonly<Record<FinalOutcome, OutcomeEffect>> = {
-  allow: { counter: 'allowed', event: 'allowed', level: 'debug', message: 'fastify-consul-native: request allowed', error: null },
-  exempt: { counter: 'exempt', event: null, level: 'debug', message: '', error: null },
-  deny: { counter: 'denied', event: 'denied', level: 'info', message: 'fastify-consul-native: request denied', error: () => new DeniedError() },
+  allow: { counter: 'allowed', event: 'allowed', limited: false, message: 'request allowed', error: null },
+  exempt: { counter: 'exempt', event: null, limited: false, message: '', error: null },
+  deny: { counter: 'denied', event: 'denied', limited: true, message: 'request denied', error: () => new DeniedError() },
   unauthenticated: {
     counter: 'unauthenticated',
     event: 'unauthenticated',
-    level: 'info',
-    message: 'fastify-consul-native: request without a verified service identity',
+    limited: true,
+    message: 'request without a verified service identity',
     error: () => new UnauthenticatedError()
   },
   'bad-path': {
     counter: 'rejected',
     event: 'bad-path',
-    level: 'info',
-    message: 'fastify-consul-native: path rejected by the mesh request normalization',
+    limited: true,
+    message: 'path rejected by the mesh request normalization',
     error: () => new BadPathError()
   },
   'bad-header': {
     counter: 'rejected',
     event: 'bad-header',
-    level: 'info',
-    message: 'fastify-consul-native: request rejected for its headers (an underscore in a name, or an ambiguous header)',
+    limited: true,
+    message: 'request rejected for its headers (an underscore in a name, or an ambiguous header)',
     error: () => new BadHeaderError()
   }
 }
 
 /** Shadow enforcement: what a would-be 403 or 401 does instead (the request is served). */
 const SHADOW_EFFECTS: Readonly<Record<'deny' | 'unauthenticated', OutcomeEffect>> = {
-  deny: { counter: 'shadowDenied', event: 'shadow-denied', level: 'info', message: 'fastify-consul-native: request would be denied (shadow enforcement: served)', error: null },
+  deny: { counter: 'shadowDenied', event: 'shadow-denied', limited: true, message: 'request would be denied (shadow enforcement: served)', error: null },
   unauthenticated: {
     counter: 'shadowUnauthenticated',
     event: 'shadow-unauthenticated',
-    level: 'info',
-    message: 'fastify-consul-native: request without a verified service identity (shadow enforcement: served)',
+    limited: true,
+    message: 'request without a verified service identity (shadow enforcement: served)',
     error: null
   }
 }
@@ -104,6 +112,27 @@ function shadowed (decision: Decision): ConsulDecision {
 
 const EMPTY: readonly string[] = []
 
+/** The route of a request that matched none, in log lines and limiter keys. */
+export const NOT_FOUND_ROUTE = '(not found)'
+
+/** The plugin's logger as the Enforcer uses it. */
+export type EnforcerLog = EventSink & { isLevelEnabled?: (level: string) => boolean }
+
+export interface EnforcerOptions {
+  readonly tls: DynamicTls
+  readonly sync: ConsulSync
+  readonly router: RouterOptions
+  /** mode 'agent': asks the agent when no route override decides. */
+  readonly authorizer: AgentAuthorizer | null
+  /** The plugin's logger (lib/log.ts). */
+  readonly log: EnforcerLog
+  /** Fastify's request id label (`reqId` unless configured). */
+  readonly requestIdLabel: string
+  /** The `logDenials` option; shadowed would-be denials are limited alike, by a limiter of their own. */
+  readonly logDenials: LogLimit
+  readonly rollout?: RolloutSettings
+}
+
 /** The plugin's rollout settings the per-request check applies. */
 export interface RolloutSettings {
   /** The plugin's `enforcement` option; a route's own setting wins. */
@@ -115,6 +144,10 @@ export class Enforcer {
   readonly #tls: DynamicTls
   readonly #sync: ConsulSync
   readonly #authorize: AgentAuthorizer | null
+  readonly #log: EnforcerLog
+  readonly #requestIdLabel: string
+  readonly #denials: LogLimiter
+  readonly #shadowDenials: LogLimiter
   /** Reused across requests: decisions are synchronous, so one of each suffices. */
   readonly #service: ServiceRules
   readonly #request: RequestView = { caller: null, method: '', url: '', rawHeaders: EMPTY }
@@ -127,15 +160,28 @@ export class Enforcer {
   /** Plain counters: an increment costs nothing on the request path. */
   readonly counters: EnforcementCounters = { allowed: 0, denied: 0, unauthenticated: 0, rejected: 0, exempt: 0, shadowDenied: 0, shadowUnauthenticated: 0 }
 
-  constructor (tls: DynamicTls, sync: ConsulSync, router: RouterOptions, authorize: AgentAuthorizer | null = null,
-    rollout: RolloutSettings = { enforcement: 'enforce', candidate: null }) {
+  constructor (opts: EnforcerOptions) {
+    const { tls, sync, router, authorizer, log } = opts
+    const rollout = opts.rollout ?? { enforcement: 'enforce', candidate: null }
     this.#tls = tls
     this.#sync = sync
-    this.#authorize = authorize
-    this.#service = { policy: sync.policy, normalization: sync.normalization, router, agentDecides: authorize !== null }
+    this.#authorize = authorizer
+    this.#log = log
+    this.#requestIdLabel = opts.requestIdLabel
+    const summary = (kind: string) => (suppressed: number): void => logEvent(log, 'info', 'denials-suppressed', { suppressed },
+      `${suppressed} ${kind} request line(s) left out (option logDenials)`)
+    this.#denials = new LogLimiter(opts.logDenials, { onSummary: summary('denied, unauthenticated or rejected') })
+    this.#shadowDenials = new LogLimiter(opts.logDenials, { onSummary: summary('shadow-denied or shadow-unauthenticated') })
+    this.#service = { policy: sync.policy, normalization: sync.normalization, router, agentDecides: authorizer !== null }
     this.#enforcement = rollout.enforcement
     this.#candidate = rollout.candidate
     this.#candidateService = { policy: sync.policy, normalization: null, router, agentDecides: false }
+  }
+
+  /** Stops the pending summaries of left-out lines. */
+  close (): void {
+    this.#denials.close()
+    this.#shadowDenials.close()
   }
 
   /**
@@ -183,19 +229,16 @@ export class Enforcer {
     if (theirs.allow) candidate.disagreements.allowDeny++
     else candidate.disagreements.denyAllow++
     const raw = request.raw
-    request.log.info({
-      consulNative: {
-        event: 'candidate-disagrees',
-        source: (peer.identity as ServiceIdentity).uri,
-        route: request.routeOptions.url,
-        method: raw.method,
-        path: raw.url,
-        live: theirs.allow ? 'allow' : 'deny',
-        liveReason: theirs.reason,
-        candidate: mine.allow ? 'allow' : 'deny',
-        candidateReason: mine.reason
-      }
-    }, 'fastify-consul-native: the candidate intentions decide this request differently')
+    logEvent(this.#log, 'info', 'candidate-disagrees', {
+      source: (peer.identity as ServiceIdentity).uri,
+      route: request.is404 ? NOT_FOUND_ROUTE : request.routeOptions.url,
+      method: raw.method,
+      path: raw.url,
+      live: theirs.allow ? 'allow' : 'deny',
+      liveReason: theirs.reason,
+      candidate: mine.allow ? 'allow' : 'deny',
+      candidateReason: mine.reason
+    }, 'the candidate intentions decide this request differently', undefined, { label: this.#requestIdLabel, id: request.id })
   }
 
   /**
@@ -225,30 +268,64 @@ export class Enforcer {
   /** The one place an outcome becomes a counter, a log line and an error. */
   #apply (request: FastifyRequest, peer: PeerIdentity, route: RoutePolicy, outcome: FinalOutcome, decision: Decision): Error | null {
     let effect = EFFECTS[outcome]
+    let limiter = this.#denials
     // Shadow enforcement serves would-be 403s and 401s; a 400 of the request normalization is
     // never shadowed (docs/semantics.md#rollout-shadow).
     if ((outcome === 'deny' || outcome === 'unauthenticated') && (route.enforcement ?? this.#enforcement) === 'shadow') {
       effect = SHADOW_EFFECTS[outcome]
       decision = shadowed(decision)
+      limiter = this.#shadowDenials
     }
     request.consulDecision = decision
     this.counters[effect.counter]++
-    if (effect.event !== null && (effect.level === 'info' || isDebug(request.log))) {
-      const raw = request.raw
-      request.log[effect.level]({
-        consulNative: {
-          event: effect.event,
-          source: peer.identity === null ? null : peer.identity.uri,
-          route: request.routeOptions.url,
-          method: raw.method,
-          path: raw.url,
-          // Without an identity, the decision says only 'unauthenticated': the log says why.
-          reason: peer.identity === null ? peer.reason : decision.reason
-        }
-      }, effect.message)
+    const event = effect.event
+    if (event === null) return null
+    if (!effect.limited) {
+      if (isDebug(this.#log)) this.#write(request, peer, decision, effect, 'debug', event, 0)
+      return null
     }
+    const routeName = request.is404 ? NOT_FOUND_ROUTE : request.routeOptions.url as string
+    const caller = peer.identity === null ? `unauthenticated/${addressClass(request.raw.socket.remoteAddress)}` : peer.identity.uri
+    const suppressed = limiter.admit(`${event} ${caller} ${routeName}`, Date.now())
+    if (suppressed !== SUPPRESS) this.#write(request, peer, decision, effect, 'info', event, suppressed)
     return effect.error === null ? null : effect.error()
   }
+
+  #write (request: FastifyRequest, peer: PeerIdentity, decision: Decision, effect: OutcomeEffect, level: 'debug' | 'info',
+    event: LogEvent, suppressed: number): void {
+    const raw = request.raw
+    const fields = {
+      source: peer.identity === null ? null : peer.identity.uri,
+      route: request.is404 ? NOT_FOUND_ROUTE : request.routeOptions.url,
+      method: raw.method,
+      path: raw.url,
+      // Without an identity, the decision says only 'unauthenticated': the log says why.
+      reason: peer.identity === null ? peer.reason : decision.reason,
+      ...(suppressed > 0 ? { suppressed } : null)
+    }
+    logEvent(this.#log, level, event, fields, effect.message, undefined, { label: this.#requestIdLabel, id: request.id })
+  }
+}
+
+/**
+ * What the logDenials limiter keys an unauthenticated caller by: the kind of network it calls
+ * from, not its address, so that a caller spraying addresses cannot make every line "new".
+ */
+export function addressClass (address: string | undefined): 'loopback' | 'private' | 'link-local' | 'public' | 'unknown' {
+  if (address === undefined) return 'unknown'
+  const v4 = address.startsWith('::ffff:') ? address.slice(7) : address
+  if (v4.includes('.')) {
+    const [a, b] = v4.split('.').map(Number) as [number, number]
+    if (a === 127) return 'loopback'
+    if (a === 10 || (a === 172 && b >= 16 && b <= 31) || (a === 192 && b === 168)) return 'private'
+    if (a === 169 && b === 254) return 'link-local'
+    return 'public'
+  }
+  const lower = address.toLowerCase()
+  if (lower === '::1') return 'loopback'
+  if (/^f[cd]/.test(lower)) return 'private'
+  if (/^fe[89ab]/.test(lower)) return 'link-local'
+  return 'public'
 }
 
 /**
@@ -286,15 +363,17 @@ export function enforceHook (enforcer: Enforcer, routes: RoutePolicies, upgrades
  * default) or undefined: in an encapsulated context created before the plugin, the request
  * object lacks the decoration until the decision sets it (docs/semantics.md#transport-hook-order).
  */
-export function consulNativeBackstop<T> (request: FastifyRequest, reply: FastifyReply, payload: T, done: (err: Error | null, payload?: T) => void): void {
-  if (request.consulDecision != null) {
-    done(null, payload)
-    return
+export function backstopHook (log: EventSink, requestIdLabel: string) {
+  return function consulNativeBackstop<T> (request: FastifyRequest, reply: FastifyReply, payload: T, done: (err: Error | null, payload?: T) => void): void {
+    if (request.consulDecision != null) {
+      done(null, payload)
+      return
+    }
+    logEvent(log, 'error', 'no-decision', { route: request.is404 ? NOT_FOUND_ROUTE : request.routeOptions.url, method: request.method, path: request.url },
+      'no access decision was recorded for this request; denying', undefined, { label: requestIdLabel, id: request.id })
+    closeRefused(request.raw, reply.raw)
+    done(new DeniedError())
   }
-  request.log.error({ consulNative: { event: 'no-decision', method: request.method, path: request.url } },
-    'fastify-consul-native: no access decision was recorded for this request; denying')
-  closeRefused(request.raw, reply.raw)
-  done(new DeniedError())
 }
 
 /** Removes header names with an underscore from `req.headers`, as they were from the headers matched. */
@@ -311,8 +390,8 @@ function dropUnderscoreHeaders (raw: FastifyRequest['raw']): void {
  * and its methods are one function named `noop`: building its line would be wasted on every
  * allowed request. Other loggers get the line.
  */
-function isDebug (log: FastifyRequest['log']): boolean {
-  const check = (log as { isLevelEnabled?: (level: string) => boolean }).isLevelEnabled
+function isDebug (log: EnforcerLog): boolean {
+  const check = log.isLevelEnabled
   return check === undefined ? log.debug.name !== 'noop' : check.call(log, 'debug')
 }
 

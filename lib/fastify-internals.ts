@@ -12,6 +12,12 @@ export function isRootInstance (fastify: object): boolean {
   return Object.getPrototypeOf(fastify) === Object.prototype
 }
 
+/** The key under which Fastify's request logger writes the request id (`requestIdLogLabel`). */
+export function requestIdLabelOf (fastify: { readonly initialConfig: object }): string {
+  const label = (fastify.initialConfig as { requestIdLogLabel?: unknown }).requestIdLogLabel
+  return typeof label === 'string' && label !== '' ? label : 'reqId'
+}
+
 const ROUTER_KEYS = ['ignoreTrailingSlash', 'ignoreDuplicateSlashes', 'caseSensitive', 'useSemicolonDelimiter'] as const
 
 /**

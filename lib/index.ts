@@ -8,11 +8,11 @@ import fp from 'fastify-plugin'
 import { AgentClient } from './agent/client'
 import { resolveAgentConfig } from './agent/config'
 import { createCertificateSource } from './certificates/index'
-import { AgentAuthorizer, consulNativeBackstop, Enforcer, enforceHook } from './enforcement'
+import { AgentAuthorizer, backstopHook, Enforcer, enforceHook } from './enforcement'
 import type { ConsulDecision } from './enforcement'
 import { NotHttpsError, NotRootError } from './errors'
 import type { ExplainInput, Explanation } from './explain'
-import { isRootInstance, routerOptionsOf, serverBindingsOf } from './fastify-internals'
+import { isRootInstance, requestIdLabelOf, routerOptionsOf, serverBindingsOf } from './fastify-internals'
 import { addHealthRoute } from './health'
 import type { ServiceIdentity } from './identity'
 import { metricFamilies, prometheusText } from './metrics'
@@ -29,6 +29,7 @@ import type { ConsulNativeStatus } from './sync'
 import { attachExtraServers, dynamicTlsOf, httpsOptions } from './tls'
 import { deferContinue } from './transport'
 import { UpgradeTracker } from './upgrades'
+import { logEvent, pluginLogger } from './log'
 
 export interface ConsulNativeDecorator {
   /** Leaf, roots, intentions and per-watch sync state; `ready` once everything is loaded. */
@@ -82,7 +83,8 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
   if (tls === null) throw new NotHttpsError()
   if (!isRootInstance(fastify)) throw new NotRootError()
 
-  const log = fastify.log
+  const log = pluginLogger(fastify.log)
+  const requestIdLabel = requestIdLabelOf(fastify)
   const agentConfig = resolveAgentConfig(opts.agent, process.env)
   const client = new AgentClient(agentConfig, {
     datacenter: opts.datacenter,
@@ -92,8 +94,7 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
   const sync = new ConsulSync(opts, client, tls, log, createCertificateSource(opts, client, agentConfig.token, process.env, log))
   const router = routerOptionsOf(fastify)
   if (!router.caseSensitive) {
-    log.warn({ consulNative: { event: 'case-insensitive-router' } },
-      'fastify-consul-native: caseSensitive is false: write intention paths in lower case, as every case spelling is checked in lower case')
+    logEvent(log, 'warn', 'case-insensitive-router', null, 'caseSensitive is false: write intention paths in lower case, as every case spelling is checked in lower case')
   }
   const authorizer = opts.mode === 'agent' ? new AgentAuthorizer(client, opts.service) : null
   if (authorizer !== null) sync.events.on('intentions', () => authorizer.invalidate())
@@ -104,7 +105,9 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
   })
   const rollout = new Rollout(opts, sync, routes, router, log)
   sync.rollout = () => rollout.status()
-  const enforcer = new Enforcer(tls, sync, router, authorizer, { enforcement: opts.enforcement, candidate: rollout.candidate })
+  const enforcer = new Enforcer({
+    tls, sync, router, authorizer, log, requestIdLabel, logDenials: opts.logDenials, rollout: { enforcement: opts.enforcement, candidate: rollout.candidate }
+  })
   const outbound = new ServiceCaller({
     client, tls, tlsEvents: sync.events, log, blockingWait: opts.blockingWait, namespace: opts.namespace, partition: opts.partition
   })
@@ -130,7 +133,7 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
     /* c8 ignore start */
     // redecide() never rejects (a failed agent call is a deny): only a bug would get here.
     const failed = (err: Error): void => {
-      log.error({ consulNative: { event: 'upgrade-recheck-failed' }, err }, 'fastify-consul-native: could not decide open upgrades again')
+      logEvent(log, 'error', 'upgrade-recheck-failed', null, 'could not decide open upgrades again', err)
     }
     /* c8 ignore stop */
     const recheck = (): void => { tracker.recheck((request, route) => enforcer.redecide(request, route)).catch(failed) }
@@ -138,11 +141,10 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
     sync.events.on('tls', recheck)
   }
   fastify.addHook('onRequest', enforceHook(enforcer, routes, upgrades))
-  fastify.addHook('preParsing', consulNativeBackstop)
+  fastify.addHook('preParsing', backstopHook(log, requestIdLabel))
   // `100 Continue` only after the decision (docs/semantics.md#transport-continue).
   if (!deferContinue(fastify.server)) {
-    log.warn({ consulNative: { event: 'check-continue-taken' } },
-      'fastify-consul-native: the server already has a \'checkContinue\' listener: it, not the access decision, decides when a body is read')
+    logEvent(log, 'warn', 'check-continue-taken', null, 'the server already has a \'checkContinue\' listener: it, not the access decision, decides when a body is read')
   }
   fastify.addHook('onListen', function consulNativeOnListen (done) {
     attachExtraServers(tls, fastify, log)
@@ -162,6 +164,7 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
     rollout.stop()
     sync.registration?.stop()
     sync.stop()
+    enforcer.close()
     tls.detachAll()
     try {
       await outbound.close()

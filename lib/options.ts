@@ -5,6 +5,8 @@ import { resolveCertificatesOption } from './certificates/options'
 import type { CertificatesOptions } from './certificates/options'
 import { InvalidOptionError } from './errors'
 import { DEFAULT_MAX_REGEX_PROGRAM_SIZE } from './intentions/matchers'
+import { DEFAULT_LOG_LIMIT } from './log-limiter'
+import type { LogLimit } from './log-limiter'
 import type { IntentionPermission } from './agent/wire'
 import type { RouteSource } from './intentions/policy'
 import { validateRegisterOption } from './registration'
@@ -58,6 +60,12 @@ export interface ConsulNativeOptions {
    * a larger one rejects the intention update, or the route. Default 100, Envoy's default.
    */
   maxRegexProgramSize?: number
+  /**
+   * Volume of denied, unauthenticated and rejected request lines. The first of each caller and
+   * route is always logged; repeats: one in `sample`, at most `perSecond` per second. Counters
+   * stay exact. Default `{ sample: 1, perSecond: 10 }`.
+   */
+  logDenials?: { sample?: number, perSecond?: number }
 }
 
 /** How denials are applied: answered (`'enforce'`) or only recorded (`'shadow'`). */
@@ -102,6 +110,7 @@ export interface ResolvedOptions {
   /** An inline entry, or a file path; null without a candidate. */
   readonly candidate: string | Record<string, unknown> | null
   readonly maxRegexProgramSize: number
+  readonly logDenials: LogLimit
 }
 
 export const DEFAULT_READY_TIMEOUT = 8_000
@@ -109,7 +118,8 @@ export const DEFAULT_BLOCKING_WAIT = 300_000
 export const MAX_BLOCKING_WAIT = 600_000
 export const DEFAULT_HEALTH_URL = '/health'
 
-const KNOWN = new Set(['service', 'agent', 'datacenter', 'namespace', 'partition', 'readyTimeout', 'defaultPolicy', 'health', 'mode', 'blockingWait', 'register', 'certificates', 'recheckUpgrades', 'enforcement', 'candidate', 'maxRegexProgramSize'])
+/** Every top-level option (the README's options table is checked against it). */
+export const OPTION_NAMES: ReadonlySet<string> = new Set(['service', 'agent', 'datacenter', 'namespace', 'partition', 'readyTimeout', 'defaultPolicy', 'health', 'mode', 'blockingWait', 'register', 'certificates', 'recheckUpgrades', 'enforcement', 'candidate', 'maxRegexProgramSize', 'logDenials'])
 // Consul service names are DNS-friendly; this also keeps them safe inside a URL path segment.
 const SERVICE_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]*$/
 
@@ -117,7 +127,7 @@ export function resolveOptions (raw: unknown): ResolvedOptions {
   if (raw === null || typeof raw !== 'object') fail('options', 'must be an object with at least { service }')
   const opts = raw as Record<string, unknown>
   for (const key of Object.keys(opts)) {
-    if (!KNOWN.has(key)) fail(key, `is not an option (known: ${[...KNOWN].join(', ')})`)
+    if (!OPTION_NAMES.has(key)) fail(key, `is not an option (known: ${[...OPTION_NAMES].join(', ')})`)
   }
   const service = opts.service
   if (typeof service !== 'string' || !SERVICE_NAME.test(service)) {
@@ -156,7 +166,8 @@ export function resolveOptions (raw: unknown): ResolvedOptions {
     recheckUpgrades: optionalBoolean(opts, 'recheckUpgrades'),
     enforcement: oneOf(opts, 'enforcement', ['enforce', 'shadow'] as const),
     candidate,
-    maxRegexProgramSize: positiveInteger(opts, 'maxRegexProgramSize', DEFAULT_MAX_REGEX_PROGRAM_SIZE)
+    maxRegexProgramSize: positiveInteger(opts, 'maxRegexProgramSize', DEFAULT_MAX_REGEX_PROGRAM_SIZE),
+    logDenials: logDenialsOption(opts.logDenials)
   }
 }
 
@@ -208,6 +219,27 @@ function oneOf<T extends string> (opts: Record<string, unknown>, name: string, v
     fail(name, `must be one of ${values.map((v) => `'${v}'`).join(', ')}, got ${JSON.stringify(value)}`)
   }
   return value as T
+}
+
+function logDenialsOption (value: unknown): LogLimit {
+  if (value === undefined) return DEFAULT_LOG_LIMIT
+  if (value === null || typeof value !== 'object' || Array.isArray(value)) {
+    fail('logDenials', `must be an object such as { sample: 1, perSecond: 10 }, got ${JSON.stringify(value)}`)
+  }
+  const { sample, perSecond, ...rest } = value as Record<string, unknown>
+  const unknown = Object.keys(rest)
+  if (unknown.length > 0) fail(`logDenials.${unknown[0] as string}`, 'is not an option (known: sample, perSecond)')
+  const count = (v: unknown, name: string, min: number, fallback: number): number => {
+    if (v === undefined) return fallback
+    if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min) {
+      fail(`logDenials.${name}`, `must be an integer of at least ${min}, got ${typeof v === 'number' ? String(v) : JSON.stringify(v)}`)
+    }
+    return v
+  }
+  return Object.freeze({
+    sample: count(sample, 'sample', 1, DEFAULT_LOG_LIMIT.sample),
+    perSecond: count(perSecond, 'perSecond', 0, DEFAULT_LOG_LIMIT.perSecond)
+  })
 }
 
 function healthOption (value: unknown): { url: string } | null {

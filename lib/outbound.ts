@@ -12,6 +12,7 @@ import type { RequestInit, Response } from 'undici'
 import type { AgentClient } from './agent/client'
 import { BlockingWatch } from './agent/watch'
 import { AgentInvalidResponseError, InvalidOptionError, NoInstancesError, OutboundTimeoutError, PeerMismatchError } from './errors'
+import { logEvent } from './log'
 import { parseSpiffeId, parseSubjectAltNames } from './spiffe'
 import type { DynamicTls, TlsMaterial } from './tls'
 
@@ -368,11 +369,10 @@ class ServiceDispatcher extends Dispatcher {
       if (!impostor && !CONNECT_ERRORS.has(code)) return false
       this.#failedAt.set(instance.origin, Date.now())
       if (impostor) {
-        this.#deps.log.warn({ consulNative: { event: 'outbound-identity-refused', service: this.#service, instance: instance.id }, err },
-          `fastify-consul-native: an instance of ${this.#service} did not prove its identity; skipping it for ${FAILED_INSTANCE_MS} ms`)
+        logEvent(this.#deps.log, 'warn', 'outbound-identity-refused', { service: this.#service, instance: instance.id }, `an instance of ${this.#service} did not prove its identity; skipping it for ${FAILED_INSTANCE_MS} ms`, err)
       }
       if (!retriable || list.length < 2) return false
-      this.#deps.log.debug({ service: this.#service, instance: instance.id, err }, 'outbound connection failed; retrying on another instance')
+      logEvent(this.#deps.log, 'debug', 'outbound-retry', { service: this.#service, instance: instance.id }, 'outbound connection failed; retrying on another instance', err)
       this.#send(opts, handler, instance.origin)
       return true
     }, () => {

@@ -12,6 +12,7 @@ import type { AgentClient, AgentResponse } from './agent/client'
 import { agentStatusOf, clampWait } from './agent/client'
 import { InvalidOptionError, RegisterFailedError } from './errors'
 import { extendListen } from './fastify-internals'
+import { logEvent } from './log'
 import type { ConsulSync } from './sync'
 import { formatDurationUs, parseDurationUs } from './go-duration'
 
@@ -256,9 +257,9 @@ export function buildRegistration (service: string, o: RegisterOptions, listenin
 
 type Loop = 'anti-entropy' | 'ttl'
 
-const LOOP_EVENTS: Record<Loop, { event: string, msg: string }> = {
-  'anti-entropy': { event: 'registration-check-failed', msg: 'fastify-consul-native: cannot confirm the service registration with the agent; retrying' },
-  ttl: { event: 'ttl-update-failed', msg: 'fastify-consul-native: cannot mark the TTL check passing; retrying' }
+const LOOP_EVENTS: Record<Loop, { event: 'registration-check-failed' | 'ttl-update-failed', msg: string }> = {
+  'anti-entropy': { event: 'registration-check-failed', msg: 'cannot confirm the service registration with the agent; retrying' },
+  ttl: { event: 'ttl-update-failed', msg: 'cannot mark the TTL check passing; retrying' }
 }
 
 const noop = (): void => {}
@@ -325,8 +326,7 @@ export class ServiceRegistration {
       this.#registering = null
     }
     const r = this.#registration
-    this.#log.info({ consulNative: { event: 'registered', serviceId: r.id, address: r.body.Address, port: r.body.Port, checkId: r.checkId } },
-      `fastify-consul-native: registered service ${r.service} as ${r.id}`)
+    logEvent(this.#log, 'info', 'registered', { serviceId: r.id, address: r.body.Address, port: r.body.Port, checkId: r.checkId }, `registered service ${r.service} as ${r.id}`)
   }
 
   /** Starts anti-entropy (and the TTL renewal of a `ttl` check). Never throws; idempotent; a no-op once stopped. */
@@ -360,8 +360,7 @@ export class ServiceRegistration {
     // A registration in flight (close() while listen() registers) must not land after the
     // deregistration: wait for its answer (docs/semantics.md#registration-close). So must a restore.
     if (this.#registering !== null) {
-      this.#log.debug({ consulNative: { event: 'deregister-after-registration', serviceId: this.#registration.id } },
-        'fastify-consul-native: closing while the registration is in flight; deregistering once the agent answers')
+      logEvent(this.#log, 'debug', 'deregister-after-registration', { serviceId: this.#registration.id }, 'closing while the registration is in flight; deregistering once the agent answers')
       await this.#registering
     }
     await this.#loops
@@ -370,12 +369,11 @@ export class ServiceRegistration {
     try {
       const res = await this.#client.request('PUT', `/v1/agent/service/deregister/${encodeURIComponent(id)}`, { allow404: true, scoped: AGENT_SCOPES })
       this.#state.registered = false
-      this.#log.info({ consulNative: { event: 'deregistered', serviceId: id, alreadyGone: res.status === 404 } },
-        `fastify-consul-native: deregistered ${id}`)
+      logEvent(this.#log, 'info', 'deregistered', { serviceId: id, alreadyGone: res.status === 404 }, `deregistered ${id}`)
     } catch (err) {
       this.#state.lastError = (err as Error).message
-      this.#report({ consulNative: { event: 'deregister-failed', serviceId: id }, err },
-        `fastify-consul-native: cannot deregister ${id}; the agent removes it once its check stays critical`)
+      logEvent(this.#log, operatorLevel(err), 'deregister-failed', { serviceId: id },
+        `cannot deregister ${id}; the agent removes it once its check stays critical`, err)
     }
   }
 
@@ -433,12 +431,11 @@ export class ServiceRegistration {
     this.#state.registered = false
     await this.#put(signal)
     const r = this.#registration
-    const fields = { consulNative: { event: lost ? 'registration-restored' : 'registered', serviceId: r.id } }
     if (lost) {
       this.#state.restored++
-      this.#log.warn(fields, `fastify-consul-native: the agent had lost service ${r.id}; registered it again`)
+      logEvent(this.#log, 'warn', 'registration-restored', { serviceId: r.id }, `the agent had lost service ${r.id}; registered it again`)
     } else {
-      this.#log.info(fields, `fastify-consul-native: registered service ${r.service} as ${r.id}`)
+      logEvent(this.#log, 'info', 'registered', { serviceId: r.id }, `registered service ${r.service} as ${r.id}`)
     }
   }
 
@@ -468,27 +465,26 @@ export class ServiceRegistration {
     const message = (err as Error).message
     this.#state.lastError = message
     const { event, msg } = LOOP_EVENTS[loop]
-    const obj = { consulNative: { event, serviceId: this.#registration.id, retryInMs }, err }
+    const fields = { serviceId: this.#registration.id, retryInMs }
     if (this.#logged.get(loop) === message) {
-      this.#log.debug(obj, `${msg} (failed again)`)
+      logEvent(this.#log, 'debug', event, fields, `${msg} (failed again)`, err)
       return
     }
     this.#logged.set(loop, message)
-    this.#report(obj, msg)
-  }
-
-  /** At error when an operator must act (retrying will not help), else at warn. */
-  #report (obj: { consulNative: object, err: unknown }, msg: string): void {
-    this.#log[needsOperator(obj.err) ? 'error' : 'warn'](obj, msg)
+    logEvent(this.#log, operatorLevel(err), event, fields, msg, err)
   }
 
   #recovered (loop: Loop): void {
     if (this.#logged.delete(loop)) {
-      this.#log.info({ consulNative: { event: 'registration-recovered', loop, serviceId: this.#registration.id } },
-        `fastify-consul-native: ${loop} with the agent works again`)
+      logEvent(this.#log, 'info', 'registration-recovered', { loop, serviceId: this.#registration.id }, `${loop} with the agent works again`)
     }
     if (this.#logged.size === 0) this.#state.lastError = null
   }
+}
+
+/** At error when an operator must act (retrying will not help), else at warn. */
+function operatorLevel (err: unknown): 'error' | 'warn' {
+  return needsOperator(err) ? 'error' : 'warn'
 }
 
 /** Full-jitter exponential backoff, capped at `maxMs`. */
@@ -530,8 +526,7 @@ export function registerOnListen (fastify: FastifyInstance, wiring: Registration
   fastify.addHook('onListen', async function consulNativeRegisterLate () {
     if (viaListen) return
     await registerInstance().catch((err: Error) => {
-      log.error({ consulNative: { event: 'register-failed' }, err },
-        'fastify-consul-native: could not register the instance (await register() before listen() to make listen() fail instead)')
+      logEvent(log, 'error', 'register-failed', null, 'could not register the instance (await register() before listen() to make listen() fail instead)', err)
     })
   })
   fastify.addHook('preClose', async function consulNativeDeregister () {

@@ -7,6 +7,8 @@ import { compileOverride } from './intentions/policy'
 import type { CompiledOverride, RouteSource } from './intentions/policy'
 import type { RouterOptions } from './intentions/path'
 import type { Enforcement } from './options'
+import { logEvent } from './log'
+import type { EventSink } from './log'
 
 /** What a route asks of the plugin, compiled. */
 export interface RoutePolicy {
@@ -56,7 +58,7 @@ export class RoutePolicies {
   #compileLogged (value: unknown, name: string): RoutePolicy {
     const policy = compileRoutePolicy(value, name, this.#fastify.maxRegexProgramSize)
     for (const warning of policy.override?.warnings ?? []) {
-      this.#fastify.log.warn({ consulNative: { event: 'route-path-rule', route: name } }, `fastify-consul-native: route ${name}: ${warning}`)
+      logEvent(this.#fastify.log, 'warn', 'route-path-rule', { route: name }, `route ${name}: ${warning}`)
     }
     return policy
   }
@@ -92,7 +94,8 @@ export class RoutePolicies {
 /** What RoutePolicies needs of the Fastify instance and the plugin's options. */
 export interface RouteHost {
   hasRoute (route: { method: string, url: string }): boolean
-  readonly log: { warn (obj: object, msg: string): void }
+  /** The plugin's logger (lib/log.ts). */
+  readonly log: EventSink
   readonly maxRegexProgramSize?: number
 }
 

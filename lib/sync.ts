@@ -17,6 +17,7 @@ import type { CandidateStatus } from './candidate'
 import type { Enforcement, ResolvedOptions } from './options'
 import type { RegistrationState, ServiceRegistration } from './registration'
 import type { DynamicTls } from './tls'
+import { logEvent } from './log'
 
 /** Snapshot returned by `fastify.consulNative.status()`. */
 export interface ConsulNativeStatus {
@@ -254,8 +255,7 @@ export class ConsulSync {
     this.#currentLeaf = leaf
     this.#currentRoots = roots
     if (previous !== null) {
-      this.#log.info({ consulNative: { event: 'tls-rotated', serial: leaf.serial, validBefore: leaf.validBefore, roots: roots.rootPems.length, activeRootId: roots.activeRootId } },
-        'fastify-consul-native: TLS material updated')
+      logEvent(this.#log, 'info', 'tls-rotated', { serial: leaf.serial, validBefore: leaf.validBefore, roots: roots.rootPems.length, activeRootId: roots.activeRootId }, 'TLS material updated')
     }
     this.#tlsInstalled()
     this.#emit('tls', this.status())
@@ -276,15 +276,14 @@ export class ConsulSync {
       // Once per distinct cause for the life of the plugin, not on every recompile.
       if (this.#warned.has(warning)) continue
       this.#warned.add(warning)
-      this.#log.warn({ consulNative: { event: 'intention-unsupported', reason: warning } }, `fastify-consul-native: ${warning}`)
+      logEvent(this.#log, 'warn', 'intention-unsupported', { reason: warning }, `${warning}`)
     }
     this.#policy = policy
     this.#compiled = true
     this.#currentIntentions = intentions
     this.#protocol = protocol
     this.#policyIndex = change.index ?? this.#policyIndex
-    this.#log.info({ consulNative: { event: 'policy-updated', count: policy.size, index: this.#policyIndex, protocol } },
-      'fastify-consul-native: intentions updated')
+    logEvent(this.#log, 'info', 'policy-updated', { count: policy.size, index: this.#policyIndex, protocol }, 'intentions updated')
     this.#emit('intentions', this.status())
   }
 
@@ -293,10 +292,9 @@ export class ConsulSync {
     if (configured !== 'agent') return configured === 'allow'
     const found = await agentDefaultPolicy(this.#client, this.#startup.signal, (err) => { this.#defaultPolicyError = err })
     if (found.error !== null) {
-      this.#log.warn({ consulNative: { event: 'default-policy-unknown', reason: found.error.message, header: found.header } },
-        found.header === 'allow'
-          ? 'fastify-consul-native: cannot read the agent\'s default intention policy; its ACL default policy header says allow'
-          : 'fastify-consul-native: cannot read the agent\'s default intention policy, denying by default')
+      logEvent(this.#log, 'warn', 'default-policy-unknown', { reason: found.error.message, header: found.header }, found.header === 'allow'
+        ? 'cannot read the agent\'s default intention policy; its ACL default policy header says allow'
+        : 'cannot read the agent\'s default intention policy, denying by default')
     }
     return found.allow
   }
@@ -321,7 +319,7 @@ export class ConsulSync {
     try {
       this.events.emit(event, payload)
     } catch (err) {
-      this.#log.error({ consulNative: { event: 'listener-failed', listenerEvent: event }, err }, 'fastify-consul-native: an event listener threw')
+      logEvent(this.#log, 'error', 'listener-failed', { listenerEvent: event }, 'an event listener threw', err)
     }
   }
 
@@ -335,8 +333,7 @@ export class ConsulSync {
     const end = Date.parse(leaf.validBefore)
     const left = end - now
     if (left > (end - start) * EXPIRY_WARNING_SHARE) return
-    this.#log.error({ consulNative: { event: 'leaf-expiring', serial: leaf.serial, validBefore: leaf.validBefore, msLeft: left, cause: cause.message } },
-      `fastify-consul-native: leaf certificate expires in ${Math.max(0, Math.round(left / 60_000))} minutes and ${this.#source.renewer} cannot renew it`)
+    logEvent(this.#log, 'error', 'leaf-expiring', { serial: leaf.serial, validBefore: leaf.validBefore, msLeft: left, cause: cause.message }, `leaf certificate expires in ${Math.max(0, Math.round(left / 60_000))} minutes and ${this.#source.renewer} cannot renew it`)
   }
 }
 

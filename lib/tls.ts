@@ -8,6 +8,7 @@ import type { FastifyBaseLogger } from 'fastify'
 import { InvalidOptionError } from './errors'
 import { serverBindingsOf } from './fastify-internals'
 import { IdentityResolver } from './identity'
+import { logEvent } from './log'
 
 /** The certificate material the agent gives: a leaf chain with its key, and every trusted root. */
 export interface TlsMaterial {
@@ -135,8 +136,7 @@ export function dynamicTlsOf (server: unknown): DynamicTls | null {
 export function attachExtraServers (tls: DynamicTls, fastify: object, log: FastifyBaseLogger): void {
   const bindings = serverBindingsOf(fastify)
   if (bindings === null) {
-    log.warn({ consulNative: { event: 'server-bindings-unknown' } },
-      'fastify-consul-native: cannot find Fastify\'s extra servers; listen on an explicit host so every server follows certificate rotations')
+    logEvent(log, 'warn', 'server-bindings-unknown', null, 'cannot find Fastify\'s extra servers; listen on an explicit host so every server follows certificate rotations')
     return
   }
   for (const server of bindings) if (dynamicTlsOf(server) === tls) tls.attach(server)

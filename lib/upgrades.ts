@@ -6,6 +6,7 @@ import type { Socket } from 'node:net'
 import type { FastifyBaseLogger, FastifyRequest } from 'fastify'
 import type { ServiceIdentity } from './identity'
 import type { RoutePolicy } from './route-policy'
+import { logEvent } from './log'
 
 interface OpenUpgrade { readonly request: FastifyRequest, readonly route: RoutePolicy }
 
@@ -35,8 +36,7 @@ export class UpgradeTracker {
       if (await redecide(request, route)) continue
       // Only a non-exempt route can become refused, and it was allowed for a verified caller.
       const source = (request.consulSource as ServiceIdentity).uri
-      this.#log.info({ consulNative: { event: 'upgrade-revoked', source, path: request.raw.url } },
-        'fastify-consul-native: closing an upgraded connection that is no longer allowed')
+      logEvent(this.#log, 'info', 'upgrade-revoked', { source, path: request.raw.url }, 'closing an upgraded connection that is no longer allowed')
       this.#open.delete(socket)
       socket.destroy()
       closed++

@@ -7,7 +7,7 @@ import type { WatchFetchQuery, WatchOptions } from '../lib/agent/watch'
 import type { IssuedCert } from '../lib/agent/wire'
 import { AgentInvalidResponseError, AgentUnreachableError, InvalidOptionError } from '../lib/errors'
 import { FakeAgent, RecordingLogger, captured } from './helpers/agent-fixtures'
-import type { Reply } from './helpers/agent-fixtures'
+import type { LogCall, Reply } from './helpers/agent-fixtures'
 
 interface Poll { q: WatchFetchQuery, at: number, resolve: (r: { index: number | null, value: string }) => void, reject: (e: unknown) => void }
 
@@ -110,7 +110,7 @@ t.test('an index that goes backwards resets to a fresh non-blocking read', async
   const next = await h.answer(12, 'restored snapshot')
   t.equal(next.q.index, 0, 're-read without an index')
   t.equal(h.watch.value, 'v40', 'the out-of-order answer itself is not accepted')
-  t.match(h.log.at('info'), [{ obj: { watch: 'test', index: 12, previousIndex: 40 }, msg: 'Consul index went backwards; re-reading' }])
+  t.match(h.log.at('info'), [{ event: 'watch-index-reset', fields: { watch: 'test', index: 12, previousIndex: 40 }, msg: 'fastify-consul-native: test: Consul index went backwards; re-reading' }])
   const after = await h.answer(12, 'v12')
   t.equal(h.watch.value, 'v12', 'the fresh read is accepted even at the lower index')
   t.equal(after.q.index, 12)
@@ -133,7 +133,7 @@ t.test('a missing or zero index is an invalid answer: backoff, then a non-blocki
   await h.answer(8, 'v8')
   t.equal(h.watch.value, 'v8')
   t.equal(h.watch.failures, 0)
-  t.match(h.log.at('info').at(-1), { msg: 'recovered', obj: { watch: 'test', index: 8 } })
+  t.match(h.log.at('info').at(-1), { event: 'watch-recovered', fields: { watch: 'test', index: 8 } })
 })
 
 t.test('a rejected value keeps the last good one and polling goes on from its index', async (t) => {
@@ -146,20 +146,20 @@ t.test('a rejected value keeps the last good one and polling goes on from its in
   t.equal(next.q.index, 2, 'the next poll blocks on the rejected index, so only a new change wakes it')
   t.equal(h.watch.value, 'good')
   t.match(h.watch.lastError?.message, 'cannot compile /a(')
-  t.match(h.log.at('error'), [{ obj: { watch: 'test', index: 2, previousIndex: 1 }, msg: 'new value rejected; keeping the last good one' }])
+  t.match(h.log.at('error'), [{ event: 'watch-rejected', fields: { watch: 'test', index: 2, previousIndex: 1 }, msg: /new value rejected; keeping the last good one$/ }])
 
   await h.answer(2, 'bad:/a(')
   t.equal(h.log.at('error').length, 1, 'the same index is not re-judged')
   t.match(h.watch.lastError?.message, 'cannot compile /a(', 'still failing')
   await h.answer(3, 'bad:/a(')
   t.equal(h.log.at('error').length, 1, 'the same cause is logged once...')
-  t.match(h.log.at('debug').at(-1), { msg: 'value rejected again' }, '...then at debug')
+  t.match(h.log.at('debug').at(-1), { event: 'watch-rejected', msg: /value rejected again$/ }, '...then at debug')
   await h.answer(4, 'bad:(?=x)')
   t.equal(h.log.at('error').length, 2, 'a new cause is logged')
   await h.answer(5, 'fixed')
   t.equal(h.watch.value, 'fixed')
   t.equal(h.watch.lastError, null)
-  t.match(h.log.at('info'), [{ msg: 'recovered' }])
+  t.match(h.log.at('info'), [{ event: 'watch-recovered' }])
 })
 
 t.test('fetch failures: logged once per cause, then debug; recovery logged once', async (t) => {
@@ -172,8 +172,8 @@ t.test('fetch failures: logged once per cause, then debug; recovery logged once'
   await h.fail(new AgentUnreachableError('http://127.0.0.1:8500', 'connect ECONNREFUSED 127.0.0.1:8500'))
   await h.fail(new AgentUnreachableError('http://127.0.0.1:8500', 'connect ECONNREFUSED 127.0.0.1:8500'))
   t.equal(h.log.at('warn').length, 1)
-  t.match(h.log.at('warn')[0], { obj: { watch: 'test', index: 3, failures: 1, err: down }, msg: 'poll failed; keeping the last good value' })
-  t.equal(h.log.at('debug').filter((c) => c.msg === 'poll failed again').length, 2)
+  t.match(h.log.at('warn')[0], { event: 'watch-failed', fields: { watch: 'test', index: 3, failures: 1 }, obj: { err: down }, msg: /poll failed; keeping the last good value$/ })
+  t.equal(h.log.at('debug').filter((c) => c.event === 'watch-failed' && c.msg.endsWith('poll failed again')).length, 2)
   t.equal(h.watch.failures, 3)
   t.equal(h.watch.value, 'v3', 'the last good value stays')
 
@@ -184,9 +184,9 @@ t.test('fetch failures: logged once per cause, then debug; recovery logged once'
   await h.answer(3, 'v3')
   t.equal(h.watch.failures, 0)
   t.equal(h.watch.lastError, null)
-  t.equal(h.log.at('info').filter((c) => c.msg === 'recovered').length, 1)
+  t.equal(h.log.at('info').filter((c) => c.event === 'watch-recovered').length, 1)
   await h.answer(3, 'v3')
-  t.equal(h.log.at('info').filter((c) => c.msg === 'recovered').length, 1, 'recovery is logged once')
+  t.equal(h.log.at('info').filter((c) => c.event === 'watch-recovered').length, 1, 'recovery is logged once')
 })
 
 t.test('agent answers that need an operator log at error; transient ones at warn', async (t) => {
@@ -206,7 +206,7 @@ t.test('agent answers that need an operator log at error; transient ones at warn
   })
   t.teardown(() => watch.stop())
   const levels: string[] = []
-  log.on('log', (c: { level: string, msg: string }) => { if (c.msg.startsWith('poll failed;')) levels.push(c.level) })
+  log.on('log', (c: LogCall) => { if (c.event === 'watch-failed' && c.level !== 'debug') levels.push(c.level) })
   watch.start()
   while (levels.length < 5) await once(log, 'log')
   t.same(levels, ['error', 'warn', 'warn', 'warn', 'error'], '403 and 400 need an operator; 429, 404 and 500 may pass')
@@ -218,7 +218,7 @@ t.test('backoff: full jitter, doubling from initialMs, capped at maxMs', async (
   const delays: number[] = []
   for (let i = 0; i < 5; i++) {
     await h.fail(new Error(`failure ${i}`))
-    delays.push(h.log.calls.at(-1)!.obj.retryInMs as number)
+    delays.push(h.log.calls.at(-1)!.fields.retryInMs as number)
   }
   t.same(delays, [10, 20, 40, 40, 40])
 
@@ -226,7 +226,7 @@ t.test('backoff: full jitter, doubling from initialMs, capped at maxMs', async (
   low.watch.start()
   await low.fail(new Error('x'))
   await low.fail(new Error('y'))
-  t.same(low.log.calls.map((c) => c.obj.retryInMs), [5, 10], 'a random share of the ceiling')
+  t.same(low.log.calls.map((c) => c.fields.retryInMs), [5, 10], 'a random share of the ceiling')
 })
 
 t.test('rate limit: a burst of quick polls, then one per minIntervalMs', async (t) => {
@@ -296,7 +296,7 @@ t.test('a throwing change listener is logged and does not stop the watch', async
   h.watch.on('change', boom).on('change', (v) => seen.push(v))
   h.watch.start()
   await h.answer(1, 'v1')
-  t.match(h.log.at('error'), [{ msg: 'change listener threw', obj: { err: { message: 'listener bug' } } }])
+  t.match(h.log.at('error'), [{ event: 'listener-failed', fields: { watch: 'test', listenerEvent: 'change' }, obj: { err: { message: 'listener bug' } } }])
   h.watch.off('change', boom)
   await h.answer(2, 'v2')
   t.same(seen, ['v1', 'v2'])
@@ -313,7 +313,7 @@ t.test('failure listeners hear every failed poll; a throwing one is logged and t
   await h.answer(1, 'v1')
   await h.fail(new AgentUnreachableError('http://127.0.0.1:8500', 'connect ECONNREFUSED'))
   t.same(heard, ['Consul agent unreachable at http://127.0.0.1:8500: connect ECONNREFUSED'])
-  t.match(h.log.at('error'), [{ msg: 'failure listener threw', obj: { err: { message: 'listener bug' } } }])
+  t.match(h.log.at('error'), [{ event: 'listener-failed', fields: { watch: 'test', listenerEvent: 'failure' }, obj: { err: { message: 'listener bug' } } }])
   await h.answer(2, 'v2')
   t.equal(h.watch.value, 'v2', 'still polling')
 })
@@ -382,9 +382,9 @@ t.test('with a real agent: leaf rotation, failures in between, prompt stop with 
   t.equal((await watch.ready()).SerialNumber, '08')
   t.equal((await changed).SerialNumber, '0b')
   t.same(certs.map((c) => c.SerialNumber), ['08', '0b'])
-  t.match(log.at('warn'), [{ obj: { watch: 'leaf', err: { message: /with 500: rpc error: No cluster leader/ } } }])
-  t.match(log.at('error'), [{ obj: { watch: 'leaf', err: { message: /not JSON/ } } }])
-  t.equal(log.at('info').filter((c) => c.msg === 'recovered').length, 1)
+  t.match(log.at('warn'), [{ fields: { watch: 'leaf' }, obj: { err: { message: /with 500: rpc error: No cluster leader/ } } }])
+  t.match(log.at('error'), [{ fields: { watch: 'leaf' }, obj: { err: { message: /not JSON/ } } }])
+  t.equal(log.at('info').filter((c) => c.event === 'watch-recovered').length, 1)
 
   const hanging = agent.requests[5] ?? await agent.nextRequest()
   t.equal(hanging.query.get('index'), '28')

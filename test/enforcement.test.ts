@@ -1,32 +1,50 @@
-// The preParsing backstop, on its own: a request that reaches body parsing without a decision.
+// The preParsing backstop and the limiter key of unauthenticated callers, on their own.
 import t from 'tap'
-import { consulNativeBackstop } from '../lib/enforcement'
+import { addressClass, backstopHook } from '../lib/enforcement'
 
 t.test('a request without a recorded decision is denied and logged; one with a decision passes', async (t) => {
   const logged: unknown[] = []
   const headersSet: unknown[] = []
   const reply = { raw: { setHeader: (...args: unknown[]) => headersSet.push(args) } }
+  const log = { debug: () => {}, info: () => {}, warn: () => {}, error: (obj: unknown) => logged.push(obj) }
+  const backstop = backstopHook(log, 'reqId')
   const request = {
     consulDecision: null as unknown,
     method: 'POST',
     url: '/x',
-    raw: { httpVersionMajor: 1, headers: { 'content-length': '5' }, socket: {} },
-    log: { error: (obj: unknown) => logged.push(obj) }
+    id: 'req-1',
+    is404: false,
+    routeOptions: { url: '/x' },
+    raw: { httpVersionMajor: 1, headers: { 'content-length': '5' }, socket: {} }
   }
   let outcome: [Error | null, unknown] | undefined
-  consulNativeBackstop(request as never, reply as never, 'payload', (err, payload) => { outcome = [err, payload] })
+  backstop(request as never, reply as never, 'payload', (err, payload) => { outcome = [err, payload] })
   t.match(outcome?.[0], { code: 'FST_CONSUL_NATIVE_DENIED', statusCode: 403 })
-  t.match(logged, [{ consulNative: { event: 'no-decision', method: 'POST', path: '/x' } }])
+  t.match(logged, [{ reqId: 'req-1', consulNative: { event: 'no-decision', route: '/x', method: 'POST', path: '/x' } }])
   t.same(headersSet, [['connection', 'close']], 'the body that may follow is not read: the connection closes after the answer')
+  backstop({ ...request, is404: true } as never, reply as never, 'payload', () => {})
+  t.match(logged[1], { consulNative: { route: '(not found)' } }, 'a 404 is named by the not-found marker')
 
   // docs/semantics.md#transport-hook-order: an encapsulated context created before the plugin has
   // no decoration, so the request starts with `undefined`, not null.
   const undecorated = { ...request, consulDecision: undefined }
   outcome = undefined
-  consulNativeBackstop(undecorated as never, reply as never, 'payload', (err, payload) => { outcome = [err, payload] })
+  backstop(undecorated as never, reply as never, 'payload', (err, payload) => { outcome = [err, payload] })
   t.match(outcome?.[0], { code: 'FST_CONSUL_NATIVE_DENIED' }, 'undefined is no decision either')
 
   const decided = { ...request, consulDecision: { allow: true, reason: 'x' } }
-  consulNativeBackstop(decided as never, reply as never, 'payload', (err, payload) => { outcome = [err, payload] })
+  backstop(decided as never, reply as never, 'payload', (err, payload) => { outcome = [err, payload] })
   t.same(outcome, [null, 'payload'])
+  t.equal(logged.length, 3)
+})
+
+t.test('unauthenticated callers are told apart by the kind of network they call from (docs/semantics.md#log-limits)', async (t) => {
+  const cases: Array<[string | undefined, string]> = [
+    ['127.0.0.1', 'loopback'], ['::ffff:127.0.0.9', 'loopback'], ['::1', 'loopback'],
+    ['10.1.2.3', 'private'], ['172.16.0.1', 'private'], ['172.31.255.255', 'private'], ['192.168.1.1', 'private'],
+    ['172.32.0.1', 'public'], ['172.15.0.1', 'public'], ['192.169.0.1', 'public'], ['8.8.8.8', 'public'],
+    ['169.254.1.1', 'link-local'], ['fe80::1', 'link-local'], ['FEBF::1', 'link-local'],
+    ['fd00::1', 'private'], ['fc00::2', 'private'], ['2001:db8::1', 'public'], [undefined, 'unknown']
+  ]
+  for (const [address, kind] of cases) t.equal(addressClass(address), kind, String(address))
 })

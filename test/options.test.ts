@@ -19,7 +19,8 @@ t.test('defaults', async (t) => {
     recheckUpgrades: false,
     enforcement: 'enforce',
     candidate: null,
-    maxRegexProgramSize: 100
+    maxRegexProgramSize: 100,
+    logDenials: { sample: 1, perSecond: 10 }
   })
   t.same(resolveOptions({ service: 'api', health: {} }).health, { url: '/health' }, 'health: {} keeps the default url')
   t.equal(resolveOptions({ service: 'api', health: false }).health, null)
@@ -52,4 +53,26 @@ t.test('enforcement and candidate (docs/semantics.md#rollout-shadow, docs/semant
     t.throws(() => resolveOptions({ service: 'api', candidate: bad }), { message: /candidate: must be a service-intentions config entry/ }, JSON.stringify(bad))
   }
   t.throws(() => resolveOptions({ service: 'api', candidate: entry, mode: 'agent' }), { message: /candidate: needs mode 'l7'/ })
+})
+
+t.test('logDenials: { sample, perSecond }, each defaulted, validated with the option named (docs/semantics.md#log-limits)', async (t) => {
+  t.same(resolveOptions({ service: 'api', logDenials: {} }).logDenials, { sample: 1, perSecond: 10 })
+  t.same(resolveOptions({ service: 'api', logDenials: { sample: 100 } }).logDenials, { sample: 100, perSecond: 10 })
+  t.same(resolveOptions({ service: 'api', logDenials: { perSecond: 0 } }).logDenials, { sample: 1, perSecond: 0 }, '0: only first lines')
+  const invalid = (logDenials: unknown, option: string, reason: RegExp): void => {
+    t.throws(() => resolveOptions({ service: 'api', logDenials }), {
+      code: 'FST_CONSUL_NATIVE_INVALID_OPTION',
+      message: new RegExp(`^Invalid fastify-consul-native option ${option.replace('.', '\\.')}: ${reason.source}`)
+    }, JSON.stringify(logDenials) ?? String(logDenials))
+  }
+  invalid(null, 'logDenials', /must be an object such as \{ sample: 1, perSecond: 10 \}, got null/)
+  invalid(false, 'logDenials', /must be an object/)
+  invalid([1, 10], 'logDenials', /must be an object/)
+  invalid({ rate: 5 }, 'logDenials.rate', /is not an option \(known: sample, perSecond\)/)
+  invalid({ sample: 0 }, 'logDenials.sample', /must be an integer of at least 1, got 0/)
+  invalid({ sample: 1.5 }, 'logDenials.sample', /must be an integer of at least 1, got 1\.5/)
+  invalid({ sample: '10' }, 'logDenials.sample', /must be an integer of at least 1, got "10"/)
+  invalid({ perSecond: -1 }, 'logDenials.perSecond', /must be an integer of at least 0, got -1/)
+  invalid({ perSecond: Infinity }, 'logDenials.perSecond', /must be an integer of at least 0, got Infinity/)
+  invalid({ perSecond: NaN }, 'logDenials.perSecond', /must be an integer of at least 0, got NaN/)
 })

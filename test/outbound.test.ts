@@ -16,6 +16,7 @@ import { DynamicTls } from '../lib/tls'
 import { agentCall, newCaKey, setIntentions, setProtocol, startAgent, startService, waitForStatus } from './helpers/mesh'
 import type { ServiceApp, Tap } from './helpers/mesh'
 import { RecordingLogger } from './helpers/agent-fixtures'
+import type { LogCall } from './helpers/agent-fixtures'
 
 interface Caller { caller: ServiceCaller, tls: DynamicTls, events: EventEmitter, log: RecordingLogger }
 
@@ -261,7 +262,7 @@ t.test('dispatcher API: new-style handlers, missing TLS material, close and dest
   t.equal((await json(other.caller, '/port')).status, 200)
   const id = (await agentCall(agent, 'GET', '/v1/health/connect/api')).body[0].Service.ID
   const changed = new Promise<void>((resolve) => {
-    other.log.on('log:debug', (call: { obj: { watch?: string }, msg: string }) => { if (call.obj.watch === 'outbound:api' && call.msg === 'new value') resolve() })
+    other.log.on('log:debug', (call: LogCall) => { if (call.event === 'watch-updated' && call.fields.watch === 'outbound:api') resolve() })
   })
   t.equal((await agentCall(agent, 'PUT', `/v1/agent/service/deregister/${id}`)).status, 200)
   await changed

@@ -1,6 +1,7 @@
 // Per-request enforcement against the dev agent, over real mTLS: L4 and L7 intentions, route
 // overrides, exemptions, the health route, routes the plugin never saw, and live updates.
 import t from 'tap'
+import { EventEmitter, once } from 'node:events'
 import Fastify from 'fastify'
 import type { FastifyInstance } from 'fastify'
 import consulNative, { httpsOptions } from '../lib/index'
@@ -283,6 +284,48 @@ t.test('logs: denials at info with caller, route, method, path and reason; allow
   t.match(allowed, { level: 20, consulNative: { source: /svc\/web$/, route: '/v1/items/:id', method: 'GET', path: '/v1/items/7?x=1', reason: /web/ } })
   const denied = lines.find((line) => line.consulNative?.event === 'denied')
   t.match(denied, { level: 30, consulNative: { source: /svc\/billing$/, route: '/admin', method: 'GET', path: '/admin', reason: /default policy/ } })
+  // One shape (docs/semantics.md#log-shape): the plugin's child logger, the request's id under Fastify's label.
+  for (const line of [allowed, denied]) t.match(line, { plugin: 'fastify-consul-native', reqId: /^req-/, msg: /^fastify-consul-native: request (allowed|denied)$/ })
+  const own = lines.filter((line) => line.consulNative !== undefined)
+  t.ok(own.length > 3)
+  t.ok(own.every((line) => (line as { plugin?: string }).plugin === 'fastify-consul-native'), 'every plugin line carries plugin')
+})
+
+t.test('logDenials: a flood from one caller logs its first line only, counters stay exact, and news is logged at once (docs/semantics.md#log-limits)', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'deny' })
+  const lines: Array<{ level: number, consulNative?: Record<string, unknown> }> = []
+  const logged = new EventEmitter()
+  const svc = await startService(t, agent, {
+    plugin: { logDenials: { sample: 1, perSecond: 0 } },
+    fastify: { logger: { level: 'info', stream: { write: (line: string) => { lines.push(JSON.parse(line)); logged.emit('line') } } } }
+  })
+  const of = (event: string): Array<Record<string, unknown>> =>
+    lines.filter((line) => line.consulNative?.event === event).map((line) => line.consulNative as Record<string, unknown>)
+  const billing = mtlsClient(t, await leafFor(agent, 'billing'))
+  for (let i = 0; i < 40; i++) t.equal((await get(billing, `${svc.origin}/admin`)).status, 403)
+  t.equal(of('denied').length, 1, 'the first denial of billing on /admin is logged, the 39 repeats are not')
+  t.match(of('denied')[0], { source: /svc\/billing$/, route: '/admin' })
+  t.notOk('suppressed' in of('denied')[0], 'nothing left out yet')
+
+  const web = mtlsClient(t, await leafFor(agent, 'web'))
+  t.equal((await get(web, `${svc.origin}/admin`)).status, 403)
+  t.equal(of('denied').length, 2, 'a new caller on the same route: logged during the flood')
+  t.match(of('denied')[1], { source: /svc\/web$/, route: '/admin', suppressed: 39 }, 'and it reports the 39 lines left out')
+  t.equal((await get(billing, `${svc.origin}/nowhere`)).status, 403)
+  t.equal((await get(billing, `${svc.origin}/elsewhere`)).status, 403)
+  t.match(of('denied').slice(2), [{ source: /svc\/billing$/, route: '(not found)', path: '/nowhere' }], 'a new route (here: any unknown route) is news once')
+
+  const anonymous = mtlsClient(t, { ca: await rootPems(agent) })
+  for (let i = 0; i < 5; i++) t.equal((await get(anonymous, `${svc.origin}/admin`)).status, 401)
+  t.match(of('unauthenticated'), [{ source: null, route: '/admin', suppressed: 1 }], 'unauthenticated callers: once per network kind and route')
+
+  const counters = svc.app.consulNative.metrics().find((family) => family.name === 'consul_native_requests_total')
+  t.match(counters?.values, [{ labels: { outcome: 'allowed' }, value: 0 }, { labels: { outcome: 'denied' }, value: 43 },
+    { labels: { outcome: 'unauthenticated' }, value: 5 }], 'counters count every request, logged or not')
+
+  // No line reports the last 4 left out: a summary does, a few seconds later.
+  while (of('denials-suppressed').length === 0) await once(logged, 'line')
+  t.same(of('denials-suppressed'), [{ event: 'denials-suppressed', suppressed: 4 }])
 })
 
 t.test('a logger without isLevelEnabled still gets the allow lines', async (t) => {

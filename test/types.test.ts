@@ -22,6 +22,10 @@ t.test('the public types describe what users write', async (t) => {
   const missing: ConsulNativeOptions = { agent: {} }
   // @ts-expect-error defaultPolicy is 'agent' | 'allow' | 'deny'
   const wrong: ConsulNativeOptions = { service: 'api', defaultPolicy: 'maybe' }
+  const limited: ConsulNativeOptions = { service: 'api', logDenials: { sample: 10, perSecond: 5 } }
+  // @ts-expect-error logDenials takes numbers
+  const badLimit: ConsulNativeOptions = { service: 'api', logDenials: { perSecond: 'many' } }
+  t.ok(limited && badLimit)
   t.ok(options && missing && wrong)
 
   const app = Fastify({ https: httpsOptions({ minVersion: 'TLSv1.3' }) })

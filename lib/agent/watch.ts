@@ -4,14 +4,12 @@
 // flight, so a stopped watch holds nothing open.
 import { performance } from 'node:perf_hooks'
 import { AgentInvalidResponseError } from '../errors'
+import { logEvent } from '../log'
+import type { EventSink } from '../log'
 import { agentStatusOf, clampWait } from './client'
 
-export interface WatchLogger {
-  warn (obj: object, msg: string): void
-  error (obj: object, msg: string): void
-  info (obj: object, msg: string): void
-  debug (obj: object, msg: string): void
-}
+/** The plugin's logger (lib/log.ts). */
+export type WatchLogger = EventSink
 
 export interface WatchFetchQuery {
   /** 0 for a non-blocking read (first poll, or after the index went backwards or was invalid). */
@@ -187,7 +185,7 @@ export class BlockingWatch<T> {
     this.#failures = 0
     if (index < this.#index) {
       // Snapshot restore or a new cluster: the old index means nothing now; re-read from scratch.
-      this.#log.info({ watch: this.name, index, previousIndex: this.#index }, 'Consul index went backwards; re-reading')
+      logEvent(this.#log, 'info', 'watch-index-reset', { watch: this.name, index, previousIndex: this.#index }, `${this.name}: Consul index went backwards; re-reading`)
       this.#index = 0
       this.#settle()
       return 0
@@ -208,13 +206,13 @@ export class BlockingWatch<T> {
     this.#value = value
     this.#rejection = null
     this.#settle()
-    this.#log.debug({ watch: this.name, index, previousIndex }, 'new value')
+    logEvent(this.#log, 'debug', 'watch-updated', { watch: this.name, index, previousIndex }, `${this.name}: new value`)
     this.#ready.resolve(value)
     for (const fn of this.#listeners) {
       try {
         fn(value)
       } catch (err) {
-        this.#log.error({ watch: this.name, index, err }, 'change listener threw')
+        logEvent(this.#log, 'error', 'listener-failed', { watch: this.name, listenerEvent: 'change' }, `${this.name}: change listener threw`, err)
       }
     }
     return 0
@@ -225,7 +223,7 @@ export class BlockingWatch<T> {
     this.#lastError = this.#rejection
     if (this.#rejection === null && this.#loggedCause !== null) {
       this.#loggedCause = null
-      this.#log.info({ watch: this.name, index: this.#index }, 'recovered')
+      logEvent(this.#log, 'info', 'watch-recovered', { watch: this.name, index: this.#index }, `${this.name}: recovered`)
     }
   }
 
@@ -237,28 +235,27 @@ export class BlockingWatch<T> {
     return Math.max(retryInMs, 1)
   }
 
-  #failed (kind: Failure, err: Error, fields: object): void {
+  #failed (kind: Failure, err: Error, fields: { index?: number, previousIndex?: number, failures?: number, retryInMs?: number }): void {
     this.#lastError = err
     for (const fn of this.#failureListeners) {
       try {
         fn(err)
       } catch (listenerErr) {
-        this.#log.error({ watch: this.name, err: listenerErr }, 'failure listener threw')
+        logEvent(this.#log, 'error', 'listener-failed', { watch: this.name, listenerEvent: 'failure' }, `${this.name}: failure listener threw`, listenerErr)
       }
     }
     const cause = `${kind}:${(err as { code?: unknown }).code ?? err.name}:${err.message}`
-    const obj = { watch: this.name, index: this.#index, ...fields, err }
+    const event = kind === 'rejected' ? 'watch-rejected' : 'watch-failed'
+    const line = { watch: this.name, index: this.#index, ...fields }
     if (cause === this.#loggedCause) {
-      this.#log.debug(obj, kind === 'rejected' ? 'value rejected again' : 'poll failed again')
+      logEvent(this.#log, 'debug', event, line, `${this.name}: ${kind === 'rejected' ? 'value rejected again' : 'poll failed again'}`, err)
       return
     }
     this.#loggedCause = cause
     if (kind === 'rejected') {
-      this.#log.error(obj, 'new value rejected; keeping the last good one')
-    } else if (needsOperator(err)) {
-      this.#log.error(obj, 'poll failed; keeping the last good value')
+      logEvent(this.#log, 'error', event, line, `${this.name}: new value rejected; keeping the last good one`, err)
     } else {
-      this.#log.warn(obj, 'poll failed; keeping the last good value')
+      logEvent(this.#log, needsOperator(err) ? 'error' : 'warn', event, line, `${this.name}: poll failed; keeping the last good value`, err)
     }
   }
 

@@ -15,6 +15,7 @@ import { createCsr } from './csr'
 import type { ConsulGrpcCertificatesOptions } from './options'
 import { leafFromPem } from './source'
 import type { CertificateSink, CertificateSource, LeafCertificate, SourceHealth, SourceLogger, SourcePart, TrustBundle } from './source'
+import { logEvent } from '../log'
 
 const generateKeyPairAsync = promisify(generateKeyPair)
 
@@ -231,14 +232,14 @@ export class GrpcCertificateSource implements CertificateSource {
         this.#signAgain = false
         this.#renewNow()
       }
-    }).catch(/* c8 ignore next -- #sign catches everything; a rejection here would be a bug, kept visible */ (err: Error) => this.#log.error({ err }, 'fastify-consul-native: leaf renewal failed unexpectedly'))
+    }).catch(/* c8 ignore next -- #sign catches everything; a rejection here would be a bug, kept visible */ (err: Error) => { logEvent(this.#log, 'error', 'certificate-source-failed', { source: 'consul-grpc', part: 'leaf' }, 'leaf renewal failed unexpectedly', err) })
   }
 
   async #sign (): Promise<void> {
     const trust = this.#trust as TrustBundle
     const signed = await this.#newLeaf(trust).catch((err: Error) => err)
     if (this.#stopped) {
-      this.#log.debug({ consulNative: { event: 'certificate-source-stopped', source: 'consul-grpc' } }, 'fastify-consul-native: Sign answered after stop; discarded')
+      logEvent(this.#log, 'debug', 'certificate-source-stopped', { source: 'consul-grpc' }, 'Sign answered after stop; discarded')
       return
     }
     let leaf: LeafCertificate
@@ -300,12 +301,12 @@ export class GrpcCertificateSource implements CertificateSource {
   #failed (part: SourcePart, err: Error): void {
     const health = part === 'roots' ? this.#roots : this.#leaf
     health.failed(err)
-    const obj = { consulNative: { event: 'certificate-source-failed', source: 'consul-grpc', part, address: this.#target.address, failures: health.failures, serial: this.#current?.serial ?? null }, err }
+    const fields = { source: 'consul-grpc', part, address: this.#target.address, failures: health.failures, serial: this.#current?.serial ?? null }
     if (this.#logged[part] === err.message) {
-      this.#log.debug(obj, 'fastify-consul-native: gRPC certificate source failed again')
+      logEvent(this.#log, 'debug', 'certificate-source-failed', fields, 'gRPC certificate source failed again', err)
     } else {
       this.#logged[part] = err.message
-      this.#log.warn(obj, `fastify-consul-native: ${err.message}; keeping the last good ${part === 'roots' ? 'roots' : 'leaf'}`)
+      logEvent(this.#log, 'warn', 'certificate-source-failed', fields, `${err.message}; keeping the last good ${part === 'roots' ? 'roots' : 'leaf'}`, err)
     }
     ;(this.#sink as CertificateSink).failure(part, err)
   }
@@ -315,7 +316,7 @@ export class GrpcCertificateSource implements CertificateSource {
     health.ok()
     if (this.#logged[part] !== null) {
       this.#logged[part] = null
-      this.#log.info({ consulNative: { event: 'certificate-source-recovered', source: 'consul-grpc', part } }, 'fastify-consul-native: gRPC certificate source recovered')
+      logEvent(this.#log, 'info', 'certificate-source-recovered', { source: 'consul-grpc', part }, 'gRPC certificate source recovered')
     }
   }
 }

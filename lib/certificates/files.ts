@@ -13,6 +13,7 @@ import { DEFAULT_FILES_POLL_MS } from './options'
 import type { FilesCertificatesOptions } from './options'
 import { leafFromPem, pemBlocks } from './source'
 import type { CertificateSink, CertificateSource, LeafCertificate, SourceHealth, SourceLogger, SourcePart, TrustBundle } from './source'
+import { logEvent } from '../log'
 
 /** Credential bundle names in a SPIFFE credential folder: the specification's, then those deployed implementations write. */
 export const SPIFFE_CREDENTIAL_BUNDLES = ['credential-bundle.pem', 'credential-bundle.private-key.pem', 'credential-bundle.private-key.x509.pem']
@@ -89,7 +90,7 @@ export class FileCertificateSource implements CertificateSource {
         this.#watchers.push(watcher)
       } catch (err) {
         // A folder that does not exist yet (or a filesystem without notifications): polling covers it.
-        this.#log.debug({ consulNative: { event: 'certificate-files-unwatched', dir, reason: (err as Error).message } }, 'fastify-consul-native: polling only')
+        logEvent(this.#log, 'debug', 'certificate-files-unwatched', { dir, reason: (err as Error).message }, 'polling only')
       }
     }
     this.#poll = setInterval(() => this.#read(), this.#pollMs).unref()
@@ -147,7 +148,7 @@ export class FileCertificateSource implements CertificateSource {
     }
     this.#lastKey = key
     if (this.#error !== null) {
-      this.#log.info({ consulNative: { event: 'certificate-files-recovered', serial: snapshot.leaf.serial } }, 'fastify-consul-native: certificate files readable again')
+      logEvent(this.#log, 'info', 'certificate-files-recovered', { serial: snapshot.leaf.serial }, 'certificate files readable again')
     }
     this.#error = null
     this.#failures = 0
@@ -158,13 +159,12 @@ export class FileCertificateSource implements CertificateSource {
     // Unreadable files leave nothing to compare; the good content, once back, is installed again.
     this.#lastKey = key
     if (this.#error?.message === error.message) {
-      this.#log.debug({ consulNative: { event: 'certificate-files-rejected-again', part: error.part, reason: error.message } }, 'fastify-consul-native: certificate files still not usable')
+      logEvent(this.#log, 'debug', 'certificate-files-rejected-again', { part: error.part, reason: error.message }, 'certificate files still not usable')
       return
     }
     this.#error = error
     this.#failures++
-    this.#log.warn({ consulNative: { event: 'certificate-files-rejected', part: error.part, reason: error.message } },
-      `fastify-consul-native: certificate files not used, keeping the last good ones: ${error.message}`)
+    logEvent(this.#log, 'warn', 'certificate-files-rejected', { part: error.part, reason: error.message }, `certificate files not used, keeping the last good ones: ${error.message}`)
     ;(this.#sink as CertificateSink).failure(error.part, error)
   }
 

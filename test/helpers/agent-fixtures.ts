@@ -232,7 +232,8 @@ export function makeTlsMaterial (): TlsMaterial {
   return cachedTls
 }
 
-export interface LogCall { level: 'warn' | 'error' | 'info' | 'debug', obj: Record<string, unknown>, msg: string }
+/** One line: `obj` as written, `event` and `fields` its `consulNative` part (lib/log.ts). */
+export interface LogCall { level: 'warn' | 'error' | 'info' | 'debug', obj: Record<string, unknown>, msg: string, event: unknown, fields: Record<string, unknown> }
 
 /** A WatchLogger that records every call and emits `log` (and `log:<level>`) so tests can wait on it. */
 export class RecordingLogger extends EventEmitter {
@@ -253,7 +254,8 @@ export class RecordingLogger extends EventEmitter {
   }
 
   #record (level: LogCall['level'], obj: object, msg: string): void {
-    const call = { level, obj: obj as Record<string, unknown>, msg }
+    const fields = ((obj as { consulNative?: Record<string, unknown> }).consulNative ?? {})
+    const call = { level, obj: obj as Record<string, unknown>, msg, event: fields.event, fields }
     this.calls.push(call)
     this.emit('log', call)
     this.emit(`log:${level}`, call)
