@@ -130,7 +130,7 @@ export interface EnforcerOptions {
   readonly requestIdLabel: string
   /** The `logDenials` option; shadowed would-be denials are limited alike, by a limiter of their own. */
   readonly logDenials: LogLimit
-  readonly rollout?: RolloutSettings
+  readonly rollout: RolloutSettings
 }
 
 /** The plugin's rollout settings the per-request check applies. */
@@ -162,7 +162,7 @@ export class Enforcer {
 
   constructor (opts: EnforcerOptions) {
     const { tls, sync, router, authorizer, log } = opts
-    const rollout = opts.rollout ?? { enforcement: 'enforce', candidate: null }
+    const rollout = opts.rollout
     this.#tls = tls
     this.#sync = sync
     this.#authorize = authorizer
@@ -231,7 +231,7 @@ export class Enforcer {
     const raw = request.raw
     logEvent(this.#log, 'info', 'candidate-disagrees', {
       source: (peer.identity as ServiceIdentity).uri,
-      route: request.is404 ? NOT_FOUND_ROUTE : request.routeOptions.url,
+      route: request.routeOptions.url,
       method: raw.method,
       path: raw.url,
       live: theirs.allow ? 'allow' : 'deny',

@@ -1,7 +1,7 @@
 // What the plugin reads from Fastify's internals, checked against the installed Fastify.
 import t from 'tap'
 import Fastify from 'fastify'
-import { isRootInstance, routeConfigReader, routerOptionsOf, serverBindingsOf } from '../lib/fastify-internals'
+import { isRootInstance, requestIdLabelOf, routeConfigReader, routerOptionsOf, serverBindingsOf } from '../lib/fastify-internals'
 
 t.test('router options are read where Fastify 5 keeps them, with Fastify\'s defaults', async (t) => {
   t.same(routerOptionsOf(Fastify()), { ignoreTrailingSlash: false, ignoreDuplicateSlashes: false, caseSensitive: true, useSemicolonDelimiter: false })
@@ -41,4 +41,10 @@ t.test('route config: read from the route context, or through routeOptions when 
   t.equal(routeConfigReader()(plain).marker, 'public', 'no private symbol: the public getter')
   const empty = { [Symbol('fastify.context')]: {}, routeOptions: { config: { marker: 'public' } } }
   t.equal(routeConfigReader()(empty).marker, 'public', 'a context without config: the public getter')
+})
+
+t.test('request id label: Fastify\'s own, reqId when this Fastify does not say (docs/semantics.md#log-shape)', async (t) => {
+  t.equal(requestIdLabelOf(Fastify()), 'reqId')
+  t.equal(requestIdLabelOf({ initialConfig: {} }), 'reqId')
+  t.equal(requestIdLabelOf({ initialConfig: { requestIdLogLabel: 'rid' } }), 'rid')
 })
