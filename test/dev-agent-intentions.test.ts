@@ -82,6 +82,10 @@ t.test('list and legacy create', async (t) => {
   // A config-entry write replaces the sources: they lose their legacy IDs, as in Consul.
   t.equal((await call(agent, 'PUT', '/v1/config', { Kind: 'service-intentions', Name: 'api', Sources: [{ Name: 'web', Action: 'allow' }] })).text, 'true')
   t.notOk('ID' in (await call(agent, 'GET', exact('web', 'api'))).json)
+  await call(agent, 'POST', '/v1/connect/intentions', { SourceName: 'cron', DestinationName: 'api', Action: 'deny' })
+  t.ok((await call(agent, 'GET', exact('cron', 'api'))).json.ID)
+  t.equal((await call(agent, 'PUT', '/v1/config', { kind: 'service-intentions', name: 'api', sources: [{ name: 'cron', action: 'deny' }] })).text, 'true')
+  t.notOk('ID' in (await call(agent, 'GET', exact('cron', 'api'))).json, 'also when the keys are spelled in lower case')
   await call(agent, 'POST', '/v1/connect/intentions', { SourceName: 'db', DestinationName: 'api', Action: 'deny' })
   t.ok((await call(agent, 'GET', exact('db', 'api'))).json.ID)
   t.equal((await call(agent, 'DELETE', '/v1/config/service-intentions/api')).status, 200)

@@ -10,7 +10,7 @@ import { authorize, parseAuthorizeRequest } from './authorize'
 import { ChangeHub, block, formatGoDuration, indexReady, parseBlockingParams, parseGoDurationNs, queryTimeout } from './blocking'
 import { DevCertificateAuthority } from './ca'
 import { DevCatalog, unknownServiceMessage } from './catalog'
-import { ConfigEntryStore, MESH, PROXY_DEFAULTS, SERVICE_DEFAULTS, SERVICE_INTENTIONS, goQuote } from './config-entries'
+import { ConfigEntryStore, MESH, PROXY_DEFAULTS, SERVICE_DEFAULTS, SERVICE_INTENTIONS, decodeConfigEntry, goQuote } from './config-entries'
 import { pathUnescape } from './go'
 import { DevAgentHttpError } from './http-error'
 import { IntentionsApi, exactQuery } from './intentions'
@@ -886,7 +886,11 @@ export class DevAgentServer {
     this.#rejectEnterprise(ctx)
     const applied = this.config.apply(body, ctx.query.get('cas'), (kind, name) => this.#requireConfig(ctx, kind, name, 'write'))
     // A source written as a config entry has no LegacyID (Consul refuses one there).
-    if (applied && (body as { Kind?: unknown }).Kind === SERVICE_INTENTIONS) this.intentions.forget(String((body as { Name?: unknown }).Name))
+    if (applied) {
+      // Decoded again for its canonical kind and name (keys may be spelled `kind`, `name`, ...).
+      const { kind, entry } = decodeConfigEntry(body)
+      if (kind === SERVICE_INTENTIONS) this.intentions.forget(String(entry.Name))
+    }
     return { json: applied }
   }
 
