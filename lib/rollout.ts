@@ -26,7 +26,14 @@ export class Rollout {
     this.#router = router
     this.candidate = opts.candidate === null
       ? null
-      : new Candidate(opts.service, opts.candidate, log, () => sync.liveInputs, () => sync.events.emit('candidate', sync.status()))
+      : new Candidate(opts.service, opts.candidate, log, () => sync.liveInputs, () => {
+        // A throwing listener must not reach the file watcher's callback (it would crash the process).
+        try {
+          sync.events.emit('candidate', sync.status())
+        } catch (err) {
+          log.error({ consulNative: { event: 'listener-failed', listenerEvent: 'candidate' }, err }, 'fastify-consul-native: an event listener threw')
+        }
+      })
     const candidate = this.candidate
     if (candidate !== null) sync.events.on('intentions', () => candidate.relive())
   }

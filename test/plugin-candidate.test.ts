@@ -102,6 +102,13 @@ t.test('a candidate file: loaded after start, re-read on change, status and even
   await writeFile(file, '[]')
   const [status] = await changed
   t.match(status.candidate, { loaded: true, count: 2, lastError: /must be a JSON object/ })
+
+  // A listener that throws is logged; the watcher keeps going.
+  const again = once(svc.app.consulNative.events, 'candidate')
+  svc.app.consulNative.events.on('candidate', () => { throw new Error('listener bug') })
+  await writeFile(file, JSON.stringify(CANDIDATE))
+  await again
+  t.match(svc.app.consulNative.status().candidate, { loaded: true, lastError: null })
 })
 
 t.test('fastify.consulNative.explain(): live and candidate, with a route\'s overrides', async (t) => {
