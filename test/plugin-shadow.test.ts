@@ -218,3 +218,15 @@ t.test('property: shadow serves the same traffic with no 401/403, and the same d
   t.equal(s.denied + s.unauthenticated, 0, 'shadow never answered 401/403')
   t.equal(e.shadow_denied + e.shadow_unauthenticated, 0)
 })
+
+t.test('mode agent: the agent\'s denials are shadowed the same way', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'deny' })
+  await setIntentions(agent, 'api', [{ Name: 'web', Action: 'allow' }, { Name: 'billing', Action: 'deny' }])
+  const svc = await startService(t, agent, { plugin: { mode: 'agent', enforcement: 'shadow' }, routes: echo })
+  const billing = mtlsClient(t, await leafFor(agent, 'billing'))
+  const web = mtlsClient(t, await leafFor(agent, 'web'))
+  const denied = await get(billing, `${svc.origin}/x`)
+  t.equal(denied.status, 200)
+  t.match(denied.body.decision, { allow: false, reason: /^agent authorize: Matched L4 intention/, enforced: false })
+  t.same(Object.keys((await get(web, `${svc.origin}/x`)).body.decision), ['allow', 'reason'], 'an allow is not marked')
+})
