@@ -148,6 +148,8 @@ export class Enforcer {
   readonly #requestIdLabel: string
   readonly #denials: LogLimiter
   readonly #shadowDenials: LogLimiter
+  /** Candidate disagreements are logged under the same limits, by a limiter of their own. */
+  readonly #disagreements: LogLimiter
   /** Reused across requests: decisions are synchronous, so one of each suffices. */
   readonly #service: ServiceRules
   readonly #request: RequestView = { caller: null, method: '', url: '', rawHeaders: EMPTY }
@@ -172,6 +174,7 @@ export class Enforcer {
       `${suppressed} ${kind} request line(s) left out (option logDenials)`)
     this.#denials = new LogLimiter(opts.logDenials, { onSummary: summary('denied, unauthenticated or rejected') })
     this.#shadowDenials = new LogLimiter(opts.logDenials, { onSummary: summary('shadow-denied or shadow-unauthenticated') })
+    this.#disagreements = new LogLimiter(opts.logDenials, { onSummary: summary('candidate-disagrees') })
     this.#service = { policy: sync.policy, normalization: sync.normalization, router, agentDecides: authorizer !== null }
     this.#enforcement = rollout.enforcement
     this.#candidate = rollout.candidate
@@ -182,6 +185,7 @@ export class Enforcer {
   close (): void {
     this.#denials.close()
     this.#shadowDenials.close()
+    this.#disagreements.close()
   }
 
   /**
@@ -228,16 +232,22 @@ export class Enforcer {
     if (mine.allow === theirs.allow) return
     if (theirs.allow) candidate.disagreements.allowDeny++
     else candidate.disagreements.denyAllow++
+    const source = (peer.identity as ServiceIdentity).uri
+    const routeName = request.is404 ? NOT_FOUND_ROUTE : request.routeOptions.url as string
+    // Sampled like denials (docs/semantics.md#rollout-candidate); the counter stays exact.
+    const suppressed = this.#disagreements.admit(`${source} ${routeName} ${theirs.allow ? 'allow' : 'deny'}`, Date.now())
+    if (suppressed === SUPPRESS) return
     const raw = request.raw
     logEvent(this.#log, 'info', 'candidate-disagrees', {
-      source: (peer.identity as ServiceIdentity).uri,
-      route: request.routeOptions.url,
+      source,
+      route: routeName,
       method: raw.method,
       path: raw.url,
       live: theirs.allow ? 'allow' : 'deny',
       liveReason: theirs.reason,
       candidate: mine.allow ? 'allow' : 'deny',
-      candidateReason: mine.reason
+      candidateReason: mine.reason,
+      ...(suppressed > 0 ? { suppressed } : null)
     }, 'the candidate intentions decide this request differently', undefined, { label: this.#requestIdLabel, id: request.id })
   }
 

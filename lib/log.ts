@@ -28,7 +28,7 @@ export const LOG_EVENTS = {
   'shadow-denied': LIMITED_FIELDS,
   'shadow-unauthenticated': LIMITED_FIELDS,
   'denials-suppressed': ['suppressed'],
-  'candidate-disagrees': ['source', 'route', 'method', 'path', 'live', 'liveReason', 'candidate', 'candidateReason'],
+  'candidate-disagrees': ['source', 'route', 'method', 'path', 'live', 'liveReason', 'candidate', 'candidateReason', 'suppressed'],
   'no-decision': ['route', 'method', 'path'],
   'upgrade-revoked': ['source', 'path'],
   'upgrade-recheck-failed': ['err'],

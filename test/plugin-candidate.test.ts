@@ -134,3 +134,18 @@ t.test('fastify.consulNative.explain(): live and candidate, with a route\'s over
   const plain = await startService(t, agent)
   t.notOk('candidate' in plain.app.consulNative.explain({ source: 'web', method: 'GET', path: '/' }), 'no candidate, no candidate explanation')
 })
+
+t.test('candidate disagreement lines are limited like denials; the counter stays exact', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'deny' })
+  await setIntentions(agent, 'api', [{ Name: 'web', Action: 'allow' }])
+  const logs = logLines()
+  const svc = await startService(t, agent, {
+    plugin: { candidate: { Kind: 'service-intentions', Name: 'api', Sources: [{ Name: 'web', Action: 'deny' }] }, logDenials: { perSecond: 0 } },
+    fastify: { logger: { level: 'info', stream: logs.stream } },
+    routes: (app) => { app.get('/*', async () => 'ok') }
+  })
+  const web = mtlsClient(t, await leafFor(agent, 'web'))
+  for (let i = 0; i < 3; i++) t.equal((await get(web, `${svc.origin}/same`)).status, 200)
+  t.equal(logs.lines.filter((l) => l.consulNative?.event === 'candidate-disagrees').length, 1, 'the first line of a caller and route only')
+  t.equal(svc.app.consulNative.status().candidate?.disagreements, 3)
+})
