@@ -5,6 +5,7 @@ import type { FastifyBaseLogger } from 'fastify'
 import { Candidate } from './candidate'
 import { InvalidOptionError } from './errors'
 import { explainRequest } from './explain'
+import { logEvent } from './log'
 import type { ExplainInput, Explanation } from './explain'
 import type { RouterOptions } from './intentions/path'
 import type { ResolvedOptions } from './options'
@@ -31,7 +32,7 @@ export class Rollout {
         try {
           sync.events.emit('candidate', sync.status())
         } catch (err) {
-          log.error({ consulNative: { event: 'listener-failed', listenerEvent: 'candidate' }, err }, 'fastify-consul-native: an event listener threw')
+          logEvent(log, 'error', 'listener-failed', { listenerEvent: 'candidate' }, 'an event listener threw', err)
         }
       })
     const candidate = this.candidate
