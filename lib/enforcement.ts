@@ -11,8 +11,9 @@ import { connectionOf } from './identity'
 import type { PeerIdentity, ServiceIdentity } from './identity'
 import type { Decision } from './intentions/policy'
 import type { RouterOptions } from './intentions/path'
-import { decideRequest, newVerdict } from './intentions/request'
+import { decideRequest, jwtProvidersNeeded, newVerdict } from './intentions/request'
 import type { RequestOutcome, RequestVerdict, RequestView, ServiceRules } from './intentions/request'
+import type { RequestTokens } from './jwt/request-tokens'
 import type { Enforcement } from './options'
 import type { RoutePolicies, RoutePolicy } from './route-policy'
 import type { ConsulSync } from './sync'
@@ -152,7 +153,7 @@ export class Enforcer {
   readonly #disagreements: LogLimiter
   /** Reused across requests: decisions are synchronous, so one of each suffices. */
   readonly #service: ServiceRules
-  readonly #request: RequestView = { caller: null, method: '', url: '', rawHeaders: EMPTY }
+  readonly #request: RequestView = { caller: null, method: '', url: '', rawHeaders: EMPTY, jwt: null }
   readonly #verdict = newVerdict()
   readonly #enforcement: Enforcement
   readonly #candidate: Candidate | null
@@ -194,9 +195,31 @@ export class Enforcer {
    */
   check (request: FastifyRequest, route: RoutePolicy): Error | null | Promise<Error | null> {
     const raw = request.raw
-    const peer = this.#tls.identities.peer(raw, Date.now())
+    const now = Date.now()
+    const peer = this.#tls.identities.peer(raw, now)
     request.consulSource = peer.identity
+    const tokens = this.#tokens(request, route, peer, now)
+    if (tokens instanceof Promise) return tokens.then((t) => this.#decide(request, route, peer, t))
+    return this.#decide(request, route, peer, tokens)
+  }
+
+  /**
+   * The request's tokens, verified (I/O, asynchronous) before the decision, for the providers the
+   * deciding rule names only: null, at no cost, for a caller whose rule has no JWT requirement.
+   */
+  #tokens (request: FastifyRequest, route: RoutePolicy, peer: PeerIdentity, now: number): RequestTokens | null | Promise<RequestTokens> {
     const service = this.#service
+    service.policy = this.#sync.policy
+    const providers = jwtProvidersNeeded(service, route, peer.identity)
+    if (providers.length === 0) return null
+    const raw = request.raw
+    return this.#sync.jwt.tokensFor({ rawHeaders: raw.rawHeaders, url: raw.url as string, connection: connectionOf(raw) }, providers, now)
+  }
+
+  #decide (request: FastifyRequest, route: RoutePolicy, peer: PeerIdentity, tokens: RequestTokens | null): Error | null | Promise<Error | null> {
+    const raw = request.raw
+    const service = this.#service
+    // An asynchronous verification may end after an update: decide with what is in force now.
     service.policy = this.#sync.policy
     service.normalization = this.#sync.normalization
     const view = this.#request
@@ -204,6 +227,7 @@ export class Enforcer {
     view.method = raw.method as string
     view.url = raw.url as string
     view.rawHeaders = raw.rawHeaders
+    view.jwt = tokens
     const verdict = decideRequest(service, route, view, this.#verdict)
     const candidate = this.#candidate
     // The candidate is decided only where the intentions decide: exemption, identity and
@@ -213,13 +237,14 @@ export class Enforcer {
     }
     view.caller = null
     view.rawHeaders = EMPTY
+    view.jwt = null
     if (verdict.dropUnderscoreHeaders) dropUnderscoreHeaders(raw)
     const outcome = verdict.outcome
     if (outcome === 'ask-agent') {
       return (this.#authorize as AgentAuthorizer).decide(request, peer.identity as ServiceIdentity)
-        .then((decision) => this.#apply(request, peer, route, decision.allow ? 'allow' : 'deny', decision))
+        .then((decision) => this.#apply(request, peer, route, decision.allow ? 'allow' : 'deny', decision, tokens))
     }
-    return this.#apply(request, peer, route, outcome, verdict.decision)
+    return this.#apply(request, peer, route, outcome, verdict.decision, tokens)
   }
 
   /** Decides the request again against the candidate; counts and logs a disagreement. */
@@ -257,7 +282,16 @@ export class Enforcer {
    */
   redecide (request: FastifyRequest, route: RoutePolicy): boolean | Promise<boolean> {
     const raw = request.raw
-    const peer = this.#tls.identities.peer(raw, Date.now())
+    const now = Date.now()
+    const peer = this.#tls.identities.peer(raw, now)
+    // The token is checked again too: an expired one or a removed key ends the access.
+    const tokens = this.#tokens(request, route, peer, now)
+    if (tokens instanceof Promise) return tokens.then((t) => this.#redecide(request, route, peer, t))
+    return this.#redecide(request, route, peer, tokens)
+  }
+
+  #redecide (request: FastifyRequest, route: RoutePolicy, peer: PeerIdentity, tokens: RequestTokens | null): boolean | Promise<boolean> {
+    const raw = request.raw
     const service = this.#service
     service.policy = this.#sync.policy
     service.normalization = this.#sync.normalization
@@ -266,9 +300,11 @@ export class Enforcer {
     view.method = raw.method as string
     view.url = raw.url as string
     view.rawHeaders = raw.rawHeaders
+    view.jwt = tokens
     const outcome = decideRequest(service, route, view, this.#verdict).outcome
     view.caller = null
     view.rawHeaders = EMPTY
+    view.jwt = null
     if (outcome === 'ask-agent') {
       return (this.#authorize as AgentAuthorizer).decide(request, peer.identity as ServiceIdentity).then((decision) => decision.allow)
     }
@@ -276,9 +312,11 @@ export class Enforcer {
   }
 
   /** The one place an outcome becomes a counter, a log line and an error. */
-  #apply (request: FastifyRequest, peer: PeerIdentity, route: RoutePolicy, outcome: FinalOutcome, decision: Decision): Error | null {
+  #apply (request: FastifyRequest, peer: PeerIdentity, route: RoutePolicy, outcome: FinalOutcome, decision: Decision,
+    tokens: RequestTokens | null): Error | null {
     let effect = EFFECTS[outcome]
     let limiter = this.#denials
+    if (tokens !== null && outcome === 'allow') applyTokens(request, tokens)
     // Shadow enforcement serves would-be 403s and 401s; a 400 of the request normalization is
     // never shadowed (docs/semantics.md#rollout-shadow).
     if ((outcome === 'deny' || outcome === 'unauthenticated') && (route.enforcement ?? this.#enforcement) === 'shadow') {
@@ -341,7 +379,7 @@ export function addressClass (address: string | undefined): 'loopback' | 'privat
 /**
  * The one global onRequest hook: decides every request before any body is read, on routes
  * declared before the plugin and on 404s too (so an unauthenticated caller cannot tell which
- * routes exist). Synchronous in mode 'l7'; mode 'agent' may wait for the agent.
+ * routes exist). Synchronous in mode 'l7' unless a token must be verified first; mode 'agent' may wait for the agent.
  */
 export function enforceHook (enforcer: Enforcer, routes: RoutePolicies, upgrades: UpgradeTracker | null = null): onRequestHookHandler {
   /**
@@ -383,6 +421,26 @@ export function backstopHook (log: EventSink, requestIdLabel: string) {
       'no access decision was recorded for this request; denying', undefined, { label: requestIdLabel, id: request.id })
     closeRefused(request.raw, reply.raw)
     done(new DeniedError())
+  }
+}
+
+/**
+ * An allowed request's tokens, as its handler sees them (docs/semantics.md#jwt-forwarding): the
+ * verified payloads on `request.consulJwt`, a token header removed unless its location forwards
+ * it, and the `Forwarding.HeaderName` header set to the verified payload (or removed, so a caller
+ * cannot send its own).
+ */
+function applyTokens (request: FastifyRequest, tokens: RequestTokens): void {
+  request.consulJwt = tokens.verified()
+  const headers = request.raw.headers
+  for (const name of tokens.forwardHeaders) delete headers[name]
+  for (const { provider, found, payload } of tokens.found) {
+    const config = provider.config
+    if (found.location.kind === 'header' && !found.location.forward) delete headers[found.location.name]
+    if (config.forwardHeader !== null && payload !== null) {
+      const segment = found.token.split('.')[1] as string
+      headers[config.forwardHeader] = config.padForwardPayload ? segment + '='.repeat((4 - segment.length % 4) % 4) : segment
+    }
   }
 }
 

@@ -5,6 +5,7 @@ import type { EventEmitter } from 'node:events'
 import type { Dispatcher, Response } from 'undici'
 import type { FastifyPluginAsync } from 'fastify'
 import fp from 'fastify-plugin'
+import type { JWTPayload as JwtPayload } from 'jose'
 import { AgentClient } from './agent/client'
 import { resolveAgentConfig } from './agent/config'
 import { createCertificateSource } from './certificates/index'
@@ -72,6 +73,11 @@ declare module 'fastify' {
      * denial that is served keeps `allow: false` and its reason, with `enforced: false`.
      */
     consulDecision: ConsulDecision | null
+    /**
+     * The verified JWT payloads of the providers the request's JWT requirements looked at, by
+     * provider name; null when no requirement applied (docs/semantics.md#jwt-forwarding).
+     */
+    consulJwt: Record<string, Readonly<JwtPayload>> | null
   }
 }
 
@@ -114,6 +120,7 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
 
   fastify.decorateRequest('consulSource', null)
   fastify.decorateRequest('consulDecision', null)
+  fastify.decorateRequest('consulJwt', null)
   const metrics = (): MetricFamily[] => metricFamilies(enforcer.counters, sync.failureCounts, sync.status(), Date.now(), rollout.candidate?.disagreements ?? null)
   fastify.decorate('consulNative', {
     status: () => sync.status(),
@@ -190,10 +197,11 @@ export const consulNative = fp(consulNativePlugin, { fastify: '5.x', name: 'fast
 export default consulNative
 export { httpsOptions }
 export * from './errors'
-export type { ConsulNativeOptions, Enforcement, RouteConsulNativeConfig, RoutePermission, RouteSourceInput, HealthRouteOptions } from './options'
+export type { ConsulNativeOptions, Enforcement, RouteConsulNativeConfig, RoutePermission, RouteSourceInput, RouteJwtRequirement, HealthRouteOptions } from './options'
 export type { ConsulDecision } from './enforcement'
 export type { CandidateStatus } from './candidate'
 export type { ExplainInput, Explanation, TraceStep } from './explain'
+export type { KeySetEvent } from './jwt/key-sets'
 export type { RegisterOptions } from './registration'
 export type { OutboundFetchInit, OutboundOptions, OutboundTimeouts } from './outbound'
 export type { AgentOptions } from './agent/config'

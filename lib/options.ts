@@ -7,7 +7,7 @@ import { InvalidOptionError } from './errors'
 import { DEFAULT_MAX_REGEX_PROGRAM_SIZE } from './intentions/matchers'
 import { DEFAULT_LOG_LIMIT } from './log-limiter'
 import type { LogLimit } from './log-limiter'
-import type { IntentionPermission } from './agent/wire'
+import type { IntentionJWTRequirement, IntentionPermission } from './agent/wire'
 import type { RouteSource } from './intentions/policy'
 import { validateRegisterOption } from './registration'
 import type { RegisterOptions } from './registration'
@@ -73,8 +73,15 @@ export type Enforcement = 'enforce' | 'shadow'
 
 /** Per-route setting: `false` exempts the route; an object adds route-level intentions. */
 /** An L7 permission as written in JavaScript; Consul's JSON form (`Action`, `HTTP`, …) is accepted too. */
+/** A JWT requirement written in JavaScript style; Consul's `{ Providers: [...] }` is accepted too. */
+export interface RouteJwtRequirement {
+  providers: Array<{ name: string, verifyClaims?: Array<{ path: string[], value: string }> }>
+}
+
 export interface RoutePermission {
   action: 'allow' | 'deny'
+  /** ANDed with this permission (docs/semantics.md#jwt-match). */
+  jwt?: RouteJwtRequirement | IntentionJWTRequirement
   http: {
     pathExact?: string
     pathPrefix?: string
@@ -85,7 +92,11 @@ export interface RoutePermission {
 }
 
 /** A route-level source: `action` (L4) or `permissions` (L7), as in a service-intentions entry. */
-export type RouteSourceInput = Omit<RouteSource, 'permissions'> & { permissions?: Array<RoutePermission | IntentionPermission> }
+export type RouteSourceInput = Omit<RouteSource, 'permissions' | 'jwt'> & {
+  permissions?: Array<RoutePermission | IntentionPermission>
+  /** ANDed with the source match, as a `service-intentions` entry's top-level `JWT` (docs/semantics.md#jwt-match). */
+  jwt?: RouteJwtRequirement | IntentionJWTRequirement
+}
 
 /** `sources`: route-level intentions, evaluated before the service's; `enforcement`: this route's, winning over the plugin's option. */
 export type RouteConsulNativeConfig =

@@ -138,9 +138,11 @@ const CANONICAL = new Map(PERMISSION_KEYS.map((key) => [key.toLowerCase(), key])
 
 function canonicalSource (source: unknown, at: string): RouteSource {
   if (source === null || typeof source !== 'object' || Array.isArray(source)) return source as RouteSource
-  const { permissions, ...rest } = source as Record<string, unknown>
-  if (permissions === undefined) return source as RouteSource
-  return { ...rest, permissions: canonicalKeys(permissions, `${at}.permissions`) } as unknown as RouteSource
+  const { permissions, jwt, ...rest } = source as Record<string, unknown>
+  const out: Record<string, unknown> = { ...rest }
+  if (permissions !== undefined) out.permissions = canonicalKeys(permissions, `${at}.permissions`)
+  if (jwt !== undefined) out.jwt = canonicalKeys(jwt, `${at}.jwt`)
+  return out as unknown as RouteSource
 }
 
 function canonicalKeys (value: unknown, at: string): unknown {

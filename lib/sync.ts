@@ -14,6 +14,8 @@ import { NotReadyError } from './errors'
 import { compilePolicy } from './intentions/policy'
 import type { CompiledPolicy } from './intentions/policy'
 import type { CandidateStatus } from './candidate'
+import { JwtProviders } from './jwt/provider'
+import { JwtAuthenticator } from './jwt/request-tokens'
 import type { Enforcement, ResolvedOptions } from './options'
 import type { RegistrationState, ServiceRegistration } from './registration'
 import type { DynamicTls } from './tls'
@@ -63,6 +65,10 @@ export class ConsulSync {
   readonly #serviceDefaults: BlockingWatch<ConfigEntryViews['service-defaults'] | null>
   readonly #proxyDefaults: BlockingWatch<ConfigEntryViews['proxy-defaults'] | null>
   readonly #mesh: BlockingWatch<ConfigEntryViews['mesh'] | null>
+  readonly #jwtProviders: BlockingWatch<unknown[]>
+  readonly #providers: JwtProviders
+  /** Verifies the tokens JWT requirements look at (docs/semantics.md#jwt). */
+  readonly jwt: JwtAuthenticator
   readonly #watches: ReadonlyArray<BlockingWatch<unknown>>
   // The values in force (a watch sets its own value only after `accept` returns).
   #currentLeaf: LeafCertificate | undefined = undefined
@@ -133,7 +139,29 @@ export class ConsulSync {
       // The normalization changes decisions as much as the intentions do.
       if (this.#started) this.#emit('intentions', this.status())
     })
-    this.#watches = [this.#intentions, this.#serviceDefaults, this.#proxyDefaults, this.#mesh] as
+    this.#providers = new JwtProviders(log, (event) => this.#emit('jwks', event))
+    this.jwt = new JwtAuthenticator(this.#providers, log)
+    // Every provider, in one blocking query: intentions name them, and a service token may read them.
+    this.#jwtProviders = new BlockingWatch<unknown[]>({
+      name: 'jwt-providers',
+      waitMs,
+      log: watchLog,
+      fetch: async (q) => {
+        const res = await client.jwtProviders(q)
+        if (res.body !== null) return pick(res as { index: number | null, body: unknown[] })
+        // An agent before 1.16 has no providers; ask again no more often than a blocking query would.
+        if (q.index > 0) await sleep(q.waitMs, q.signal)
+        return { index: 1, value: [] }
+      },
+      differs: (a, b) => JSON.stringify(a) !== JSON.stringify(b),
+      accept: (list) => {
+        this.#providers.update(list)
+        // Verified tokens name the providers they were verified with; a changed provider voids them anyway.
+        this.jwt.checkReferenced(this.#policy.jwtProviders)
+        if (this.#started) this.#emit('intentions', this.status())
+      }
+    })
+    this.#watches = [this.#intentions, this.#serviceDefaults, this.#proxyDefaults, this.#mesh, this.#jwtProviders] as
       ReadonlyArray<BlockingWatch<unknown>>
     this.#failureCounts.leaf = 0
     this.#failureCounts.roots = 0
@@ -194,6 +222,8 @@ export class ConsulSync {
     this.#source.start(sink)
     for (const watch of this.#watches) watch.start()
     await Promise.all([this.#tlsReady, ...this.#watches.map(async (watch) => await watch.ready())])
+    // Remote key sets with FetchAsynchronously false: the first fetch comes before serving (docs/semantics.md#jwt-key-sets).
+    await this.#providers.ready(this.#policy.jwtProviders)
     this.#started = true
   }
 
@@ -206,6 +236,7 @@ export class ConsulSync {
     this.#startup.abort()
     this.#source.stop()
     for (const watch of this.#watches) watch.stop()
+    this.#providers.stop()
     if (this.#expiryTimer !== null) clearInterval(this.#expiryTimer)
   }
 
@@ -279,6 +310,7 @@ export class ConsulSync {
       logEvent(this.#log, 'warn', 'intention-unsupported', { reason: warning }, `${warning}`)
     }
     this.#policy = policy
+    this.jwt.checkReferenced(policy.jwtProviders)
     this.#compiled = true
     this.#currentIntentions = intentions
     this.#protocol = protocol
@@ -355,6 +387,13 @@ Promise<{ allow: boolean, error: Error | null, header: 'allow' | 'deny' | null }
     const header = await client.roots({ signal }).then((res) => res.defaultAclPolicy, () => null)
     return { allow: header === 'allow', error: err as Error, header }
   }
+}
+
+async function sleep (ms: number, signal: AbortSignal | undefined): Promise<void> {
+  await new Promise<void>((resolve) => {
+    const timer = setTimeout(resolve, ms)
+    signal?.addEventListener('abort', () => { clearTimeout(timer); resolve() }, { once: true })
+  })
 }
 
 function pick<T> (res: { index: number | null, body: T }): { index: number | null, value: T } {

@@ -37,6 +37,37 @@ const P0 = 'Sources[0].Permissions[0].HTTP'
 const ONE_OF = `${P0}.Header[0] should only contain one of Present, Exact, Prefix, Suffix, Contains, or Regex`
 const IGNORE_CASE = `${P0}.Header[0] should set one of Exact, Prefix, Suffix, or Contains when using IgnoreCase`
 
+const JWKS_B64 = Buffer.from('{"keys":[]}').toString('base64')
+const provider = (extra: Record<string, unknown>): Record<string, unknown> => ({ Kind: 'jwt-provider', Name: 'okta', Issuer: 'https://okta', JSONWebKeySet: { Local: { JWKS: JWKS_B64 } }, ...extra })
+
+function jwtProviderRows (): Array<[string, unknown, number, string?]> {
+  const remote = (r: Record<string, unknown>): Record<string, unknown> => provider({ JSONWebKeySet: { Remote: { URI: 'https://idp/jwks', ...r } } })
+  return [
+    ['provider without name', { ...provider({}), Name: '' }, 500, 'Name is required'],
+    ['provider with too much meta', provider({ Meta: Object.fromEntries(Array.from({ length: 65 }, (_, i) => [`k${i}`, 'v'])) }), 500, multiError(['Meta exceeds maximum element count 64'])],
+    ['provider without key set', provider({ JSONWebKeySet: null }), 500, 'JSONWebKeySet is required'],
+    ['provider with both key sets', provider({ JSONWebKeySet: { Local: { JWKS: JWKS_B64 }, Remote: { URI: 'https://x' } } }), 500, 'must specify exactly one of Local or Remote JSON Web key set'],
+    ['provider with an empty key set', provider({ JSONWebKeySet: {} }), 500, 'must specify exactly one of Local or Remote JSON Web key set'],
+    ['local with both', provider({ JSONWebKeySet: { Local: { JWKS: JWKS_B64, Filename: '/x' } } }), 500, 'must specify exactly one of String or filename for local keyset'],
+    ['local not base64', provider({ JSONWebKeySet: { Local: { JWKS: 'not base64!' } } }), 500, 'JWKS must be valid base64 encoded string'],
+    ['remote without URI', remote({ URI: '' }), 500, 'Remote JWKS URI is required'],
+    ['remote relative URI', remote({ URI: 'idp/jwks' }), 500, 'Remote JWKS URI is invalid: parse "idp/jwks": invalid URI for request, uri: idp/jwks'],
+    ['remote backoff max below base', remote({ RetryPolicy: { NumRetries: 2, RetryPolicyBackOff: { BaseInterval: '2s', MaxInterval: '1s' } } }), 500,
+      'retry policy backoff\'s MaxInterval should be greater or equal to BaseInterval'],
+    ['remote bad duration', remote({ CacheDuration: 'soon' }), 400, decodeFail('1 error(s) decoding:\n\n* error decoding \'JSONWebKeySet.Remote.CacheDuration\': time: invalid duration "soon"')],
+    ['remote bad discovery type', remote({ JWKSCluster: { DiscoveryType: 'DNS' } }), 500, 'unsupported jwks cluster discovery type: "DNS"'],
+    ['remote TLS without CA', remote({ JWKSCluster: { TLSCertificates: {} } }), 500, 'must specify exactly one of: CaCertificateProviderInstance or TrustedCA for JKWS\' TLSCertificates'],
+    ['remote trusted CA twice', remote({ JWKSCluster: { TLSCertificates: { TrustedCA: { Filename: '/a', InlineString: 'b' } } } }), 500,
+      'must specify exactly one of: Filename, EnvironmentVariable, InlineString or InlineBytes for JWKS\' TrustedCA'],
+    ['location with two kinds', provider({ Locations: [{ Header: { Name: 'a' }, Cookie: { Name: 'b' } }] }), 500, multiError(['must set exactly one of: JWT location header, query param or cookie'])],
+    ['locations without names', provider({ Locations: [{ Header: {} }, { QueryParam: {} }, { Cookie: {} }] }), 500,
+      multiError(['JWT location header name must be specified', 'JWT location query param name must be specified', 'JWT location cookie name must be specified'])],
+    ['forwarding without header', provider({ Forwarding: {} }), 500, 'Header name required for forwarding config'],
+    ['remote provider', remote({ RequestTimeoutMs: 500, cache_duration: '10m', RetryPolicy: { NumRetries: 3 }, JWKSCluster: { TLSCertificates: { TrustedCA: { InlineString: 'pem' } } } }), 200],
+    ['local provider', provider({ Audiences: ['api'], Locations: [{ Header: { Name: 'x-token', ValuePrefix: 'T ', Forward: true } }, { QueryParam: { Name: 't' } }, { Cookie: { Name: 'c' } }], Forwarding: { HeaderName: 'x-payload' } }), 200]
+  ]
+}
+
 t.test('PUT /v1/config validation table', async (t) => {
   const agent = await agentFor(t)
   for (const [name, protocol] of [['api', 'http'], ['h2', 'http2'], ['rpc', 'grpc'], ['web', 'tcp']]) {
@@ -74,6 +105,12 @@ t.test('PUT /v1/config validation table', async (t) => {
     ['too much meta', { ...ixn([{ Name: 'web', Action: 'allow' }]), Meta: longMeta }, 500, multiError(['Meta exceeds maximum element count 64'])],
     ['long meta key and value', { ...ixn([{ Name: 'web', Action: 'allow' }]), Meta: { ['k'.repeat(129)]: 'v'.repeat(513) } }, 500,
       multiError([`Meta key "${'k'.repeat(129)}" exceeds maximum length 128`, `Meta value for key "${'k'.repeat(129)}" exceeds maximum length 512`])],
+    // jwt-provider entries (Consul's JWTProviderConfigEntry.Validate), then intentions naming them.
+    ...jwtProviderRows(),
+    ['JWT naming a missing provider', { ...ixn([{ Name: 'web', Action: 'allow' }]), JWT: { Providers: [{ Name: 'zeta' }, { Name: 'alpha' }, { Name: 'okta' }] } }, 500,
+      multiError(['Referenced JWT Provider does not exist. Provider Name: alpha', 'Referenced JWT Provider does not exist. Provider Name: zeta'])],
+    ['permission JWT naming a missing provider', ixn([{ Name: 'web', Permissions: [{ Action: 'allow', HTTP: { PathPrefix: '/' }, JWT: { Providers: [{ Name: 'nope' }] } }] }]), 500,
+      multiError(['Referenced JWT Provider does not exist. Provider Name: nope'])],
     ['JWT provider without name', { ...ixn([{ Name: 'web', Action: 'allow' }]), JWT: { Providers: [{ VerifyClaims: [{ Path: ['a'], Value: 'b' }] }] } }, 500, multiError(['JWT provider name is required'])],
     ['permission JWT provider without name', ixn([{ Name: 'web', Permissions: [{ Action: 'allow', HTTP: { PathPrefix: '/' }, JWT: { Providers: [{}] } }] }]), 500, multiError(['JWT provider name is required'])],
     ['JWT', { ...ixn([{ Name: 'web', Permissions: [{ Action: 'allow', HTTP: { PathPrefix: '/' }, JWT: { Providers: [{ Name: 'okta' }] } }] }]), JWT: { Providers: [{ Name: 'okta', verify_claims: [{ Path: ['perms', 'role'], Value: 'admin' }] }] } }, 200],
@@ -179,6 +216,7 @@ t.test('PUT /v1/config validation table', async (t) => {
 
 t.test('normalisation on write and canonical storage', async (t) => {
   const agent = await agentFor(t)
+  for (const name of ['okta', 'p']) await call(agent, 'PUT', '/v1/config', provider({ Name: name }))
   await call(agent, 'PUT', '/v1/config', { kind: 'service-defaults', name: 'api', protocol: 'HTTP', Meta: { team: 'a' } })
   const defaults = await call(agent, 'GET', '/v1/config/service-defaults/api')
   t.same(defaults.json, {
@@ -476,6 +514,7 @@ t.test('intention match', async (t) => {
     { Name: 'billing', Action: 'deny', Description: 'no billing' }
   ]))
   await call(agent, 'PUT', '/v1/config', { ...ixn([{ Name: 'web', Action: 'deny' }, { Name: 'ops', Action: 'allow' }, { Name: 'web', Peer: 'p', Action: 'allow' }], '*'), Meta: { m: '1' } })
+  await call(agent, 'PUT', '/v1/config', provider({}))
   await call(agent, 'PUT', '/v1/config', { ...ixn([{ Name: 'web', Action: 'allow' }], 'db'), JWT: { Providers: [{ Name: 'okta' }] } })
 
   const match = await call(agent, 'GET', '/v1/connect/intentions/match?by=destination&name=api&name=nothing/else&name=api')
@@ -572,4 +611,52 @@ t.test('helpers', async (t) => {
   t.ok(compareIntentions({ ...base, SourcePeer: 'p' }, base) > 0)
   t.ok(compareIntentions({ ...base, SourceName: 'é' }, { ...base, SourceName: 'z' }) > 0, 'byte-wise')
   t.equal(compareIntentions(base, { ...base }), 0)
+})
+
+t.test('jwt-provider entries: Consul defaults, rendering, listing, ACLs and deletes', async (t) => {
+  const agent = await agentFor(t)
+  t.equal((await call(agent, 'PUT', '/v1/config', provider({
+    JSONWebKeySet: undefined,
+    json_web_key_set: { remote: { uri: 'https://idp/jwks', fetch_asynchronously: true, cache_duration: '90s', retry_policy: { retry_policy_back_off: { base_interval: 500000000 } } } },
+    forwarding: { header_name: 'x-payload', pad_forward_payload_header: true },
+    Meta: {}
+  }))).text, 'true')
+  const entry = await call(agent, 'GET', '/v1/config/jwt-provider/okta')
+  t.same(entry.json, {
+    Kind: 'jwt-provider',
+    Name: 'okta',
+    JSONWebKeySet: { Remote: { URI: 'https://idp/jwks', CacheDuration: 90_000_000_000, FetchAsynchronously: true, RetryPolicy: { RetryPolicyBackOff: { BaseInterval: 500_000_000 } } } },
+    Issuer: 'https://okta',
+    Forwarding: { HeaderName: 'x-payload', PadForwardPayloadHeader: true },
+    ClockSkewSeconds: 30,
+    CreateIndex: entry.json.CreateIndex,
+    ModifyIndex: entry.json.ModifyIndex
+  }, 'durations in nanoseconds, ClockSkewSeconds defaulted to 30, empty fields omitted')
+  await call(agent, 'PUT', '/v1/config', provider({ Name: 'auth0', ClockSkewSeconds: 5, Locations: [{ Cookie: { Name: 'c' } }] }))
+  const listed = await call(agent, 'GET', '/v1/config/jwt-provider')
+  t.same(listed.json.map((e: { Name: string }) => e.Name), ['auth0', 'okta'])
+  t.same(listed.json[0].Locations, [{ Cookie: { Name: 'c' } }])
+  t.equal(listed.json[0].ClockSkewSeconds, 5)
+  // Intentions may name both; deleting a provider still referenced is allowed, as in Consul.
+  t.equal((await call(agent, 'PUT', '/v1/config', { ...ixn([{ Name: 'web', Action: 'allow' }]), JWT: { Providers: [{ Name: 'okta' }, { Name: 'auth0' }] } })).status, 200)
+  t.same((await call(agent, 'DELETE', '/v1/config/jwt-provider/okta')).json, {})
+  t.equal((await call(agent, 'GET', '/v1/config/jwt-provider/okta')).status, 404)
+  t.equal((await call(agent, 'GET', '/v1/config/service-intentions/api')).status, 200)
+})
+
+t.test('jwt-provider ACLs: mesh:write to write; a service token may read them', async (t) => {
+  const agent = await startDevAgent({ acl: { enabled: true, defaultPolicy: 'deny', tokens: { svc: 'write', root: 'manage' } } })
+  t.teardown(async () => await agent.close())
+  const as = async (token: string, method: string, path: string, body?: unknown): Promise<Res> => {
+    const res = await request(`${agent.address}${path}`, { method: method as 'GET', headers: { 'x-consul-token': token }, body: body === undefined ? undefined : JSON.stringify(body) })
+    const text = await res.body.text()
+    let json: unknown
+    try { json = JSON.parse(text) } catch {}
+    return { status: res.statusCode, text, json, headers: res.headers }
+  }
+  t.equal((await as('svc', 'PUT', '/v1/config', provider({}))).status, 403)
+  t.equal((await as('root', 'PUT', '/v1/config', provider({}))).status, 200)
+  t.equal((await as('svc', 'GET', '/v1/config/jwt-provider/okta')).status, 200)
+  t.same((await as('svc', 'GET', '/v1/config/jwt-provider')).json.map((e: { Name: string }) => e.Name), ['okta'])
+  t.equal((await as('svc', 'DELETE', '/v1/config/jwt-provider/okta')).status, 403)
 })

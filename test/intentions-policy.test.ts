@@ -169,44 +169,6 @@ t.test('what the policy keeps (docs/semantics.md#datacenter, docs/semantics.md#p
   })
 })
 
-t.test('JWT requirements (docs/semantics.md#jwt)', async (t) => {
-  const jwt = { Providers: [{ Name: 'okta' }] }
-
-  t.test('an L4 allow that needs a JWT still claims its source and denies', async (t) => {
-    const p = policy([ixn('web', 'api', 9, 'allow', { JWT: jwt }), ixn('*', 'api', 8, 'allow')])
-    t.same(decide(p, WEB, req()), { allow: false, reason: 'intention default/web => default/api (precedence 9) allow requires a JWT, which is not supported (deny)' })
-    t.match(p.warnings, [/^1 intention\(s\) require a JWT, which is not supported/])
-  })
-
-  t.test('an L4 deny that needs a JWT denies', async (t) => {
-    t.same(decide(policy([ixn('web', 'api', 9, 'deny', { JWT: jwt })], true), WEB, req()),
-      { allow: false, reason: 'intention default/web => default/api (precedence 9) deny' })
-  })
-
-  t.test('an allow permission that needs a JWT never matches; a deny permission that needs one matches on its HTTP part', async (t) => {
-    const p = policy([ixn('web', 'api', 9, [
-      allow({ PathPrefix: '/a' }, { JWT: jwt }), deny({ PathPrefix: '/b' }, { JWT: jwt }), allow({ PathPrefix: '/' })
-    ])])
-    t.equal(decide(p, WEB, req('/a')).reason, 'intention default/web => default/api (precedence 9), permission 3 (allow)')
-    t.equal(decide(p, WEB, req('/b')).reason, 'intention default/web => default/api (precedence 9), permission 2 (deny)')
-  })
-
-  t.test('an intention-level JWT on an L7 intention disables its allow permissions only', async (t) => {
-    const p = policy([ixn('web', 'api', 9, [deny({ PathPrefix: '/b' }), allow({ PathPrefix: '/' })], { JWT: jwt })], true)
-    t.equal(decide(p, WEB, req('/b')).allow, false)
-    t.equal(decide(p, WEB, req('/a')).reason, 'intention default/web => default/api (precedence 9): no permission matched, default policy (allow)')
-  })
-
-  t.test('an empty or provider-less JWT block requires nothing; an unreadable one requires a token', async (t) => {
-    for (const JWT of [{}, { Providers: [] }, { Providers: null }, null]) {
-      t.equal(decide(policy([ixn('web', 'api', 9, 'allow', { JWT: JWT as never })]), WEB, req()).allow, true, JSON.stringify(JWT))
-    }
-    for (const JWT of ['x', [], { Providers: {} }]) {
-      t.equal(decide(policy([ixn('web', 'api', 9, 'allow', { JWT: JWT as never })]), WEB, req()).allow, false, JSON.stringify(JWT))
-    }
-  })
-})
-
 t.test('L7 matching', async (t) => {
   const one = (perm: IntentionPermission, defaultAllow = false): CompiledPolicy => policy([ixn('web', 'api', 9, [perm])], defaultAllow)
   const allowed = (p: CompiledPolicy, r: RequestFacts): boolean => decide(p, WEB, r).allow
@@ -462,13 +424,6 @@ t.test('warnings', async (t) => {
     t.same(policy([ixn('c', 'api', 9, [allow({ PathRegex: '/%2f' }), allow({ PathPrefix: '/%2F%Fa' })])]).warnings.length, 1)
     t.same(policy([ixn('c', 'api', 9, [allow({ PathPrefix: '/%2F%FA' })])]).warnings, [])
   })
-
-  t.test('JWT intentions and permissions are counted together', async (t) => {
-    const jwt = { Providers: [{ Name: 'okta' }] }
-    const p = policy([ixn('a', 'api', 9, 'allow', { JWT: jwt }), ixn('b', 'api', 9, [allow({ PathPrefix: '/' }, { JWT: jwt })]),
-      ixn('c', 'api', 9, [allow({ PathPrefix: '/' })])])
-    t.match(p.warnings, [/^2 intention\(s\) require a JWT/])
-  })
 })
 
 t.test('ordering helpers', async (t) => {
@@ -547,7 +502,7 @@ t.test('route overrides', async (t) => {
     const ok = { name: 'web', action: 'allow' }
     const p = (perm: unknown): unknown => [{ name: 'web', permissions: [perm] }]
     bad([ok, 'web'], 'sources[1] must be an object')
-    bad([{ ...ok, Name: 'x' }], 'sources[0].Name is not a known field (name, namespace, partition, action, permissions)')
+    bad([{ ...ok, Name: 'x' }], 'sources[0].Name is not a known field (name, namespace, partition, action, permissions, jwt)')
     bad([{ action: 'allow' }], 'sources[0].name must be a non-empty string')
     bad([{ name: '', action: 'allow' }], 'sources[0].name must be a non-empty string')
     bad([{ name: 'web*', action: 'allow' }], 'sources[0].name must be "*" or contain no "*"')
@@ -565,7 +520,10 @@ t.test('route overrides', async (t) => {
     bad(p(null), 'sources[0].permissions[0] must be an object')
     bad(p({ Action: 'allow' }), 'sources[0].permissions[0].HTTP is required')
     bad(p({ Action: 'allow', HTTP: null }), 'sources[0].permissions[0].HTTP is required')
-    bad(p({ Action: 'allow', HTTP: { PathPrefix: '/' }, JWT: { Providers: [] } }), 'sources[0].permissions[0].JWT is not supported')
+    bad(p({ Action: 'allow', HTTP: { PathPrefix: '/' }, JWT: { Providers: [{ Name: '' }] } }), 'sources[0].permissions[0].JWT.Providers[0].Name must be a non-empty string')
+    bad(p({ Action: 'allow', HTTP: { PathPrefix: '/' }, JWT: { Provider: [] } }), 'sources[0].permissions[0].JWT.Provider is not a known field (Providers)')
+    bad([{ ...ok, jwt: { Providers: [{ Name: 'a', Claims: [] }] } }], 'sources[0].jwt.Providers[0].Claims is not a known field (Name, VerifyClaims)')
+    bad([{ ...ok, jwt: { Providers: [{ Name: 'a', VerifyClaims: [{ Path: 'role', Value: 'x' }] }] } }], 'sources[0].jwt.Providers[0].VerifyClaims[0].Path must be an array of strings')
     bad(p({ Action: 'allow', HTTP: {} }), 'sources[0].permissions[0].HTTP must set at least one of PathExact, PathPrefix, PathRegex, Methods, Header')
     bad(p({ Action: 'allow', HTTP: { Methods: [] } }), /must set at least one of/)
     bad(p({ Action: 'allow', HTTP: { PathExact: 'x' } }), 'sources[0].permissions[0].HTTP.PathExact must start with "/"')

@@ -3,7 +3,8 @@
 // strings included, for decide, decideOverride and decideSpellings.
 import t from 'tap'
 import fc from 'fast-check'
-import type { Intention, IntentionHTTPHeaderPermission, IntentionHTTPPermission, IntentionPermission } from '../lib/agent/wire'
+import type { Intention, IntentionHTTPHeaderPermission, IntentionHTTPPermission, IntentionJWTRequirement, IntentionPermission } from '../lib/agent/wire'
+import type { JwtTokens } from '../lib/intentions/jwt'
 import { type CallerIdentity, type PolicyInput, type RequestFacts, type RouteSource, compileOverride, compilePolicy, decide, decideOverride, decideSpellings } from '../lib/intentions/policy'
 import { referenceDecide, referenceOverride, referenceRequest } from './helpers/reference-engine'
 
@@ -47,13 +48,28 @@ const http = (strict: boolean): fc.Arbitrary<IntentionHTTPPermission> => fc.reco
   return h
 })
 
-const jwt = { Providers: [{ Name: 'okta' }] }
+// JWT requirements (docs/semantics.md#jwt-match): providers as alternatives, claims (nested, array) all required.
+const JWTS: IntentionJWTRequirement[] = [
+  { Providers: [{ Name: 'okta' }] },
+  { Providers: [{ Name: 'okta', VerifyClaims: [{ Path: ['role'], Value: 'admin' }] }] },
+  { Providers: [{ Name: 'okta', VerifyClaims: [{ Path: ['org', 'team'], Value: 'a' }, { Path: ['role'], Value: 'admin' }] }, { Name: 'auth0' }] },
+  { Providers: [{ Name: 'gone' }] }
+]
+const jwtRequirement = fc.constantFrom<IntentionJWTRequirement | undefined>(undefined, undefined, ...JWTS)
 
-const permission = (strict: boolean): fc.Arbitrary<IntentionPermission> => fc.record({
+const permission = (_strict: boolean): fc.Arbitrary<IntentionPermission> => fc.record({
   Action: fc.constantFrom<'allow' | 'deny'>('allow', 'deny'),
-  HTTP: http(strict),
-  jwt: strict ? fc.constant(false) : fc.boolean()
-}).map(({ Action, HTTP, jwt: needsJwt }) => (needsJwt ? { Action, HTTP, JWT: jwt } : { Action, HTTP }))
+  HTTP: http(_strict),
+  jwt: jwtRequirement
+}).map(({ Action, HTTP, jwt }) => (jwt !== undefined ? { Action, HTTP, JWT: jwt } : { Action, HTTP }))
+
+/** Verified payloads a request may carry, by provider. */
+const tokens: fc.Arbitrary<JwtTokens | null> = fc.option(fc.record({
+  okta: fc.constantFrom(undefined, { role: 'admin' }, { role: ['user', 'admin'] }, { role: 'user', org: { team: 'a' } }, { role: 'admin', org: { team: 'a' } }),
+  auth0: fc.constantFrom(undefined, { sub: 'x' })
+}).map((verified): JwtTokens => ({
+  payload: (name: string) => (verified as Record<string, Record<string, unknown> | undefined>)[name] ?? null
+})), { nil: null })
 
 const intention: fc.Arbitrary<Intention> = fc.record({
   SourceName: fc.constantFrom('web', 'api', 'db', '*'),
@@ -67,15 +83,15 @@ const intention: fc.Arbitrary<Intention> = fc.record({
   Precedence: fc.integer({ min: 1, max: 9 }),
   Action: fc.constantFrom<'allow' | 'deny'>('allow', 'deny'),
   Permissions: fc.option(fc.array(permission(false), { maxLength: 4 }), { nil: undefined }),
-  jwt: fc.constantFrom(false, false, false, true)
-}).map(({ jwt: needsJwt, Permissions, Action, ...rest }) => {
+  jwt: jwtRequirement
+}).map(({ jwt, Permissions, Action, ...rest }) => {
   const i: Intention = { ...rest, SourceType: 'consul', CreateIndex: 1, ModifyIndex: 1 }
   for (const k of ['SourcePartition', 'SourcePeer', 'SourceSamenessGroup', 'DestinationPartition'] as const) {
     if (i[k] === undefined) delete i[k]
   }
   if (Permissions !== undefined && Permissions.length > 0) i.Permissions = Permissions
   else i.Action = Action
-  if (needsJwt) i.JWT = jwt
+  if (jwt !== undefined) i.JWT = jwt
   return i
 })
 
@@ -99,7 +115,8 @@ const request: fc.Arbitrary<RequestFacts> = fc.record({
   rawHeaders: fc.array(fc.tuple(
     fc.constantFrom('x-env', 'X-ENV', 'Host', ':authority', 'x-role', 'X-Role'),
     fc.constantFrom('prod', 'PROD', 'a,b', 'admin', 'api.consul', '', Buffer.from('é').toString('latin1'))
-  ), { maxLength: 4 }).map((pairs) => pairs.flat())
+  ), { maxLength: 4 }).map((pairs) => pairs.flat()),
+  jwt: tokens
 }).map(({ query, ...r }) => ({ ...r, url: r.path + query }))
 
 const source: fc.Arbitrary<RouteSource> = fc.record({
@@ -107,9 +124,11 @@ const source: fc.Arbitrary<RouteSource> = fc.record({
   namespace: fc.constantFrom(undefined, 'default', 'team-a', '*'),
   partition: fc.constantFrom(undefined, undefined, 'eu'),
   action: fc.constantFrom<'allow' | 'deny'>('allow', 'deny'),
-  permissions: fc.option(fc.array(permission(true), { minLength: 1, maxLength: 3 }), { nil: undefined })
-}).map(({ name, namespace, partition, action, permissions }) => {
+  permissions: fc.option(fc.array(permission(true), { minLength: 1, maxLength: 3 }), { nil: undefined }),
+  jwt: jwtRequirement
+}).map(({ name, namespace, partition, action, permissions, jwt }) => {
   const s: RouteSource = { name: namespace === '*' ? '*' : name }
+  if (jwt !== undefined) s.jwt = jwt
   if (namespace !== undefined) s.namespace = namespace
   if (partition !== undefined) s.partition = partition
   if (permissions !== undefined) s.permissions = permissions

@@ -250,6 +250,28 @@ export class AgentClient {
     return withBody(res, path, (b) => parseConfigEntry(kind, b))
   }
 
+  /**
+   * `GET /v1/config/jwt-provider`: every provider, unparsed (lib/jwt/provider.ts compiles them).
+   * Null from an agent older than Consul 1.16, which does not know the kind (docs/semantics.md#jwt-providers).
+   */
+  async jwtProviders (q: BlockingQuery = {}): Promise<AgentResponse<unknown[] | null>> {
+    const path = '/v1/config/jwt-provider'
+    let res: AgentResponse<unknown>
+    try {
+      res = await this.request('GET', path, { blocking: q, signal: q.signal, scoped: ['dc', 'partition'] })
+    } catch (err) {
+      if (agentStatusOf(err) === 500 && (err as Error).message.includes('invalid config entry kind')) {
+        return { status: 500, index: null, contentHash: null, defaultAclPolicy: null, knownLeader: null, body: null }
+      }
+      throw err
+    }
+    return withBody(res, path, (b) => {
+      if (b === null) return []
+      if (!Array.isArray(b)) throw new TypeError('expected an array of config entries')
+      return b as unknown[]
+    })
+  }
+
   /** `GET /v1/agent/self` (needs `agent:read`), reduced to what decides the default intention policy. */
   async agentSelf (signal?: AbortSignal): Promise<AgentResponse<AgentSelfView>> {
     const path = '/v1/agent/self'

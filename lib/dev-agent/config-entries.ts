@@ -7,22 +7,25 @@
 // are accepted. `Hash`, which current Consul adds to stored entries, is not returned, to keep the
 // 1.10 shapes of test/fixtures/consul.
 import type { Intention, IntentionPermission, IntentionJWTRequirement } from '../agent/wire'
+import { parseGoDurationNs } from './blocking'
 import { DevAgentHttpError } from './http-error'
+import { renderJwtProvider, validateJwtProvider } from './jwt-provider'
 
 export const SERVICE_INTENTIONS = 'service-intentions'
 export const SERVICE_DEFAULTS = 'service-defaults'
 export const PROXY_DEFAULTS = 'proxy-defaults'
 export const MESH = 'mesh'
+export const JWT_PROVIDER = 'jwt-provider'
 
 // Kinds Consul knows but the dev agent does not store: writing one is refused explicitly rather
 // than with Consul's "invalid config entry kind", which would claim the kind does not exist.
 const UNSUPPORTED_KINDS = new Set([
   'service-router', 'service-splitter', 'service-resolver', 'ingress-gateway', 'terminating-gateway',
   'exported-services', 'sameness-group', 'api-gateway', 'bound-api-gateway', 'inline-certificate',
-  'http-route', 'tcp-route', 'file-system-certificate', 'jwt-provider', 'control-plane-request-limit',
+  'http-route', 'tcp-route', 'file-system-certificate', 'control-plane-request-limit',
   'registration', 'prepared-query'
 ])
-const KINDS = [SERVICE_INTENTIONS, SERVICE_DEFAULTS, PROXY_DEFAULTS, MESH]
+const KINDS = [SERVICE_INTENTIONS, SERVICE_DEFAULTS, PROXY_DEFAULTS, MESH, JWT_PROVIDER]
 const WILDCARD = '*'
 const HTTP_METHODS = new Set(['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'CONNECT', 'OPTIONS', 'TRACE'])
 const HTTP_LIKE = new Set(['http', 'http2', 'grpc'])
@@ -37,7 +40,7 @@ const UNDERSCORES_ACTIONS = new Set(['', 'ALLOW', 'REJECT_REQUEST', 'DROP_HEADER
 // names, `alias` tags, one-element slices unwrapped, unknown keys reported with their full path).
 
 type Spec =
-  | { t: 'string' | 'bool' | 'int' | 'uint' | 'any' | 'stringMap' | 'anyMap' }
+  | { t: 'string' | 'bool' | 'int' | 'uint' | 'any' | 'stringMap' | 'anyMap' | 'duration' }
   | { t: 'slice', of: Spec }
   | { t: 'struct', fields: Field[] }
 
@@ -50,6 +53,8 @@ const uint: Spec = { t: 'uint' }
 const any: Spec = { t: 'any' }
 const stringMap: Spec = { t: 'stringMap' }
 const anyMap: Spec = { t: 'anyMap' }
+/** time.Duration: a number of nanoseconds, or Go duration text (mapstructure's StringToTimeDurationHookFunc). */
+const duration: Spec = { t: 'duration' }
 const slice = (of: Spec): Spec => ({ t: 'slice', of })
 const struct = (...fields: Field[]): Spec => ({ t: 'struct', fields })
 const f = (name: string, spec: Spec, alias?: string): Field => alias === undefined ? { name, spec } : { name, spec, alias }
@@ -81,9 +86,42 @@ const exposeSpec = struct(f('Checks', bool), f('Paths', slice(struct(
   f('ListenerPort', int, 'listener_port'), f('Path', str), f('LocalPathPort', int, 'local_path_port'),
   f('Protocol', str), f('ParsedFromCheck', bool, 'parsed_from_check')
 ))))
+const jwtProviderSpec = struct(
+  f('Kind', str), f('Name', str),
+  f('JSONWebKeySet', struct(
+    f('Local', struct(f('JWKS', str), f('Filename', str))),
+    f('Remote', struct(
+      f('URI', str), f('RequestTimeoutMs', int, 'request_timeout_ms'), f('CacheDuration', duration, 'cache_duration'),
+      f('FetchAsynchronously', bool, 'fetch_asynchronously'),
+      f('RetryPolicy', struct(
+        f('NumRetries', int, 'num_retries'),
+        f('RetryPolicyBackOff', struct(f('BaseInterval', duration, 'base_interval'), f('MaxInterval', duration, 'max_interval')), 'retry_policy_back_off')
+      ), 'retry_policy'),
+      f('JWKSCluster', struct(
+        f('DiscoveryType', str, 'discovery_type'),
+        f('TLSCertificates', struct(
+          f('CaCertificateProviderInstance', struct(f('InstanceName', str, 'instance_name'), f('CertificateName', str, 'certificate_name')), 'ca_certificate_provider_instance'),
+          f('TrustedCA', struct(f('Filename', str), f('EnvironmentVariable', str, 'environment_variable'), f('InlineString', str, 'inline_string'), f('InlineBytes', str, 'inline_bytes')), 'trusted_ca')
+        ), 'tls_certificates'),
+        f('ConnectTimeout', duration, 'connect_timeout')
+      ), 'jwks_cluster')
+    ))
+  ), 'json_web_key_set'),
+  f('Issuer', str), f('Audiences', slice(str)),
+  f('Locations', slice(struct(
+    f('Header', struct(f('Name', str), f('ValuePrefix', str, 'value_prefix'), f('Forward', bool))),
+    f('QueryParam', struct(f('Name', str)), 'query_param'),
+    f('Cookie', struct(f('Name', str)))
+  ))),
+  f('Forwarding', struct(f('HeaderName', str, 'header_name'), f('PadForwardPayloadHeader', bool, 'pad_forward_payload_header'))),
+  f('ClockSkewSeconds', int, 'clock_skew_seconds'),
+  f('CacheConfig', struct(f('Size', int))),
+  f('Meta', stringMap), f('Hash', uint)
+)
 const directionalTLSSpec = struct(f('TLSMinVersion', str, 'tls_min_version'), f('TLSMaxVersion', str, 'tls_max_version'), f('CipherSuites', slice(str), 'cipher_suites'))
 
 const SPECS: Record<string, Spec> = {
+  [JWT_PROVIDER]: jwtProviderSpec,
   [SERVICE_INTENTIONS]: struct(
     f('Kind', str), f('Name', str), f('Sources', slice(sourceSpec)), f('JWT', jwtSpec), f('Meta', stringMap), f('Hash', uint)
   ),
@@ -204,6 +242,16 @@ function decode (value: unknown, spec: Spec, path: string, ctx: DecodeContext): 
         return undefined
       }
       return number
+    }
+    case 'duration': {
+      if (typeof value === 'number') return Math.trunc(value)
+      const ns = typeof value === 'string' ? parseGoDurationNs(value) : null
+      if (ns === null) {
+        if (typeof value === 'string') ctx.errors.push(`error decoding '${path}': time: invalid duration ${goQuote(value)}`)
+        else return unconvertible('int64')
+        return undefined
+      }
+      return Number(ns)
     }
     case 'stringMap':
     case 'anyMap': {
@@ -807,6 +855,11 @@ export class ConfigEntryStore {
       name = 'global'
       entry.Name = name
       validateMeta(smap(entry, 'Meta'))
+    } else if (kind === JWT_PROVIDER) {
+      name = s(entry, 'Name')
+      // Normalize (ClockSkewSeconds 0 → 30), then Validate, as Consul does (docs/semantics.md#config-entry-writes).
+      if (n(entry, 'ClockSkewSeconds') === 0) entry.ClockSkewSeconds = 30
+      validateJwtProvider(entry, invalid, () => validateMeta(smap(entry, 'Meta')))
     } else {
       name = MESH
       validateMesh(entry)
@@ -818,6 +871,7 @@ export class ConfigEntryStore {
     if (casIndex !== null && (casIndex === 0 ? existing !== undefined : existing?.modifyIndex !== casIndex)) return false
     const proposed = new Map(this.#entries)
     proposed.set(key, { kind, name, entry, intentions, createIndex: 0, modifyIndex: 0 })
+    if (intentions !== null) this.#checkProvidersExist(intentions)
     this.#checkL7(proposed, kind === SERVICE_INTENTIONS ? [name] : kind === MESH ? [] : this.#l7Affected(kind, name))
     const index = this.#opts.nextIndex()
     this.#entries.set(key, { kind, name, entry, intentions, createIndex: existing?.createIndex ?? index, modifyIndex: index })
@@ -864,6 +918,15 @@ export class ConfigEntryStore {
       this.#opts.onChange(kind, target)
     }
     return casIndex === null ? undefined : true
+  }
+
+  /** Consul's state store refuses intentions naming a jwt-provider it does not have (deleting one later is allowed). */
+  #checkProvidersExist (entry: IntentionsEntry): void {
+    const named = new Set<string>()
+    for (const p of entry.JWT?.Providers ?? []) named.add(p.Name)
+    for (const src of entry.Sources) for (const perm of src.Permissions) for (const p of perm.JWT?.Providers ?? []) named.add(p.Name)
+    const missing = [...named].filter((name) => !this.#entries.has(`${JWT_PROVIDER}/${name}`)).sort()
+    if (missing.length > 0) throw invalid(multiError(missing.map((name) => `Referenced JWT Provider does not exist. Provider Name: ${name}`)))
   }
 
   /** The protocol of a service: service-defaults, then proxy-defaults `Config.protocol`, then `tcp`. */
@@ -967,6 +1030,7 @@ export class ConfigEntryStore {
     if (stored.kind === SERVICE_INTENTIONS) out = renderIntentionsEntry(stored.intentions as IntentionsEntry)
     else if (stored.kind === SERVICE_DEFAULTS) out = renderServiceDefaults(stored.entry)
     else if (stored.kind === PROXY_DEFAULTS) out = renderProxyDefaults(stored.entry)
+    else if (stored.kind === JWT_PROVIDER) out = renderJwtProvider(stored.entry)
     else out = renderMesh(stored.entry)
     out.CreateIndex = stored.createIndex
     out.ModifyIndex = stored.modifyIndex

@@ -10,7 +10,7 @@ import { authorize, parseAuthorizeRequest } from './authorize'
 import { ChangeHub, block, formatGoDuration, indexReady, parseBlockingParams, parseGoDurationNs, queryTimeout } from './blocking'
 import { DevCertificateAuthority } from './ca'
 import { DevCatalog, unknownServiceMessage } from './catalog'
-import { ConfigEntryStore, MESH, PROXY_DEFAULTS, SERVICE_DEFAULTS, SERVICE_INTENTIONS, decodeConfigEntry, goQuote } from './config-entries'
+import { ConfigEntryStore, JWT_PROVIDER, MESH, PROXY_DEFAULTS, SERVICE_DEFAULTS, SERVICE_INTENTIONS, decodeConfigEntry, goQuote } from './config-entries'
 import { pathUnescape } from './go'
 import { DevAgentHttpError } from './http-error'
 import { IntentionsApi, exactQuery } from './intentions'
@@ -520,7 +520,7 @@ export class DevAgentServer {
   #require (ctx: Ctx, resource: string, access: 'read' | 'write', name?: string): boolean {
     if (!this.#cfg.acl.enabled) return true
     const caller = this.#privilege(ctx)
-    const needed = access === 'read' ? LEVEL.read : resource === 'operator' ? LEVEL.manage : LEVEL.write
+    const needed = access === 'read' ? LEVEL.read : resource === 'operator' || resource === 'mesh' ? LEVEL.manage : LEVEL.write
     if (caller.level < needed) {
       const on = name === undefined ? '' : ` on ${goQuote(name)}`
       throw new DevAgentHttpError(403, `Permission denied: token with AccessorID '${caller.accessor}' lacks permission '${resource}:${access}'${on}`)
@@ -862,6 +862,8 @@ export class DevAgentServer {
   #requireConfig (ctx: Ctx, kind: string, name: string, access: 'read' | 'write'): void {
     if (kind === SERVICE_INTENTIONS) this.#require(ctx, 'intention', access, name)
     else if (kind === SERVICE_DEFAULTS) this.#require(ctx, 'service', access, name)
+    // jwt-provider: mesh:write; read with mesh:read or any service:write (Consul's CanRead, so proxies can read them).
+    else if (kind === JWT_PROVIDER) this.#require(ctx, 'mesh', access)
     // proxy-defaults and mesh are readable by anyone and written with operator:write.
     else if (access === 'write') this.#require(ctx, 'operator', 'write')
   }
@@ -937,7 +939,7 @@ export class DevAgentServer {
     const kind = ctx.rest.slice(0, slash)
     const name = ctx.rest.slice(slash + 1)
     this.#rejectEnterprise(ctx)
-    if ([SERVICE_INTENTIONS, SERVICE_DEFAULTS, PROXY_DEFAULTS, MESH].includes(kind)) this.#requireConfig(ctx, kind, name, 'write')
+    if ([SERVICE_INTENTIONS, SERVICE_DEFAULTS, PROXY_DEFAULTS, MESH, JWT_PROVIDER].includes(kind)) this.#requireConfig(ctx, kind, name, 'write')
     const deleted = this.config.delete(kind, name, ctx.query.get('cas'))
     if (kind === SERVICE_INTENTIONS && deleted !== false) this.intentions.forget(name)
     // A CAS delete answers whether it deleted; a plain delete answers {} (also for a missing entry).

@@ -1,8 +1,10 @@
 // The intention decision engine: compile the destination's intention list once, then decide each
 // request. Pure: data in, decision out; no I/O, no clock, no Fastify types.
 // Rules: docs/semantics.md#decision-rules and docs/semantics.md#request-rules.
-import type { Intention, IntentionPermission } from '../agent/wire'
+import type { Intention, IntentionJWTRequirement, IntentionPermission } from '../agent/wire'
 import { InvalidIntentionsError } from '../errors'
+import { compileJwtRequirement, jwtSatisfied, providerNames } from './jwt'
+import type { JwtRequirement, JwtTokens } from './jwt'
 import { DEFAULT_MAX_REGEX_PROGRAM_SIZE, type HeaderMatcher, MATCHED, MISMATCH_HEADER, MISMATCH_METHOD, PermissionMatcher, RegexCache, RuleError, compileHttp, hasLowercaseEscape, isObject, pathRuleNote } from './matchers'
 
 export { RuleError } from './matchers'
@@ -19,11 +21,16 @@ export interface RequestFacts {
   readonly url: string
   /** Node's req.rawHeaders: [name, value, name, value, ...]. */
   readonly rawHeaders: readonly string[]
+  /**
+   * The request's verified tokens, for JWT requirements (docs/semantics.md#jwt); null or absent:
+   * none were looked at, and every requirement fails.
+   */
+  readonly jwt?: JwtTokens | null
 }
 
 export interface Decision { readonly allow: boolean, readonly reason: string }
 
-/** Why a permission did not match: its first failing condition, or a JWT it needs. */
+/** Why a permission did not match: its first failing condition, or (its HTTP part matched) its JWT requirement. */
 export type PermissionMismatch = 'method' | 'path' | 'header' | 'jwt'
 
 /**
@@ -62,11 +69,14 @@ export interface RouteSource {
   partition?: string
   action?: 'allow' | 'deny'
   permissions?: IntentionPermission[]
+  /** A top-level JWT requirement for this source, in Consul's form (`{ Providers: [...] }`). */
+  jwt?: IntentionJWTRequirement
 }
 
 const HTTP_LIKE = new Set(['http', 'http2', 'grpc'])
 const PERMISSION_KEYS = new Set(['Action', 'HTTP', 'JWT'])
-const SOURCE_KEYS = new Set(['name', 'namespace', 'partition', 'action', 'permissions'])
+const SOURCE_KEYS = new Set(['name', 'namespace', 'partition', 'action', 'permissions', 'jwt'])
+const NO_PROVIDERS: readonly string[] = Object.freeze([])
 
 function decision (allow: boolean, reason: string): Decision {
   return Object.freeze({ allow, reason })
@@ -78,8 +88,10 @@ const DEFAULT_DENY = decision(false, 'default policy (deny)')
 /** One compiled permission of an L7 rule. */
 interface Permission {
   readonly matcher: PermissionMatcher
-  /** false for an allow that needs a JWT: it never matches (docs/semantics.md#jwt). */
-  readonly usable: boolean
+  /** Met or not, a permission whose HTTP part matched decides: no later permission is tried (docs/semantics.md#jwt-match). */
+  readonly jwt: JwtRequirement | null
+  /** Its HTTP part matched but its requirement failed: the default policy's verdicts. */
+  readonly jwtFailed: JwtFailure | null
   readonly decision: Decision
   /** For a deny: the same denial found on an alternate (router) spelling of the path. */
   readonly altDecision: Decision | null
@@ -100,11 +112,51 @@ interface Rule {
   readonly noMatchDeny: Decision
   /** L7 route override, no permission matched, default unknown (no policy given): fail closed. */
   readonly noMatchAlone: Decision
+  /** The top-level JWT requirement, ANDed with the source match (docs/semantics.md#jwt-match). */
+  readonly jwt: JwtRequirement | null
+  /** The verdicts when the top-level requirement fails: the default policy's, as for no match. */
+  readonly jwtFailed: JwtFailure
+  /** Every provider this rule's requirements name: the tokens a request needs verified. */
+  readonly jwtProviders: readonly string[]
 }
 
-/** A rule whose verdict never depends on the request (L4). */
-function fixedRule (label: string, partition: string, namespace: string, name: string, fixed: Decision): Rule {
-  return { label, partition, namespace, name, fixed, permissions: [], noMatchAllow: fixed, noMatchDeny: fixed, noMatchAlone: fixed }
+interface JwtFailure { readonly allow: Decision, readonly deny: Decision, readonly alone: Decision }
+
+/** A rule whose verdict never depends on the request (L4), unless through a top-level JWT requirement. */
+function fixedRule (label: string, partition: string, namespace: string, name: string, fixed: Decision, jwt: JwtRequirement | null): Rule {
+  return {
+    label,
+    partition,
+    namespace,
+    name,
+    fixed,
+    permissions: [],
+    noMatchAllow: fixed,
+    noMatchDeny: fixed,
+    noMatchAlone: fixed,
+    jwt,
+    jwtFailed: jwtFailureOf(label, ': '),
+    jwtProviders: jwtProvidersOf(jwt, [])
+  }
+}
+
+function jwtFailureOf (head: string, sep: string): JwtFailure {
+  return Object.freeze({
+    allow: decision(true, `${head}${sep}JWT requirement not met, default policy (allow)`),
+    deny: decision(false, `${head}${sep}JWT requirement not met, default policy (deny)`),
+    alone: decision(false, `${head}${sep}JWT requirement not met (deny)`)
+  })
+}
+
+function jwtProvidersOf (jwt: JwtRequirement | null, permissions: readonly Permission[]): readonly string[] {
+  const names = providerNames([jwt, ...permissions.map((p) => p.jwt)])
+  return names.length === 0 ? NO_PROVIDERS : Object.freeze(names)
+}
+
+function providersOf (rules: readonly Rule[]): readonly string[] {
+  const names = new Set<string>()
+  for (const r of rules) for (const n of r.jwtProviders) names.add(n)
+  return names.size === 0 ? NO_PROVIDERS : Object.freeze([...names])
 }
 
 interface PolicyFields {
@@ -124,6 +176,8 @@ export class CompiledPolicy {
   /** Intentions kept (after dropping peered, sameness-group and other-destination ones). */
   readonly size: number
   readonly defaultDecision: Decision
+  /** Every JWT provider a requirement names (docs/semantics.md#jwt-providers); empty: tokens are never looked at. */
+  readonly jwtProviders: readonly string[]
   readonly #rules: readonly Rule[]
   readonly #index: PolicyFields['index']
 
@@ -134,6 +188,7 @@ export class CompiledPolicy {
     this.#index = fields.index
     this.size = fields.rules.length
     this.defaultDecision = fields.defaultAllow ? DEFAULT_ALLOW : DEFAULT_DENY
+    this.jwtProviders = providersOf(fields.rules)
   }
 
   /**
@@ -175,6 +230,8 @@ export class CompiledOverride {
   readonly size: number
   /** One line per path rule compared otherwise than written (docs/semantics.md#paths-non-ascii), for the caller to log. */
   readonly warnings: readonly string[]
+  /** Every JWT provider a requirement of the override names. */
+  readonly jwtProviders: readonly string[]
   /** In precedence order. */
   readonly #rules: readonly Rule[]
 
@@ -182,6 +239,7 @@ export class CompiledOverride {
     this.#rules = rules
     this.size = rules.length
     this.warnings = Object.freeze(warnings)
+    this.jwtProviders = providersOf(rules)
   }
 
   ruleFor (caller: CallerIdentity, trace: DecisionTrace | null): Rule | null {
@@ -205,39 +263,48 @@ function orDefault (s: string | undefined | null): string {
 
 /** The verdict of a rule whose source matched; `defaultAllow` null: a route override without a policy. */
 function evaluate (rule: Rule, req: RequestFacts, defaultAllow: boolean | null, trace: DecisionTrace | null): Decision {
+  // A failed requirement: the rule still matched (precedence ignores JWT), so no lower intention
+  // is tried and the default policy decides (docs/semantics.md#jwt-match).
+  if (rule.jwt !== null && !jwtSatisfied(rule.jwt, req.jwt ?? null)) return jwtFailure(rule.jwtFailed, defaultAllow)
   if (rule.fixed !== null) return rule.fixed
   const i = firstMatch(rule, req, req.path, trace)
-  if (i !== -1) return rule.permissions[i].decision
+  if (i !== -1) {
+    const p = rule.permissions[i]
+    return p.jwt === null || jwtSatisfied(p.jwt, req.jwt ?? null) ? p.decision : jwtFailure(p.jwtFailed as JwtFailure, defaultAllow)
+  }
   // No fall-through to lower intentions: the default policy decides (docs/semantics.md#first-match).
   return defaultAllow === null ? rule.noMatchAlone : defaultAllow ? rule.noMatchAllow : rule.noMatchDeny
+}
+
+function jwtFailure (f: JwtFailure, defaultAllow: boolean | null): Decision {
+  return defaultAllow === null ? f.alone : defaultAllow ? f.allow : f.deny
 }
 
 /** A denial that `path` (an alternate spelling) gets from a deny permission of `rule`, or null. */
 function alternateDenial (rule: Rule, req: RequestFacts, path: string, trace: DecisionTrace | null): Decision | null {
   const i = firstMatch(rule, req, path, trace)
-  return i === -1 ? null : rule.permissions[i].altDecision
+  if (i === -1) return null
+  const p = rule.permissions[i]
+  // A deny that needs a token applies only with one (docs/semantics.md#jwt-match).
+  return p.jwt === null || jwtSatisfied(p.jwt, req.jwt ?? null) ? p.altDecision : null
 }
 
-/** The position of the first usable permission of `rule` matching the request on `path`, or -1. */
+/** The position of the first permission of `rule` whose HTTP part matches the request on `path`, or -1. */
 function firstMatch (rule: Rule, req: RequestFacts, path: string, trace: DecisionTrace | null): number {
   const perms = rule.permissions
   for (let i = 0; i < perms.length; i++) {
     const p = perms[i]
-    if (!p.usable) {
-      // Only an allow can be unusable (it needs a JWT).
-      if (trace !== null) trace.permission(rule.label, i + 1, 'allow', path, 'jwt', null)
-      continue
-    }
     const miss = p.matcher.mismatch(req.method, path, req.url, req.rawHeaders)
-    if (trace !== null) tracePermission(trace, rule, i, path, miss)
+    if (trace !== null) tracePermission(trace, rule, i, path, miss, req)
     if (miss === MATCHED) return i
   }
   return -1
 }
 
-function tracePermission (trace: DecisionTrace, rule: Rule, i: number, path: string, miss: number): void {
+function tracePermission (trace: DecisionTrace, rule: Rule, i: number, path: string, miss: number, req: RequestFacts): void {
   const p = rule.permissions[i]
-  const failed = miss === MATCHED ? null : miss === MISMATCH_METHOD ? 'method' : miss < MISMATCH_HEADER ? 'path' : 'header'
+  const jwtFailed = miss === MATCHED && p.jwt !== null && !jwtSatisfied(p.jwt, req.jwt ?? null)
+  const failed = jwtFailed ? 'jwt' : miss === MATCHED ? null : miss === MISMATCH_METHOD ? 'method' : miss < MISMATCH_HEADER ? 'path' : 'header'
   const header = failed === 'header' ? (p.matcher.headers as readonly HeaderMatcher[])[miss - MISMATCH_HEADER].name : null
   trace.permission(rule.label, i + 1, p.decision.allow ? 'allow' : 'deny', path, failed, header)
 }
@@ -273,7 +340,8 @@ export function decideSpellings (policy: CompiledPolicy, override: CompiledOverr
   if (rule === null) rule = policy.ruleFor(caller, trace)
   if (rule === null) return policy.defaultDecision
   const d = evaluate(rule, req, policy.defaultAllow, trace)
-  if (!d.allow || rule.fixed !== null) return d
+  // An allow by the default policy after a failed top-level requirement: the rule does not apply.
+  if (!d.allow || rule.fixed !== null || d === rule.jwtFailed.allow) return d
   for (let i = 0; i < alternatePaths.length; i++) {
     const denial = alternateDenial(rule, req, alternatePaths[i], trace)
     if (denial !== null) return denial
@@ -290,12 +358,26 @@ export function decideOverrideSpellings (override: CompiledOverride, caller: Cal
   const rule = override.ruleFor(caller, trace)
   if (rule === null) return null
   const d = evaluate(rule, req, policy.defaultAllow, trace)
-  if (!d.allow || rule.fixed !== null) return d
+  // An allow by the default policy after a failed top-level requirement: the rule does not apply.
+  if (!d.allow || rule.fixed !== null || d === rule.jwtFailed.allow) return d
   for (let i = 0; i < alternatePaths.length; i++) {
     const denial = alternateDenial(rule, req, alternatePaths[i], trace)
     if (denial !== null) return denial
   }
   return d
+}
+
+/**
+ * The JWT providers whose tokens the rule deciding for `caller` may look at (the route override's
+ * first, as decideSpellings picks it); empty when no requirement applies, so a request to a rule
+ * without JWT never has a token verified. `overrideOnly`: mode 'agent', where only overrides decide here.
+ */
+export function jwtProvidersFor (policy: CompiledPolicy, override: CompiledOverride | null, caller: CallerIdentity,
+  overrideOnly = false): readonly string[] {
+  if (policy.jwtProviders.length === 0 && (override === null || override.jwtProviders.length === 0)) return NO_PROVIDERS
+  let rule = override === null ? null : override.ruleFor(caller, null)
+  if (rule === null && !overrideOnly) rule = policy.ruleFor(caller, null)
+  return rule === null ? NO_PROVIDERS : rule.jwtProviders
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -329,21 +411,13 @@ export function comparePrecedence (a: Intention, b: Intention): number {
   return 0
 }
 
-/** Whether a JWT block asks for a token (docs/semantics.md#jwt); an unreadable one counts as asking (fail closed). */
-function requiresJwt (jwt: unknown): boolean {
-  if (jwt === undefined || jwt === null) return false
-  if (!isObject(jwt)) return true
-  const providers = jwt.Providers
-  return Array.isArray(providers) ? providers.length > 0 : providers !== undefined && providers !== null
-}
-
 function label (partition: string | undefined, namespace: string | undefined, name: string): string {
   const p = orDefault(partition)
   return `${p === 'default' ? '' : p + '/'}${orDefault(namespace)}/${name}`
 }
 
 function compilePermissions (perms: readonly unknown[], where: string, strict: boolean, head: string,
-  ruleJwt: boolean, cache: RegexCache): Permission[] {
+  cache: RegexCache): Permission[] {
   const out: Permission[] = []
   for (let i = 0; i < perms.length; i++) {
     const w = `${where}[${i}]`
@@ -354,14 +428,14 @@ function compilePermissions (perms: readonly unknown[], where: string, strict: b
     }
     const action = perm.Action
     if (action !== 'allow' && action !== 'deny') throw new RuleError(`${w}.Action must be "allow" or "deny"`)
-    const jwt = requiresJwt(perm.JWT)
-    if (strict && perm.JWT !== undefined) throw new RuleError(`${w}.JWT is not supported`)
+    const jwt = compileJwtRequirement(perm.JWT, `${w}.JWT`, strict)
     const matcher = compileHttp(perm.HTTP, `${w}.HTTP`, strict, cache)
     const allow = action === 'allow'
     const reason = `${head}, permission ${i + 1} (${action})`
     out.push({
       matcher,
-      usable: !(allow && (jwt || ruleJwt)),
+      jwt,
+      jwtFailed: jwt === null ? null : jwtFailureOf(`${head}, permission ${i + 1}`, ': '),
       decision: decision(allow, reason),
       altDecision: allow ? null : decision(false, `${reason} for another spelling of the path that reaches the same route`)
     })
@@ -370,7 +444,7 @@ function compilePermissions (perms: readonly unknown[], where: string, strict: b
 }
 
 function l7Rule (partition: string, namespace: string, name: string, fixed: Decision | null,
-  permissions: Permission[], head: string, sep: string): Rule {
+  permissions: Permission[], head: string, sep: string, jwt: JwtRequirement | null): Rule {
   return {
     label: head,
     partition,
@@ -380,11 +454,14 @@ function l7Rule (partition: string, namespace: string, name: string, fixed: Deci
     permissions,
     noMatchAllow: decision(true, `${head}${sep}no permission matched, default policy (allow)`),
     noMatchDeny: decision(false, `${head}${sep}no permission matched, default policy (deny)`),
-    noMatchAlone: decision(false, `${head}${sep}no permission matched (deny)`)
+    noMatchAlone: decision(false, `${head}${sep}no permission matched (deny)`),
+    jwt,
+    jwtFailed: jwtFailureOf(head, sep),
+    jwtProviders: fixed === null ? jwtProvidersOf(jwt, permissions) : NO_PROVIDERS
   }
 }
 
-interface Counts { peer: number, sameness: number, jwt: number, destination: number, l7OnTcp: number, lowercase: string[], pathNotes: string[] }
+interface Counts { peer: number, sameness: number, jwtOnTcp: number, destination: number, l7OnTcp: number, lowercase: string[], pathNotes: string[] }
 
 function compileIntention (ixn: Intention, http: boolean, protocol: string, counts: Counts, cache: RegexCache): Rule {
   const src = label(ixn.SourcePartition, ixn.SourceNS, ixn.SourceName)
@@ -394,20 +471,22 @@ function compileIntention (ixn: Intention, http: boolean, protocol: string, coun
   const partition = orDefault(ixn.SourcePartition)
   const namespace = orDefault(ixn.SourceNS)
   try {
-    const ruleJwt = requiresJwt(ixn.JWT)
+    const jwt = compileJwtRequirement(ixn.JWT, 'JWT', false)
     const perms = ixn.Permissions
-    if (ruleJwt || perms?.some((p) => requiresJwt(p.JWT)) === true) counts.jwt++
     // Consul's Envoy config looks at Permissions first: a non-empty list makes the intention L7.
     // Otherwise Action is set (lib/agent/parse.ts refuses an intention with neither).
     if (perms === undefined || perms.length === 0) {
       const action = ixn.Action
-      const fixed = action === 'allow' && ruleJwt
-        ? decision(false, `${head} allow requires a JWT, which is not supported (deny)`)
-        : decision(action === 'allow', `${head} ${String(action)}`)
-      return fixedRule(head, partition, namespace, ixn.SourceName, fixed)
+      if (jwt !== null && !http) {
+        // Like an L7 rule, a token cannot be looked at without HTTP: fail closed (docs/semantics.md#jwt-protocol).
+        counts.jwtOnTcp++
+        return fixedRule(head, partition, namespace, ixn.SourceName,
+          decision(false, `${head} requires a JWT but protocol ${JSON.stringify(protocol)} is not HTTP-like (deny)`), null)
+      }
+      return fixedRule(head, partition, namespace, ixn.SourceName, decision(action === 'allow', `${head} ${String(action)}`), jwt)
     }
     // Compiled even when unused (non-HTTP protocol) so a bad regex is reported either way.
-    const permissions = compilePermissions(perms, 'Permissions', false, head, ruleJwt, cache)
+    const permissions = compilePermissions(perms, 'Permissions', false, head, cache)
     let fixed: Decision | null = null
     if (!http) {
       counts.l7OnTcp++
@@ -416,7 +495,7 @@ function compileIntention (ixn: Intention, http: boolean, protocol: string, coun
       counts.lowercase.push(description)
     }
     notePathRules(permissions, `intention ${description}`, counts.pathNotes)
-    return l7Rule(partition, namespace, ixn.SourceName, fixed, permissions, head, ': ')
+    return l7Rule(partition, namespace, ixn.SourceName, fixed, permissions, head, ': ', fixed === null ? jwt : null)
   } catch (err) {
     throw new InvalidIntentionsError(description, (err as Error).message)
   }
@@ -445,7 +524,7 @@ export function compilePolicy (input: PolicyInput): CompiledPolicy {
   const protocol = input.protocol
   const http = HTTP_LIKE.has(protocol.toLowerCase())
 
-  const counts: Counts = { peer: 0, sameness: 0, jwt: 0, destination: 0, l7OnTcp: 0, lowercase: [], pathNotes: [] }
+  const counts: Counts = { peer: 0, sameness: 0, jwtOnTcp: 0, destination: 0, l7OnTcp: 0, lowercase: [], pathNotes: [] }
   const kept: Intention[] = []
   for (const ixn of input.intentions) {
     // Peers and sameness groups never match a local identity (docs/semantics.md#peers).
@@ -485,9 +564,9 @@ function warningsFor (c: Counts, protocol: string): string[] {
   if (c.peer > 0) w.push(`${c.peer} intention(s) with a peered source (SourcePeer) ignored: cluster peering is not supported, they never match`)
   if (c.sameness > 0) w.push(`${c.sameness} intention(s) with a sameness-group source ignored: sameness groups are not supported, they never match`)
   if (c.destination > 0) w.push(`${c.destination} intention(s) for another destination ignored`)
-  if (c.jwt > 0) {
-    w.push(`${c.jwt} intention(s) require a JWT, which is not supported: an allow that needs a JWT never matches ` +
-      '(an L4 allow denies), a deny that needs one applies without it')
+  if (c.jwtOnTcp > 0) {
+    w.push(`${c.jwtOnTcp} intention(s) require a JWT but the service protocol ${JSON.stringify(protocol)} is not ` +
+      'HTTP-like: they deny every request from their sources')
   }
   if (c.l7OnTcp > 0) {
     w.push(`${c.l7OnTcp} intention(s) have L7 permissions but the service protocol ${JSON.stringify(protocol)} is not ` +
@@ -537,6 +616,7 @@ export function compileOverride (sources: readonly RouteSource[], maxRegexProgra
     if (action !== undefined && action !== 'allow' && action !== 'deny') throw new RuleError(`${where}.action must be "allow" or "deny"`)
     const perms = s.permissions
     if (perms !== undefined && !Array.isArray(perms)) throw new RuleError(`${where}.permissions must be an array`)
+    const jwt = compileJwtRequirement(s.jwt, `${where}.jwt`, true)
     // As in Consul, an empty permissions list counts as absent.
     const l7 = perms !== undefined && perms.length > 0
     if (l7 && action !== undefined) throw new RuleError(`${where} must set either action or permissions, not both`)
@@ -550,12 +630,11 @@ export function compileOverride (sources: readonly RouteSource[], maxRegexProgra
     const head = `route override ${where} ${partition === undefined && namespace === undefined ? name : label(partition, namespace, name)}`
     let rule: Rule
     if (l7) {
-      const permissions = compilePermissions(perms, `${where}.permissions`, true, head, false, cache)
+      const permissions = compilePermissions(perms, `${where}.permissions`, true, head, cache)
       notePathRules(permissions, where, notes)
-      rule = l7Rule(orDefault(partition), orDefault(namespace), name, null, permissions, head, ': ')
+      rule = l7Rule(orDefault(partition), orDefault(namespace), name, null, permissions, head, ': ', jwt)
     } else {
-      const fixed = decision(action === 'allow', `${head} ${action as string}`)
-      rule = fixedRule(head, orDefault(partition), orDefault(namespace), name, fixed)
+      rule = fixedRule(head, orDefault(partition), orDefault(namespace), name, decision(action === 'allow', `${head} ${action as string}`), jwt)
     }
     // The same precedence numbers as intentions to an exact destination (docs/semantics.md#precedence-numbers): 9, 8, 7.
     compiled.push({ rule, precedence: namespace === '*' ? 7 : name === '*' ? 8 : 9 })

@@ -12,7 +12,8 @@ import type { RequestNormalization } from '../agent/wire'
 import { headerAmbiguity } from './headers'
 import { canonicalPath, routedPath, routerPaths } from './path'
 import type { RouterOptions } from './path'
-import { decideOverrideSpellings, decideSpellings } from './policy'
+import type { JwtTokens } from './jwt'
+import { decideOverrideSpellings, decideSpellings, jwtProvidersFor } from './policy'
 import type { CallerIdentity, CompiledOverride, CompiledPolicy, Decision, DecisionTrace } from './policy'
 
 /**
@@ -50,6 +51,11 @@ export interface RequestView {
   url: string
   /** Node's `req.rawHeaders`: [name, value, name, value, ...]. */
   rawHeaders: readonly string[]
+  /**
+   * Tokens verified beforehand for the providers `jwtProvidersNeeded` named (docs/semantics.md#jwt);
+   * null or absent when none were needed.
+   */
+  jwt?: JwtTokens | null
 }
 
 /** The result, written into an object the caller owns and reuses (decisions are synchronous). */
@@ -72,10 +78,20 @@ const ASK_AGENT_DECISION: Decision = Object.freeze({ allow: false, reason: 'awai
 
 const EMPTY: readonly string[] = Object.freeze([])
 
-interface MutableFacts { method: string, path: string, url: string, rawHeaders: readonly string[] }
+interface MutableFacts { method: string, path: string, url: string, rawHeaders: readonly string[], jwt: JwtTokens | null }
 
 /** The view handed to the engine; one suffices since decisions are synchronous. Cleared after use. */
-const facts: MutableFacts = { method: '', path: '', url: '', rawHeaders: EMPTY }
+const facts: MutableFacts = { method: '', path: '', url: '', rawHeaders: EMPTY, jwt: null }
+
+/**
+ * The JWT providers whose tokens the request's decision may look at, to verify before calling
+ * decideRequest (verification is I/O and asynchronous; the decision is neither). Empty for an
+ * exempt route, an unauthenticated caller, and whenever no requirement applies to the caller.
+ */
+export function jwtProvidersNeeded (service: ServiceRules, route: RouteRules, caller: CallerIdentity | null): readonly string[] {
+  if (route.exempt || caller === null) return EMPTY
+  return jwtProvidersFor(service.policy, route.override, caller, service.agentDecides)
+}
 
 /** A verdict object to reuse across calls. */
 export function newVerdict (): RequestVerdict {
@@ -115,9 +131,11 @@ export function decideRequest (service: ServiceRules, route: RouteRules, request
   facts.url = urlIsPath ? url : path + queryOf(url)
   facts.rawHeaders = rawHeaders
   facts.path = path
+  facts.jwt = request.jwt ?? null
   headerAmbiguity.reason = null
   const decision = service.agentDecides && route.override === null ? null : decideLocally(service, route, caller, facts, url, urlIsPath, trace)
   facts.rawHeaders = EMPTY
+  facts.jwt = null
   // A header the decision read is one the application may read otherwise (docs/semantics.md#transport-headers).
   const ambiguity = headerAmbiguity.reason
   if (ambiguity !== null) return settle(out, 'bad-header', Object.freeze({ allow: false, reason: ambiguity }))

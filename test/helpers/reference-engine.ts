@@ -2,7 +2,7 @@
 // oracle of the property tests. It re-sorts, scans and recompiles regexes on every call, and
 // shares no code with lib/intentions: if both agree, the fast engine implements the rule.
 import { RE2JS } from 're2js'
-import type { Intention, IntentionHTTPHeaderPermission, IntentionHTTPPermission, IntentionPermission } from '../../lib/agent/wire'
+import type { Intention, IntentionHTTPHeaderPermission, IntentionHTTPPermission, IntentionJWTRequirement, IntentionPermission } from '../../lib/agent/wire'
 import type { CallerIdentity, PolicyInput, RequestFacts, RouteSource } from '../../lib/intentions/policy'
 
 export interface RefDecision { allow: boolean, reason: string }
@@ -22,10 +22,27 @@ function name (partition: string | undefined, ns: string | undefined, n: string)
   return (def(partition) === 'default' ? '' : def(partition) + '/') + def(ns) + '/' + n
 }
 
-function wantsJwt (jwt: unknown): boolean {
-  if (jwt === undefined || jwt === null) return false
-  const providers = (jwt as { Providers?: unknown }).Providers
-  return Array.isArray(providers) ? providers.length > 0 : providers !== undefined && providers !== null
+function wantsJwt (jwt: IntentionJWTRequirement | undefined): boolean {
+  return (jwt?.Providers ?? []).length > 0
+}
+
+/** docs/semantics.md#jwt-match and #jwt-claims: some provider verified a token whose claims all match. */
+function jwtHolds (jwt: IntentionJWTRequirement | undefined, req: RequestFacts): boolean {
+  if (!wantsJwt(jwt)) return true
+  return (jwt?.Providers ?? []).some((p) => {
+    const payload = req.jwt?.payload(p.Name) ?? null
+    if (payload === null) return false
+    return (p.VerifyClaims ?? []).every((c) => {
+      const path = c.Path ?? []
+      if (path.length === 0) return false
+      let node: unknown = payload
+      for (const key of path) {
+        if (node === null || typeof node !== 'object' || Array.isArray(node) || !Object.hasOwn(node, key)) return false
+        node = (node as Record<string, unknown>)[key]
+      }
+      return node === (c.Value ?? '') || (Array.isArray(node) && node.includes(c.Value ?? ''))
+    })
+  })
 }
 
 /** Node strings carry one byte per char; Envoy compares UTF-8 bytes. */
@@ -103,30 +120,36 @@ interface RefRule {
   head: string
   action?: 'allow' | 'deny'
   permissions?: IntentionPermission[]
-  jwt: boolean
+  jwt: IntentionJWTRequirement | undefined
 }
 
-/** The first permission (1-based number) whose conditions hold for `path`, skipping allows that need a JWT. */
+/** The first permission (1-based number) whose HTTP conditions hold for `path`; its JWT is checked apart. */
 function firstPermission (rule: RefRule, req: RequestFacts, path: string): number {
   const perms = rule.permissions as IntentionPermission[]
   for (let i = 0; i < perms.length; i++) {
-    const p = perms[i]
-    if (p.Action === 'allow' && (rule.jwt || wantsJwt(p.JWT))) continue
-    if (httpMatches(p.HTTP, req, path)) return i + 1
+    if (httpMatches(perms[i].HTTP, req, path)) return i + 1
   }
   return 0
 }
 
+function jwtFailed (head: string, defaultAllow: boolean | null): RefDecision {
+  if (defaultAllow === null) return { allow: false, reason: `${head}: JWT requirement not met (deny)` }
+  return { allow: defaultAllow, reason: `${head}: JWT requirement not met, default policy (${defaultAllow ? 'allow' : 'deny'})` }
+}
+
 function verdict (rule: RefRule, req: RequestFacts, http: boolean, protocol: string, defaultAllow: boolean | null): RefDecision {
   if (rule.permissions === undefined || rule.permissions.length === 0) {
-    if (rule.action === 'allow' && rule.jwt) return { allow: false, reason: `${rule.head} allow requires a JWT, which is not supported (deny)` }
+    if (!http && wantsJwt(rule.jwt)) return { allow: false, reason: `${rule.head} requires a JWT but protocol ${JSON.stringify(protocol)} is not HTTP-like (deny)` }
+    if (!jwtHolds(rule.jwt, req)) return jwtFailed(rule.head, defaultAllow)
     return { allow: rule.action === 'allow', reason: `${rule.head} ${rule.action as string}` }
   }
   if (!http) return { allow: false, reason: `${rule.head} has L7 permissions but protocol ${JSON.stringify(protocol)} is not HTTP-like (deny)` }
+  if (!jwtHolds(rule.jwt, req)) return jwtFailed(rule.head, defaultAllow)
   const n = firstPermission(rule, req, req.path)
   if (n > 0) {
-    const action = rule.permissions[n - 1].Action
-    return { allow: action === 'allow', reason: `${rule.head}, permission ${n} (${action})` }
+    const perm = rule.permissions[n - 1]
+    if (!jwtHolds(perm.JWT, req)) return jwtFailed(`${rule.head}, permission ${n}`, defaultAllow)
+    return { allow: perm.Action === 'allow', reason: `${rule.head}, permission ${n} (${perm.Action})` }
   }
   if (defaultAllow === null) return { allow: false, reason: `${rule.head}: no permission matched (deny)` }
   return { allow: defaultAllow, reason: `${rule.head}: no permission matched, default policy (${defaultAllow ? 'allow' : 'deny'})` }
@@ -163,7 +186,7 @@ function intentionRules (input: PolicyInput): RefRule[] {
       `${name(i.DestinationPartition, i.DestinationNS, i.DestinationName)} (precedence ${i.Precedence})`,
     action: i.Action,
     permissions: i.Permissions,
-    jwt: wantsJwt(i.JWT)
+    jwt: i.JWT
   }))
 }
 
@@ -176,7 +199,7 @@ function overrideRules (sources: readonly RouteSource[]): RefRule[] {
       (s.partition === undefined && s.namespace === undefined ? s.name : name(s.partition, s.namespace, s.name)),
     action: s.action,
     permissions: s.permissions?.map((p) => ({ ...p, HTTP: { ...p.HTTP, Methods: p.HTTP?.Methods?.map((m) => m.toUpperCase()) } })),
-    jwt: false,
+    jwt: s.jwt,
     precedence: def(s.namespace) === '*' ? 7 : s.name === '*' ? 8 : 9
   }))
   return rules.sort((a, b) => b.precedence - a.precedence || byteOrder(a.partition, b.partition) ||
@@ -208,10 +231,10 @@ export function referenceRequest (input: PolicyInput, sources: readonly RouteSou
   }
   if (rule === undefined) return referenceDecide(input, caller, req)
   const d = verdict(rule, req, http, input.protocol, input.defaultAllow)
-  if (!d.allow || rule.permissions === undefined || rule.permissions.length === 0) return d
+  if (!d.allow || rule.permissions === undefined || rule.permissions.length === 0 || !jwtHolds(rule.jwt, req)) return d
   for (const alt of alternates) {
     const n = firstPermission(rule, req, alt)
-    if (n > 0 && rule.permissions[n - 1].Action === 'deny') {
+    if (n > 0 && rule.permissions[n - 1].Action === 'deny' && jwtHolds(rule.permissions[n - 1].JWT, req)) {
       return { allow: false, reason: `${rule.head}, permission ${n} (deny) for another spelling of the path that reaches the same route` }
     }
   }

@@ -1,0 +1,88 @@
+// Where a provider's token is looked for in a request (docs/semantics.md#jwt-locations): headers
+// (with an optional value prefix), query parameters and cookies, in that order, the first token
+// found winning. Read from the request as received (rawHeaders, the raw target), never from what
+// a hook may have rewritten.
+
+export interface TokenLocation {
+  readonly kind: 'header' | 'query' | 'cookie'
+  /** Header names are lower case; query parameter and cookie names as configured. */
+  readonly name: string
+  /** Header only: the text before the token, e.g. `Bearer `. */
+  readonly prefix: string
+  /** Header only: false removes the header before the handler runs (docs/semantics.md#jwt-forwarding). */
+  readonly forward: boolean
+}
+
+/** Consul's documented default: `Authorization: Bearer <token>`, then the `access_token` query parameter. */
+export const DEFAULT_LOCATIONS: readonly TokenLocation[] = Object.freeze([
+  Object.freeze({ kind: 'header', name: 'authorization', prefix: 'Bearer ', forward: false }),
+  Object.freeze({ kind: 'query', name: 'access_token', prefix: '', forward: true })
+] as const)
+
+export interface FoundToken {
+  readonly token: string
+  readonly location: TokenLocation
+}
+
+const KIND_ORDER = ['header', 'query', 'cookie'] as const
+
+/** The first token found at `locations`: headers first, then query parameters, then cookies. */
+export function findToken (locations: readonly TokenLocation[], rawHeaders: readonly string[], url: string): FoundToken | null {
+  for (const kind of KIND_ORDER) {
+    for (const location of locations) {
+      if (location.kind !== kind) continue
+      const token = kind === 'header'
+        ? fromHeader(rawHeaders, location.name, location.prefix)
+        : kind === 'query' ? fromQuery(url, location.name) : fromCookie(rawHeaders, location.name)
+      if (token !== null) return { token, location }
+    }
+  }
+  return null
+}
+
+function fromHeader (rawHeaders: readonly string[], name: string, prefix: string): string | null {
+  for (let i = 0; i < rawHeaders.length; i += 2) {
+    if ((rawHeaders[i] as string).length !== name.length || (rawHeaders[i] as string).toLowerCase() !== name) continue
+    const value = (rawHeaders[i + 1] as string).trim()
+    if (!value.startsWith(prefix)) continue
+    const token = value.slice(prefix.length).trim()
+    if (token !== '') return token
+  }
+  return null
+}
+
+function fromQuery (url: string, name: string): string | null {
+  const q = url.indexOf('?')
+  if (q === -1) return null
+  const hash = url.indexOf('#', q)
+  const query = url.slice(q + 1, hash === -1 ? undefined : hash)
+  for (const pair of query.split('&')) {
+    const eq = pair.indexOf('=')
+    if (eq === -1 || decode(pair.slice(0, eq)) !== name) continue
+    const value = decode(pair.slice(eq + 1))
+    if (value !== null && value !== '') return value
+  }
+  return null
+}
+
+function fromCookie (rawHeaders: readonly string[], name: string): string | null {
+  for (let i = 0; i < rawHeaders.length; i += 2) {
+    if ((rawHeaders[i] as string).toLowerCase() !== 'cookie') continue
+    for (const part of (rawHeaders[i + 1] as string).split(';')) {
+      const eq = part.indexOf('=')
+      if (eq === -1 || part.slice(0, eq).trim() !== name) continue
+      let value = part.slice(eq + 1).trim()
+      if (value.length >= 2 && value.startsWith('"') && value.endsWith('"')) value = value.slice(1, -1)
+      if (value !== '') return value
+    }
+  }
+  return null
+}
+
+function decode (text: string): string | null {
+  try {
+    return decodeURIComponent(text.replace(/\+/g, ' '))
+  } catch {
+    return null
+  }
+}
