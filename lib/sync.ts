@@ -87,6 +87,7 @@ export class ConsulSync {
   #expiryTimer: NodeJS.Timeout | null = null
   #stopped = false
   #defaultPolicyKnown = false
+  #providersLoaded = false
   #defaultPolicyError: Error | null = null
   readonly #startup = new AbortController()
   readonly #warned = new Set<string>()
@@ -156,6 +157,7 @@ export class ConsulSync {
       differs: (a, b) => JSON.stringify(a) !== JSON.stringify(b),
       accept: (list) => {
         this.#providers.update(list)
+        this.#providersLoaded = true
         // Verified tokens name the providers they were verified with; a changed provider voids them anyway.
         this.jwt.checkReferenced(this.#policy.jwtProviders)
         if (this.#started) this.#emit('intentions', this.status())
@@ -310,7 +312,8 @@ export class ConsulSync {
       logEvent(this.#log, 'warn', 'intention-unsupported', { reason: warning }, `${warning}`)
     }
     this.#policy = policy
-    this.jwt.checkReferenced(policy.jwtProviders)
+    // Before the first provider list, every provider would look missing.
+    if (this.#providersLoaded) this.jwt.checkReferenced(policy.jwtProviders)
     this.#compiled = true
     this.#currentIntentions = intentions
     this.#protocol = protocol
