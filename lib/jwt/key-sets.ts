@@ -2,6 +2,7 @@
 // remote URI and cached (docs/semantics.md#jwt-key-sets). The edge where keys come in; the
 // verifier only asks for a key. A failed fetch keeps the last good keys and is logged once per
 // distinct cause; `generation` changes whenever the keys do, which voids cached verifications.
+import { readFileSync } from 'node:fs'
 import { readFile } from 'node:fs/promises'
 import type { FastifyBaseLogger } from 'fastify'
 import { createLocalJWKSet } from 'jose'
@@ -114,19 +115,25 @@ export class KeySetUnavailableError extends Error {
   readonly code = 'ERR_CONSUL_NATIVE_JWKS_UNAVAILABLE'
 }
 
+/** Loaded at once (a small local read, on a provider change only), so a changed provider has its keys before any request sees it. */
 class LocalKeySet extends BaseKeySet {
-  readonly #loaded: Promise<void>
-
   constructor (provider: string, source: Exclude<KeySetSource, { kind: 'remote' }>, log: FastifyBaseLogger, events: KeySetEvents) {
     super(provider, log, events)
-    this.#loaded = (source.kind === 'inline' ? Promise.resolve(source.jwks) : readFile(source.filename, 'utf8'))
-      .then((text) => this.install(text))
-      .catch((err: Error) => this.failed(source.kind === 'file' ? `cannot read ${source.filename}: ${err.message}` : err.message))
+    let text: string
+    try {
+      text = source.kind === 'inline' ? source.jwks : readFileSync(source.filename, 'utf8')
+    } catch (err) {
+      this.failed(`cannot read ${(source as { filename: string }).filename}: ${(err as Error).message}`)
+      return
+    }
+    try {
+      this.install(text)
+    } catch (err) {
+      this.failed((err as Error).message)
+    }
   }
 
-  async ready (): Promise<void> {
-    await this.#loaded
-  }
+  async ready (): Promise<void> {}
 
   stop (): void {
     this.stopped = true

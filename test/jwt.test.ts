@@ -1,0 +1,321 @@
+// The JWT modules one by one: requirement compilation and claims (lib/intentions/jwt.ts), token
+// locations, provider entries with Consul's rules and defaults, key sets, the verifier and the
+// per-connection cache of verified tokens (lib/jwt/). docs/semantics.md#jwt.
+import { once } from 'node:events'
+import { mkdtempSync, writeFileSync } from 'node:fs'
+import https from 'node:https'
+import type { AddressInfo } from 'node:net'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import t from 'tap'
+import type * as Tap from 'tap'
+import { SignJWT } from 'jose'
+import type { FastifyBaseLogger } from 'fastify'
+import { claimMatches, compileJwtRequirement, jwtSatisfied, providerNames } from '../lib/intentions/jwt'
+import { compileOverride, compilePolicy, jwtProvidersFor } from '../lib/intentions/policy'
+import { findToken, DEFAULT_LOCATIONS } from '../lib/jwt/locations'
+import type { TokenLocation } from '../lib/jwt/locations'
+import { compileProvider, DEFAULT_CACHE_MS, InvalidProviderError, JwtProviders } from '../lib/jwt/provider'
+import { newKeySet } from '../lib/jwt/key-sets'
+import type { KeySetEvent } from '../lib/jwt/key-sets'
+import { verifyToken } from '../lib/jwt/verifier'
+import { JwtAuthenticator } from '../lib/jwt/request-tokens'
+import { startDevAgent } from '../lib/dev-agent/index'
+import { jwks, newIssuer } from './helpers/jwt'
+import { ixn } from './helpers/intentions'
+
+const silent = { warn: () => {}, info: () => {}, error: () => {}, debug: () => {} } as unknown as FastifyBaseLogger
+const b64 = (doc: unknown): string => Buffer.from(typeof doc === 'string' ? doc : JSON.stringify(doc)).toString('base64')
+
+t.test('requirements compile as Consul sends them; route sources are strict', async (t) => {
+  t.equal(compileJwtRequirement(undefined, 'JWT', false), null)
+  t.equal(compileJwtRequirement({}, 'JWT', false), null, 'no providers: no condition')
+  t.equal(compileJwtRequirement({ Providers: null }, 'JWT', false), null)
+  t.equal(compileJwtRequirement({ Providers: [] }, 'JWT', false), null)
+  t.same(compileJwtRequirement({ Providers: [{ Name: 'a', VerifyClaims: [{ Path: ['x'], Value: 'y' }, {}] }] }, 'JWT', false),
+    { providers: [{ name: 'a', claims: [{ path: ['x'], value: 'y' }, { path: [], value: '' }] }] })
+  const bad: Array<[unknown, boolean, string]> = [
+    ['x', false, 'JWT must be an object'],
+    [{ Providers: {} }, false, 'JWT.Providers must be an array'],
+    [{ Providers: ['a'] }, false, 'JWT.Providers[0] must be an object'],
+    [{ Providers: [{}] }, false, 'JWT.Providers[0].Name must be a non-empty string'],
+    [{ Providers: [{ Name: 'a', VerifyClaims: {} }] }, false, 'JWT.Providers[0].VerifyClaims must be an array'],
+    [{ Providers: [{ Name: 'a', VerifyClaims: [1] }] }, false, 'JWT.Providers[0].VerifyClaims[0] must be an object'],
+    [{ Providers: [{ Name: 'a', VerifyClaims: [{ Value: 1 }] }] }, false, 'JWT.Providers[0].VerifyClaims[0].Value must be a string'],
+    [{ Providers: [{ Name: 'a', VerifyClaims: [{ Path: ['a'], Valeu: 'x' }] }] }, true, 'JWT.Providers[0].VerifyClaims[0].Valeu is not a known field (Path, Value)']
+  ]
+  for (const [raw, strict, message] of bad) t.throws(() => compileJwtRequirement(raw, 'JWT', strict), { message }, message)
+  t.same(providerNames([null, compileJwtRequirement({ Providers: [{ Name: 'b' }, { Name: 'a' }] }, 'J', false), compileJwtRequirement({ Providers: [{ Name: 'a' }] }, 'J', false)]), ['b', 'a'])
+})
+
+t.test('claims: nested keys, exact strings, arrays by membership (docs/semantics.md#jwt-claims)', async (t) => {
+  const payload = { role: 'admin', roles: ['a', 'b', 3], org: { team: { name: 'x' } }, n: 1, t: true }
+  const cases: Array<[string[], string, boolean]> = [
+    [['role'], 'admin', true], [['role'], 'Admin', false], [['roles'], 'b', true], [['roles'], '3', false],
+    [['org', 'team', 'name'], 'x', true], [['org', 'team'], 'x', false], [['org', 'missing'], 'x', false],
+    [['role', 'x'], 'admin', false], [['n'], '1', false], [['t'], 'true', false], [[], '', false], [['toString'], '', false]
+  ]
+  for (const [path, value, want] of cases) t.equal(claimMatches(payload, path, value), want, `${path.join('.')} = ${value}`)
+  const requirement = compileJwtRequirement({ Providers: [{ Name: 'a', VerifyClaims: [{ Path: ['role'], Value: 'admin' }] }, { Name: 'b' }] }, 'J', false)
+  if (requirement === null) throw new Error('unreachable')
+  t.equal(jwtSatisfied(requirement, null), false, 'no tokens looked at')
+  t.equal(jwtSatisfied(requirement, { payload: (n) => (n === 'a' ? { role: 'user' } : null) }), false, 'claim fails, other provider absent')
+  t.equal(jwtSatisfied(requirement, { payload: (n) => (n === 'b' ? {} : null) }), true, 'providers are alternatives')
+})
+
+t.test('the providers a caller\'s deciding rule needs', async (t) => {
+  const jwt = { Providers: [{ Name: 'okta' }] }
+  const policy = compilePolicy({
+    destination: 'api',
+    defaultAllow: false,
+    protocol: 'http',
+    intentions: [ixn('web', 'api', 9, 'allow', { JWT: jwt }), ixn('ops', 'api', 9, [{ Action: 'allow', HTTP: { PathPrefix: '/' }, JWT: { Providers: [{ Name: 'auth0' }, { Name: 'okta' }] } }])]
+  })
+  const web = { partition: '', namespace: 'default', service: 'web' }
+  const ops = { partition: '', namespace: 'default', service: 'ops' }
+  const db = { partition: '', namespace: 'default', service: 'db' }
+  t.same(policy.jwtProviders, ['auth0', 'okta'], 'in rule order (ops sorts before web)')
+  t.same(jwtProvidersFor(policy, null, web), ['okta'])
+  t.same(jwtProvidersFor(policy, null, ops), ['auth0', 'okta'])
+  t.same(jwtProvidersFor(policy, null, db), [])
+  const override = compileOverride([{ name: 'web', action: 'allow', jwt: { Providers: [{ Name: 'route' }] } }], 'api')
+  t.same(jwtProvidersFor(policy, override, web), ['route'], 'the override\'s rule first')
+  t.same(jwtProvidersFor(policy, override, ops), ['auth0', 'okta'])
+  t.same(jwtProvidersFor(policy, override, ops, true), [], 'mode agent: only overrides decide here')
+  const plain = compilePolicy({ destination: 'api', defaultAllow: false, protocol: 'http', intentions: [ixn('web', 'api', 9, 'allow')] })
+  t.same(jwtProvidersFor(plain, null, web), [], 'no requirement anywhere: nothing to look at')
+  const tcp = compilePolicy({ destination: 'api', defaultAllow: true, protocol: 'tcp', intentions: [ixn('web', 'api', 9, 'allow', { JWT: jwt })] })
+  t.same(jwtProvidersFor(tcp, null, web), [], 'not HTTP: no token is looked at...')
+  t.match(tcp.warnings, [/require a JWT but the service protocol "tcp" is not HTTP-like/], '...the intention denies, logged once')
+})
+
+t.test('token locations: headers, then query parameters, then cookies', async (t) => {
+  const locations: TokenLocation[] = [
+    { kind: 'cookie', name: 'c', prefix: '', forward: true },
+    { kind: 'query', name: 'q t', prefix: '', forward: true },
+    { kind: 'header', name: 'x-token', prefix: 'T ', forward: false }
+  ]
+  t.same(findToken(locations, ['X-Token', 'T h1', 'cookie', 'c=c1'], '/?q%20t=q1')?.token, 'h1', 'a header first')
+  t.same(findToken(locations, ['x-token', 'nope', 'cookie', 'c=c1'], '/?q+t=q1#frag')?.token, 'q1', 'a header without the prefix does not count')
+  t.same(findToken(locations, ['cookie', 'a=1; c="c1"'], '/?other=1&q%20t=')?.token, 'c1', 'an empty query value does not count; quoted cookie')
+  t.equal(findToken(locations, ['cookie', 'c=; d'], '/?q%20t=%E0%A4%A'), null, 'undecodable query, empty cookie')
+  t.equal(findToken(locations, ['x-token', 'T  '], '/'), null, 'an empty token after the prefix')
+  t.equal(findToken(DEFAULT_LOCATIONS, ['authorization', 'Basic x'], '/?access_token=a.b.c')?.token, 'a.b.c', 'defaults: Bearer, then access_token')
+  t.equal(findToken(DEFAULT_LOCATIONS, ['Authorization', 'Bearer a.b.c'], '/')?.location.name, 'authorization')
+})
+
+function throwsWith (t: Tap.Test, fn: () => unknown, type: new (...args: any[]) => Error, message: string): void {
+  try {
+    fn()
+    t.fail(`should throw ${message}`)
+  } catch (err) {
+    t.ok(err instanceof type && err.message.includes(message), `${message}: ${(err as Error).message}`)
+  }
+}
+
+t.test('provider entries: Consul\'s validation and defaults', async (t) => {
+  const local = { Name: 'p', JSONWebKeySet: { Local: { JWKS: b64({ keys: [] }) } } }
+  const remote = (r: Record<string, unknown>): Record<string, unknown> => ({ Name: 'p', JSONWebKeySet: { Remote: { URI: 'https://idp/jwks', ...r } } })
+  const p = compileProvider(local, 'x')
+  t.same([p.issuer, p.audiences, p.locations, p.forwardHeader, p.clockSkewSeconds], ['', [], DEFAULT_LOCATIONS, null, 30])
+  t.equal(compileProvider({ ...local, ClockSkewSeconds: -5 }, 'x').clockSkewSeconds, 0)
+  const r = compileProvider(remote({ CacheDuration: 90e9, RetryPolicy: { NumRetries: 2.7, RetryPolicyBackOff: { BaseInterval: '250ms' } } }), 'x').keySet
+  t.match(r, { kind: 'remote', cacheMs: 90_000, timeoutMs: 5000, retries: 2, backoffBaseMs: 250, backoffMaxMs: 2500, fetchAsynchronously: false, trustedCa: null })
+  t.match(compileProvider(remote({}), 'x').keySet, { cacheMs: DEFAULT_CACHE_MS, backoffBaseMs: 1000, backoffMaxMs: 10_000 })
+  t.match(compileProvider(remote({ URI: '/relative' }), 'x').keySet, { uri: '/relative' }, 'Consul accepts an absolute path')
+  for (const [trusted, want] of [[{ InlineString: 'pem' }, 'pem'], [{ InlineBytes: b64('raw') }, 'raw'], [{ Filename: '/ca.pem' }, 'file:/ca.pem'], [{ EnvironmentVariable: 'CA' }, 'env:CA']] as const) {
+    t.match(compileProvider(remote({ JWKSCluster: { TLSCertificates: { TrustedCA: trusted } } }), 'x').keySet, { trustedCa: want })
+  }
+  t.match(compileProvider({ ...local, Forwarding: { HeaderName: 'X-P', PadForwardPayloadHeader: true }, Audiences: ['a'] }, 'x'),
+    { forwardHeader: 'x-p', padForwardPayload: true, audiences: ['a'] })
+  t.same(compileProvider({ ...local, CreateIndex: 1 }, 'x').fingerprint, compileProvider({ ...local, CreateIndex: 2, ModifyIndex: 3 }, 'x').fingerprint, 'Raft indexes are not part of the fingerprint')
+
+  const invalid: Array<[unknown, string]> = [
+    [{ ...local, Name: '' }, 'Name is required'],
+    [{ Name: 'p' }, 'JSONWebKeySet is required'],
+    [{ Name: 'p', JSONWebKeySet: {} }, 'must specify exactly one of Local or Remote JSON Web key set'],
+    [{ Name: 'p', JSONWebKeySet: { Local: {} } }, 'must specify exactly one of String or filename for local keyset'],
+    [{ Name: 'p', JSONWebKeySet: { Local: { JWKS: 'a!' } } }, 'JWKS must be valid base64 encoded string'],
+    [remote({ URI: '' }), 'Remote JWKS URI is required'],
+    [remote({ URI: 'idp' }), 'Remote JWKS URI is invalid'],
+    [remote({ RetryPolicy: { RetryPolicyBackOff: { BaseInterval: '2s', MaxInterval: '1s' } } }), 'MaxInterval should be greater or equal to BaseInterval'],
+    [remote({ JWKSCluster: { TLSCertificates: {} } }), 'CaCertificateProviderInstance or TrustedCA'],
+    [remote({ JWKSCluster: { TLSCertificates: { TrustedCA: {} } } }), 'Filename, EnvironmentVariable, InlineString or InlineBytes'],
+    [{ ...local, Locations: [{}] }, 'must set exactly one of: JWT location header, query param or cookie'],
+    [{ ...local, Locations: [{ Header: {} }] }, 'JWT location header name must be specified'],
+    [{ ...local, Locations: [{ QueryParam: {} }] }, 'JWT location query param name must be specified'],
+    [{ ...local, Locations: [{ Cookie: {} }] }, 'JWT location cookie name must be specified'],
+    [{ ...local, Forwarding: {} }, 'Header name required for forwarding config']
+  ]
+  for (const [entry, message] of invalid) {
+    throwsWith(t, () => compileProvider(entry, 'x'), InvalidProviderError, message)
+  }
+  const shape: Array<[unknown, string]> = [
+    ['x', 'x must be an object'], [{ Name: 1 }, 'x.Name must be a string'], [{ ...local, Issuer: 1 }, 'x.Issuer must be a string'],
+    [{ ...local, Audiences: 'a' }, 'x.Audiences must be an array'], [{ ...local, Audiences: [1] }, 'x.Audiences[0] must be a string'],
+    [{ ...local, ClockSkewSeconds: '30' }, 'x.ClockSkewSeconds must be a number'], [{ ...local, JSONWebKeySet: 'x' }, 'x.JSONWebKeySet must be an object'],
+    [{ ...local, Locations: ['x'] }, 'x.Locations[0] must be an object'], [{ ...local, Forwarding: { HeaderName: 'a', PadForwardPayloadHeader: 'yes' } }, 'PadForwardPayloadHeader must be a boolean'],
+    [remote({ CacheDuration: 'soon' }), 'CacheDuration must be a duration'], [remote({ CacheDuration: -1 }), 'CacheDuration must be a duration']
+  ]
+  for (const [entry, message] of shape) throwsWith(t, () => compileProvider(entry, 'x'), TypeError, message)
+})
+
+t.test('the provider list keeps unchanged key sets and rejects a bad list whole', async (t) => {
+  const events: KeySetEvent[] = []
+  const providers = new JwtProviders(silent, (e) => events.push(e))
+  const a = { Name: 'a', JSONWebKeySet: { Local: { JWKS: b64({ keys: [] }) } } }
+  providers.update([a, { ...a, Name: 'b' }])
+  const first = providers.get('a')
+  providers.update([{ ...a, ModifyIndex: 9 }])
+  t.equal(providers.get('a'), first, 'same entry, same key set')
+  t.same(providers.names, ['a'])
+  t.throws(() => providers.update([a, { Name: 'c' }]), InvalidProviderError)
+  t.equal(providers.get('a'), first, 'a rejected list changes nothing')
+  await providers.ready(['a', 'missing'])
+  providers.stop()
+  t.same(providers.names, [])
+})
+
+t.test('local key sets: inline and file; unusable documents', async (t) => {
+  const issuer = await newIssuer('ES256')
+  const dir = mkdtempSync(join(tmpdir(), 'jwks-'))
+  writeFileSync(join(dir, 'jwks.json'), JSON.stringify(jwks(issuer)))
+  const events: KeySetEvent[] = []
+  const file = newKeySet('f', { kind: 'file', filename: join(dir, 'jwks.json') }, silent, (e) => events.push(e))
+  await file.ready()
+  t.equal(file.error, null)
+  t.equal(file.generation, 1)
+  const missing = newKeySet('m', { kind: 'file', filename: join(dir, 'nope.json') }, silent, (e) => events.push(e))
+  await missing.ready()
+  t.match(missing.error, /^cannot read .*nope\.json/)
+  for (const [text, reason] of [['{', 'the key set is not JSON'], ['{"keys":{}}', 'the key set has no "keys" array'], ['null', 'the key set has no "keys" array']]) {
+    const set = newKeySet('i', { kind: 'inline', jwks: text }, silent, () => {})
+    await set.ready()
+    t.equal(set.error, reason)
+    const active = { config: compileProvider({ Name: 'i', JSONWebKeySet: { Local: { JWKS: b64(text) } } }, 'x'), keys: set }
+    t.same(await verifyToken(await issuer.sign(), active, Date.now()), { ok: false, reason: `key set unavailable: ${reason}` })
+    set.stop()
+  }
+  t.same(events.map((e) => [e.provider, e.keys]), [['f', 1], ['m', null]])
+  file.stop()
+  missing.stop()
+})
+
+t.test('the verifier: algorithms, claims, and reasons without the token', async (t) => {
+  const issuers = await Promise.all((['RS256', 'RS384', 'RS512', 'PS256', 'PS384', 'PS512', 'ES256', 'ES384', 'ES512', 'EdDSA'] as const).map(async (alg) => await newIssuer(alg)))
+  const config = compileProvider({ Name: 'p', Issuer: 'https://idp.test', Audiences: ['api'], ClockSkewSeconds: 10, JSONWebKeySet: { Local: { JWKS: b64(jwks(...issuers)) } } }, 'x')
+  const keys = newKeySet('p', config.keySet, silent, () => {})
+  await keys.ready()
+  const active = { config, keys }
+  const now = Date.now()
+  for (const issuer of issuers) t.match(await verifyToken(await issuer.sign(), active, now), { ok: true, payload: { sub: 'user-1' } }, issuer.alg)
+  const es = issuers[6] as (typeof issuers)[number]
+  const s = Math.floor(now / 1000)
+  const reasons: Array<[string, string]> = [
+    [await es.sign({ exp: s - 11 }), 'token expired'],
+    [await es.sign({ nbf: s + 11 }), 'token not yet valid (nbf)'],
+    [await es.sign({ aud: undefined }), 'aud is not among the provider\'s Audiences'],
+    [await es.sign({ iss: undefined }), 'iss is not the provider\'s Issuer'],
+    [await es.sign({ exp: 'soon' }), 'claim exp is invalid'],
+    [await new SignJWT({ iss: 'https://idp.test', aud: 'api' }).setProtectedHeader({ alg: 'HS256' }).sign(new Uint8Array(32)), 'algorithm not allowed'],
+    [await es.sign({}, { kid: 'unknown' }), 'no key of the key set matches the token'],
+    ['a.b', 'malformed token']
+  ]
+  for (const [token, reason] of reasons) t.same(await verifyToken(token, active, now), { ok: false, reason }, reason)
+  t.match(await verifyToken(await es.sign({ exp: s - 9, nbf: s + 9 }), active, now), { ok: true, expMs: (s - 9) * 1000, nbfMs: (s + 9) * 1000 }, 'within the skew')
+  t.match(await verifyToken(await es.sign({ exp: undefined }), active, now), { ok: true, expMs: null, nbfMs: null })
+  const twin = compileProvider({ Name: 'p', Issuer: 'https://idp.test', JSONWebKeySet: { Local: { JWKS: b64({ keys: [{ ...es.jwk, kid: undefined }, { ...es.jwk, kid: undefined }] }) } } }, 'x')
+  const twinKeys = newKeySet('p', twin.keySet, silent, () => {})
+  await twinKeys.ready()
+  t.same(await verifyToken(await es.sign({}, { kid: undefined }), { config: twin, keys: twinKeys }, now),
+    { ok: false, reason: 'several keys of the key set match the token (no kid)' })
+})
+
+t.test('verified tokens are remembered per connection only while provably still valid', async (t) => {
+  const issuer = await newIssuer('ES256')
+  const entry = { Name: 'p', Issuer: 'https://idp.test', JSONWebKeySet: { Local: { JWKS: b64(jwks(issuer)) } } }
+  const providers = new JwtProviders(silent, () => {})
+  providers.update([entry])
+  await providers.ready(['p'])
+  const auth = new JwtAuthenticator(providers, silent)
+  const connection = {}
+  const now = Date.now()
+  const s = Math.floor(now / 1000)
+  const token = await issuer.sign({ exp: s + 60, nbf: s - 10 })
+  const request = { rawHeaders: ['authorization', `Bearer ${token}`], url: '/', connection }
+  const first = auth.tokensFor(request, ['p'], now)
+  t.ok(first instanceof Promise, 'first sight: verified asynchronously')
+  t.same((await first).payload('p')?.sub, 'user-1')
+  const again = auth.tokensFor(request, ['p'], now + 1000)
+  t.notOk(again instanceof Promise, 'then remembered for this connection')
+  t.ok(auth.tokensFor({ ...request, connection: {} }, ['p'], now) instanceof Promise, 'not for another connection')
+  t.ok(auth.tokensFor(request, ['p'], (s + 60 + 30) * 1000) instanceof Promise, 'expiry re-checked (with the skew): verified again')
+  t.ok(auth.tokensFor(request, ['p'], (s - 10 - 31) * 1000) instanceof Promise, 'nbf re-checked')
+  providers.update([{ ...entry, Audiences: ['x'] }])
+  const changed = await auth.tokensFor(request, ['p'], now)
+  t.equal(changed.payload('p'), null, 'a changed provider voids what was remembered')
+  t.equal(changed.failures.p, 'aud is not among the provider\'s Audiences')
+  providers.update([entry])
+  await providers.ready(['p'])
+  for (let i = 0; i < 20; i++) {
+    await auth.tokensFor({ ...request, rawHeaders: ['authorization', `Bearer ${await issuer.sign({ jti: String(i) })}`] }, ['p'], now)
+  }
+  t.ok(auth.tokensFor(request, ['p'], now) instanceof Promise, 'a connection presenting many tokens starts over')
+  auth.clear()
+  const none = auth.tokensFor({ ...request, rawHeaders: [] }, ['p', 'q'], now)
+  t.notOk(none instanceof Promise, 'nothing to verify: synchronous')
+  t.same((none as Exclude<typeof none, Promise<unknown>>).failures, { p: 'no token in the request', q: 'no jwt-provider config entry of this name' })
+})
+
+t.test('remote key sets: status, size, trust, asynchronous first fetch, refetch on an unknown key', async (t) => {
+  const issuer = await newIssuer('ES256')
+  const agent = await startDevAgent()
+  t.teardown(async () => await agent.close())
+  const { certPem, privateKeyPem } = await agent.ca.issueCertificate({ dnsNames: ['localhost'] })
+  let answer = (res: import('node:http').ServerResponse): void => { res.end(JSON.stringify(jwks(issuer))) }
+  const server = https.createServer({ key: privateKeyPem, cert: certPem }, (_req, res) => answer(res))
+  server.listen(0, '127.0.0.1')
+  await once(server, 'listening')
+  t.teardown(() => { server.closeAllConnections(); server.close() })
+  const uri = `https://localhost:${(server.address() as AddressInfo).port}/jwks`
+  const ca = (await fetch(`${agent.address}/v1/agent/connect/ca/roots`).then(async (r) => await r.json()) as { Roots: Array<{ RootCert: string }> }).Roots[0]?.RootCert as string
+  const dir = mkdtempSync(join(tmpdir(), 'ca-'))
+  writeFileSync(join(dir, 'ca.pem'), ca)
+  process.env.FCN_TEST_JWKS_CA = ca
+  const source = (extra: Record<string, unknown>): Parameters<typeof newKeySet>[1] => ({
+    kind: 'remote', uri, timeoutMs: 2000, cacheMs: 60_000, fetchAsynchronously: false, retries: 0, backoffBaseMs: 1, backoffMaxMs: 2, trustedCa: ca, ...extra
+  } as Parameters<typeof newKeySet>[1])
+
+  for (const trustedCa of [`file:${join(dir, 'ca.pem')}`, 'env:FCN_TEST_JWKS_CA']) {
+    const set = newKeySet('p', source({ trustedCa }), silent, () => {})
+    await set.ready()
+    t.equal(set.error, null, trustedCa)
+    set.stop()
+  }
+  const untrusted = newKeySet('p', source({ trustedCa: null }), silent, () => {})
+  await untrusted.ready()
+  t.match(untrusted.error, /^GET https:\/\/localhost:\d+\/jwks: /, 'the system CAs do not trust the test CA')
+  untrusted.stop()
+
+  answer = (res) => { res.statusCode = 503; res.end('down') }
+  const failing = newKeySet('p', source({}), silent, () => {})
+  await failing.ready()
+  t.match(failing.error, /: status 503$/)
+  failing.stop()
+  answer = (res) => { res.end('x'.repeat(1.5 * 1024 * 1024)) }
+  const huge = newKeySet('p', source({}), silent, () => {})
+  await huge.ready()
+  t.match(huge.error, /key set larger than 1 MiB/)
+  huge.stop()
+
+  answer = (res) => { res.end(JSON.stringify({ keys: [] })) }
+  const events: KeySetEvent[] = []
+  const lazy = newKeySet('p', source({ fetchAsynchronously: true }), silent, (e) => events.push(e))
+  await lazy.ready() // does not wait
+  answer = (res) => { res.end(JSON.stringify(jwks(issuer))) }
+  const config = compileProvider({ Name: 'p', Issuer: 'https://idp.test', JSONWebKeySet: { Local: { JWKS: b64({ keys: [] }) } } }, 'x')
+  // An unknown kid right after the first fetch: the cool-down keeps it from fetching again.
+  t.match(await verifyToken(await issuer.sign(), { config, keys: lazy }, Date.now()), { ok: false })
+  lazy.stop()
+  t.ok(events.length >= 0)
+})
