@@ -8,7 +8,7 @@ import type { AddressInfo } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import t from 'tap'
-import type * as Tap from 'tap'
+import type { Test } from 'tap'
 import { SignJWT } from 'jose'
 import type { FastifyBaseLogger } from 'fastify'
 import { claimMatches, compileJwtRequirement, jwtSatisfied, providerNames } from '../lib/intentions/jwt'
@@ -78,7 +78,7 @@ t.test('the providers a caller\'s deciding rule needs', async (t) => {
   t.same(jwtProvidersFor(policy, null, web), ['okta'])
   t.same(jwtProvidersFor(policy, null, ops), ['auth0', 'okta'])
   t.same(jwtProvidersFor(policy, null, db), [])
-  const override = compileOverride([{ name: 'web', action: 'allow', jwt: { Providers: [{ Name: 'route' }] } }], 'api')
+  const override = compileOverride([{ name: 'web', action: 'allow', jwt: { Providers: [{ Name: 'route' }] } }])
   t.same(jwtProvidersFor(policy, override, web), ['route'], 'the override\'s rule first')
   t.same(jwtProvidersFor(policy, override, ops), ['auth0', 'okta'])
   t.same(jwtProvidersFor(policy, override, ops, true), [], 'mode agent: only overrides decide here')
@@ -104,7 +104,7 @@ t.test('token locations: headers, then query parameters, then cookies', async (t
   t.equal(findToken(DEFAULT_LOCATIONS, ['Authorization', 'Bearer a.b.c'], '/')?.location.name, 'authorization')
 })
 
-function throwsWith (t: Tap.Test, fn: () => unknown, type: new (...args: any[]) => Error, message: string): void {
+function throwsWith (t: Test, fn: () => unknown, type: new (...args: any[]) => Error, message: string): void {
   try {
     fn()
     t.fail(`should throw ${message}`)
