@@ -146,6 +146,24 @@ t.test('config entries: views, 404 as "not set" with its index, and scoping', as
   t.match((await rejection(client.configEntry('mesh', 'mesh'))).message, 'Kind: expected "mesh", got "service-defaults"')
 })
 
+t.test('jwt-provider entries: the list as sent, none from an agent that does not know the kind (docs/semantics.md#jwt-providers)', async (t) => {
+  const agent = await startAgent(t)
+  const client = await setup(t, agent)
+  agent.handler = () => json([{ Kind: 'jwt-provider', Name: 'okta' }], { 'x-consul-index': '4' })
+  const list = await client.jwtProviders({ index: 3, waitMs: 60_000 })
+  t.same(list.body, [{ Kind: 'jwt-provider', Name: 'okta' }])
+  t.equal(list.index, 4)
+  t.equal(agent.requests.at(-1)!.path, '/v1/config/jwt-provider')
+  agent.handler = () => json(null)
+  t.same((await client.jwtProviders()).body, [], 'null is an empty list')
+  agent.handler = () => text(500, 'invalid config entry kind: jwt-provider')
+  t.equal((await client.jwtProviders()).body, null, 'Consul before 1.16')
+  agent.handler = () => json({ Kind: 'jwt-provider' })
+  t.match((await rejection(client.jwtProviders())).message, 'expected an array of config entries')
+  agent.handler = () => text(403, 'Permission denied')
+  t.match((await rejection(client.jwtProviders())).message, 'Permission denied')
+})
+
 t.test('dc, ns and partition are sent only when configured, and only where they apply', async (t) => {
   const agent = await startAgent(t)
   const client = await setup(t, agent, { datacenter: 'dc2', namespace: 'team-a', partition: 'part-1' })

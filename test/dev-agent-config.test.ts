@@ -55,6 +55,9 @@ function jwtProviderRows (): Array<[string, unknown, number, string?]> {
     ['remote backoff max below base', remote({ RetryPolicy: { NumRetries: 2, RetryPolicyBackOff: { BaseInterval: '2s', MaxInterval: '1s' } } }), 500,
       'retry policy backoff\'s MaxInterval should be greater or equal to BaseInterval'],
     ['remote bad duration', remote({ CacheDuration: 'soon' }), 400, decodeFail('1 error(s) decoding:\n\n* error decoding \'JSONWebKeySet.Remote.CacheDuration\': time: invalid duration "soon"')],
+    ['remote map duration', remote({ CacheDuration: { a: 1 } }), 400, decodeFail('1 error(s) decoding:\n\n* \'JSONWebKeySet.Remote.CacheDuration\' expected type \'int64\', got unconvertible type \'map[string]interface {}\', value: \'map[a:1]\'')],
+    ['remote bool duration (weakly typed: 1 ns)', remote({ CacheDuration: true }), 200],
+    ['remote cluster without TLS', remote({ URI: '/jwks', JWKSCluster: { DiscoveryType: 'STATIC', ConnectTimeout: '5s' } }), 200],
     ['remote bad discovery type', remote({ JWKSCluster: { DiscoveryType: 'DNS' } }), 500, 'unsupported jwks cluster discovery type: "DNS"'],
     ['remote TLS without CA', remote({ JWKSCluster: { TLSCertificates: {} } }), 500, 'must specify exactly one of: CaCertificateProviderInstance or TrustedCA for JKWS\' TLSCertificates'],
     ['remote trusted CA twice', remote({ JWKSCluster: { TLSCertificates: { TrustedCA: { Filename: '/a', InlineString: 'b' } } } }), 500,
@@ -638,7 +641,12 @@ t.test('jwt-provider entries: Consul defaults, rendering, listing, ACLs and dele
   t.same(listed.json[0].Locations, [{ Cookie: { Name: 'c' } }])
   t.equal(listed.json[0].ClockSkewSeconds, 5)
   // Intentions may name both; deleting a provider still referenced is allowed, as in Consul.
-  t.equal((await call(agent, 'PUT', '/v1/config', { ...ixn([{ Name: 'web', Action: 'allow' }]), JWT: { Providers: [{ Name: 'okta' }, { Name: 'auth0' }] } })).status, 200)
+  // authorize ignores JWT: an L4 intention decides by its action, an L7 one denies.
+  await call(agent, 'PUT', '/v1/config', { Kind: 'service-defaults', Name: 'api', Protocol: 'http' })
+  await call(agent, 'PUT', '/v1/config', { ...ixn([{ Name: 'web', Action: 'allow' }, { Name: 'ops', Permissions: [{ Action: 'allow', HTTP: { PathPrefix: '/' }, JWT: { Providers: [{ Name: 'okta' }] } }] }]), JWT: { Providers: [{ Name: 'okta' }, { Name: 'auth0' }] } })
+  const uri = (svc: string): string => `spiffe://11111111-2222-3333-4444-555555555555.consul/ns/default/dc/dc1/svc/${svc}`
+  t.equal((await call(agent, 'POST', '/v1/agent/connect/authorize', { Target: 'api', ClientCertURI: uri('web') })).json.Authorized, true)
+  t.equal((await call(agent, 'POST', '/v1/agent/connect/authorize', { Target: 'api', ClientCertURI: uri('ops') })).json.Authorized, false)
   t.same((await call(agent, 'DELETE', '/v1/config/jwt-provider/okta')).json, {})
   t.equal((await call(agent, 'GET', '/v1/config/jwt-provider/okta')).status, 404)
   t.equal((await call(agent, 'GET', '/v1/config/service-intentions/api')).status, 200)

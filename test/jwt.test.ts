@@ -1,6 +1,7 @@
 // The JWT modules one by one: requirement compilation and claims (lib/intentions/jwt.ts), token
 // locations, provider entries with Consul's rules and defaults, key sets, the verifier and the
 // per-connection cache of verified tokens (lib/jwt/). docs/semantics.md#jwt.
+import { sign } from 'node:crypto'
 import { once } from 'node:events'
 import { mkdtempSync, writeFileSync } from 'node:fs'
 import https from 'node:https'
@@ -119,6 +120,7 @@ t.test('provider entries: Consul\'s validation and defaults', async (t) => {
   const p = compileProvider(local, 'x')
   t.same([p.issuer, p.audiences, p.locations, p.forwardHeader, p.clockSkewSeconds], ['', [], DEFAULT_LOCATIONS, null, 30])
   t.equal(compileProvider({ ...local, ClockSkewSeconds: -5 }, 'x').clockSkewSeconds, 0)
+  t.same(compileProvider({ Name: 'p', JSONWebKeySet: { Local: { Filename: '/etc/jwks.json' } } }, 'x').keySet, { kind: 'file', filename: '/etc/jwks.json' })
   const r = compileProvider(remote({ CacheDuration: 90e9, RetryPolicy: { NumRetries: 2.7, RetryPolicyBackOff: { BaseInterval: '250ms' } } }), 'x').keySet
   t.match(r, { kind: 'remote', cacheMs: 90_000, timeoutMs: 5000, retries: 2, backoffBaseMs: 250, backoffMaxMs: 2500, fetchAsynchronously: false, trustedCa: null })
   t.match(compileProvider(remote({}), 'x').keySet, { cacheMs: DEFAULT_CACHE_MS, backoffBaseMs: 1000, backoffMaxMs: 10_000 })
@@ -201,6 +203,13 @@ t.test('local key sets: inline and file; unusable documents', async (t) => {
   missing.stop()
 })
 
+/** A token whose header marks an extension critical (jose refuses to sign one, so it is signed here). */
+function critToken (issuer: Awaited<ReturnType<typeof newIssuer>>): string {
+  const part = (o: unknown): string => Buffer.from(JSON.stringify(o)).toString('base64url')
+  const input = `${part({ alg: 'ES256', kid: issuer.kid, crit: ['x-ext'], 'x-ext': 1 })}.${part({ iss: 'https://idp.test', aud: 'api' })}`
+  return `${input}.${sign('sha256', Buffer.from(input), { key: issuer.privateKey, dsaEncoding: 'ieee-p1363' }).toString('base64url')}`
+}
+
 t.test('the verifier: algorithms, claims, and reasons without the token', async (t) => {
   const issuers = await Promise.all((['RS256', 'RS384', 'RS512', 'PS256', 'PS384', 'PS512', 'ES256', 'ES384', 'ES512', 'EdDSA'] as const).map(async (alg) => await newIssuer(alg)))
   const config = compileProvider({ Name: 'p', Issuer: 'https://idp.test', Audiences: ['api'], ClockSkewSeconds: 10, JSONWebKeySet: { Local: { JWKS: b64(jwks(...issuers)) } } }, 'x')
@@ -219,7 +228,8 @@ t.test('the verifier: algorithms, claims, and reasons without the token', async 
     [await es.sign({ exp: 'soon' }), 'claim exp is invalid'],
     [await new SignJWT({ iss: 'https://idp.test', aud: 'api' }).setProtectedHeader({ alg: 'HS256' }).sign(new Uint8Array(32)), 'algorithm not allowed'],
     [await es.sign({}, { kid: 'unknown' }), 'no key of the key set matches the token'],
-    ['a.b', 'malformed token']
+    ['a.b', 'malformed token'],
+    [critToken(es), 'unsupported token (a crit header or key type jose does not handle)']
   ]
   for (const [token, reason] of reasons) t.same(await verifyToken(token, active, now), { ok: false, reason }, reason)
   t.match(await verifyToken(await es.sign({ exp: s - 9, nbf: s + 9 }), active, now), { ok: true, expMs: (s - 9) * 1000, nbfMs: (s + 9) * 1000 }, 'within the skew')
@@ -308,14 +318,23 @@ t.test('remote key sets: status, size, trust, asynchronous first fetch, refetch 
   t.match(huge.error, /key set larger than 1 MiB/)
   huge.stop()
 
-  answer = (res) => { res.end(JSON.stringify({ keys: [] })) }
-  const events: KeySetEvent[] = []
-  const lazy = newKeySet('p', source({ fetchAsynchronously: true }), silent, (e) => events.push(e))
-  await lazy.ready() // does not wait
   answer = (res) => { res.end(JSON.stringify(jwks(issuer))) }
   const config = compileProvider({ Name: 'p', Issuer: 'https://idp.test', JSONWebKeySet: { Local: { JWKS: b64({ keys: [] }) } } }, 'x')
-  // An unknown kid right after the first fetch: the cool-down keeps it from fetching again.
-  t.match(await verifyToken(await issuer.sign(), { config, keys: lazy }, Date.now()), { ok: false })
+  const early = await issuer.sign()
+  const events: KeySetEvent[] = []
+  const lazy = newKeySet('p', source({ fetchAsynchronously: true }), silent, (e) => events.push(e))
+  // FetchAsynchronously: readiness does not wait, and a request before the first answer finds no keys
+  // (verification starts within microtasks; the fetch needs network round trips).
+  const beforeFetch = verifyToken(early, { config, keys: lazy }, Date.now())
+  await lazy.ready()
+  t.same(await beforeFetch, { ok: false, reason: 'key set unavailable: key set not loaded yet' })
   lazy.stop()
-  t.ok(events.length >= 0)
+  // With a cache shorter than the cool-down, an unknown kid fetches the set again at once.
+  answer = (res) => { res.end(JSON.stringify({ keys: [] })) }
+  const quick = newKeySet('p', source({ cacheMs: 1 }), silent, () => {})
+  await quick.ready()
+  answer = (res) => { res.end(JSON.stringify(jwks(issuer))) }
+  await new Promise((resolve) => setImmediate(resolve))
+  t.match(await verifyToken(await issuer.sign(), { config, keys: quick }, Date.now()), { ok: true }, 'the rotated-in key is fetched on demand')
+  quick.stop()
 })

@@ -181,10 +181,21 @@ t.test('token locations, forwarding, and a provider Consul no longer has', async
     { Name: 'ops', Permissions: [{ Action: 'allow', HTTP: { PathPrefix: '/' }, JWT: { Providers: [{ Name: 'gone' }, { Name: 'okta' }] } }] }
   ])
   const { lines, stream } = logSink()
-  const svc = await startService(t, agent, { routes: jwtRoutes, fastify: { logger: { level: 'info', stream } } as never })
+  const routes = (app: FastifyInstance): void => {
+    jwtRoutes(app)
+    // A route-level source with a JWT block, in JavaScript spelling.
+    app.get('/guarded', { config: { consulNative: { sources: [{ name: 'cron', action: 'allow', jwt: { providers: [{ name: 'okta', verifyClaims: [{ path: ['role'], value: 'x' }] }] } }] } } },
+      async (request) => ({ jwt: request.consulJwt }))
+  }
+  const svc = await startService(t, agent, { routes, fastify: { logger: { level: 'info', stream } } as never })
   const web = mtlsClient(t, await leafFor(agent, 'web'))
   const ops = mtlsClient(t, await leafFor(agent, 'ops'))
   const token = await okta.sign({ role: 'x' })
+  const cron = mtlsClient(t, await leafFor(agent, 'cron'))
+  const guarded = await get(cron, `${svc.origin}/guarded?jwt=${token}`)
+  t.equal(guarded.status, 200, 'a route override\'s jwt block')
+  t.equal(guarded.body.jwt.okta.role, 'x')
+  t.equal((await get(cron, `${svc.origin}/guarded`)).status, 403, 'the override\'s requirement fails: the default (deny) decides')
   const payload = token.split('.')[1]
 
   const viaHeader = await get(web, `${svc.origin}/`, { headers: { 'x-token': `Token ${token}`, 'x-jwt-payload': 'forged' } })

@@ -28,6 +28,24 @@ t.test('permissions may be written in JavaScript, Consul JSON or HCL spelling', 
   }
 })
 
+t.test('jwt blocks, on a source and on a permission, in any spelling (docs/semantics.md#jwt-match)', async (t) => {
+  const spellings = [
+    { providers: [{ name: 'okta', verifyClaims: [{ path: ['role'], value: 'admin' }] }] },
+    { Providers: [{ Name: 'okta', VerifyClaims: [{ Path: ['role'], Value: 'admin' }] }] },
+    { providers: [{ name: 'okta', verify_claims: [{ path: ['role'], value: 'admin' }] }] }
+  ]
+  const admin = { payload: (name: string) => (name === 'okta' ? { role: 'admin' } : null) }
+  for (const jwt of spellings) {
+    const policy = compileRoutePolicy({ sources: [{ name: 'web', action: 'allow', jwt }, { name: 'ops', permissions: [{ action: 'allow', http: { pathPrefix: '/' }, jwt }] }] }, 'GET /a')
+    const override = policy.override as CompiledOverride
+    t.same(override.jwtProviders, ['okta'], JSON.stringify(jwt))
+    for (const who of ['web', 'ops']) {
+      t.equal(decideOverride(override, caller(who), { ...request('GET', '/a'), jwt: admin })?.allow, true, `${who} with the token`)
+      t.equal(decideOverride(override, caller(who), request('GET', '/a'))?.reason.endsWith('JWT requirement not met (deny)'), true, `${who} without`)
+    }
+  }
+})
+
 t.test('invalid values fail with FST_CONSUL_NATIVE_INVALID_ROUTE_CONFIG naming the route', async (t) => {
   const cases: Array<[unknown, RegExp]> = [
     [true, /expected false or \{ sources/],

@@ -348,10 +348,10 @@ t.test('policy warnings are logged once per distinct cause across recompiles', a
   h.agent.intentions.set([peered, intention('db'), jwt], 12)
   await recompiled
   recompiled = once(h.sync.events, 'intentions')
-  h.agent.entries['proxy-defaults'].set(proxyDefaults('grpc'), 2)
+  h.agent.entries['service-defaults'].set(serviceDefaults('tcp'), 3)
   await recompiled
   t.equal(warned().length, 2)
-  t.match(warned()[1], /require a JWT/)
+  t.match(warned()[1], /require a JWT but the service protocol "tcp" is not HTTP-like/)
   // 3 compiles at start-up (intentions, service-defaults, proxy-defaults) and 4 updates.
   t.equal(h.logger.events('policy-updated').length, 7, 'the policy did recompile each time')
 })
@@ -542,7 +542,7 @@ t.test('status() before and after start()', async (t) => {
     leaf: null,
     roots: null,
     intentions: null,
-    watches: { leaf: idle, roots: idle, intentions: idle, 'service-defaults': idle, 'proxy-defaults': idle, mesh: idle },
+    watches: { leaf: idle, roots: idle, intentions: idle, 'service-defaults': idle, 'proxy-defaults': idle, mesh: idle, 'jwt-providers': idle },
     registration: null,
     enforcement: { mode: 'enforce', routes: {} },
     candidate: null
@@ -573,7 +573,7 @@ t.test('status() before and after start()', async (t) => {
     enforcement: { mode: 'enforce', routes: {} },
     candidate: null
   })
-  t.same(Object.keys(status.watches), ['leaf', 'roots', 'intentions', 'service-defaults', 'proxy-defaults', 'mesh'])
+  t.same(Object.keys(status.watches), ['leaf', 'roots', 'intentions', 'service-defaults', 'proxy-defaults', 'mesh', 'jwt-providers'])
   for (const [name, watch] of Object.entries(status.watches)) {
     t.match(watch, { lastSuccess: /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/, lastError: null, failures: 0 }, name)
   }
@@ -646,7 +646,7 @@ t.test('a value reissued under the same index (agent restarted without its state
   await restart(h.agent.intentions, [intention('web')])
   await restart(h.agent.entries['service-defaults'], serviceDefaults('http'))
   t.same(counts(), before, 'identical values are not applied again')
-  t.same(Object.values(h.sync.status().watches).map((watch) => watch.lastError), [null, null, null, null, null, null], 'every watch recovered')
+  t.same(Object.values(h.sync.status().watches).map((watch) => watch.lastError), [null, null, null, null, null, null, null], 'every watch recovered')
 
   await restart(h.agent.leaf, f.leaf2)
   t.equal(h.tls.material?.certPem, f.leaf2.CertPEM, 'a different leaf (serial) is installed')
@@ -704,4 +704,17 @@ t.test('a throwing event listener is logged and the update stays in force', asyn
   t.equal(h.sync.status().intentions?.index, 10)
   t.match(h.logger.events('listener-failed')[0], { level: 'error', obj: { consulNative: { listenerEvent: 'intentions' } } })
   t.same(h.emitted.errors, [], 'not reported as a rejected update')
+})
+
+t.test('jwt-provider entries: an agent before Consul 1.16, which does not know the kind, has none (docs/semantics.md#jwt-providers)', async (t) => {
+  const f = await fixtures()
+  const h = harness(t)
+  h.agent.jwtProviders.set(null, 1)
+  serve(h.agent, f)
+  await h.sync.start()
+  t.equal(h.sync.ready, true)
+  // The watch asks again only after a blocking query's wait; stop() ends that wait at once.
+  await h.agent.jwtProviders.poll(1)
+  h.sync.stop()
+  t.same(h.sync.status().watches['jwt-providers'], { lastSuccess: h.sync.status().watches['jwt-providers']?.lastSuccess, lastError: null, failures: 0 })
 })

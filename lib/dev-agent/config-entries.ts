@@ -245,6 +245,8 @@ function decode (value: unknown, spec: Spec, path: string, ctx: DecodeContext): 
     }
     case 'duration': {
       if (typeof value === 'number') return Math.trunc(value)
+      // Weakly typed input: a boolean is an int64 of 1 or 0 nanoseconds.
+      if (typeof value === 'boolean') return value ? 1 : 0
       const ns = typeof value === 'string' ? parseGoDurationNs(value) : null
       if (ns === null) {
         if (typeof value === 'string') ctx.errors.push(`error decoding '${path}': time: invalid duration ${goQuote(value)}`)

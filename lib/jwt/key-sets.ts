@@ -31,7 +31,7 @@ export interface KeySet {
   stop (): void
 }
 
-/** After an unknown `kid`, the remote set is fetched again at most this often (key rotation without waiting for the cache). */
+/** After an unknown `kid`, the remote set is fetched again at most this often, or the cache duration if shorter (key rotation without waiting for the cache). */
 const MISS_REFRESH_COOLDOWN_MS = 5_000
 const MAX_JWKS_BYTES = 1 << 20
 
@@ -167,7 +167,7 @@ class RemoteKeySet extends BaseKeySet {
       // A key the set does not have: perhaps rotated in since the last fetch.
       const code = (err as { code?: string }).code
       if ((code !== 'ERR_JWKS_NO_MATCHING_KEY' && !(err instanceof KeySetUnavailableError)) ||
-        Date.now() - this.#lastStart < MISS_REFRESH_COOLDOWN_MS || this.stopped) throw err
+        Date.now() - this.#lastStart < Math.min(MISS_REFRESH_COOLDOWN_MS, this.#source.cacheMs) || this.stopped) throw err
       await this.refresh()
       if (this.set === null) throw new KeySetUnavailableError(this.error as string)
       return await this.set(header, token)

@@ -118,6 +118,13 @@ export class StubAgent {
     mesh: new FakeEndpoint('mesh')
   }
 
+  /** `GET /v1/config/jwt-provider`: no providers at index 1 unless set otherwise; null: an agent before 1.16. */
+  readonly jwtProviders = new FakeEndpoint<unknown[] | null>('jwt-providers')
+
+  constructor () {
+    this.jwtProviders.set([], 1)
+  }
+
   /** What each call asked for: `leaf api`, `service-defaults api`, `agentSelf`, ... */
   readonly requests: string[] = []
   /** The answer of `agentSelf()`; by default it never comes. */
@@ -145,6 +152,7 @@ export class StubAgent {
         this.requests.push(`${kind} ${name}`)
         return (this.entries[kind] as FakeEndpoint<unknown>).handle(q)
       },
+      jwtProviders: (q: BlockingQuery) => this.jwtProviders.handle(q),
       agentSelf: (signal?: AbortSignal) => {
         this.requests.push('agentSelf')
         return this.agentSelf(signal)
