@@ -9,6 +9,9 @@ const Fastify = require('fastify')
 const { request, Agent } = require('undici')
 const { consulNative, httpsOptions } = require('fastify-consul-native')
 const { startDevAgent } = require('fastify-consul-native/dev-agent')
+const { generateKeyPairSync } = require('node:crypto')
+// jose is ESM; Node 20.19+ loads it with require().
+const { SignJWT } = require('jose')
 
 async function agentApi (agent, method, path, body) {
   const res = await request(`${agent.address}${path}`, { method, body: body === undefined ? undefined : JSON.stringify(body) })
@@ -37,7 +40,23 @@ async function main () {
     ? { service, agent: { address: agent.address }, certificates: { source: 'consul-grpc', address: agent.grpcAddress, plaintext: true } }
     : { service, agent: { address: agent.address } }
 
-  // Intentions for `api`, in Consul's own form: web by L7 permissions, billing denied.
+  // A JWT provider (Consul 1.16+): tokens from "https://idp.demo", checked against a local key set.
+  const idp = generateKeyPairSync('ec', { namedCurve: 'prime256v1' })
+  const jwk = { ...idp.publicKey.export({ format: 'jwk' }), kid: 'demo-1', alg: 'ES256' }
+  await agentApi(agent, 'PUT', '/v1/config', {
+    Kind: 'jwt-provider',
+    Name: 'idp',
+    Issuer: 'https://idp.demo',
+    JSONWebKeySet: { Local: { JWKS: Buffer.from(JSON.stringify({ keys: [jwk] })).toString('base64') } }
+  })
+  const token = (claims, key = idp.privateKey) => new SignJWT({ iss: 'https://idp.demo', sub: 'alice', ...claims })
+    .setProtectedHeader({ alg: 'ES256', kid: 'demo-1' }).setExpirationTime('10m').sign(key)
+  const auditor = await token({ role: 'auditor' })
+  const guest = await token({ role: 'guest' })
+  const forged = await token({ role: 'auditor' }, generateKeyPairSync('ec', { namedCurve: 'prime256v1' }).privateKey)
+
+  // Intentions for `api`, in Consul's own form: web by L7 permissions, billing denied, ops may read
+  // /reports only with an `auditor` token from idp.
   await agentApi(agent, 'PUT', '/v1/config', { Kind: 'service-defaults', Name: 'api', Protocol: 'http' })
   await agentApi(agent, 'PUT', '/v1/config', {
     Kind: 'service-intentions',
@@ -51,7 +70,13 @@ async function main () {
           { Action: 'allow', HTTP: { PathExact: '/v1/orders', Methods: ['POST'], Header: [{ Name: 'x-env', Exact: 'prod' }] } }
         ]
       },
-      { Name: 'billing', Action: 'deny' }
+      { Name: 'billing', Action: 'deny' },
+      {
+        Name: 'ops',
+        Permissions: [
+          { Action: 'allow', HTTP: { PathPrefix: '/reports' }, JWT: { Providers: [{ Name: 'idp', VerifyClaims: [{ Path: ['role'], Value: 'auditor' }] }] } }
+        ]
+      }
     ]
   })
 
@@ -61,6 +86,8 @@ async function main () {
   app.get('/v1/items', async (req) => ({ items: [], caller: req.consulSource.service }))
   app.post('/v1/orders', async () => ({ ordered: true }))
   app.get('/admin', async () => ({ admin: true }))
+  // JWT-protected (by the intention above): the verified claims are on request.consulJwt.
+  app.get('/reports', async (req) => ({ reader: req.consulJwt.idp.sub }))
   // A route-level override: only `ops` may call it, whatever the service intentions say.
   app.get('/ops/flags', { config: { consulNative: { sources: [{ name: 'ops', action: 'allow' }, { name: '*', action: 'deny' }] } } },
     async () => ({ flags: {} }))
@@ -94,17 +121,21 @@ async function main () {
     ['web', 'GET', '/v1/../admin'],
     ['billing', 'GET', '/v1/items'],
     ['ops', 'GET', '/ops/flags'],
+    ['ops', 'GET', '/reports', { authorization: `Bearer ${auditor}` }, 'Bearer <auditor token>'],
+    ['ops', 'GET', '/reports', {}, '(no token)'],
+    ['ops', 'GET', '/reports', { authorization: `Bearer ${guest}` }, 'Bearer <guest token>'],
+    ['ops', 'GET', '/reports', { authorization: `Bearer ${forged}` }, 'Bearer <forged signature>'],
     ['web', 'GET', '/ops/flags'],
     ['none', 'GET', '/v1/items'],
     ['none', 'GET', '/health']
   ]
   const rows = [['caller', 'method', 'path', 'headers', 'status', 'why']]
-  for (const [caller, method, path, headers = {}] of calls) {
+  for (const [caller, method, path, headers = {}, shown] of calls) {
     // dispatcher.request sends the path exactly as written (`/v1/../admin` included).
     const res = await clients[caller].request({ origin, path, method, headers })
     await res.body.dump()
     const why = res.headers['x-demo-reason'] ?? ''
-    rows.push([caller === 'none' ? '(no cert)' : caller, method, path, Object.entries(headers).map(([k, v]) => `${k}: ${v}`).join(' '), String(res.statusCode), why])
+    rows.push([caller === 'none' ? '(no cert)' : caller, method, path, shown ?? Object.entries(headers).map(([k, v]) => `${k}: ${v}`).join(' '), String(res.statusCode), why])
   }
   const widths = rows[0].map((_, i) => Math.max(...rows.map((row) => row[i].length)))
   const line = (row) => row.map((cell, i) => cell.padEnd(widths[i])).join('  ')
