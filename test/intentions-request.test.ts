@@ -4,7 +4,7 @@ import t from 'tap'
 import type { IntentionPermission, RequestNormalization } from '../lib/agent/wire'
 import type { RouterOptions } from '../lib/intentions/path'
 import { type CallerIdentity, compileOverride, compilePolicy } from '../lib/intentions/policy'
-import { type RequestView, type RouteRules, type ServiceRules, decideRequest, newVerdict } from '../lib/intentions/request'
+import { type RequestView, type RouteRules, type ServiceRules, decideRequest, jwtProvidersNeeded, newVerdict } from '../lib/intentions/request'
 import { ixn } from './helpers/intentions'
 
 const ROUTER: RouterOptions = { ignoreTrailingSlash: false, ignoreDuplicateSlashes: false, caseSensitive: true, useSemicolonDelimiter: false }
@@ -97,6 +97,26 @@ t.test('mode agent: route overrides decide here, the agent for everything else',
   t.same(decided(agent, l7, view('/b')), ['deny', 'route override sources[0] web: no permission matched, default policy (deny)', false],
     'no permission matched: the service\'s default policy decides')
   t.same(decided(agent, SERVICE, view('/a%00')), ['bad-path', 'path rejected by the mesh request normalization', false], 'normalization applies in every mode')
+})
+
+t.test('mode agent: a caller whose intention requires a JWT is denied without asking the agent (docs/semantics.md#agent-mode)', async (t) => {
+  const jwtPolicy = compilePolicy({
+    destination: 'api',
+    defaultAllow: true,
+    protocol: 'http',
+    intentions: [ixn('web', 'api', 9, 'allow', { JWT: { Providers: [{ Name: 'okta' }] } }), ixn('ops', 'api', 9, 'allow')]
+  })
+  const agent = service(null, { agentDecides: true, policy: jwtPolicy })
+  t.same(decided(agent, SERVICE, view('/')), ['deny', 'the caller\'s intention requires a JWT, which mode \'agent\' cannot enforce (deny)', false])
+  t.same(decided(agent, SERVICE, view('/', OPS))[0], 'ask-agent')
+  t.same(jwtProvidersNeeded(agent, SERVICE, WEB), [], 'no token is verified for the agent')
+  const override = { exempt: false, override: compileOverride([{ name: 'web', action: 'allow', jwt: { Providers: [{ Name: 'okta' }] } }]) }
+  t.same(jwtProvidersNeeded(agent, override, WEB), ['okta'], 'an override\'s requirement is enforced here')
+  const tokens = { payload: (name: string) => (name === 'okta' ? {} : null) }
+  t.same(decided(agent, override, { ...view('/'), jwt: tokens })[0], 'allow')
+  t.same(decided(agent, EXEMPT, view('/')), ['exempt', 'route exempt (config.consulNative: false)', false])
+  t.same(jwtProvidersNeeded(agent, EXEMPT, WEB), [])
+  t.same(jwtProvidersNeeded(agent, override, null), [], 'no identity, no token')
 })
 
 t.test('a header matcher on :path sees the normalized path with the query', async (t) => {

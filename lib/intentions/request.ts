@@ -75,6 +75,7 @@ const UNAUTHENTICATED_DECISION: Decision = Object.freeze({ allow: false, reason:
 const BAD_PATH_DECISION: Decision = Object.freeze({ allow: false, reason: 'path rejected by the mesh request normalization' })
 const BAD_HEADER_DECISION: Decision = Object.freeze({ allow: false, reason: 'header name with an underscore rejected by the mesh request normalization' })
 const ASK_AGENT_DECISION: Decision = Object.freeze({ allow: false, reason: 'awaiting the agent\'s authorize answer' })
+const AGENT_JWT_DECISION: Decision = Object.freeze({ allow: false, reason: 'the caller\'s intention requires a JWT, which mode \'agent\' cannot enforce (deny)' })
 
 const EMPTY: readonly string[] = Object.freeze([])
 
@@ -133,7 +134,10 @@ export function decideRequest (service: ServiceRules, route: RouteRules, request
   facts.path = path
   facts.jwt = request.jwt ?? null
   headerAmbiguity.reason = null
-  const decision = service.agentDecides && route.override === null ? null : decideLocally(service, route, caller, facts, url, urlIsPath, trace)
+  let decision = service.agentDecides && route.override === null ? null : decideLocally(service, route, caller, facts, url, urlIsPath, trace)
+  // Mode 'agent': the agent decides what no override did, unless the caller's intention requires a
+  // JWT, which its authorize endpoint ignores: that denies (docs/semantics.md#agent-mode).
+  if (decision === null && jwtProvidersFor(service.policy, null, caller).length > 0) decision = AGENT_JWT_DECISION
   facts.rawHeaders = EMPTY
   facts.jwt = null
   // A header the decision read is one the application may read otherwise (docs/semantics.md#transport-headers).
