@@ -68,7 +68,8 @@ export interface TokenRequest {
 export class JwtAuthenticator {
   readonly #providers: JwtProviders
   readonly #log: FastifyBaseLogger
-  #byConnection = new WeakMap<object, Map<string, CachedToken>>()
+  /** connection → provider name → token → what its verification found. */
+  #byConnection = new WeakMap<object, Map<string, Map<string, CachedToken>>>()
   readonly #missingLogged = new Set<string>()
 
   constructor (providers: JwtProviders, log: FastifyBaseLogger) {
@@ -102,8 +103,7 @@ export class JwtAuthenticator {
         tokens.reject(name, 'no token in the request')
         continue
       }
-      const key = `${name}\n${found.token}`
-      const cached = cache?.get(key)
+      const cached = cache?.get(name)?.get(found.token)
       if (cached !== undefined && this.#stillValid(cached, active, nowMs)) {
         tokens.accept(active, found, cached.payload)
         continue
@@ -114,7 +114,7 @@ export class JwtAuthenticator {
           return
         }
         tokens.accept(active, found, result.payload)
-        this.#remember(request.connection, key, {
+        this.#remember(request.connection, name, found.token, {
           provider: active, generation: active.keys.generation, payload: result.payload, expMs: result.expMs, nbfMs: result.nbfMs
         })
       }))
@@ -128,11 +128,13 @@ export class JwtAuthenticator {
     return (cached.expMs === null || nowMs < cached.expMs + skewMs) && (cached.nbfMs === null || nowMs >= cached.nbfMs - skewMs)
   }
 
-  #remember (connection: object, key: string, entry: CachedToken): void {
+  #remember (connection: object, provider: string, token: string, entry: CachedToken): void {
     let cache = this.#byConnection.get(connection)
     if (cache === undefined) this.#byConnection.set(connection, cache = new Map())
-    else if (cache.size >= CACHE_PER_CONNECTION) cache.clear()
-    cache.set(key, entry)
+    let tokens = cache.get(provider)
+    if (tokens === undefined) cache.set(provider, tokens = new Map())
+    else if (tokens.size >= CACHE_PER_CONNECTION) tokens.clear()
+    tokens.set(token, entry)
   }
 
   #logMissing (name: string): void {
