@@ -329,6 +329,18 @@ t.test('remote key sets: status, size, trust, asynchronous first fetch, refetch 
   await lazy.ready()
   t.same(await beforeFetch, { ok: false, reason: 'key set unavailable: key set not loaded yet' })
   lazy.stop()
+  // A set whose server fails: a request fetches again (no cool-down with a zero cache), and fails
+  // with the reason; once the server answers, the next request gets the keys.
+  answer = (res) => { res.statusCode = 503; res.end() }
+  const down = newKeySet('p', source({ cacheMs: 0, backoffMaxMs: 60_000 }), silent, () => {})
+  await down.ready()
+  t.match(await verifyToken(await issuer.sign(), { config, keys: down }, Date.now()), { ok: false, reason: /^key set unavailable: GET .*: status 503$/ })
+  answer = (res) => { res.end(JSON.stringify(jwks(issuer))) }
+  t.match(await verifyToken(await issuer.sign(), { config, keys: down }, Date.now()), { ok: true }, 'fetched on demand')
+  const generation = down.generation
+  await (down as unknown as { refresh: () => Promise<void> }).refresh()
+  t.equal(down.generation, generation, 'the same document again: same generation, remembered tokens stay valid')
+  down.stop()
   // With a cache shorter than the cool-down, an unknown kid fetches the set again at once.
   answer = (res) => { res.end(JSON.stringify({ keys: [] })) }
   const quick = newKeySet('p', source({ cacheMs: 1 }), silent, () => {})

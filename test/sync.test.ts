@@ -714,7 +714,8 @@ t.test('jwt-provider entries: an agent before Consul 1.16, which does not know t
   await h.sync.start()
   t.equal(h.sync.ready, true)
   // The watch asks again only after a blocking query's wait; stop() ends that wait at once.
-  await h.agent.jwtProviders.poll(1)
+  await h.agent.jwtProviders.poll(2)
+  await new Promise((resolve) => setImmediate(resolve))
   h.sync.stop()
   t.same(h.sync.status().watches['jwt-providers'], { lastSuccess: h.sync.status().watches['jwt-providers']?.lastSuccess, lastError: null, failures: 0 })
 })

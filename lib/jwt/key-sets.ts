@@ -197,8 +197,8 @@ class RemoteKeySet extends BaseKeySet {
     }
     if (this.stopped) return
     this.failed(`GET ${s.uri}: ${lastError}`)
-    // Keep trying in the background, no faster than the backoff allows.
-    this.#schedule(Math.min(s.cacheMs, s.backoffMaxMs))
+    // Keep trying in the background, at the backoff's maximum interval.
+    this.#schedule(s.backoffMaxMs)
   }
 
   async #fetch (): Promise<string> {
