@@ -715,6 +715,8 @@ t.test('jwt-provider entries: an agent before Consul 1.16, which does not know t
   t.equal(h.sync.ready, true)
   // The watch asks again only after a blocking query's wait; stop() ends that wait at once.
   await h.agent.jwtProviders.poll(2)
+  // The held blocking read answers (still without the kind): the watch then waits before asking again.
+  h.agent.jwtProviders.set(null, 2)
   await new Promise((resolve) => setImmediate(resolve))
   h.sync.stop()
   t.same(h.sync.status().watches['jwt-providers'], { lastSuccess: h.sync.status().watches['jwt-providers']?.lastSuccess, lastError: null, failures: 0 })
