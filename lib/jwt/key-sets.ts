@@ -96,7 +96,7 @@ abstract class BaseKeySet implements KeySet {
 
   #settle (failure: string | null): void {
     // With last good keys, a failure is logged but does not make the set unusable.
-    this.error = this.set === null ? failure ?? 'key set not loaded yet' : null
+    this.error = this.set === null ? failure : null
     if (failure === null) {
       if (this.#lastLogged !== null) {
         this.log.info({ consulNative: { event: 'jwks-recovered', provider: this.provider } }, 'fastify-consul-native: JWT key set loaded again')
@@ -238,7 +238,7 @@ class RemoteKeySet extends BaseKeySet {
 
   #schedule (ms: number): void {
     if (this.stopped) return
-    if (this.#timer !== null) clearTimeout(this.#timer)
+    clearTimeout(this.#timer ?? undefined)
     this.#timer = setTimeout(() => { this.refresh().catch(() => {}) }, ms).unref()
   }
 
