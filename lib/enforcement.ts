@@ -329,18 +329,18 @@ export class Enforcer {
     const event = effect.event
     if (event === null) return null
     if (!effect.limited) {
-      if (isDebug(this.#log)) this.#write(request, peer, decision, effect, 'debug', event, 0)
+      if (isDebug(this.#log)) this.#write(request, peer, decision, effect, 'debug', event, 0, null)
       return null
     }
     const routeName = request.is404 ? NOT_FOUND_ROUTE : request.routeOptions.url as string
     const caller = peer.identity === null ? `unauthenticated/${addressClass(request.raw.socket.remoteAddress)}` : peer.identity.uri
     const suppressed = limiter.admit(`${event} ${caller} ${routeName}`, Date.now())
-    if (suppressed !== SUPPRESS) this.#write(request, peer, decision, effect, 'info', event, suppressed)
+    if (suppressed !== SUPPRESS) this.#write(request, peer, decision, effect, 'info', event, suppressed, tokens)
     return effect.error === null ? null : effect.error()
   }
 
   #write (request: FastifyRequest, peer: PeerIdentity, decision: Decision, effect: OutcomeEffect, level: 'debug' | 'info',
-    event: LogEvent, suppressed: number): void {
+    event: LogEvent, suppressed: number, tokens: RequestTokens | null): void {
     const raw = request.raw
     const fields = {
       source: peer.identity === null ? null : peer.identity.uri,
@@ -349,7 +349,9 @@ export class Enforcer {
       path: raw.url,
       // Without an identity, the decision says only 'unauthenticated': the log says why.
       reason: peer.identity === null ? peer.reason : decision.reason,
-      ...(suppressed > 0 ? { suppressed } : null)
+      ...(suppressed > 0 ? { suppressed } : null),
+      // Which provider failed and why; never the token (docs/semantics.md#jwt-match).
+      ...(tokens !== null && Object.keys(tokens.failures).length > 0 ? { jwt: tokens.failures } : null)
     }
     logEvent(this.#log, level, event, fields, effect.message, undefined, { label: this.#requestIdLabel, id: request.id })
   }

@@ -21,11 +21,11 @@ const LIMITED_FIELDS = [...REQUEST_FIELDS, 'suppressed'] as const
 export const LOG_EVENTS = {
   // Requests (through request.log)
   allowed: REQUEST_FIELDS,
-  denied: LIMITED_FIELDS,
+  denied: [...LIMITED_FIELDS, 'jwt'],
   unauthenticated: LIMITED_FIELDS,
   'bad-path': LIMITED_FIELDS,
   'bad-header': LIMITED_FIELDS,
-  'shadow-denied': LIMITED_FIELDS,
+  'shadow-denied': [...LIMITED_FIELDS, 'jwt'],
   'shadow-unauthenticated': LIMITED_FIELDS,
   'denials-suppressed': ['suppressed'],
   'candidate-disagrees': ['source', 'route', 'method', 'path', 'live', 'liveReason', 'candidate', 'candidateReason', 'suppressed'],
@@ -56,6 +56,10 @@ export const LOG_EVENTS = {
   'certificate-source-failed': ['source', 'part', 'address', 'failures', 'serial', 'err'],
   'certificate-source-recovered': ['source', 'part'],
   'certificate-source-stopped': ['source'],
+  // JWT providers and key sets (docs/semantics.md#jwt-providers)
+  'jwt-provider-missing': ['provider'],
+  'jwks-failed': ['provider', 'reason', 'keptLastGood'],
+  'jwks-recovered': ['provider'],
   // Registration
   registered: ['serviceId', 'address', 'port', 'checkId'],
   'register-failed': ['err'],

@@ -63,7 +63,8 @@ t.test('permission-level requirements: the rules of docs/semantics.md#jwt-match 
     { Name: '*', Action: 'allow' }
   ])
   const { lines, stream } = logSink()
-  const svc = await startService(t, agent, { routes: jwtRoutes, fastify: { logger: { level: 'info', stream } } as never })
+  // Every denial of the table is logged (the default logDenials limit would leave repeats out).
+  const svc = await startService(t, agent, { routes: jwtRoutes, plugin: { logDenials: { sample: 1, perSecond: 10_000 } }, fastify: { logger: { level: 'info', stream } } as never })
   const web = mtlsClient(t, await leafFor(agent, 'web'))
   const ops = mtlsClient(t, await leafFor(agent, 'ops'))
   const cron = mtlsClient(t, await leafFor(agent, 'cron'))

@@ -8,6 +8,7 @@ import type { FastifyBaseLogger } from 'fastify'
 import { createLocalJWKSet } from 'jose'
 import type { JSONWebKeySet, JWTVerifyGetKey } from 'jose'
 import { Agent, request } from 'undici'
+import { logEvent } from '../log'
 import type { KeySetSource } from './provider'
 
 /** Reported on `fastify.consulNative.events` as `'jwks'` after each fetch of a remote key set, or load of a local one. */
@@ -99,13 +100,13 @@ abstract class BaseKeySet implements KeySet {
     this.error = this.set === null ? failure : null
     if (failure === null) {
       if (this.#lastLogged !== null) {
-        this.log.info({ consulNative: { event: 'jwks-recovered', provider: this.provider } }, 'fastify-consul-native: JWT key set loaded again')
+        logEvent(this.log, 'info', 'jwks-recovered', { provider: this.provider }, 'JWT key set loaded again')
       }
       this.#lastLogged = null
     } else if (failure !== this.#lastLogged) {
       this.#lastLogged = failure
-      this.log.warn({ consulNative: { event: 'jwks-failed', provider: this.provider, reason: failure, keptLastGood: this.set !== null } },
-        `fastify-consul-native: cannot load the key set of JWT provider ${JSON.stringify(this.provider)}`)
+      logEvent(this.log, 'warn', 'jwks-failed', { provider: this.provider, reason: failure, keptLastGood: this.set !== null },
+        `cannot load the key set of JWT provider ${JSON.stringify(this.provider)}`)
     }
   }
 }

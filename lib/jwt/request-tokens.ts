@@ -5,6 +5,7 @@
 // provider and keys are unchanged and its `exp`/`nbf` still hold at the time of the request.
 import type { FastifyBaseLogger } from 'fastify'
 import type { JwtTokens } from '../intentions/jwt'
+import { logEvent } from '../log'
 import { findToken } from './locations'
 import type { FoundToken } from './locations'
 import type { ActiveProvider, JwtProviders } from './provider'
@@ -140,8 +141,8 @@ export class JwtAuthenticator {
   #logMissing (name: string): void {
     if (this.#missingLogged.has(name)) return
     this.#missingLogged.add(name)
-    this.#log.warn({ consulNative: { event: 'jwt-provider-missing', provider: name } },
-      `fastify-consul-native: an intention requires a token from JWT provider ${JSON.stringify(name)}, which Consul does not have: that requirement fails`)
+    logEvent(this.#log, 'warn', 'jwt-provider-missing', { provider: name },
+      `an intention requires a token from JWT provider ${JSON.stringify(name)}, which Consul does not have: that requirement fails`)
   }
 
   /** Logs a provider missing from Consul once (called when the policy or the providers change). */
