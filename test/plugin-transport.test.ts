@@ -113,19 +113,23 @@ t.test('Expect: 100-continue: no Continue before the decision; a refused caller\
   const head = (length: number): string =>
     `POST /upload HTTP/1.1\r\nHost: api\r\nContent-Type: text/plain\r\nContent-Length: ${length}\r\nExpect: 100-continue\r\n\r\n`
 
-  t.test('HTTP/1.1', async (t) => {
-    for (const [name, creds, status] of [['no certificate', anonymous, 401], ['denied', billing, 403]] as const) {
-      const { response, reader } = await http1(t, svc.port, creds, head(209715200))
+  t.test('HTTP/1.1, on an HTTPS server and on an HTTP/2 server with allowHTTP1', async (t) => {
+    const https = await startService(t, agent, { routes: headerRoutes })
+    for (const [name, creds, status, port] of [['no certificate', anonymous, 401, svc.port], ['denied', billing, 403, svc.port],
+      ['no certificate (HTTPS server)', anonymous, 401, https.port], ['denied (HTTPS server)', billing, 403, https.port]] as const) {
+      const { response, reader } = await http1(t, port, creds, head(209715200))
       t.equal(response.status, status, `${name}: the first answer is final, not 100 Continue`)
       t.equal(response.headers.connection, 'close', `${name}: Connection: close`)
       await reader.closedByServer()
       t.pass(`${name}: the server closed the connection without reading the body`)
     }
-    const { response, socket, reader } = await http1(t, svc.port, web, head(5))
-    t.equal(response.status, 100, 'allowed: 100 Continue')
-    socket.write('hello')
-    const final = await reader.response()
-    t.same([final.status, JSON.parse(final.body)], [200, { received: 5 }])
+    for (const port of [svc.port, https.port]) {
+      const { response, socket, reader } = await http1(t, port, web, head(5))
+      t.equal(response.status, 100, 'allowed: 100 Continue')
+      socket.write('hello')
+      const final = await reader.response()
+      t.same([final.status, JSON.parse(final.body)], [200, { received: 5 }])
+    }
   })
 
   t.test('HTTP/2', async (t) => {
