@@ -27,6 +27,14 @@ t.test('the public types describe what users write', async (t) => {
   const badLimit: ConsulNativeOptions = { service: 'api', logDenials: { perSecond: 'many' } }
   t.ok(limited && badLimit)
   t.ok(options && missing && wrong)
+  // Certificate sources: each source takes only its own settings.
+  const agentless: ConsulNativeOptions = { service: 'api', certificates: { source: 'consul-grpc', address: 'consul-server:8503', caFile: '/ca.pem', tlsServerName: 'server.dc1.consul' } }
+  const files: ConsulNativeOptions = { service: 'api', certificates: { source: 'files', dir: '/run/secrets/workload-spiffe-credentials', pollInterval: 500 } }
+  // @ts-expect-error `dir` belongs to the files source
+  const mixed: ConsulNativeOptions = { service: 'api', certificates: { source: 'consul-grpc', dir: '/x' } }
+  t.ok(agentless && files && mixed)
+  const withGrpc: DevAgentOptions = { grpcPort: 0, grpcTls: true }
+  t.ok(withGrpc)
 
   const app = Fastify({ https: httpsOptions({ minVersion: 'TLSv1.3' }) })
   // @ts-expect-error the certificate belongs to the plugin (and is refused at run time too)
