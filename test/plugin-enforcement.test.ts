@@ -424,7 +424,7 @@ t.test('metrics(): request outcomes, sync failures, readiness and leaf expiry; p
   const families = svc.app.consulNative.metrics()
   const requests = families.find((family) => family.name === 'consul_native_requests_total')
   t.same(requests?.values.map((v) => [v.labels.outcome, v.value]), [['allowed', 2], ['denied', 1], ['unauthenticated', 1], ['rejected', 0], ['exempt', 1], ['shadow_denied', 0], ['shadow_unauthenticated', 0]])
-  t.same(families.find((family) => family.name === 'consul_native_sync_failures_total')?.values.map((v) => v.value), [0, 0, 0, 0, 0, 0])
+  t.same(families.find((family) => family.name === 'consul_native_sync_failures_total')?.values.map((v) => v.value), [0, 0, 0, 0, 0, 0, 0])
   t.same(families.find((family) => family.name === 'consul_native_ready')?.values, [{ value: 1, labels: {} }])
   const expiry = families.find((family) => family.name === 'consul_native_leaf_expiry_seconds')?.values[0]?.value ?? 0
   t.ok(expiry > 71 * 3600 && expiry <= 72 * 3600, `leaf expires in about 72 h (${expiry} s)`)
