@@ -57,6 +57,7 @@ function jwtProviderRows (): Array<[string, unknown, number, string?]> {
     ['remote bad duration', remote({ CacheDuration: 'soon' }), 400, decodeFail('1 error(s) decoding:\n\n* error decoding \'JSONWebKeySet.Remote.CacheDuration\': time: invalid duration "soon"')],
     ['remote map duration', remote({ CacheDuration: { a: 1 } }), 400, decodeFail('1 error(s) decoding:\n\n* \'JSONWebKeySet.Remote.CacheDuration\' expected type \'int64\', got unconvertible type \'map[string]interface {}\', value: \'map[a:1]\'')],
     ['remote bool duration (weakly typed: 1 ns)', remote({ CacheDuration: true }), 200],
+    ['remote bool duration (weakly typed: 0 ns)', remote({ CacheDuration: false }), 200],
     ['remote cluster without TLS', remote({ URI: '/jwks', JWKSCluster: { DiscoveryType: 'STATIC', ConnectTimeout: '5s' } }), 200],
     ['remote bad discovery type', remote({ JWKSCluster: { DiscoveryType: 'DNS' } }), 500, 'unsupported jwks cluster discovery type: "DNS"'],
     ['remote TLS without CA', remote({ JWKSCluster: { TLSCertificates: {} } }), 500, 'must specify exactly one of: CaCertificateProviderInstance or TrustedCA for JKWS\' TLSCertificates'],

@@ -177,9 +177,11 @@ t.test('token locations, forwarding, and a provider Consul no longer has', async
     Forwarding: { HeaderName: 'X-JWT-Payload' }
   }))
   await putEntry(agent, localProvider('gone', [okta]))
+  await putEntry(agent, localProvider('padded', [okta], { Forwarding: { HeaderName: 'X-JWT-Payload', PadForwardPayloadHeader: true } }))
   await setIntentions(agent, 'api', [
     { Name: 'web', Permissions: [{ Action: 'allow', HTTP: { PathPrefix: '/' }, JWT: { Providers: [{ Name: 'okta' }] } }] },
-    { Name: 'ops', Permissions: [{ Action: 'allow', HTTP: { PathPrefix: '/' }, JWT: { Providers: [{ Name: 'gone' }, { Name: 'okta' }] } }] }
+    { Name: 'ops', Permissions: [{ Action: 'allow', HTTP: { PathPrefix: '/' }, JWT: { Providers: [{ Name: 'gone' }, { Name: 'okta' }] } }] },
+    { Name: 'batch', Permissions: [{ Action: 'allow', HTTP: { PathPrefix: '/' }, JWT: { Providers: [{ Name: 'padded' }] } }] }
   ])
   const { lines, stream } = logSink()
   const routes = (app: FastifyInstance): void => {
@@ -202,6 +204,10 @@ t.test('token locations, forwarding, and a provider Consul no longer has', async
   const viaHeader = await get(web, `${svc.origin}/`, { headers: { 'x-token': `Token ${token}`, 'x-jwt-payload': 'forged' } })
   t.equal(viaHeader.status, 200, 'header with a value prefix')
   t.equal(viaHeader.body.payload, payload, 'Forwarding.HeaderName receives the base64url payload, replacing what the caller sent')
+  const batch = mtlsClient(t, await leafFor(agent, 'batch'))
+  const padded = await get(batch, `${svc.origin}/`, { headers: bearer(token) })
+  t.equal(padded.status, 200)
+  t.equal(padded.body.payload, payload + '='.repeat((4 - payload.length % 4) % 4), 'PadForwardPayloadHeader pads the forwarded payload')
   t.equal((await get(web, `${svc.origin}/?jwt=${token}`)).status, 200, 'query parameter')
   t.equal((await get(web, `${svc.origin}/`, { headers: { cookie: `jwt=${token}` } })).status, 200, 'cookie')
   t.equal((await get(web, `${svc.origin}/`, { headers: { 'x-token': token } })).status, 403, 'the value prefix is required')

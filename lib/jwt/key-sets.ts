@@ -239,7 +239,7 @@ class RemoteKeySet extends BaseKeySet {
 
   #schedule (ms: number): void {
     if (this.stopped) return
-    clearTimeout(this.#timer ?? undefined)
+    if (this.#timer !== null) clearTimeout(this.#timer)
     this.#timer = setTimeout(() => { this.refresh().catch(() => {}) }, ms).unref()
   }
 
