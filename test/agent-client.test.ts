@@ -553,6 +553,16 @@ t.test('parse: intention match lists and each intention', async (t) => {
   ])
   t.notOk('Action' in parsed)
 
+  // A criterion a newer Consul might add is refused, never dropped (docs/semantics.md#permission-validation);
+  // unset values (Consul omits them, but null, '', false, 0, [] and {} read the same) are accepted.
+  const unknown = (perm: Record<string, unknown>): unknown => ({ ...l4, Action: undefined, Permissions: [perm] })
+  const unset = { Future: null, Empty: '', Off: false, Zero: 0, None: [], Blank: {} }
+  t.same(parseIntention(unknown({ Action: 'allow', ...unset, HTTP: { PathPrefix: '/', ...unset, Header: [{ Name: 'x', Present: true, ...unset }] } })).Permissions,
+    [{ Action: 'allow', HTTP: { PathPrefix: '/', Header: [{ Name: 'x', Present: true }] } }])
+  shape(t, () => parseIntention(unknown({ Action: 'allow', Future: { Query: 'x' } })), 'Permissions[0].Future: is not a criterion this plugin can evaluate; refusing the update rather than ignoring it')
+  shape(t, () => parseIntention(unknown({ Action: 'allow', HTTP: { PathPrefix: '/', QueryParam: [{ Name: 'q' }] } })), 'Permissions[0].HTTP.QueryParam: is not a criterion this plugin can evaluate; refusing the update rather than ignoring it')
+  shape(t, () => parseIntention(unknown({ Action: 'allow', HTTP: { Header: [{ Name: 'x', Exact: 'a', Trim: true }] } })), 'Permissions[0].HTTP.Header[0].Trim: is not a criterion this plugin can evaluate; refusing the update rather than ignoring it')
+
   shape(t, () => parseIntention({ ...l4, Action: undefined }), 'has neither Action nor Permissions')
   shape(t, () => parseIntention({ ...l4, Action: undefined, Permissions: [] }, 'api[2]'), 'api[2]: has neither Action nor Permissions')
   shape(t, () => parseIntention({ ...l4, Permissions: l7.Permissions }), 'has both Action and Permissions')

@@ -1,5 +1,6 @@
 // Validators for the agent's JSON answers. Each one checks exactly the fields the plugin relies on,
-// returns a fresh object of the wire type (unknown fields dropped, `null` for an omitted optional
+// returns a fresh object of the wire type (unknown fields dropped, except a permission's criteria,
+// which are refused; `null` for an omitted optional
 // read as absent) and otherwise throws a ShapeError naming the JSON path at fault. Fields the
 // plugin never reads are type-checked when present and defaulted when absent, so a Consul version
 // that drops one does not stop the plugin. Pure functions; the client wraps ShapeError into
@@ -178,10 +179,33 @@ export function parseIntention (value: unknown, at = ''): Intention {
   return ixn
 }
 
+const PERMISSION_FIELDS = new Set(['Action', 'HTTP', 'JWT'])
+const HTTP_FIELDS = new Set(['PathExact', 'PathPrefix', 'PathRegex', 'Methods', 'Header'])
+const HEADER_FIELDS = new Set(['Name', 'Present', 'Exact', 'Prefix', 'Suffix', 'Contains', 'Regex', 'Invert', 'IgnoreCase'])
+
+/**
+ * A criterion of a permission this plugin does not know (a newer Consul's) cannot be dropped:
+ * ignoring it would widen what an allow permits (docs/semantics.md#permission-validation). Consul
+ * omits unset fields, so only a set value is refused; the update is rejected as a whole.
+ */
+function rejectUnknownCriteria (o: Obj, known: ReadonlySet<string>, at: string): void {
+  for (const key in o) {
+    if (known.has(key) || isUnset(o[key])) continue
+    throw new ShapeError(join(at, key), 'is not a criterion this plugin can evaluate; refusing the update rather than ignoring it')
+  }
+}
+
+function isUnset (v: unknown): boolean {
+  if (v === undefined || v === null || v === '' || v === false || v === 0) return true
+  if (Array.isArray(v)) return v.length === 0
+  return typeof v === 'object' && Object.keys(v as object).length === 0
+}
+
 function parsePermission (value: unknown, at: string): IntentionPermission {
   const o = object(value, at)
   const action = optionalAction(o, at)
   if (action === undefined) throw new ShapeError(join(at, 'Action'), 'expected "allow" or "deny", got nothing')
+  rejectUnknownCriteria(o, PERMISSION_FIELDS, at)
   const perm: IntentionPermission = { Action: action }
   if (o.HTTP !== undefined && o.HTTP !== null) perm.HTTP = parseHTTPPermission(o.HTTP, join(at, 'HTTP'))
   setOptional(perm, 'JWT', optionalJWT(o, at))
@@ -190,6 +214,7 @@ function parsePermission (value: unknown, at: string): IntentionPermission {
 
 function parseHTTPPermission (value: unknown, at: string): IntentionHTTPPermission {
   const o = object(value, at)
+  rejectUnknownCriteria(o, HTTP_FIELDS, at)
   const http: IntentionHTTPPermission = {}
   for (const key of ['PathExact', 'PathPrefix', 'PathRegex'] as const) {
     setOptional(http, key, optionalString(o, key, at))
@@ -203,6 +228,7 @@ function parseHTTPPermission (value: unknown, at: string): IntentionHTTPPermissi
 
 function parseHeaderPermission (value: unknown, at: string): IntentionHTTPHeaderPermission {
   const o = object(value, at)
+  rejectUnknownCriteria(o, HEADER_FIELDS, at)
   const header: IntentionHTTPHeaderPermission = { Name: nonEmptyString(o, 'Name', at) }
   for (const key of ['Exact', 'Prefix', 'Suffix', 'Contains', 'Regex'] as const) {
     setOptional(header, key, optionalString(o, key, at))
@@ -213,7 +239,7 @@ function parseHeaderPermission (value: unknown, at: string): IntentionHTTPHeader
   return header
 }
 
-/** Only the presence and provider names of a JWT requirement matter (docs/semantics.md#jwt: not enforced). */
+/** A JWT requirement: its providers and the claims each must verify (docs/semantics.md#jwt). */
 function optionalJWT (o: Obj, at: string): IntentionJWTRequirement | undefined {
   const raw = o.JWT
   if (raw === undefined || raw === null) return undefined
