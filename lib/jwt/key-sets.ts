@@ -144,7 +144,7 @@ class LocalKeySet extends BaseKeySet {
 class RemoteKeySet extends BaseKeySet {
   readonly #source: Extract<KeySetSource, { kind: 'remote' }>
   #dispatcher: Agent | null = null
-  #timer: NodeJS.Timeout | null = null
+  #timer: NodeJS.Timeout | undefined = undefined
   #inFlight: Promise<void> | null = null
   #lastStart = 0
   readonly #first: Promise<void>
@@ -239,13 +239,13 @@ class RemoteKeySet extends BaseKeySet {
 
   #schedule (ms: number): void {
     if (this.stopped) return
-    if (this.#timer !== null) clearTimeout(this.#timer)
+    clearTimeout(this.#timer)
     this.#timer = setTimeout(() => { this.refresh().catch(() => {}) }, ms).unref()
   }
 
   stop (): void {
     this.stopped = true
-    if (this.#timer !== null) clearTimeout(this.#timer)
+    clearTimeout(this.#timer)
     this.#dispatcher?.close().catch(() => {})
   }
 }
