@@ -142,10 +142,16 @@ t.test('candidate disagreement lines are limited like denials; the counter stays
   const svc = await startService(t, agent, {
     plugin: { candidate: { Kind: 'service-intentions', Name: 'api', Sources: [{ Name: 'web', Action: 'deny' }] }, logDenials: { perSecond: 0 } },
     fastify: { logger: { level: 'info', stream: logs.stream } },
-    routes: (app) => { app.get('/*', async () => 'ok') }
+    routes: (app) => { app.get('/same', async () => 'ok') }
   })
   const web = mtlsClient(t, await leafFor(agent, 'web'))
   for (let i = 0; i < 3; i++) t.equal((await get(web, `${svc.origin}/same`)).status, 200)
   t.equal(logs.lines.filter((l) => l.consulNative?.event === 'candidate-disagrees').length, 1, 'the first line of a caller and route only')
   t.equal(svc.app.consulNative.status().candidate?.disagreements, 3)
+  // An unknown route is a pair of its own, and its first line carries the count left out before it.
+  t.equal((await get(web, `${svc.origin}/nowhere`)).status, 404)
+  const lines = logs.lines.filter((l) => l.consulNative?.event === 'candidate-disagrees')
+  t.equal(lines.length, 2)
+  t.match(lines[1], { consulNative: { route: '(not found)', path: '/nowhere', suppressed: 2 } })
+  t.equal(svc.app.consulNative.status().candidate?.disagreements, 4)
 })
