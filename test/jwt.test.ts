@@ -318,6 +318,20 @@ t.test('remote key sets: status, size, trust, asynchronous first fetch, refetch 
   t.match(huge.error, /key set larger than 1 MiB/)
   huge.stop()
 
+  // Stopped while its first fetch is in flight: the answer still lands, and nothing is scheduled after it.
+  let hits = 0
+  const arrived = new Promise<() => void>((resolve) => {
+    answer = (res) => { hits++; resolve(() => { res.end(JSON.stringify(jwks(issuer))) }) }
+  })
+  const stopping = newKeySet('p', source({ cacheMs: 1 }), silent, () => {})
+  const release = await arrived
+  stopping.stop()
+  release()
+  await stopping.ready()
+  t.equal(stopping.error, null, 'the answer in flight is installed')
+  await new Promise((resolve) => setTimeout(resolve, 30))
+  t.equal(hits, 1, 'no refresh after stop, however short the cache')
+
   answer = (res) => { res.end(JSON.stringify(jwks(issuer))) }
   const config = compileProvider({ Name: 'p', Issuer: 'https://idp.test', JSONWebKeySet: { Local: { JWKS: b64({ keys: [] }) } } }, 'x')
   const early = await issuer.sign()
@@ -346,7 +360,8 @@ t.test('remote key sets: status, size, trust, asynchronous first fetch, refetch 
   const quick = newKeySet('p', source({ cacheMs: 1 }), silent, () => {})
   await quick.ready()
   answer = (res) => { res.end(JSON.stringify(jwks(issuer))) }
-  await new Promise((resolve) => setImmediate(resolve))
+  // The cache (1 ms) must have run out since the first fetch started.
+  await new Promise((resolve) => setTimeout(resolve, 5))
   t.match(await verifyToken(await issuer.sign(), { config, keys: quick }, Date.now()), { ok: true }, 'the rotated-in key is fetched on demand')
   quick.stop()
 })
