@@ -216,10 +216,10 @@ export class Enforcer {
     return this.#sync.jwt.tokensFor({ rawHeaders: raw.rawHeaders, url: raw.url as string, connection: connectionOf(raw) }, providers, now)
   }
 
-  #decide (request: FastifyRequest, route: RoutePolicy, peer: PeerIdentity, tokens: RequestTokens | null): Error | null | Promise<Error | null> {
+  /** The reused request view, filled for this request; the service rules set to those in force now. */
+  #viewOf (request: FastifyRequest, peer: PeerIdentity, tokens: RequestTokens | null): RequestView {
     const raw = request.raw
     const service = this.#service
-    // An asynchronous verification may end after an update: decide with what is in force now.
     service.policy = this.#sync.policy
     service.normalization = this.#sync.normalization
     const view = this.#request
@@ -228,7 +228,13 @@ export class Enforcer {
     view.url = raw.url as string
     view.rawHeaders = raw.rawHeaders
     view.jwt = tokens
-    const verdict = decideRequest(service, route, view, this.#verdict)
+    return view
+  }
+
+  #decide (request: FastifyRequest, route: RoutePolicy, peer: PeerIdentity, tokens: RequestTokens | null): Error | null | Promise<Error | null> {
+    // An asynchronous verification may end after an update: decide with what is in force now.
+    const view = this.#viewOf(request, peer, tokens)
+    const verdict = decideRequest(this.#service, route, view, this.#verdict)
     const candidate = this.#candidate
     // The candidate is decided only where the intentions decide: exemption, identity and
     // normalization do not depend on them (docs/semantics.md#rollout-candidate).
@@ -238,7 +244,7 @@ export class Enforcer {
     view.caller = null
     view.rawHeaders = EMPTY
     view.jwt = null
-    if (verdict.dropUnderscoreHeaders) dropUnderscoreHeaders(raw)
+    if (verdict.dropUnderscoreHeaders) dropUnderscoreHeaders(request.raw)
     const outcome = verdict.outcome
     if (outcome === 'ask-agent') {
       return (this.#authorize as AgentAuthorizer).decide(request, peer.identity as ServiceIdentity)
@@ -291,17 +297,8 @@ export class Enforcer {
   }
 
   #redecide (request: FastifyRequest, route: RoutePolicy, peer: PeerIdentity, tokens: RequestTokens | null): boolean | Promise<boolean> {
-    const raw = request.raw
-    const service = this.#service
-    service.policy = this.#sync.policy
-    service.normalization = this.#sync.normalization
-    const view = this.#request
-    view.caller = peer.identity
-    view.method = raw.method as string
-    view.url = raw.url as string
-    view.rawHeaders = raw.rawHeaders
-    view.jwt = tokens
-    const outcome = decideRequest(service, route, view, this.#verdict).outcome
+    const view = this.#viewOf(request, peer, tokens)
+    const outcome = decideRequest(this.#service, route, view, this.#verdict).outcome
     view.caller = null
     view.rawHeaders = EMPTY
     view.jwt = null

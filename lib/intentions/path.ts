@@ -414,6 +414,20 @@ function addVariants (out: string[], primary: string, base: string, router: Rout
       s = s.slice(0, cut)
     }
   }
+  for (const f of routerForms(s, router)) {
+    add(out, primary, f)
+    if (SUB_DELIM_ANY.test(f)) {
+      add(out, primary, f.replace(SUB_DELIM_ESCAPED, (m) => String.fromCharCode(parseInt(m.slice(1), 16))))
+      add(out, primary, f.replace(SUB_DELIM_LITERAL, (m) => escapeByte(m.charCodeAt(0))))
+    }
+  }
+}
+
+/**
+ * The keys the router may look `s` up under: duplicate slashes removed, trailing slash trimmed and
+ * re-added, each also lower-cased with `toLowerCase` as find-my-way does, per the router options.
+ */
+function routerForms (s: string, router: RouterOptions): string[] {
   const forms = [s]
   if (router.ignoreDuplicateSlashes) forms.push(s.replace(SLASH_RUN, '/'))
   if (router.ignoreTrailingSlash) {
@@ -425,13 +439,7 @@ function addVariants (out: string[], primary: string, base: string, router: Rout
   if (!router.caseSensitive) {
     for (let i = forms.length - 1; i >= 0; i--) forms.push(forms[i].toLowerCase())
   }
-  for (const f of forms) {
-    add(out, primary, f)
-    if (SUB_DELIM_ANY.test(f)) {
-      add(out, primary, f.replace(SUB_DELIM_ESCAPED, (m) => String.fromCharCode(parseInt(m.slice(1), 16))))
-      add(out, primary, f.replace(SUB_DELIM_LITERAL, (m) => escapeByte(m.charCodeAt(0))))
-    }
-  }
+  return forms
 }
 
 /**
@@ -440,18 +448,7 @@ function addVariants (out: string[], primary: string, base: string, router: Rout
  * U+212A KELVIN SIGN folds to `k`), each then spelled canonically.
  */
 function addDecodedVariants (out: string[], primary: string, decoded: string, router: RouterOptions, literalPercent: boolean): void {
-  const forms = [decoded]
-  if (router.ignoreDuplicateSlashes) forms.push(decoded.replace(SLASH_RUN, '/'))
-  if (router.ignoreTrailingSlash) {
-    const key = forms[forms.length - 1]
-    const trimmed = key.length > 1 && key.endsWith('/') ? key.slice(0, -1) : key
-    forms.push(trimmed)
-    if (trimmed !== '/') forms.push(trimmed + '/')
-  }
-  if (!router.caseSensitive) {
-    for (let i = forms.length - 1; i >= 0; i--) forms.push(forms[i].toLowerCase())
-  }
-  for (const f of forms) {
+  for (const f of routerForms(decoded, router)) {
     const spelled = spellDecoded(f, literalPercent)
     add(out, primary, spelled)
     if (SUB_DELIM_ANY.test(spelled)) add(out, primary, spelled.replace(SUB_DELIM_LITERAL, (m) => escapeByte(m.charCodeAt(0))))
