@@ -143,8 +143,7 @@ function percentNormalize (path: string, backslashToSlash: boolean): string | nu
     } else if (c > 0xff) {
       // Node's targets are latin1 (one char per byte); anything wider is encoded as UTF-8 bytes.
       const cp = path.codePointAt(i) as number
-      rep = ''
-      for (const b of Buffer.from(String.fromCodePoint(cp), 'utf8')) rep += escapeByte(b)
+      rep = utf8Escaped(cp)
       if (cp > 0xffff) {
         out += path.slice(last, i) + rep
         i++
@@ -327,8 +326,7 @@ function spellDecoded (text: string, literalPercent: boolean): string {
       }
     } else if (c >= 0x80) {
       const cp = text.codePointAt(i) as number
-      rep = ''
-      for (const b of Buffer.from(String.fromCodePoint(cp), 'utf8')) rep += escapeByte(b)
+      rep = utf8Escaped(cp)
       if (cp > 0xffff) {
         out += text.slice(last, i) + rep
         i++
@@ -361,8 +359,7 @@ export function canonicalRulePath (rule: string): string {
     let rep: string
     if (c >= 0x80) {
       const cp = rule.codePointAt(i) as number
-      rep = ''
-      for (const b of Buffer.from(String.fromCodePoint(cp), 'utf8')) rep += escapeByte(b)
+      rep = utf8Escaped(cp)
       out += rule.slice(last, i) + rep
       if (cp > 0xffff) i++
       last = i + 1
@@ -421,6 +418,13 @@ function addVariants (out: string[], primary: string, base: string, router: Rout
       add(out, primary, f.replace(SUB_DELIM_LITERAL, (m) => escapeByte(m.charCodeAt(0))))
     }
   }
+}
+
+/** A code point as the percent-escapes of its UTF-8 bytes, as request paths carry it. */
+function utf8Escaped (cp: number): string {
+  let out = ''
+  for (const b of Buffer.from(String.fromCodePoint(cp), 'utf8')) out += escapeByte(b)
+  return out
 }
 
 /**

@@ -339,6 +339,12 @@ export function decideSpellings (policy: CompiledPolicy, override: CompiledOverr
   let rule = override === null ? null : override.ruleFor(caller, trace)
   if (rule === null) rule = policy.ruleFor(caller, trace)
   if (rule === null) return policy.defaultDecision
+  return decideRule(rule, req, alternatePaths, policy, trace)
+}
+
+/** The deciding rule's verdict, denied when any other spelling of the path would be denied. */
+function decideRule (rule: Rule, req: RequestFacts, alternatePaths: readonly string[], policy: CompiledPolicy,
+  trace: DecisionTrace | null): Decision {
   const d = evaluate(rule, req, policy.defaultAllow, trace)
   // An allow by the default policy after a failed top-level requirement: the rule does not apply.
   if (!d.allow || rule.fixed !== null || d === rule.jwtFailed.allow) return d
@@ -357,14 +363,7 @@ export function decideOverrideSpellings (override: CompiledOverride, caller: Cal
   alternatePaths: readonly string[], policy: CompiledPolicy, trace: DecisionTrace | null = null): Decision | null {
   const rule = override.ruleFor(caller, trace)
   if (rule === null) return null
-  const d = evaluate(rule, req, policy.defaultAllow, trace)
-  // An allow by the default policy after a failed top-level requirement: the rule does not apply.
-  if (!d.allow || rule.fixed !== null || d === rule.jwtFailed.allow) return d
-  for (let i = 0; i < alternatePaths.length; i++) {
-    const denial = alternateDenial(rule, req, alternatePaths[i], trace)
-    if (denial !== null) return denial
-  }
-  return d
+  return decideRule(rule, req, alternatePaths, policy, trace)
 }
 
 /**
