@@ -1,7 +1,7 @@
 // The per-request hook's work: resolve the caller's identity from the connection cache, ask the
 // pure request decision (lib/intentions/request.ts), and apply its verdict in one place: counter,
-// log line, error. No agent call (except mode 'agent'), and no allocation on the allow path of a
-// canonical request.
+// log line, error. No agent call (except mode 'agent'); on the allow path of a canonical request,
+// one small short-lived object (the request view) and nothing else.
 import type { FastifyReply, FastifyRequest, onRequestHookHandler } from 'fastify'
 import { LRUCache } from 'lru-cache'
 import type { AgentClient } from './agent/client'
@@ -111,8 +111,6 @@ function shadowed (decision: Decision): ConsulDecision {
   return copy
 }
 
-const EMPTY: readonly string[] = []
-
 /** The route of a request that matched none, in log lines and limiter keys. */
 export const NOT_FOUND_ROUTE = '(not found)'
 
@@ -147,13 +145,13 @@ export class Enforcer {
   readonly #authorize: AgentAuthorizer | null
   readonly #log: EnforcerLog
   readonly #requestIdLabel: string
+  readonly #debugOn: () => boolean
   readonly #denials: LogLimiter
   readonly #shadowDenials: LogLimiter
   /** Candidate disagreements are logged under the same limits, by a limiter of their own. */
   readonly #disagreements: LogLimiter
   /** Reused across requests: decisions are synchronous, so one of each suffices. */
   readonly #service: ServiceRules
-  readonly #request: RequestView = { caller: null, method: '', url: '', rawHeaders: EMPTY, jwt: null }
   readonly #verdict = newVerdict()
   readonly #enforcement: Enforcement
   readonly #candidate: Candidate | null
@@ -171,6 +169,7 @@ export class Enforcer {
     this.#authorize = authorizer
     this.#log = log
     this.#requestIdLabel = opts.requestIdLabel
+    this.#debugOn = debugCheck(log)
     const summary = (kind: string) => (suppressed: number): void => logEvent(log, 'info', 'denials-suppressed', { suppressed },
       `${suppressed} ${kind} request line(s) left out (option logDenials)`)
     this.#denials = new LogLimiter(opts.logDenials, { onSummary: summary('denied, unauthenticated or rejected') })
@@ -216,19 +215,17 @@ export class Enforcer {
     return this.#sync.jwt.tokensFor({ rawHeaders: raw.rawHeaders, url: raw.url as string, connection: connectionOf(raw) }, providers, now)
   }
 
-  /** The reused request view, filled for this request; the service rules set to those in force now. */
+  /**
+   * The request as the engine sees it, and the service rules set to those in force now. A new
+   * object each time: filling a long-lived one with this request's strings costs a write barrier
+   * per field, more than the young allocation.
+   */
   #viewOf (request: FastifyRequest, peer: PeerIdentity, tokens: RequestTokens | null): RequestView {
     const raw = request.raw
     const service = this.#service
     service.policy = this.#sync.policy
     service.normalization = this.#sync.normalization
-    const view = this.#request
-    view.caller = peer.identity
-    view.method = raw.method as string
-    view.url = raw.url as string
-    view.rawHeaders = raw.rawHeaders
-    view.jwt = tokens
-    return view
+    return { caller: peer.identity, method: raw.method as string, url: raw.url as string, rawHeaders: raw.rawHeaders, jwt: tokens, callerRules: peer.rules }
   }
 
   #decide (request: FastifyRequest, route: RoutePolicy, peer: PeerIdentity, tokens: RequestTokens | null): Error | null | Promise<Error | null> {
@@ -241,9 +238,6 @@ export class Enforcer {
     if (candidate !== null && candidate.policy !== null && (verdict.outcome === 'allow' || verdict.outcome === 'deny')) {
       this.#compare(request, peer, candidate, route, view, verdict)
     }
-    view.caller = null
-    view.rawHeaders = EMPTY
-    view.jwt = null
     if (verdict.dropUnderscoreHeaders) dropUnderscoreHeaders(request.raw)
     const outcome = verdict.outcome
     if (outcome === 'ask-agent') {
@@ -258,7 +252,8 @@ export class Enforcer {
     const service = this.#candidateService
     service.policy = candidate.policy as NonNullable<Candidate['policy']>
     service.normalization = this.#service.normalization
-    const mine = decideRequest(service, route, view, this.#candidateVerdict).decision
+    // The caller's memo is the live policy's: the candidate looks its rule up.
+    const mine = decideRequest(service, route, { ...view, callerRules: null }, this.#candidateVerdict).decision
     const theirs = live.decision
     if (mine.allow === theirs.allow) return
     if (theirs.allow) candidate.disagreements.allowDeny++
@@ -299,9 +294,6 @@ export class Enforcer {
   #redecide (request: FastifyRequest, route: RoutePolicy, peer: PeerIdentity, tokens: RequestTokens | null): boolean | Promise<boolean> {
     const view = this.#viewOf(request, peer, tokens)
     const outcome = decideRequest(this.#service, route, view, this.#verdict).outcome
-    view.caller = null
-    view.rawHeaders = EMPTY
-    view.jwt = null
     if (outcome === 'ask-agent') {
       return (this.#authorize as AgentAuthorizer).decide(request, peer.identity as ServiceIdentity).then((decision) => decision.allow)
     }
@@ -326,7 +318,7 @@ export class Enforcer {
     const event = effect.event
     if (event === null) return null
     if (!effect.limited) {
-      if (isDebug(this.#log)) this.#write(request, peer, decision, effect, 'debug', event, 0, null)
+      if (this.#debugOn()) this.#write(request, peer, decision, effect, 'debug', event, 0, null)
       return null
     }
     const routeName = request.is404 ? NOT_FOUND_ROUTE : request.routeOptions.url as string
@@ -453,14 +445,18 @@ function dropUnderscoreHeaders (raw: FastifyRequest['raw']): void {
 }
 
 /**
- * pino exposes isLevelEnabled. Fastify's logger when logging is off (abstract-logging) has none,
- * and its methods are one function named `noop`: building its line would be wasted on every
- * allowed request. Other loggers get the line.
+ * Whether a debug line would be written, asked per allowed request. pino exposes isLevelEnabled
+ * (its level may change at run time). Fastify's logger when logging is off (abstract-logging)
+ * has none, and its methods are one function named `noop`, for good: decided once. Other loggers
+ * get the line.
  */
-function isDebug (log: EnforcerLog): boolean {
+function debugCheck (log: EnforcerLog): () => boolean {
   const check = log.isLevelEnabled
-  return check === undefined ? log.debug.name !== 'noop' : check.call(log, 'debug')
+  if (check === undefined) return log.debug.name === 'noop' ? never : always
+  return () => check.call(log, 'debug')
 }
+const never = (): boolean => false
+const always = (): boolean => true
 
 /**
  * `mode: 'agent'`: the agent's authorize endpoint decides, once per connection (L4 semantics:

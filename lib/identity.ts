@@ -10,6 +10,8 @@ import { X509Certificate } from 'node:crypto'
 import { LRUCache } from 'lru-cache'
 import type { Socket } from 'node:net'
 import type { TLSSocket, DetailedPeerCertificate } from 'node:tls'
+import { newRuleMemo } from './intentions/policy'
+import type { RuleMemo } from './intentions/policy'
 import { parseSpiffeId, parseSubjectAltNames, serviceSpiffeId } from './spiffe'
 
 /** A verified caller, exposed as `request.consulSource`. */
@@ -40,6 +42,8 @@ export interface PeerIdentity {
   readonly notBefore: number
   readonly notAfter: number
   readonly epoch: number
+  /** The decision engine's memo of this identity's rule (null without an identity). */
+  readonly rules: RuleMemo | null
 }
 
 /** Anything Node gives as a request on a TLS connection (HTTP/1 `IncomingMessage`, HTTP/2 compat request). */
@@ -49,7 +53,7 @@ export interface TlsRequest {
 }
 
 const CLIENT_AUTH_OID = '1.3.6.1.5.5.7.3.2'
-const EXPIRED: PeerIdentity = Object.freeze({ identity: null, reason: 'certificate expired or not yet valid', notBefore: 0, notAfter: Infinity, epoch: -1 })
+const EXPIRED: PeerIdentity = Object.freeze({ identity: null, reason: 'certificate expired or not yet valid', notBefore: 0, notAfter: Infinity, epoch: -1, rules: null })
 // Distinct client leaves remembered per roots generation. Consul leaves rotate in days, so this
 // is every instance of every caller many times over; an evicted leaf is only parsed again.
 const LEAF_CACHE_MAX = 4096
@@ -232,11 +236,11 @@ export function identityFromCertificate (cert: X509Certificate, trustDomain: str
   const notAfter = Date.parse(cert.validTo)
   // An unreadable date must not mean "never expires".
   if (Number.isNaN(notBefore) || Number.isNaN(notAfter)) return noIdentity('unreadable certificate validity dates', epoch)
-  return Object.freeze({ identity, reason: 'verified', notBefore, notAfter, epoch })
+  return Object.freeze({ identity, reason: 'verified', notBefore, notAfter, epoch, rules: newRuleMemo() })
 }
 
 function noIdentity (reason: string, epoch: number): PeerIdentity {
-  return Object.freeze({ identity: null, reason, notBefore: -Infinity, notAfter: Infinity, epoch })
+  return Object.freeze({ identity: null, reason, notBefore: -Infinity, notAfter: Infinity, epoch, rules: null })
 }
 
 /** The certificates the peer sent above its leaf (issuer first), from Node's detailed chain. */

@@ -65,8 +65,9 @@ export class RoutePolicies {
 
   /** The policy of the route a request reached: a property read on the request path. */
   of (request: FastifyRequest): RoutePolicy {
-    if (request.is404) return SERVICE_POLICY
-    const config = this.#configOf(request)
+    const config = this.#configOf(request) as Record<string | symbol, unknown> | undefined
+    // Fastify's own test for `request.is404`, on the config already in hand.
+    if (config?.url === undefined) return SERVICE_POLICY
     return (config[kRoutePolicy] as RoutePolicy | undefined) ?? this.#late.get(config) ?? this.#compileLate(config, request)
   }
 

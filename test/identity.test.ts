@@ -33,6 +33,10 @@ t.test('identityFromCertificate applies the service-identity rules', async (t) =
   t.equal(ok.identity?.service, 'web')
   t.equal(ok.reason, 'verified')
   t.ok(ok.notAfter > Date.now())
+  // Each verified record has a rule memo of its own (it names one caller); a record without an identity has none.
+  t.same(ok.rules, { serial: -1, rule: null })
+  t.not(identityFromCertificate(leaf, td).rules, ok.rules, 'never shared between records')
+  t.equal(identityFromCertificate(leaf, 'other.consul').rules, null)
 
   const partitioned = new X509Certificate((await ca.signLeaf('web', { partition: 'eu', namespace: 'team' })).certPem)
   t.match(identityFromCertificate(partitioned, td).identity, { partition: 'eu', namespace: 'team', service: 'web' })

@@ -3,7 +3,7 @@
 import t from 'tap'
 import type { IntentionPermission, RequestNormalization } from '../lib/agent/wire'
 import type { RouterOptions } from '../lib/intentions/path'
-import { type CallerIdentity, compileOverride, compilePolicy } from '../lib/intentions/policy'
+import { type CallerIdentity, type DecisionTrace, compileOverride, compilePolicy, newRuleMemo } from '../lib/intentions/policy'
 import { type RequestView, type RouteRules, type ServiceRules, decideRequest, jwtProvidersNeeded, newVerdict } from '../lib/intentions/request'
 import { ixn } from './helpers/intentions'
 
@@ -156,4 +156,35 @@ t.test('a header the decision reads ambiguously rejects the request (docs/semant
   t.same(decided(svc, SERVICE, view('/', WEB, [':method', 'GET', ':authority', 'public'])), ['allow', 'intention default/web => default/api (precedence 9), permission 2 (allow)', false],
     'the next request starts without the previous ambiguity')
   t.same(decided(svc, SERVICE, view('/', WEB, ['User-Agent', 'a', 'User-Agent', 'b']))[0], 'allow', 'a repeated header no rule reads changes nothing')
+})
+
+t.test("the caller's rule memo: remembered per policy, never across policies, and passed over by a trace", async (t) => {
+  const web = 'intention default/web => default/api (precedence 9)'
+  const memo = newRuleMemo()
+  const withMemo = (url: string, caller: CallerIdentity = WEB): RequestView => ({ ...view(url, caller), callerRules: memo })
+  t.same(decided(service(), SERVICE, withMemo('/')), ['allow', `${web}, permission 3 (allow)`, false])
+  t.equal(memo.serial, policy.serial, 'filled for the policy that decided')
+  t.not(memo.rule, null)
+  t.same(decided(service(), SERVICE, withMemo('/admin')), ['deny', `${web}, permission 1 (deny)`, false], 'the remembered rule still reads the path')
+
+  // A new policy (here: the same sources, web now denied) is never answered from the old one's memo.
+  const stricter = compilePolicy({ destination: 'api', defaultAllow: false, protocol: 'http', intentions: [ixn('web', 'api', 9, 'deny')] })
+  t.not(stricter.serial, policy.serial)
+  t.same(decided(service(null, { policy: stricter }), SERVICE, withMemo('/')), ['deny', `${web} deny`, false])
+  t.equal(memo.serial, stricter.serial)
+  const none = compilePolicy({ destination: 'api', defaultAllow: false, protocol: 'http', intentions: [] })
+  t.same(decided(service(null, { policy: none }), SERVICE, withMemo('/')), ['deny', 'default policy (deny)', false], 'no rule is remembered too')
+  t.equal(memo.rule, null)
+  t.same(decided(service(), SERVICE, withMemo('/')), ['allow', `${web}, permission 3 (allow)`, false], 'and back')
+
+  // A route override decides before the service's policy, memo or not.
+  const opsMemo = newRuleMemo()
+  t.same(decided(service(), SERVICE, { ...view('/', OPS), callerRules: opsMemo }), ['allow', 'intention default/ops => default/api (precedence 9) allow', false])
+  t.same(decided(service(), OVERRIDE, { ...view('/', OPS), callerRules: opsMemo }), ['deny', 'route override sources[0] ops deny', false])
+
+  // A trace lists the sources passed over, so it looks them up even when the memo knows the rule.
+  const sources: string[] = []
+  const trace: DecisionTrace = { source: (_scope, rule, matched) => { sources.push(`${rule} ${matched}`) }, permission: () => {} }
+  decideRequest(service(), SERVICE, withMemo('/'), newVerdict(), trace)
+  t.same(sources, ['intention default/ops => default/api (precedence 9) false', `${web} true`], 'ops sorts first and does not match')
 })

@@ -389,11 +389,14 @@ function isPlainSpelling (path: string): boolean {
 
 /**
  * The raw target's path as the router structures it (dot segments, backslashes and escaped
- * slashes left as sent), in canonical percent-spelling. A request is served only if this
- * spelling, too, is allowed: the router dispatches on it.
+ * slashes left as sent), in canonical percent-spelling, when it differs from `path` (the canonical
+ * path); null otherwise. A request is served only if this spelling, too, is allowed: the router
+ * dispatches on it. A target that is `path` (plus a query) spelled plainly routes as `path`.
  */
-export function routedPath (url: string): string | null {
-  return routedSpelling(url)
+export function routedIfOther (url: string, path: string, urlIsPath: boolean): string | null {
+  if (urlIsPath && isPlainSpelling(path)) return null
+  const routed = routedSpelling(url)
+  return routed === path ? null : routed
 }
 
 /** The raw target's path as the router structures it, in canonical percent-spelling. */

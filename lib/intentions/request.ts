@@ -1,8 +1,8 @@
 // The whole access decision for one request, as one pure call: route exemption, caller identity,
 // the mesh request normalization (path, header names), the route override and the service's
 // intentions, over every spelling of the path the router treats as the same route. Data in,
-// verdict out: no I/O, no clock, no Fastify types, and no allocation on the allow path of a
-// canonical request. lib/enforcement.ts turns the verdict into a counter, a log line and an error.
+// verdict out: no I/O, no clock, no Fastify types; on the allow path of a canonical request, one
+// small short-lived object (the facts matchers read) and nothing else. lib/enforcement.ts turns the verdict into a counter, a log line and an error.
 // Built to grow without a second code path: a shadowed route applies the same verdict differently
 // (enforcement.ts); a candidate policy is one more call with another `ServiceRules.policy` and its
 // own verdict object; further request checks run with the normalization checks, before intentions,
@@ -10,11 +10,11 @@
 // `RequestView`.
 import type { RequestNormalization } from '../agent/wire'
 import { headerAmbiguity } from './headers'
-import { canonicalPath, routedPath, routerPaths } from './path'
+import { canonicalPath, routedIfOther, routerPaths } from './path'
 import type { RouterOptions } from './path'
 import type { JwtTokens } from './jwt'
 import { decideOverrideSpellings, decideSpellings, jwtProvidersFor } from './policy'
-import type { CallerIdentity, CompiledOverride, CompiledPolicy, Decision, DecisionTrace } from './policy'
+import type { CallerIdentity, CompiledOverride, CompiledPolicy, Decision, DecisionTrace, RuleMemo } from './policy'
 
 /**
  * What to do with the request. `'ask-agent'` (mode `'agent'` only): no route override matched,
@@ -56,6 +56,11 @@ export interface RequestView {
    * null or absent when none were needed.
    */
   jwt?: JwtTokens | null
+  /**
+   * The caller's slot for remembering which rule of the service's policy matches it (see
+   * `RuleMemo`); absent or null: looked up every time.
+   */
+  callerRules?: RuleMemo | null
 }
 
 /** The result, written into an object the caller owns and reuses (decisions are synchronous). */
@@ -80,9 +85,6 @@ const AGENT_JWT_DECISION: Decision = Object.freeze({ allow: false, reason: 'the 
 const EMPTY: readonly string[] = Object.freeze([])
 
 interface MutableFacts { method: string, path: string, url: string, rawHeaders: readonly string[], jwt: JwtTokens | null }
-
-/** The view handed to the engine; one suffices since decisions are synchronous. Cleared after use. */
-const facts: MutableFacts = { method: '', path: '', url: '', rawHeaders: EMPTY, jwt: null }
 
 /**
  * The JWT providers whose tokens the request's decision may look at, to verify before calling
@@ -126,20 +128,18 @@ export function decideRequest (service: ServiceRules, route: RouteRules, request
     out.dropUnderscoreHeaders = true
   }
 
-  facts.method = request.method
   // A ':path' header matcher sees the normalized path with the query, as Envoy's RBAC does.
   const urlIsPath = isPathOf(url, path)
-  facts.url = urlIsPath ? url : path + queryOf(url)
-  facts.rawHeaders = rawHeaders
-  facts.path = path
-  facts.jwt = request.jwt ?? null
+  // A new object, not a reused one: storing this request's strings into a long-lived object
+  // costs a write barrier each, more than the young allocation.
+  const facts: MutableFacts = { method: request.method, path, url: urlIsPath ? url : path + queryOf(url), rawHeaders, jwt: request.jwt ?? null }
   headerAmbiguity.reason = null
-  let decision = service.agentDecides && route.override === null ? null : decideLocally(service, route, caller, facts, url, urlIsPath, trace)
+  let decision = service.agentDecides && route.override === null
+    ? null
+    : decideLocally(service, route, caller, facts, url, urlIsPath, request.callerRules ?? null, trace)
   // Mode 'agent': the agent decides what no override did, unless the caller's intention requires a
   // JWT, which its authorize endpoint ignores: that denies (docs/semantics.md#agent-mode).
   if (decision === null && jwtProvidersFor(service.policy, null, caller).length > 0) decision = AGENT_JWT_DECISION
-  facts.rawHeaders = EMPTY
-  facts.jwt = null
   // A header the decision read is one the application may read otherwise (docs/semantics.md#transport-headers).
   const ambiguity = headerAmbiguity.reason
   if (ambiguity !== null) return settle(out, 'bad-header', Object.freeze({ allow: false, reason: ambiguity }))
@@ -154,21 +154,21 @@ export function decideRequest (service: ServiceRules, route: RouteRules, request
  * only the route override decides here, by the same rules; null: no override source matched.
  */
 function decideLocally (service: ServiceRules, route: RouteRules, caller: CallerIdentity, req: MutableFacts, url: string,
-  urlIsPath: boolean, trace: DecisionTrace | null): Decision | null {
+  urlIsPath: boolean, callerRules: RuleMemo | null, trace: DecisionTrace | null): Decision | null {
   const router = route.router ?? service.router
   const path = req.path
   const agent = service.agentDecides
   let decision = agent
     ? decideOverrideSpellings(route.override as CompiledOverride, caller, req, routerPaths(path, router, url, urlIsPath), service.policy, trace)
-    : decideSpellings(service.policy, route.override, caller, req, routerPaths(path, router, url, urlIsPath), trace)
+    : decideSpellings(service.policy, route.override, caller, req, routerPaths(path, router, url, urlIsPath), trace, callerRules)
   if (decision !== null && decision.allow) {
-    const routed = routedPath(url)
-    if (routed !== null && routed !== path) {
+    const routed = routedIfOther(url, path, urlIsPath)
+    if (routed !== null) {
       req.path = routed
       const alternates = routerPaths(routed, router)
       decision = agent
         ? decideOverrideSpellings(route.override as CompiledOverride, caller, req, alternates, service.policy, trace)
-        : decideSpellings(service.policy, route.override, caller, req, alternates, trace)
+        : decideSpellings(service.policy, route.override, caller, req, alternates, trace, callerRules)
     }
   }
   return decision
