@@ -8,7 +8,7 @@
 // keepalive  `concurrency` persistent connections, one request at a time each
 // After `warmup` seconds it reads the server's CPU time from /proc/<serverPid>/stat, counts the
 // operations completed in the next `seconds`, reads it again, and prints one JSON line:
-//   { ops, failed, notResumed, seconds, cpuMicros, p50, p99 }   (p50/p99 in ms, connections only)
+//   { ops, failed, notResumed, seconds, cpuMicros, userMicros, p50, p99 }   (p50/p99 in ms, connections only)
 const fs = require('node:fs')
 const tls = require('node:tls')
 
@@ -25,11 +25,13 @@ const secureContext = tls.createSecureContext({
 const connectOptions = { host: '127.0.0.1', port: config.port, secureContext, minVersion: 'TLSv1.3', checkServerIdentity: () => undefined }
 
 /** utime + stime of a whole process (every thread), in µs. */
+/** The server's CPU time so far, user and system together, and user alone (µs). */
 function processCpuMicros (pid) {
   const stat = fs.readFileSync(`/proc/${pid}/stat`, 'latin1')
   // Fields after the command name (which may contain spaces), from field 3 on.
   const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
-  return (Number(fields[11]) + Number(fields[12])) * 1e6 / config.clockTicks
+  const user = Number(fields[11]) * 1e6 / config.clockTicks
+  return { total: user + Number(fields[12]) * 1e6 / config.clockTicks, user }
 }
 
 const state = { measuring: false, stopped: false, ops: 0, failed: 0, notResumed: 0, latencies: [] }
@@ -128,7 +130,8 @@ async function main () {
     failed: state.failed,
     notResumed: state.notResumed,
     seconds,
-    cpuMicros: cpuAfter - cpuBefore,
+    cpuMicros: cpuAfter.total - cpuBefore.total,
+    userMicros: cpuAfter.user - cpuBefore.user,
     p50: percentile(sorted, 0.5),
     p99: percentile(sorted, 0.99)
   }) + '\n')
