@@ -1,15 +1,18 @@
 'use strict'
 // Load generator for bench/connections.js, in its own process (pinned to its own core by the
 // parent): `node bench/connection-load.js '<json>'` with
-//   { port, kind: 'full' | 'resumed' | 'keepalive', seconds, warmup, concurrency, serverPid, clockTicks, cert, key, ca }
+//   { port, timingPort, kind: 'full' | 'resumed' | 'keepalive', seconds, warmup, concurrency, serverPid, clockTicks, cert, key, ca }
 // full       a new TLS 1.3 connection per request: full handshake with a client certificate,
 //            one GET /, Connection: close
 // resumed    the same, resuming the TLS 1.3 session the previous connection of the loop received
 // keepalive  `concurrency` persistent connections, one request at a time each
-// After `warmup` seconds it reads the server's CPU time from /proc/<serverPid>/stat, counts the
-// operations completed in the next `seconds`, reads it again, and prints one JSON line:
-//   { ops, failed, notResumed, seconds, cpuMicros, userMicros, p50, p99 }   (p50/p99 in ms, connections only)
+// After `warmup` seconds it reads the server's CPU time from /proc/<serverPid>/stat and its request
+// timing (bench/server.js), counts the operations completed in the next `seconds`, reads both
+// again, and prints one JSON line:
+//   { ops, failed, notResumed, seconds, cpuMicros, userMicros, requestMicros, requests, p50, p99 }
+// (p50/p99 in ms, connections only; requestMicros: time in the server's request listener)
 const fs = require('node:fs')
+const http = require('node:http')
 const tls = require('node:tls')
 
 const config = JSON.parse(process.argv[2])
@@ -24,7 +27,6 @@ const secureContext = tls.createSecureContext({
 })
 const connectOptions = { host: '127.0.0.1', port: config.port, secureContext, minVersion: 'TLSv1.3', checkServerIdentity: () => undefined }
 
-/** utime + stime of a whole process (every thread), in µs. */
 /** The server's CPU time so far, user and system together, and user alone (µs). */
 function processCpuMicros (pid) {
   const stat = fs.readFileSync(`/proc/${pid}/stat`, 'latin1')
@@ -106,6 +108,17 @@ function keepAliveLoop () {
   })
 }
 
+/** The server's request timing so far: `{ micros, requests }`. */
+function serverTiming () {
+  return new Promise((resolve, reject) => {
+    http.get({ host: '127.0.0.1', port: config.timingPort, agent: false }, (res) => {
+      let body = ''
+      res.on('data', (chunk) => { body += chunk })
+      res.on('end', () => resolve(JSON.parse(body)))
+    }).on('error', reject)
+  })
+}
+
 function percentile (sorted, p) {
   if (sorted.length === 0) return NaN
   return sorted[Math.min(sorted.length - 1, Math.floor(sorted.length * p))]
@@ -115,12 +128,14 @@ async function main () {
   const loop = config.kind === 'keepalive' ? keepAliveLoop : connectionLoop
   const loops = Array.from({ length: config.concurrency }, () => loop())
   await new Promise((resolve) => setTimeout(resolve, config.warmup * 1000))
+  const timingBefore = await serverTiming()
   const cpuBefore = processCpuMicros(config.serverPid)
   const started = performance.now()
   state.measuring = true
   await new Promise((resolve) => setTimeout(resolve, config.seconds * 1000))
   state.measuring = false
   const cpuAfter = processCpuMicros(config.serverPid)
+  const timingAfter = await serverTiming()
   const seconds = (performance.now() - started) / 1000
   state.stopped = true
   await Promise.all(loops)
@@ -132,6 +147,8 @@ async function main () {
     seconds,
     cpuMicros: cpuAfter.total - cpuBefore.total,
     userMicros: cpuAfter.user - cpuBefore.user,
+    requestMicros: timingAfter.micros - timingBefore.micros,
+    requests: timingAfter.requests - timingBefore.requests,
     p50: percentile(sorted, 0.5),
     p99: percentile(sorted, 0.99)
   }) + '\n')

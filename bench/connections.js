@@ -10,7 +10,11 @@
 //                the plugin's decision hook and its backstop, without their work)
 //   exempt       the plugin with the route exempt
 //   plugin       the plugin enforcing 1,000 intentions (the caller's L7 intention sorts last)
-// Server CPU is read from /proc/<pid>/stat (the server process only, every thread). Each server runs
+// Server CPU is read from /proc/<pid>/stat (the server process only, every thread), user and
+// system together and user alone. Keep-alive also reports the time each server spends in its
+// request listener per request (timed inside bench/server.js, the same instrument in every
+// variant): the plugin's hooks run there, so the difference to the static variants is the
+// plugin's own per-request work, free of the kernel's and the load generator's round-to-round noise. Each server runs
 // in its own process pinned to core 0, each load generator in its own process pinned to core 1
 // (when the machine has two cores or more). Rounds alternate the order of the variants; the output
 // gives medians over rounds, the per-round ratios to static mTLS and their spread (min–max), as
@@ -102,13 +106,16 @@ function startServer (variant, address, opts, pin) {
   const [command, args] = pinned(0, [process.execPath, ...nodeArgs, path.join(__dirname, 'server.js'), variant, address], pin)
   return new Promise((resolve, reject) => {
     const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'inherit'] })
-    child.stdout.once('data', (chunk) => resolve({ child, port: Number(String(chunk).trim()) }))
+    child.stdout.once('data', (chunk) => {
+      const [port, timingPort] = String(chunk).trim().split(' ').map(Number)
+      resolve({ child, port, timingPort })
+    })
     child.once('exit', (code) => reject(new Error(`${variant} server exited with ${code}`)))
   })
 }
 
 async function load (server, kind, seconds, warmup, opts, files, pin, clockTicks) {
-  const config = { port: server.port, kind, seconds, warmup, concurrency: opts.concurrency, serverPid: server.child.pid, clockTicks, ...files }
+  const config = { port: server.port, timingPort: server.timingPort, kind, seconds, warmup, concurrency: opts.concurrency, serverPid: server.child.pid, clockTicks, ...files }
   const [command, args] = pinned(1, [process.execPath, path.join(__dirname, 'connection-load.js'), JSON.stringify(config)], pin)
   const { stdout } = await promisify(execFile)(command, args, { maxBuffer: 1 << 20 })
   const result = JSON.parse(stdout)
@@ -121,6 +128,7 @@ async function load (server, kind, seconds, warmup, opts, files, pin, clockTicks
     rate: result.ops / result.seconds,
     cpuPerOp: result.cpuMicros / result.ops,
     userPerOp: result.userMicros / result.ops,
+    requestMicros: result.requestMicros / result.requests,
     p50: result.p50,
     p99: result.p99
   }
@@ -160,6 +168,26 @@ function table (kind, results, opts) {
         for (const [base] of bases) cells.push(variant === base ? '1' : ratioCell(perRound(variant, field, base, true), 3, ''))
         rows.push(`| ${cells.join(' | ')} |`)
       }
+    }
+    // The work a variant adds in the request listener, per round against each base, and what it is
+    // as a share of static mTLS's whole CPU per request (the capacity it costs).
+    const staticCpu = median(runs('static').map((r) => r.cpuPerOp))
+    rows.push('', `| server | time in the request listener per request | ${bases.map(([, name]) => `added ${name} (share of static's CPU per request)`).join(' | ')} |`)
+    rows.push(`|---|---|${'---|'.repeat(bases.length)}`)
+    for (const variant of opts.variants) {
+      const cells = [label(variant), `${int(median(runs(variant).map((r) => r.requestMicros * 1000)))} ns`]
+      for (const [base] of bases) {
+        if (variant === base) {
+          cells.push('0')
+          continue
+        }
+        const added = runs(variant).map((run, i) => (run.requestMicros - runs(base)[i].requestMicros) * 1000)
+        const signed = (value, text) => `${value >= 0 ? '+' : '−'}${text(Math.abs(value))}`
+        const ns = (value) => signed(value, int)
+        const share = signed(median(added) / 1000 / staticCpu * 100, (v) => v.toFixed(1))
+        cells.push(`${ns(median(added))} ns (${ns(Math.min(...added))}…${ns(Math.max(...added))}), ${share}%`)
+      }
+      rows.push(`| ${cells.join(' | ')} |`)
     }
   } else {
     rows.push('| server | new connections/s | server CPU per connection | vs static (per round) | p50 | p99 | p99 vs static (per round) |')

@@ -8,8 +8,16 @@
 //                of the plugin's two hooks (its decision and its backstop), without their work
 //   exempt       the plugin with the route exempt (dynamic TLS, no decision): "mTLS, no enforcement"
 //   plugin       the same app with fastify-consul-native (dynamic TLS + enforcement)
-// Prints its port on stdout, then serves until SIGTERM, on which it closes and exits (so that
-// `node --cpu-prof` writes its profile).
+// Prints its port and the port of its timing endpoint on stdout, then serves until SIGTERM, on which
+// it closes and exits (so that `node --cpu-prof` writes its profile).
+//
+// Request timing: the server's request listener (Fastify's router, request construction, the
+// onRequest and preParsing hooks, the handler's start: everything a hook adds runs in it) is timed
+// with performance.now(), and a plain HTTP endpoint on 127.0.0.1 answers `{ micros, requests }` so
+// far. The same instrument in every variant: differences between variants are the plugin's own work,
+// without the kernel's and the load generator's noise that CPU time carries.
+const http = require('node:http')
+const https = require('node:https')
 const Fastify = require('fastify')
 const { request } = require('undici')
 const { consulNative, httpsOptions } = require('../dist/index.js')
@@ -19,6 +27,28 @@ const MODES = ['static', 'static-sni', 'static-hook', 'static-hooks', 'exempt', 
 async function agentJson (address, path) {
   const res = await request(`${address}${path}`)
   return await res.body.json()
+}
+
+const timing = { micros: 0, requests: 0 }
+
+// Fastify hands its request listener to https.createServer(options, listener).
+const createServer = https.createServer
+https.createServer = function timedCreateServer (...args) {
+  const listener = args[args.length - 1]
+  if (typeof listener === 'function') {
+    args[args.length - 1] = function timedListener (req, res) {
+      const started = performance.now()
+      listener.call(this, req, res)
+      timing.micros += (performance.now() - started) * 1000
+      timing.requests++
+    }
+  }
+  return createServer.apply(this, args)
+}
+
+function startTimingEndpoint () {
+  const server = http.createServer((_req, res) => res.end(JSON.stringify(timing)))
+  return new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve(server)))
 }
 
 async function main () {
@@ -39,12 +69,13 @@ async function main () {
     app.get('/', mode === 'exempt' ? { config: { consulNative: false } } : {}, async () => ({ hello: 'world' }))
   }
   await app.listen({ port: 0, host: '127.0.0.1' })
+  const timingServer = await startTimingEndpoint()
   process.once('SIGTERM', () => {
     // Connections left open by a load generator must not hold the exit.
     setTimeout(() => process.exit(0), 2000).unref()
     app.close().then(() => process.exit(0), () => process.exit(0))
   })
-  process.stdout.write(`${app.server.address().port}\n`)
+  process.stdout.write(`${app.server.address().port} ${timingServer.address().port}\n`)
 }
 
 main().catch((err) => {
