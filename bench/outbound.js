@@ -1,19 +1,81 @@
 'use strict'
-// Outbound benchmark, run on demand (`npm run bench:outbound`): `web` calling `api` through
-// fastify.consulNative.dispatcher() vs a plain undici Pool with a static mTLS configuration,
-// side by side. The api server runs the plugin (bench/server.js); load runs in its own process.
-const { spawn, execFile } = require('node:child_process')
+// Outbound benchmark, run on demand (`npm run bench:outbound`; `-- --quick` for a sanity run well
+// under a minute). `web` calling `api` over mTLS, keep-alive, `concurrency` loops of one GET / at a
+// time, with two clients:
+//   static      a plain undici Pool with a static mTLS configuration (web's leaf, key and roots from
+//               the same agent, read once)
+//   dispatcher  fastify.consulNative.dispatcher('api') of a `web` app running the plugin
+// The `api` server is the same for both: bench/server.js running the plugin (one process for the
+// whole run, registered with the dev agent as a Connect-native instance of `api`). Per run: requests
+// per second, CPU per request of the client process (the load generator, bench/outbound-load.js:
+// process.cpuUsage(), every thread; the figure that matters most, since it is the dispatcher's own
+// cost) and of the server process (from /proc/<pid>/stat, every thread), both over the measured
+// window only. The server runs pinned to core 0, each load generator in its own process pinned to
+// core 1 (when the machine has two cores or more). Rounds alternate the order of the clients, each
+// run with a warm-up before its measured window; the output gives medians over rounds, the
+// per-round ratios dispatcher/static and their spread (min–max), and every round, as markdown
+// tables. Never a best-of.
+//
+// Options (flag or environment variable):
+//   --seconds N      BENCH_SECONDS      measured seconds per run (default 3)
+//   --warmup N       BENCH_WARMUP       seconds before each measured window (default 0.5)
+//   --rounds N       BENCH_ROUNDS       rounds, at least 5 for a published figure (default 6)
+//   --concurrency N  BENCH_CONCURRENCY  concurrent request loops (default 16)
+//   --quick                             seconds 0.5, warmup 0.25, rounds 5: direction only (about
+//                                       20 s), not figures to publish
+const { spawn, spawnSync, execFile } = require('node:child_process')
 const { promisify } = require('node:util')
+const os = require('node:os')
 const path = require('node:path')
 const { request } = require('undici')
 const { startDevAgent } = require('../dist/dev-agent/index.js')
 
-// Asynchronous: the dev agent runs in this process and must keep answering during a run.
-const run = async (args) => (await promisify(execFile)(process.execPath, args)).stdout
+const CLIENTS = ['static', 'dispatcher']
+const OPTIONS = ['seconds', 'warmup', 'rounds', 'concurrency', 'quick']
 
-const SECONDS = Number(process.env.BENCH_SECONDS ?? 5)
-const ROUNDS = Number(process.env.BENCH_ROUNDS ?? 2)
-const MODES = ['static', 'dispatcher']
+function readOptions (argv, env) {
+  const flags = {}
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i]
+    if (!arg.startsWith('--')) throw new Error(`unexpected argument ${arg}`)
+    const eq = arg.indexOf('=')
+    const name = eq === -1 ? arg.slice(2) : arg.slice(2, eq)
+    if (!OPTIONS.includes(name)) throw new Error(`unknown option --${name}; one of ${OPTIONS.map((o) => `--${o}`).join(', ')}`)
+    if (name === 'quick') {
+      if (eq !== -1) throw new Error('--quick takes no value')
+      flags.quick = 'true'
+    } else if (eq !== -1) {
+      flags[name] = arg.slice(eq + 1)
+    } else {
+      if (i + 1 >= argv.length) throw new Error(`--${name} needs a value`)
+      flags[name] = argv[++i]
+    }
+  }
+  const quick = flags.quick === 'true'
+  const pick = (name, fallback) => flags[name] ?? env[`BENCH_${name.toUpperCase()}`] ?? fallback
+  const number = (name, fallback) => {
+    const value = Number(pick(name, fallback))
+    if (!(value > 0) || !Number.isFinite(value)) throw new Error(`--${name} must be a positive number`)
+    return value
+  }
+  const count = (name, fallback) => {
+    const value = Math.round(number(name, fallback))
+    if (value < 1) throw new Error(`--${name} must be at least 1`)
+    return value
+  }
+  return {
+    seconds: number('seconds', quick ? 0.5 : 3),
+    warmup: number('warmup', quick ? 0.25 : 0.5),
+    rounds: count('rounds', quick ? 5 : 6),
+    concurrency: count('concurrency', 16),
+    quick
+  }
+}
+
+const LABELS = {
+  static: 'undici Pool, static mTLS',
+  dispatcher: "fastify.consulNative.dispatcher('api')"
+}
 
 async function agentApi (agent, method, urlPath, body) {
   const res = await request(`${agent.address}${urlPath}`, { method, body: body === undefined ? undefined : JSON.stringify(body) })
@@ -22,32 +84,155 @@ async function agentApi (agent, method, urlPath, body) {
   return text
 }
 
-async function main () {
-  const agent = await startDevAgent({ defaultPolicy: 'deny' })
-  await agentApi(agent, 'PUT', '/v1/config', { Kind: 'service-intentions', Name: 'api', Sources: [{ Name: 'web', Action: 'allow' }] })
-  const server = spawn(process.execPath, [path.join(__dirname, 'server.js'), 'plugin', agent.address], { stdio: ['ignore', 'pipe', 'inherit'] })
-  const port = await new Promise((resolve) => server.stdout.once('data', (chunk) => resolve(Number(String(chunk).trim()))))
-  await agentApi(agent, 'PUT', '/v1/agent/service/register', { ID: 'api-bench', Name: 'api', Address: '127.0.0.1', Port: port, Connect: { Native: true } })
+function pinned (core, args, pin) {
+  return pin ? ['taskset', ['-c', String(core), ...args]] : [args[0], args.slice(1)]
+}
 
-  const results = { static: [], dispatcher: [] }
-  for (let round = 0; round < ROUNDS; round++) {
-    for (const mode of round % 2 === 0 ? MODES : [...MODES].reverse()) {
-      const args = [path.join(__dirname, 'outbound-load.js'), mode, agent.address, String(port)]
-      await run([...args, '1'])
-      const { rps, failed } = JSON.parse(await run([...args, String(SECONDS)]))
-      if (failed > 0) throw new Error(`${mode}: ${failed} failed requests`)
-      results[mode].push(rps)
+/** The api server, running the plugin; resolves once it printed its port (the first word of its first line). */
+function startServer (address, pin) {
+  const [command, args] = pinned(0, [process.execPath, path.join(__dirname, 'server.js'), 'plugin', address], pin)
+  return new Promise((resolve, reject) => {
+    const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'inherit'] })
+    let out = ''
+    const onData = (chunk) => {
+      out += chunk
+      const end = out.indexOf('\n')
+      if (end === -1) return
+      child.stdout.off('data', onData)
+      // Keep reading, so that a later line can never block the server on a full pipe.
+      child.stdout.resume()
+      const port = Number(out.slice(0, end).trim().split(/\s+/)[0])
+      if (Number.isInteger(port) && port > 0) return resolve({ child, port })
+      child.kill('SIGTERM')
+      reject(new Error(`api server printed no port: ${JSON.stringify(out.slice(0, end))}`))
     }
+    child.stdout.on('data', onData)
+    child.once('error', reject)
+    child.once('exit', (code, signal) => reject(new Error(`api server exited with ${code ?? signal} before printing its port`)))
+  })
+}
+
+async function load (client, server, agent, seconds, warmup, opts, pin, clockTicks) {
+  const config = { mode: client, address: agent.address, port: server.port, seconds, warmup, concurrency: opts.concurrency, serverPid: server.child.pid, clockTicks }
+  const [command, args] = pinned(1, [process.execPath, path.join(__dirname, 'outbound-load.js'), JSON.stringify(config)], pin)
+  // Asynchronous: the dev agent runs in this process and must keep answering during a run.
+  let stdout
+  try {
+    ({ stdout } = await promisify(execFile)(command, args, { maxBuffer: 1 << 20, timeout: (seconds + warmup + 60) * 1000 }))
+  } catch (err) {
+    const why = err.killed ? 'timed out' : `exited with ${err.code ?? err.signal}`
+    throw new Error(`${client}: the load generator ${why}: ${String(err.stderr ?? err.message).trim()}`)
   }
-  server.kill()
-  await agent.close()
-  const best = (list) => Math.max(...list)
-  process.stdout.write(`\nweb -> api over mTLS (api runs the plugin), keep-alive, best of ${ROUNDS} x ${SECONDS}s (node ${process.version})\n\n`)
-  process.stdout.write('client                                   req/s   vs static\n')
-  const labels = { static: 'undici Pool, static mTLS', dispatcher: 'fastify.consulNative.dispatcher()' }
-  for (const mode of MODES) {
-    process.stdout.write(`${labels[mode].padEnd(36)}${best(results[mode]).toFixed(0).padStart(10)}   ${(best(results[mode]) / best(results.static)).toFixed(3).padStart(9)}\n`)
+  const result = JSON.parse(stdout)
+  if (result.failed > 0) throw new Error(`${client}: ${result.failed} failed requests (first: ${result.firstError})`)
+  if (result.ops === 0) throw new Error(`${client}: no request completed in the measured window`)
+  return {
+    rate: result.ops / result.seconds,
+    clientPerOp: result.clientMicros / result.ops,
+    clientUserPerOp: result.clientUserMicros / result.ops,
+    serverPerOp: result.serverMicros / result.ops
   }
+}
+
+const median = (values) => {
+  const sorted = [...values].sort((a, b) => a - b)
+  const mid = sorted.length >> 1
+  return sorted.length % 2 === 1 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2
+}
+const spread = (values, digits) => `${Math.min(...values).toFixed(digits)}–${Math.max(...values).toFixed(digits)}`
+const int = (value) => Math.round(value).toLocaleString('en-US')
+const ratioCell = (ratios, digits) => `${median(ratios).toFixed(digits)} (${spread(ratios, digits)})`
+
+// What each run measures: [field, title, cell format].
+const us = (value) => `${value.toFixed(1)} µs`
+const METRICS = [
+  ['clientPerOp', 'client CPU per request', us],
+  ['clientUserPerOp', 'client user CPU per request', us],
+  ['serverPerOp', 'server CPU per request', us],
+  ['rate', 'req/s', int]
+]
+
+function summaryTable (results) {
+  const rows = [`| client | ${METRICS.map(([, title]) => title).join(' | ')} |`, `|---|${'---|'.repeat(METRICS.length)}`]
+  for (const client of CLIENTS) {
+    rows.push(`| ${LABELS[client]} | ${METRICS.map(([field, , format]) => format(median(results[client].map((r) => r[field])))).join(' | ')} |`)
+  }
+  return rows.join('\n')
+}
+
+function ratioTable (results) {
+  const rows = ['| dispatcher / static, per round | median (min–max) |', '|---|---|']
+  for (const [field, title] of METRICS) {
+    const ratios = results.dispatcher.map((run, i) => run[field] / results.static[i][field])
+    rows.push(`| ${title} | ${ratioCell(ratios, 3)} |`)
+  }
+  return rows.join('\n')
+}
+
+function roundsTable (results, opts) {
+  const rows = [`| per round | ${Array.from({ length: opts.rounds }, (_, i) => `round ${i + 1}`).join(' | ')} |`,
+    `|---|${'---|'.repeat(opts.rounds)}`]
+  for (const [field, title, format] of METRICS) {
+    for (const client of CLIENTS) {
+      rows.push(`| ${title}, ${client} | ${results[client].map((r) => format(r[field])).join(' | ')} |`)
+    }
+    const ratios = results.dispatcher.map((run, i) => (run[field] / results.static[i][field]).toFixed(3))
+    rows.push(`| ${title}, dispatcher / static | ${ratios.join(' | ')} |`)
+  }
+  return rows.join('\n')
+}
+
+async function main () {
+  const opts = readOptions(process.argv.slice(2), process.env)
+  const cores = os.cpus().length
+  const pin = cores >= 2 && spawnSync('taskset', ['-V']).status === 0
+  if (pin) spawnSync('taskset', ['-a', '-p', '-c', '1', String(process.pid)])
+  const clockTicks = Number(spawnSync('getconf', ['CLK_TCK']).stdout?.toString().trim()) || 100
+  const startedAt = Date.now()
+
+  const agent = await startDevAgent({ defaultPolicy: 'deny' })
+  const results = { static: [], dispatcher: [] }
+  let server = null
+  try {
+    await agentApi(agent, 'PUT', '/v1/config', { Kind: 'service-intentions', Name: 'api', Sources: [{ Name: 'web', Action: 'allow' }] })
+    server = await startServer(agent.address, pin)
+    await agentApi(agent, 'PUT', '/v1/agent/service/register', { ID: 'api-bench', Name: 'api', Address: '127.0.0.1', Port: server.port, Connect: { Native: true } })
+    // One unrecorded pass so that the server has compiled its hot paths (a quick run relies on
+    // each run's own warm-up; every load generator is a new process and warms up in its own run).
+    for (const client of opts.quick ? [] : CLIENTS) await load(client, server, agent, opts.seconds, opts.warmup, opts, pin, clockTicks)
+    for (let round = 0; round < opts.rounds; round++) {
+      // Alternate the order, so that no client always runs first or last.
+      for (const client of round % 2 === 0 ? CLIENTS : [...CLIENTS].reverse()) {
+        results[client].push(await load(client, server, agent, opts.seconds, opts.warmup, opts, pin, clockTicks))
+      }
+      process.stderr.write(`round ${round + 1}/${opts.rounds} done\n`)
+    }
+  } finally {
+    if (server !== null) {
+      const { child } = server
+      await new Promise((resolve) => {
+        child.removeAllListeners('exit')
+        if (child.exitCode !== null || child.signalCode !== null) return resolve()
+        child.once('exit', resolve)
+        child.kill('SIGTERM')
+      })
+    }
+    await agent.close()
+  }
+
+  const minutes = ((Date.now() - startedAt) / 60000).toFixed(1)
+  const out = []
+  out.push(`Machine: ${os.cpus()[0]?.model ?? 'unknown CPU'}, ${cores} cores, Linux ${os.release()}, Node ${process.version}, OpenSSL ${process.versions.openssl}.`)
+  out.push(`Method: ${pin ? 'api server pinned to core 0, load generator to core 1' : 'NOT pinned (one core, or no taskset)'}; ` +
+    `${opts.rounds} rounds alternating the clients, ${opts.seconds} s measured per run after ${opts.warmup} s of warm-up, ` +
+    `${opts.concurrency} concurrent keep-alive request loops; client CPU from process.cpuUsage() of the load generator, ` +
+    'server CPU from /proc/<pid>/stat, both over the measured window; medians over rounds; ' +
+    `ratios are per round, dispatcher against static mTLS in the same round: median (min–max). Run took ${minutes} min.` +
+    (opts.rounds < 5 ? ' FEWER THAN 5 ROUNDS: not figures to publish.' : '') +
+    (opts.quick ? ' QUICK RUN: direction only, not figures to publish.' : ''))
+  out.push('', '**web -> api over mTLS (api runs the plugin), keep-alive, one request at a time per loop**', '',
+    summaryTable(results), '', ratioTable(results), '', roundsTable(results, opts))
+  process.stdout.write(out.join('\n') + '\n')
 }
 
 main().catch((err) => {
