@@ -47,21 +47,26 @@ export const InvalidIntentionsError = createError<'FST_CONSUL_NATIVE_INVALID_INT
 export const InvalidRouteConfigError = createError<'FST_CONSUL_NATIVE_INVALID_ROUTE_CONFIG', 500, [route: string, reason: string, options?: Cause]>(
   'FST_CONSUL_NATIVE_INVALID_ROUTE_CONFIG', 'Invalid config.consulNative on route %s: %s', 500, TypeError)
 
+// The four answers to a refused request below carry no stack trace: it would only ever point at
+// the plugin's hook (the log line says why the request was refused), and capturing it cost about
+// 3 µs per refused request.
+const NO_STACK = false
+
 /** The request carries no verified Consul service identity. */
 export const UnauthenticatedError = createError<'FST_CONSUL_NATIVE_UNAUTHENTICATED', 401, []>(
-  'FST_CONSUL_NATIVE_UNAUTHENTICATED', 'A verified Consul service certificate is required', 401)
+  'FST_CONSUL_NATIVE_UNAUTHENTICATED', 'A verified Consul service certificate is required', 401, Error, NO_STACK)
 
 /** The caller's identity is verified but intentions deny the request. */
 export const DeniedError = createError<'FST_CONSUL_NATIVE_DENIED', 403, []>(
-  'FST_CONSUL_NATIVE_DENIED', 'Access denied', 403)
+  'FST_CONSUL_NATIVE_DENIED', 'Access denied', 403, Error, NO_STACK)
 
 /** The request path is rejected by the mesh request normalization (for example an escaped slash). */
 export const BadPathError = createError<'FST_CONSUL_NATIVE_BAD_PATH', 400, []>(
-  'FST_CONSUL_NATIVE_BAD_PATH', 'The request path is not acceptable', 400)
+  'FST_CONSUL_NATIVE_BAD_PATH', 'The request path is not acceptable', 400, Error, NO_STACK)
 
 /** A header name carries an underscore and the mesh entry says `HeadersWithUnderscoresAction: REJECT_REQUEST`. */
 export const BadHeaderError = createError<'FST_CONSUL_NATIVE_BAD_HEADER', 400, []>(
-  'FST_CONSUL_NATIVE_BAD_HEADER', 'A request header is not acceptable', 400)
+  'FST_CONSUL_NATIVE_BAD_HEADER', 'A request header is not acceptable', 400, Error, NO_STACK)
 
 /** The agent refused to register the service (or could not be reached to do it). */
 export const RegisterFailedError = createError<'FST_CONSUL_NATIVE_REGISTER_FAILED', 500, [service: string, reason: string, options?: Cause]>(

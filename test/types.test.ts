@@ -78,6 +78,11 @@ t.test('the public types describe what users write', async (t) => {
   t.type(typed.consulNative?.events?.on ?? (() => {}), 'function')
   t.equal(new DeniedError().statusCode, 403)
   t.equal(new UnauthenticatedError().statusCode, 401)
+  // Answers to refused requests carry no stack trace (it would point at the plugin's hook); faults do.
+  t.equal(new DeniedError().stack, undefined)
+  t.equal(new UnauthenticatedError().stack, undefined)
+  t.type(new DeniedError(), Error)
+  t.match(new InvalidOptionError('service', 'must be a name').stack, /InvalidOption|FastifyError/)
   // Each error class takes exactly the arguments its message formats, typed (plus an optional `{ cause }`).
   const invalid = new InvalidOptionError('service', 'must be a name', { cause: new Error('x') })
   const code: 'FST_CONSUL_NATIVE_INVALID_OPTION' = invalid.code
