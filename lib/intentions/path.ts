@@ -226,14 +226,15 @@ const SUB_DELIM_ANY = /[!'()*[\]%]/
  * reserved escapes decoded the way route parameters are (docs/semantics.md#paths-parameters), each
  * spelled canonically. The hook evaluates each as an alternate path (see `decideSpellings`): an
  * alternate can only add a denial from a deny permission. Returns a shared empty array when
- * nothing applies. `urlIsPath`: the caller already knows `url` is `path` plus a query or fragment.
+ * nothing applies. `urlIsPath`: the caller already knows `url` is `path` plus a query or fragment;
+ * `plainTarget`: it also knows whether that holds and `path` is spelled plainly (`isPlainTarget`).
  */
-export function routerPaths (path: string, router: RouterOptions, url?: string, urlIsPath = false): readonly string[] {
+export function routerPaths (path: string, router: RouterOptions, url?: string, urlIsPath = false, plainTarget?: boolean): readonly string[] {
   const plain = !router.ignoreTrailingSlash && !router.ignoreDuplicateSlashes && router.caseSensitive &&
     !router.useSemicolonDelimiter
   // The common case in one scan: the target is this path (plus a query) and spells nothing the
   // router would read differently.
-  if (plain && (urlIsPath || url === undefined || sameTarget(url, path)) && isPlainSpelling(path)) return NO_PATHS
+  if (plain && (plainTarget ?? ((urlIsPath || url === undefined || sameTarget(url, path)) && isPlainSpelling(path)))) return NO_PATHS
   // Not skipped when url === path: with normalization disabled the raw path is not percent-canonical.
   let routed = url === undefined ? null : routedSpelling(url)
   if (routed === path) routed = null
@@ -378,6 +379,14 @@ function sameTarget (url: string, path: string): boolean {
   return (c === 63 || c === 35) && url.startsWith(path)
 }
 
+/**
+ * The request target is `path` (plus a query or fragment; `urlIsPath`, see isPathOf) and `path`
+ * is spelled plainly: the router reads it as `path`, whatever its options, and routes on it.
+ */
+export function isPlainTarget (path: string, urlIsPath: boolean): boolean {
+  return urlIsPath && isPlainSpelling(path)
+}
+
 /** No escape, no character to escape and no sub-delimiter: every spelling of it is this one. */
 function isPlainSpelling (path: string): boolean {
   for (let i = 0; i < path.length; i++) {
@@ -391,10 +400,10 @@ function isPlainSpelling (path: string): boolean {
  * The raw target's path as the router structures it (dot segments, backslashes and escaped
  * slashes left as sent), in canonical percent-spelling, when it differs from `path` (the canonical
  * path); null otherwise. A request is served only if this spelling, too, is allowed: the router
- * dispatches on it. A target that is `path` (plus a query) spelled plainly routes as `path`.
+ * dispatches on it. A plain target (`isPlainTarget`) routes as `path`.
  */
-export function routedIfOther (url: string, path: string, urlIsPath: boolean): string | null {
-  if (urlIsPath && isPlainSpelling(path)) return null
+export function routedIfOther (url: string, path: string, plainTarget: boolean): string | null {
+  if (plainTarget) return null
   const routed = routedSpelling(url)
   return routed === path ? null : routed
 }

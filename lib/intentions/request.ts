@@ -10,7 +10,7 @@
 // `RequestView`.
 import type { RequestNormalization } from '../agent/wire'
 import { headerAmbiguity } from './headers'
-import { canonicalPath, routedIfOther, routerPaths } from './path'
+import { canonicalPath, isPlainTarget, routedIfOther, routerPaths } from './path'
 import type { RouterOptions } from './path'
 import type { JwtTokens } from './jwt'
 import { decideOverrideSpellings, decideSpellings, jwtProvidersFor } from './policy'
@@ -158,11 +158,13 @@ function decideLocally (service: ServiceRules, route: RouteRules, caller: Caller
   const router = route.router ?? service.router
   const path = req.path
   const agent = service.agentDecides
+  const plainTarget = isPlainTarget(path, urlIsPath)
+  const alternatePaths = routerPaths(path, router, url, urlIsPath, plainTarget)
   let decision = agent
-    ? decideOverrideSpellings(route.override as CompiledOverride, caller, req, routerPaths(path, router, url, urlIsPath), service.policy, trace)
-    : decideSpellings(service.policy, route.override, caller, req, routerPaths(path, router, url, urlIsPath), trace, callerRules)
+    ? decideOverrideSpellings(route.override as CompiledOverride, caller, req, alternatePaths, service.policy, trace)
+    : decideSpellings(service.policy, route.override, caller, req, alternatePaths, trace, callerRules)
   if (decision !== null && decision.allow) {
-    const routed = routedIfOther(url, path, urlIsPath)
+    const routed = routedIfOther(url, path, plainTarget)
     if (routed !== null) {
       req.path = routed
       const alternates = routerPaths(routed, router)
