@@ -1,7 +1,8 @@
 'use strict'
 // Load generator for bench/connections.js, in its own process (pinned to its own core by the
 // parent): `node bench/connection-load.js '<json>'` with
-//   { port, timingPort, kind: 'full' | 'resumed' | 'keepalive', seconds, warmup, concurrency, serverPid, clockTicks, cert, key, ca }
+//   { port, timingPort, servername, kind: 'full' | 'resumed' | 'keepalive', seconds, warmup, concurrency, serverPid, clockTicks, cert, key, ca }
+// servername: the SNI name every connection sends, or null for none (a connection by IP)
 // full       a new TLS 1.3 connection per request: full handshake with a client certificate,
 //            one GET /, Connection: close
 // resumed    the same, resuming the TLS 1.3 session the previous connection of the loop received
@@ -25,7 +26,14 @@ const secureContext = tls.createSecureContext({
   ca: fs.readFileSync(config.ca),
   minVersion: 'TLSv1.3'
 })
-const connectOptions = { host: '127.0.0.1', port: config.port, secureContext, minVersion: 'TLSv1.3', checkServerIdentity: () => undefined }
+const connectOptions = {
+  host: '127.0.0.1',
+  port: config.port,
+  secureContext,
+  minVersion: 'TLSv1.3',
+  checkServerIdentity: () => undefined,
+  ...(config.servername == null ? {} : { servername: config.servername })
+}
 
 /** The server's CPU time so far, user and system together, and user alone (µs). */
 function processCpuMicros (pid) {

@@ -29,6 +29,8 @@
 //   --variants a,b   BENCH_VARIANTS     static,static-sni,static-hook,static-hooks,exempt,plugin (static is always run)
 //   --intentions N   BENCH_INTENTIONS   intentions for `api` (default 1000)
 //   --profile DIR    BENCH_PROFILE      run the servers under `node --cpu-prof`, profiles into DIR
+//   --servername S   BENCH_SERVERNAME   clients send this SNI name (default none: they connect by IP
+//                                       and send no SNI, so no SNICallback runs)
 //   --json FILE      BENCH_JSON         also write every measurement as JSON
 //   --quick                             seconds 0.4, warmup 0.2, rounds 5, variants static,static-hook,plugin:
 //                                       direction only (about 40 s), not figures to publish
@@ -77,6 +79,7 @@ function readOptions (argv, env) {
     variants: list('variants', ALL_VARIANTS),
     profile: pick('profile', null),
     json: pick('json', null),
+    servername: pick('servername', null),
     quick
   }
 }
@@ -115,7 +118,18 @@ function startServer (variant, address, opts, pin) {
 }
 
 async function load (server, kind, seconds, warmup, opts, files, pin, clockTicks) {
-  const config = { port: server.port, timingPort: server.timingPort, kind, seconds, warmup, concurrency: opts.concurrency, serverPid: server.child.pid, clockTicks, ...files }
+  const config = {
+    port: server.port,
+    timingPort: server.timingPort,
+    servername: opts.servername,
+    kind,
+    seconds,
+    warmup,
+    concurrency: opts.concurrency,
+    serverPid: server.child.pid,
+    clockTicks,
+    ...files
+  }
   const [command, args] = pinned(1, [process.execPath, path.join(__dirname, 'connection-load.js'), JSON.stringify(config)], pin)
   const { stdout } = await promisify(execFile)(command, args, { maxBuffer: 1 << 20 })
   const result = JSON.parse(stdout)
@@ -285,7 +299,8 @@ async function main () {
   out.push(`Machine: ${os.cpus()[0]?.model ?? 'unknown CPU'}, ${cores} cores, Linux ${os.release()}, Node ${process.version}, OpenSSL ${process.versions.openssl}.`)
   out.push(`Method: ${pin ? 'server pinned to core 0, load generator to core 1' : 'NOT pinned (one core, or no taskset)'}; ` +
     `${opts.rounds} rounds alternating the variants, ${opts.seconds} s measured per run after ${opts.warmup} s of warm-up, ` +
-    `${opts.concurrency} concurrent connections; server CPU from /proc/<pid>/stat; medians over rounds; ` +
+    `${opts.concurrency} concurrent connections, ${opts.servername === null ? 'by IP, without SNI' : `with SNI ${opts.servername}`}; ` +
+    'server CPU from /proc/<pid>/stat; medians over rounds; ' +
     `ratios are per round against static mTLS in the same round: median (min–max). Run took ${minutes} min.` +
     (opts.quick ? ' QUICK RUN: direction only, not figures to publish.' : ''))
   for (const kind of opts.kinds) {
