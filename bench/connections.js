@@ -8,6 +8,8 @@
 //   static-hook  static mTLS with one empty onRequest hook (the floor of Fastify's hook machinery)
 //   static-hooks static mTLS with an empty onRequest and an empty preParsing hook (the machinery of
 //                the plugin's decision hook and its backstop, without their work)
+//   static-env   static-hooks, with the plugin running idle on a second app in the same process (the
+//                cost to served requests of the plugin's agent client, watches and TLS state alone)
 //   exempt       the plugin with the route exempt
 //   plugin       the plugin enforcing 1,000 intentions (the caller's L7 intention sorts last)
 // Server CPU is read from /proc/<pid>/stat (the server process only, every thread), user and
@@ -26,7 +28,7 @@
 //   --rounds N       BENCH_ROUNDS       rounds, at least 5 for a published figure (default 6)
 //   --concurrency N  BENCH_CONCURRENCY  concurrent connection loops / keep-alive connections (default 16)
 //   --kinds a,b      BENCH_KINDS        full,resumed,keepalive
-//   --variants a,b   BENCH_VARIANTS     static,static-sni,static-hook,static-hooks,exempt,plugin (static is always run)
+//   --variants a,b   BENCH_VARIANTS     static,static-sni,static-hook,static-hooks,static-env,exempt,plugin (static is always run)
 //   --intentions N   BENCH_INTENTIONS   intentions for `api` (default 1000)
 //   --profile DIR    BENCH_PROFILE      run the servers under `node --cpu-prof`, profiles into DIR
 //   --servername S   BENCH_SERVERNAME   clients send this SNI name (default none: they connect by IP
@@ -42,7 +44,7 @@ const path = require('node:path')
 const { request } = require('undici')
 const { startDevAgent } = require('../dist/dev-agent/index.js')
 
-const ALL_VARIANTS = ['static', 'static-sni', 'static-hook', 'static-hooks', 'exempt', 'plugin']
+const ALL_VARIANTS = ['static', 'static-sni', 'static-hook', 'static-hooks', 'static-env', 'exempt', 'plugin']
 const ALL_KINDS = ['full', 'resumed', 'keepalive']
 const QUICK_VARIANTS = ['static', 'static-hook', 'plugin']
 
@@ -89,6 +91,7 @@ const LABELS = {
   'static-sni': 'static mTLS + SNICallback',
   'static-hook': 'static mTLS + one empty onRequest hook',
   'static-hooks': 'static mTLS + empty onRequest and preParsing hooks',
+  'static-env': 'the same, plugin running idle on a second app',
   exempt: 'plugin, route exempt',
   plugin: 'plugin, N intentions'
 }
@@ -171,7 +174,7 @@ function table (kind, results, opts) {
     // then the same on user CPU alone: the plugin's work is all in user space, while the kernel's
     // share (TCP, loopback) varies from round to round with how the load generator batches.
     const bases = [['static', 'vs static'], ['static-hook', 'vs static + empty hook'],
-      ['static-hooks', 'vs static + both empty hooks']].filter(([base]) => opts.variants.includes(base))
+      ['static-hooks', 'vs static + both empty hooks'], ['static-env', 'vs the same + idle plugin']].filter(([base]) => opts.variants.includes(base))
     for (const [field, title] of [['cpuPerOp', 'server CPU (user + system)'], ['userPerOp', 'server user CPU']]) {
       if (rows.length > 0) rows.push('')
       rows.push(`| server | req/s | ${title} per request | ${bases.map(([, name]) => `capacity ${name}`).join(' | ')} |`)

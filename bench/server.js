@@ -6,6 +6,9 @@
 //   static-hook  static mTLS plus one empty onRequest hook: the floor of Fastify's hook machinery
 //   static-hooks static mTLS plus an empty onRequest and an empty preParsing hook: the machinery
 //                of the plugin's two hooks (its decision and its backstop), without their work
+//   static-env   static-hooks, with the plugin running in the same process on a second app that
+//                gets no traffic: what running the plugin's agent client, watches and TLS state
+//                costs the served requests, without any of its per-request work
 //   exempt       the plugin with the route exempt (dynamic TLS, no decision): "mTLS, no enforcement"
 //   plugin       the same app with fastify-consul-native (dynamic TLS + enforcement)
 // Prints its port and the port of its timing endpoint on stdout, then serves until SIGTERM, on which
@@ -22,7 +25,7 @@ const Fastify = require('fastify')
 const { request } = require('undici')
 const { consulNative, httpsOptions } = require('../dist/index.js')
 
-const MODES = ['static', 'static-sni', 'static-hook', 'static-hooks', 'exempt', 'plugin']
+const MODES = ['static', 'static-sni', 'static-hook', 'static-hooks', 'static-env', 'exempt', 'plugin']
 
 async function agentJson (address, path) {
   const res = await request(`${address}${path}`)
@@ -60,9 +63,15 @@ async function main () {
     const roots = await agentJson(address, '/v1/agent/connect/ca/roots')
     const sni = mode === 'static-sni' ? { SNICallback: (_name, cb) => cb(null, undefined) } : {}
     app = Fastify({ https: { key: leaf.PrivateKeyPEM, cert: leaf.CertPEM, ca: roots.Roots.map((r) => r.RootCert), requestCert: true, rejectUnauthorized: true, ...sni } })
-    if (mode === 'static-hook' || mode === 'static-hooks') app.addHook('onRequest', function emptyHook (_request, _reply, done) { done() })
-    if (mode === 'static-hooks') app.addHook('preParsing', function emptyPreParsing (_request, _reply, payload, done) { done(null, payload) })
+    if (mode !== 'static' && mode !== 'static-sni') app.addHook('onRequest', function emptyHook (_request, _reply, done) { done() })
+    if (mode === 'static-hooks' || mode === 'static-env') app.addHook('preParsing', function emptyPreParsing (_request, _reply, payload, done) { done(null, payload) })
     app.get('/', async () => ({ hello: 'world' }))
+    if (mode === 'static-env') {
+      const idle = Fastify({ https: httpsOptions() })
+      await idle.register(consulNative, { service: 'api', agent: { address }, health: false })
+      idle.get('/', async () => ({ hello: 'world' }))
+      await idle.listen({ port: 0, host: '127.0.0.1' })
+    }
   } else {
     app = Fastify({ https: httpsOptions() })
     await app.register(consulNative, { service: 'api', agent: { address }, health: false })
