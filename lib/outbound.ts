@@ -5,6 +5,8 @@
 // every pool (the old ones close gracefully). An instance that cannot be reached or proves the wrong
 // identity is skipped for a while (docs/semantics.md#outbound-skip-list).
 import type { EventEmitter } from 'node:events'
+import type { IncomingHttpHeaders } from 'node:http'
+import type { Duplex } from 'node:stream'
 import type { PeerCertificate } from 'node:tls'
 import type { FastifyBaseLogger } from 'fastify'
 import { Dispatcher, Pool, errors as undiciErrors, fetch as undiciFetch } from 'undici'
@@ -201,50 +203,117 @@ export function instancesDiffer (a: readonly Instance[], b: readonly Instance[])
   return a.map((i) => i.origin).join() !== b.map((i) => i.origin).join()
 }
 
+type Handler = Dispatcher.DispatchHandler
+type Controller = Dispatcher.DispatchController
+type Headers = IncomingHttpHeaders
+
+/** What an attempt reports to the dispatcher that made it. */
+interface AttemptOwner {
+  /** A failure before the request started; true when the owner took care of it (a retry elsewhere). */
+  failedEarly (attempt: Attempt, err: Error): boolean
+  /** The request started: its instance works. */
+  started (attempt: Attempt): void
+}
+
 /**
- * Forwards every callback to `handler`; reports a connection failure that happened before the
- * request started. Plain forwarding functions, in the handler's own style (undici has two): a
- * Proxy would cost a trap and a bound function on every callback.
+ * One request sent to one instance. Forwards every callback to the caller's handler, and reports
+ * a connection failure that happened before the request started. One object per request, with
+ * plain methods in the handler's own style (undici has two; see `attemptOf`): no closure and no
+ * argument array per request or callback.
  */
-function guardHandler (handler: Dispatcher.DispatchHandler, onEarlyError: (err: Error) => boolean, onStarted: () => void): Dispatcher.DispatchHandler {
-  let started = false
-  const h = handler as Record<string, ((...args: any[]) => any) | undefined>
-  const forward = (name: string) => (...args: unknown[]): unknown => h[name]?.apply(handler, args)
-  if (typeof h.onRequestStart === 'function') {
-    return {
-      onRequestStart: (...args: unknown[]) => {
-        started = true
-        onStarted()
-        return h.onRequestStart?.apply(handler, args)
-      },
-      onRequestUpgrade: forward('onRequestUpgrade'),
-      onResponseStart: forward('onResponseStart'),
-      onResponseData: forward('onResponseData'),
-      onResponseEnd: forward('onResponseEnd'),
-      onResponseError: (...args: unknown[]) => {
-        if (!started && onEarlyError(args[args.length - 1] as Error)) return undefined
-        return h.onResponseError?.apply(handler, args)
-      }
-    } as unknown as Dispatcher.DispatchHandler
+abstract class Attempt {
+  #started = false
+  constructor (readonly owner: AttemptOwner, readonly handler: Handler, readonly opts: Dispatcher.DispatchOptions,
+    readonly instance: Instance, readonly retriable: boolean, readonly alternatives: number) {}
+
+  protected begin (): void {
+    this.#started = true
+    this.owner.started(this)
   }
-  return {
-    onConnect: (...args: unknown[]) => {
-      started = true
-      onStarted()
-      return h.onConnect?.apply(handler, args)
-    },
-    onError: (...args: unknown[]) => {
-      if (!started && onEarlyError(args[args.length - 1] as Error)) return undefined
-      return h.onError?.apply(handler, args)
-    },
-    onUpgrade: forward('onUpgrade'),
-    onResponseStarted: forward('onResponseStarted'),
-    onHeaders: forward('onHeaders'),
-    onData: forward('onData'),
-    onComplete: forward('onComplete'),
-    onBodySent: forward('onBodySent'),
-    onRequestSent: forward('onRequestSent')
-  } as unknown as Dispatcher.DispatchHandler
+
+  /** True when the failure was taken care of, and the caller's handler must not hear of it. */
+  protected handledEarly (err: Error): boolean {
+    return !this.#started && this.owner.failedEarly(this, err)
+  }
+}
+
+/** The controller style (`onRequestStart` ... `onResponseError`). */
+class ControllerAttempt extends Attempt {
+  onRequestStart (controller: Controller, context: unknown): void {
+    this.begin()
+    this.handler.onRequestStart?.(controller, context)
+  }
+
+  onRequestUpgrade (controller: Controller, statusCode: number, headers: Headers, socket: Duplex): void {
+    this.handler.onRequestUpgrade?.(controller, statusCode, headers, socket)
+  }
+
+  onResponseStart (controller: Controller, statusCode: number, headers: Headers, statusMessage?: string): void {
+    this.handler.onResponseStart?.(controller, statusCode, headers, statusMessage)
+  }
+
+  onResponseData (controller: Controller, chunk: Buffer): void {
+    this.handler.onResponseData?.(controller, chunk)
+  }
+
+  onResponseEnd (controller: Controller, trailers: Headers): void {
+    this.handler.onResponseEnd?.(controller, trailers)
+  }
+
+  onResponseError (controller: Controller, err: Error): void {
+    if (this.handledEarly(err)) return
+    this.handler.onResponseError?.(controller, err)
+  }
+}
+
+/** The callback style (`onConnect` ... `onComplete`, `onError`). */
+class CallbackAttempt extends Attempt {
+  onConnect (abort: (err?: Error) => void, context?: unknown): void {
+    this.begin()
+    ;(this.handler.onConnect as ((abort: (err?: Error) => void, context?: unknown) => void) | undefined)?.(abort, context)
+  }
+
+  onError (err: Error): void {
+    if (this.handledEarly(err)) return
+    this.handler.onError?.(err)
+  }
+
+  onUpgrade (statusCode: number, headers: Buffer[] | string[] | null, socket: Duplex): void {
+    this.handler.onUpgrade?.(statusCode, headers, socket)
+  }
+
+  onResponseStarted (): void {
+    this.handler.onResponseStarted?.()
+  }
+
+  onHeaders (statusCode: number, headers: Buffer[], resume: () => void, statusText: string): boolean | undefined {
+    return this.handler.onHeaders?.(statusCode, headers, resume, statusText)
+  }
+
+  onData (chunk: Buffer): boolean | undefined {
+    return this.handler.onData?.(chunk)
+  }
+
+  onComplete (trailers: string[] | null): void {
+    this.handler.onComplete?.(trailers)
+  }
+
+  onBodySent (chunkSize: number, totalBytesSent: number): void {
+    this.handler.onBodySent?.(chunkSize, totalBytesSent)
+  }
+
+  // Called by undici, though absent from its handler type.
+  onRequestSent (): void {
+    (this.handler as { onRequestSent?: () => void }).onRequestSent?.()
+  }
+}
+
+/** The attempt in the caller's handler style. */
+function attemptOf (owner: AttemptOwner, handler: Handler, opts: Dispatcher.DispatchOptions, instance: Instance,
+  retriable: boolean, alternatives: number): Attempt & Handler {
+  return typeof handler.onRequestStart === 'function'
+    ? new ControllerAttempt(owner, handler, opts, instance, retriable, alternatives) as Attempt & Handler
+    : new CallbackAttempt(owner, handler, opts, instance, retriable, alternatives) as Attempt & Handler
 }
 
 function noop (): void {}
@@ -361,9 +430,17 @@ class ServiceDispatcher extends Dispatcher {
     const pickFrom = this.#failedAt.size === 0 ? list : this.#healthy(list)
     const instance = pickFrom[this.#next++ % pickFrom.length] as Instance
     const body = opts.body
-    const retriable = exclude === null && IDEMPOTENT.has(opts.method.toUpperCase()) &&
+    const method = opts.method
+    const retriable = exclude === null && (IDEMPOTENT.has(method) || IDEMPOTENT.has(method.toUpperCase())) &&
       (body === undefined || body === null || typeof body === 'string' || body instanceof Uint8Array)
-    const guarded = guardHandler(handler, (err) => {
+    const attempt = attemptOf(this.#attempts, handler, opts, instance, retriable, list.length)
+    this.#poolFor(instance.origin, material as TlsMaterial).dispatch({ ...opts, origin: instance.origin }, attempt)
+  }
+
+  /** The dispatcher's side of its attempts, one object for all of them. */
+  readonly #attempts: AttemptOwner = {
+    failedEarly: (attempt, err) => {
+      const { instance, opts, handler } = attempt
       const code = (err as { code?: string }).code as string
       const impostor = err instanceof PeerMismatchError || UNTRUSTED_ERRORS.has(code)
       if (!impostor && !CONNECT_ERRORS.has(code)) return false
@@ -371,15 +448,13 @@ class ServiceDispatcher extends Dispatcher {
       if (impostor) {
         logEvent(this.#deps.log, 'warn', 'outbound-identity-refused', { service: this.#service, instance: instance.id }, `an instance of ${this.#service} did not prove its identity; skipping it for ${FAILED_INSTANCE_MS} ms`, err)
       }
-      if (!retriable || list.length < 2) return false
+      if (!attempt.retriable || attempt.alternatives < 2) return false
       logEvent(this.#deps.log, 'debug', 'outbound-retry', { service: this.#service, instance: instance.id }, 'outbound connection failed; retrying on another instance', err)
       this.#send(opts, handler, instance.origin)
       return true
-    }, () => {
-      // Connected: the instance works again, and the common path goes back to no filtering.
-      this.#failedAt.delete(instance.origin)
-    })
-    this.#poolFor(instance.origin, material as TlsMaterial).dispatch({ ...opts, origin: instance.origin }, guarded)
+    },
+    // Connected: the instance works again, and the common path goes back to no filtering.
+    started: (attempt) => { this.#failedAt.delete(attempt.instance.origin) }
   }
 
   /** The instances that did not fail to connect lately, or all of them when none is left. */

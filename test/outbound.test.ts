@@ -165,6 +165,61 @@ t.test('an instance presenting another service identity is refused with PeerMism
   await t.rejects(caller.dispatcher('api').request({ origin: 'https://x', path: '/', method: 'GET' }), { code: 'FST_CONSUL_NATIVE_PEER_MISMATCH' })
 })
 
+t.test('a callback-style handler hears every callback undici makes, through the dispatcher', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'allow' })
+  await startApi(t, agent, 1)
+  const { caller } = await startCaller(t, agent)
+  const heard: string[] = []
+  const body = await new Promise<string>((resolve, reject) => {
+    let text = ''
+    caller.dispatcher('api').dispatch({ origin: 'https://x', path: '/port', method: 'PUT', body: '{"a":1}', headers: { 'content-type': 'application/json' } }, {
+      onConnect () { heard.push('connect') },
+      onRequestSent () { heard.push('request-sent') },
+      onBodySent () { if (!heard.includes('body-sent')) heard.push('body-sent') },
+      onResponseStarted () { heard.push('response-started') },
+      onHeaders (statusCode) { heard.push(`headers ${statusCode}`); return true },
+      onData (chunk) { text += chunk.toString(); return true },
+      onComplete () { resolve(text) },
+      onError: reject
+    } as Dispatcher.DispatchHandler)
+  })
+  t.match(JSON.parse(body), { port: Number })
+  t.same(heard, ['connect', 'body-sent', 'request-sent', 'response-started', 'headers 200'])
+})
+
+t.test('upgrades go through the dispatcher in both handler styles', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'allow' })
+  const upg = await material(agent, 'upg')
+  const server = https.createServer({ key: upg.keyPem, cert: upg.certPem, requestCert: false })
+  server.on('upgrade', (req, socket) => {
+    socket.end(`HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: ${String(req.headers.upgrade)}\r\n\r\n`)
+  })
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => server.close())
+  await register(agent, 'upg-1', (server.address() as AddressInfo).port, 'upg')
+  const { caller } = await startCaller(t, agent)
+  const d = caller.dispatcher('upg')
+
+  // The callback style (undici's upgrade() API).
+  const upgraded = await d.upgrade({ path: '/', method: 'GET', protocol: 'test' })
+  t.equal(upgraded.headers.upgrade, 'test')
+  upgraded.socket.destroy()
+
+  // The controller style.
+  const statusCode = await new Promise<number>((resolve, reject) => {
+    d.dispatch({ origin: 'https://x', path: '/', method: 'GET', upgrade: 'test2' }, {
+      onRequestStart () {},
+      onRequestUpgrade (_controller, code, headers, socket) {
+        socket.destroy()
+        if (headers.upgrade !== 'test2') reject(new Error(`upgrade header ${String(headers.upgrade)}`))
+        resolve(code)
+      },
+      onResponseError (_controller, err) { reject(err) }
+    })
+  })
+  t.equal(statusCode, 101)
+})
+
 t.test('no instance, and a discovery that cannot reach the agent, give NoInstancesError', async (t) => {
   const agent = await startAgent(t, { defaultPolicy: 'allow' })
   const { caller } = await startCaller(t, agent)
