@@ -15,6 +15,7 @@
 const fs = require('node:fs')
 const http = require('node:http')
 const tls = require('node:tls')
+const { processCpuMicros } = require('./common')
 
 const config = JSON.parse(process.argv[2])
 const REQUEST = Buffer.from('GET / HTTP/1.1\r\nHost: api\r\n\r\n')
@@ -33,15 +34,6 @@ const connectOptions = {
   minVersion: 'TLSv1.3',
   checkServerIdentity: () => undefined,
   ...(config.servername == null ? {} : { servername: config.servername })
-}
-
-/** The server's CPU time so far, user and system together, and user alone (µs). */
-function processCpuMicros (pid) {
-  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'latin1')
-  // Fields after the command name (which may contain spaces), from field 3 on.
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
-  const user = Number(fields[11]) * 1e6 / config.clockTicks
-  return { total: user + Number(fields[12]) * 1e6 / config.clockTicks, user }
 }
 
 const state = { measuring: false, stopped: false, ops: 0, failed: 0, notResumed: 0, latencies: [] }
@@ -137,12 +129,12 @@ async function main () {
   const loops = Array.from({ length: config.concurrency }, () => loop())
   await new Promise((resolve) => setTimeout(resolve, config.warmup * 1000))
   const timingBefore = await serverTiming()
-  const cpuBefore = processCpuMicros(config.serverPid)
+  const cpuBefore = processCpuMicros(config.serverPid, config.clockTicks)
   const started = performance.now()
   state.measuring = true
   await new Promise((resolve) => setTimeout(resolve, config.seconds * 1000))
   state.measuring = false
-  const cpuAfter = processCpuMicros(config.serverPid)
+  const cpuAfter = processCpuMicros(config.serverPid, config.clockTicks)
   const timingAfter = await serverTiming()
   const seconds = (performance.now() - started) / 1000
   state.stopped = true

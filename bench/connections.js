@@ -43,28 +43,16 @@ const os = require('node:os')
 const path = require('node:path')
 const { request } = require('undici')
 const { startDevAgent } = require('../dist/dev-agent/index.js')
+const { median, int, ratioCell, optionSource } = require('./common')
 
 const ALL_VARIANTS = ['static', 'static-sni', 'static-hook', 'static-hooks', 'static-env', 'exempt', 'plugin']
 const ALL_KINDS = ['full', 'resumed', 'keepalive']
 const QUICK_VARIANTS = ['static', 'static-hook', 'plugin']
 
+const OPTIONS = ['seconds', 'warmup', 'rounds', 'concurrency', 'kinds', 'variants', 'intentions', 'profile', 'json', 'servername', 'quick']
+
 function readOptions (argv, env) {
-  const flags = {}
-  for (let i = 0; i < argv.length; i++) {
-    const arg = argv[i]
-    if (!arg.startsWith('--')) throw new Error(`unexpected argument ${arg}`)
-    const eq = arg.indexOf('=')
-    if (eq !== -1) flags[arg.slice(2, eq)] = arg.slice(eq + 1)
-    else if (arg === '--quick') flags.quick = 'true'
-    else flags[arg.slice(2)] = argv[++i]
-  }
-  const quick = flags.quick === 'true'
-  const pick = (name, fallback) => flags[name] ?? env[`BENCH_${name.toUpperCase()}`] ?? fallback
-  const number = (name, fallback) => {
-    const value = Number(pick(name, fallback))
-    if (!(value > 0)) throw new Error(`--${name} must be a positive number`)
-    return value
-  }
+  const { quick, pick, number } = optionSource(argv, env, OPTIONS)
   const list = (name, all) => {
     const fallback = quick && name === 'variants' ? QUICK_VARIANTS : all
     const items = String(pick(name, fallback.join(','))).split(',').filter(Boolean)
@@ -151,15 +139,7 @@ async function load (server, kind, seconds, warmup, opts, files, pin, clockTicks
   }
 }
 
-const median = (values) => {
-  const sorted = [...values].sort((a, b) => a - b)
-  const mid = sorted.length >> 1
-  return sorted.length % 2 === 1 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2
-}
-const spread = (values, digits) => `${Math.min(...values).toFixed(digits)}–${Math.max(...values).toFixed(digits)}`
-const int = (value) => Math.round(value).toLocaleString('en-US')
 const ms = (value) => `${value.toFixed(value < 10 ? 1 : 0)} ms`
-const ratioCell = (ratios, digits, suffix = '×') => `${median(ratios).toFixed(digits)}${suffix} (${spread(ratios, digits)})`
 
 function table (kind, results, opts) {
   const rows = []
@@ -182,7 +162,7 @@ function table (kind, results, opts) {
       for (const variant of opts.variants) {
         const cpu = median(runs(variant).map((r) => r[field]))
         const cells = [label(variant), int(median(runs(variant).map((r) => r.rate))), `${cpu.toFixed(1)} µs`]
-        for (const [base] of bases) cells.push(variant === base ? '1' : ratioCell(perRound(variant, field, base, true), 3, ''))
+        for (const [base] of bases) cells.push(variant === base ? '1' : ratioCell(perRound(variant, field, base, true), 3))
         rows.push(`| ${cells.join(' | ')} |`)
       }
     }
@@ -213,9 +193,9 @@ function table (kind, results, opts) {
       const r = runs(variant)
       const isStatic = variant === 'static'
       rows.push(`| ${[label(variant), int(median(r.map((x) => x.rate))), `${int(median(r.map((x) => x.cpuPerOp)))} µs`,
-        isStatic ? '1' : ratioCell(perRound(variant, 'cpuPerOp', 'static'), 2),
+        isStatic ? '1' : ratioCell(perRound(variant, 'cpuPerOp', 'static'), 2, '×'),
         ms(median(r.map((x) => x.p50))), ms(median(r.map((x) => x.p99))),
-        isStatic ? '1' : ratioCell(perRound(variant, 'p99', 'static'), 2)].join(' | ')} |`)
+        isStatic ? '1' : ratioCell(perRound(variant, 'p99', 'static'), 2, '×')].join(' | ')} |`)
     }
   }
   return rows.join('\n')

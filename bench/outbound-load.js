@@ -12,7 +12,7 @@
 // and prints one JSON line:
 //   { ops, failed, firstError, seconds, clientMicros, clientUserMicros, serverMicros, serverUserMicros }
 // `failed` counts every failed request, warm-up included (a non-200 answer or an error).
-const fs = require('node:fs')
+const { processCpuMicros } = require('./common')
 const Fastify = require('fastify')
 const { Pool, request } = require('undici')
 const { consulNative, httpsOptions } = require('../dist/index.js')
@@ -25,15 +25,6 @@ async function agentJson (path) {
   const res = await request(`${config.address}${path}`)
   if (res.statusCode !== 200) throw new Error(`GET ${path}: ${res.statusCode} ${await res.body.text()}`)
   return await res.body.json()
-}
-
-/** The server's CPU time so far, user and system together, and user alone (µs). */
-function serverCpuMicros (pid) {
-  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'latin1')
-  // Fields after the command name (which may contain spaces), from field 3 on.
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
-  const user = Number(fields[11]) * 1e6 / config.clockTicks
-  return { total: user + Number(fields[12]) * 1e6 / config.clockTicks, user }
 }
 
 /** This process's CPU time so far (every thread, µs resolution), user and system together, and user alone. */
@@ -82,14 +73,14 @@ async function main () {
   const { dispatcher, close } = await start()
   const loops = Array.from({ length: config.concurrency }, () => loop(dispatcher))
   await new Promise((resolve) => setTimeout(resolve, config.warmup * 1000))
-  const serverBefore = serverCpuMicros(config.serverPid)
+  const serverBefore = processCpuMicros(config.serverPid, config.clockTicks)
   const clientBefore = clientCpuMicros()
   const started = performance.now()
   state.measuring = true
   await new Promise((resolve) => setTimeout(resolve, config.seconds * 1000))
   state.measuring = false
   const clientAfter = clientCpuMicros()
-  const serverAfter = serverCpuMicros(config.serverPid)
+  const serverAfter = processCpuMicros(config.serverPid, config.clockTicks)
   const seconds = (performance.now() - started) / 1000
   state.stopped = true
   await Promise.all(loops)

@@ -29,35 +29,13 @@ const os = require('node:os')
 const path = require('node:path')
 const { request } = require('undici')
 const { startDevAgent } = require('../dist/dev-agent/index.js')
+const { median, int, ratioCell, optionSource } = require('./common')
 
 const CLIENTS = ['static', 'dispatcher']
 const OPTIONS = ['seconds', 'warmup', 'rounds', 'concurrency', 'quick']
 
 function readOptions (argv, env) {
-  const flags = {}
-  for (let i = 0; i < argv.length; i++) {
-    const arg = argv[i]
-    if (!arg.startsWith('--')) throw new Error(`unexpected argument ${arg}`)
-    const eq = arg.indexOf('=')
-    const name = eq === -1 ? arg.slice(2) : arg.slice(2, eq)
-    if (!OPTIONS.includes(name)) throw new Error(`unknown option --${name}; one of ${OPTIONS.map((o) => `--${o}`).join(', ')}`)
-    if (name === 'quick') {
-      if (eq !== -1) throw new Error('--quick takes no value')
-      flags.quick = 'true'
-    } else if (eq !== -1) {
-      flags[name] = arg.slice(eq + 1)
-    } else {
-      if (i + 1 >= argv.length) throw new Error(`--${name} needs a value`)
-      flags[name] = argv[++i]
-    }
-  }
-  const quick = flags.quick === 'true'
-  const pick = (name, fallback) => flags[name] ?? env[`BENCH_${name.toUpperCase()}`] ?? fallback
-  const number = (name, fallback) => {
-    const value = Number(pick(name, fallback))
-    if (!(value > 0) || !Number.isFinite(value)) throw new Error(`--${name} must be a positive number`)
-    return value
-  }
+  const { quick, number } = optionSource(argv, env, OPTIONS)
   const count = (name, fallback) => {
     const value = Math.round(number(name, fallback))
     if (value < 1) throw new Error(`--${name} must be at least 1`)
@@ -133,15 +111,6 @@ async function load (client, server, agent, seconds, warmup, opts, pin, clockTic
     serverPerOp: result.serverMicros / result.ops
   }
 }
-
-const median = (values) => {
-  const sorted = [...values].sort((a, b) => a - b)
-  const mid = sorted.length >> 1
-  return sorted.length % 2 === 1 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2
-}
-const spread = (values, digits) => `${Math.min(...values).toFixed(digits)}–${Math.max(...values).toFixed(digits)}`
-const int = (value) => Math.round(value).toLocaleString('en-US')
-const ratioCell = (ratios, digits) => `${median(ratios).toFixed(digits)} (${spread(ratios, digits)})`
 
 // What each run measures: [field, title, cell format].
 const us = (value) => `${value.toFixed(1)} µs`
