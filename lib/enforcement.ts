@@ -1,7 +1,8 @@
 // The per-request hook's work: resolve the caller's identity from the connection cache, ask the
 // pure request decision (lib/intentions/request.ts), and apply its verdict in one place: counter,
 // log line, error. No agent call (except mode 'agent'); on the allow path of a canonical request,
-// one small short-lived object (the request view) and nothing else.
+// two small short-lived objects (the request view, and the facts the engine's matchers read) and
+// nothing else.
 import type { FastifyReply, FastifyRequest, onRequestHookHandler } from 'fastify'
 import { LRUCache } from 'lru-cache'
 import type { AgentClient } from './agent/client'

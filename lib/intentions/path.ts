@@ -381,7 +381,8 @@ function sameTarget (url: string, path: string): boolean {
 
 /**
  * The request target is `path` (plus a query or fragment; `urlIsPath`, see isPathOf) and `path`
- * is spelled plainly: the router reads it as `path`, whatever its options, and routes on it.
+ * has no escape, no character to escape and no sub-delimiter: the router dispatches on `path`
+ * itself (its options may still fold it; routerPaths lists those forms).
  */
 export function isPlainTarget (path: string, urlIsPath: boolean): boolean {
   return urlIsPath && isPlainSpelling(path)

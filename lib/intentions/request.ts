@@ -2,7 +2,8 @@
 // the mesh request normalization (path, header names), the route override and the service's
 // intentions, over every spelling of the path the router treats as the same route. Data in,
 // verdict out: no I/O, no clock, no Fastify types; on the allow path of a canonical request, one
-// small short-lived object (the facts matchers read) and nothing else. lib/enforcement.ts turns the verdict into a counter, a log line and an error.
+// small short-lived object (the facts matchers read) and nothing else. lib/enforcement.ts turns
+// the verdict into a counter, a log line and an error.
 // Built to grow without a second code path: a shadowed route applies the same verdict differently
 // (enforcement.ts); a candidate policy is one more call with another `ServiceRules.policy` and its
 // own verdict object; further request checks run with the normalization checks, before intentions,
