@@ -101,15 +101,21 @@ function slowCanonical (url: string, normalize: boolean, merge: boolean, slashes
   return path === url ? url : path
 }
 
+/**
+ * Where the path of a request target starts: 0 in origin form; after the authority in http(s)
+ * absolute form (a request sent as to a proxy: find-my-way routes its path, so must we); -1 for
+ * anything else.
+ */
+function pathStart (url: string): number {
+  if (url.charCodeAt(0) === 47) return 0
+  const m = /^https?:\/\/[^/?#]+/i.exec(url)
+  return m === null ? -1 : m[0].length
+}
+
 /** The path of an origin-form or http(s) absolute-form request target, without query/fragment. */
 function pathPart (url: string): string | null {
-  let start = 0
-  if (url.charCodeAt(0) !== 47) {
-    // Absolute form (a request sent as to a proxy): find-my-way routes its path, so must we.
-    const m = /^https?:\/\/[^/?#]+/i.exec(url)
-    if (m === null) return null
-    start = m[0].length
-  }
+  const start = pathStart(url)
+  if (start === -1) return null
   let end = url.length
   for (let i = start; i < end; i++) {
     const c = url.charCodeAt(i)
@@ -271,12 +277,8 @@ const PERCENT_25 = /%25/g
  * as UTF-8 (`decodeURI`; an escape that is not UTF-8 makes the router answer 400).
  */
 function routerDecodedPath (url: string, semicolon: boolean): string | null {
-  let start = 0
-  if (url.charCodeAt(0) !== 47) {
-    const m = /^https?:\/\/[^/?#]+/i.exec(url)
-    if (m === null) return null
-    start = m[0].length
-  }
+  const start = pathStart(url)
+  if (start === -1) return null
   let end = url.length
   let special = false
   for (let i = start + 1; i < end; i++) {
