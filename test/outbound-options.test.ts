@@ -23,22 +23,10 @@ import { DynamicTls } from '../lib/tls'
 import { startProxy } from './helpers/agent-proxy'
 import type { ProxiedCall } from './helpers/agent-proxy'
 import { RecordingLogger } from './helpers/agent-fixtures'
-import { agentCall, startAgent } from './helpers/mesh'
+import { agentCall, leafMaterial, startAgent } from './helpers/mesh'
 import type { Tap } from './helpers/mesh'
 
-interface Material { certPem: string, keyPem: string, rootPems: string[], trustDomain: string, serial: string }
-
-async function material (agent: DevAgent, service: string): Promise<Material> {
-  const leaf = await agentCall(agent, 'GET', `/v1/agent/connect/ca/leaf/${service}`)
-  const roots = await agentCall(agent, 'GET', '/v1/agent/connect/ca/roots')
-  return {
-    certPem: leaf.body.CertPEM,
-    keyPem: leaf.body.PrivateKeyPEM,
-    rootPems: roots.body.Roots.map((r: { RootCert: string }) => r.RootCert),
-    trustDomain: roots.body.TrustDomain,
-    serial: leaf.body.SerialNumber
-  }
-}
+const material = leafMaterial
 
 /** A ServiceCaller for `web`, asking the agent at `address`, with the plugin's namespace and partition when given. */
 async function startCaller (t: Tap, agent: DevAgent, opts: { address?: string, namespace?: string, partition?: string } = {}): Promise<{ caller: ServiceCaller, log: RecordingLogger }> {

@@ -13,24 +13,14 @@ import { resolveAgentConfig } from '../lib/agent/config'
 import type { DevAgent } from '../lib/dev-agent/index'
 import { ServiceCaller, checkPeerIdentity, instancesDiffer, parseHealthConnect } from '../lib/outbound'
 import { DynamicTls } from '../lib/tls'
-import { agentCall, newCaKey, setIntentions, setProtocol, startAgent, startService, waitForStatus } from './helpers/mesh'
+import { agentCall, leafMaterial, newCaKey, setIntentions, setProtocol, startAgent, startService, waitForStatus } from './helpers/mesh'
 import type { ServiceApp, Tap } from './helpers/mesh'
 import { RecordingLogger } from './helpers/agent-fixtures'
 import type { LogCall } from './helpers/agent-fixtures'
 
 interface Caller { caller: ServiceCaller, tls: DynamicTls, events: EventEmitter, log: RecordingLogger }
 
-async function material (agent: DevAgent, service: string): Promise<{ certPem: string, keyPem: string, rootPems: string[], trustDomain: string, serial: string }> {
-  const leaf = await agentCall(agent, 'GET', `/v1/agent/connect/ca/leaf/${service}`)
-  const roots = await agentCall(agent, 'GET', '/v1/agent/connect/ca/roots')
-  return {
-    certPem: leaf.body.CertPEM,
-    keyPem: leaf.body.PrivateKeyPEM,
-    rootPems: roots.body.Roots.map((r: { RootCert: string }) => r.RootCert),
-    trustDomain: roots.body.TrustDomain,
-    serial: leaf.body.SerialNumber
-  }
-}
+const material = leafMaterial
 
 /** A ServiceCaller for `web`, with its own DynamicTls and a rotation event source the test drives. */
 async function startCaller (t: Tap, agent: DevAgent | null, opts: { address?: string, loadTls?: boolean } = {}): Promise<Caller> {

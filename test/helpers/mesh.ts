@@ -87,6 +87,21 @@ export async function leafFor (agent: DevAgent, service: string): Promise<Creden
   return { key: leaf.body.PrivateKeyPEM, cert: leaf.body.CertPEM, ca: await rootPems(agent) }
 }
 
+/** The TLS material a DynamicTls takes (lib/tls.ts), for `service`, as the agent issues it. */
+export interface LeafMaterial { certPem: string, keyPem: string, rootPems: string[], trustDomain: string, serial: string }
+
+export async function leafMaterial (agent: DevAgent, service: string): Promise<LeafMaterial> {
+  const leaf = await agentCall(agent, 'GET', `/v1/agent/connect/ca/leaf/${service}`)
+  const roots = await agentCall(agent, 'GET', '/v1/agent/connect/ca/roots')
+  return {
+    certPem: leaf.body.CertPEM,
+    keyPem: leaf.body.PrivateKeyPEM,
+    rootPems: roots.body.Roots.map((r: { RootCert: string }) => r.RootCert),
+    trustDomain: roots.body.TrustDomain,
+    serial: leaf.body.SerialNumber
+  }
+}
+
 export async function rootPems (agent: DevAgent): Promise<string[]> {
   const roots = await agentCall(agent, 'GET', '/v1/agent/connect/ca/roots')
   return roots.body.Roots.map((root: { RootCert: string }) => root.RootCert)
