@@ -55,7 +55,7 @@ export class DevGrpcServer {
           return
         }
         streams.add(call)
-        const send = (): void => { call.write(rootsMessage(agent)) }
+        const send = (): void => { call.write(rootsMessage(agent.ca)) }
         const unsubscribe = agent.onRootsChange(send)
         const forget = (): void => {
           unsubscribe()
@@ -140,11 +140,12 @@ function statusError (err: unknown): Partial<grpc.StatusObject> & Error {
   return Object.assign(new Error(error.message), { code, details: error.message })
 }
 
-function rootsMessage (agent: DevAgentServer): WatchRootsResponse {
+/** A CA's roots as one WatchRoots message, in Consul's field names. */
+export function rootsMessage (ca: DevCertificateAuthority): WatchRootsResponse {
   return {
-    activeRootId: agent.ca.activeRootId(),
-    trustDomain: agent.ca.trustDomain,
-    roots: agent.ca.roots().map((root) => ({
+    activeRootId: ca.activeRootId(),
+    trustDomain: ca.trustDomain,
+    roots: ca.roots().map((root) => ({
       id: root.ID,
       name: root.Name,
       serialNumber: String(root.SerialNumber),

@@ -7,6 +7,7 @@ import { connectCA } from '../../lib/certificates/connectca'
 import type { SignRequest, SignResponse, WatchRootsResponse } from '../../lib/certificates/connectca'
 import { parseCsr } from '../../lib/certificates/csr'
 import { DevCertificateAuthority } from '../../lib/dev-agent/ca'
+import { rootsMessage as devRootsMessage } from '../../lib/dev-agent/grpc'
 import type { Tap } from './mesh'
 
 export type SignMode = 'sign' | { refuse: grpc.status, details: string } | { uri: string }
@@ -34,21 +35,7 @@ export async function startFakeConnectCA (t: Tap, opts: { initial?: (ca: DevCert
   const streams = new Set<grpc.ServerWritableStream<object, WatchRootsResponse>>()
   const events = new EventEmitter()
   const server = new grpc.Server()
-  const rootsMessage = (change: Partial<WatchRootsResponse> = {}): WatchRootsResponse => ({
-    activeRootId: ca.activeRootId(),
-    trustDomain: ca.trustDomain,
-    roots: ca.roots().map((root) => ({
-      id: root.ID,
-      name: root.Name,
-      serialNumber: String(root.SerialNumber),
-      signingKeyId: root.SigningKeyID,
-      rootCert: root.RootCert,
-      intermediateCerts: root.IntermediateCerts ?? [],
-      active: root.Active,
-      rotatedOutAt: null
-    })),
-    ...change
-  })
+  const rootsMessage = (change: Partial<WatchRootsResponse> = {}): WatchRootsResponse => ({ ...devRootsMessage(ca), ...change })
   const fake: FakeConnectCA = {
     address: '',
     ca,
