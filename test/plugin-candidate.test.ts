@@ -2,22 +2,10 @@
 // also decided against the candidate; disagreements are counted and logged; responses never change.
 import t from 'tap'
 import { once } from 'node:events'
-import { Writable } from 'node:stream'
 import { mkdtemp, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { agentCall, get, leafFor, mtlsClient, rootPems, setIntentions, setProtocol, startAgent, startService, waitForStatus } from './helpers/mesh'
-
-function logLines (): { stream: Writable, lines: any[] } {
-  const lines: any[] = []
-  const stream = new Writable({
-    write (chunk, _enc, done) {
-      for (const line of String(chunk).split('\n')) if (line !== '') lines.push(JSON.parse(line))
-      done()
-    }
-  })
-  return { stream, lines }
-}
+import { agentCall, get, leafFor, logLines, mtlsClient, rootPems, setIntentions, setProtocol, startAgent, startService, waitForStatus } from './helpers/mesh'
 
 const CANDIDATE = {
   Kind: 'service-intentions',

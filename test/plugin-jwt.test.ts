@@ -1,10 +1,9 @@
 // JWT requirements enforced per request over real mTLS (docs/semantics.md#jwt): permission-level
 // and top-level requirements, providers as alternatives, claims, no fall-through, default allow,
 // token locations, forwarding, request.consulJwt, and a provider Consul no longer has.
-import { Writable } from 'node:stream'
 import t from 'tap'
 import type { FastifyInstance } from 'fastify'
-import { agentCall, get, leafFor, mtlsClient, setIntentions, setProtocol, startAgent, startService } from './helpers/mesh'
+import { agentCall, get, leafFor, logLines, mtlsClient, setIntentions, setProtocol, startAgent, startService } from './helpers/mesh'
 import { newIssuer, localProvider } from './helpers/jwt'
 
 const bearer = (token: string): Record<string, string> => ({ authorization: `Bearer ${token}` })
@@ -20,17 +19,6 @@ function jwtRoutes (app: FastifyInstance): void {
   app.get('/v1/*', echo)
   app.get('/public/*', echo)
   app.get('/', echo)
-}
-
-function logSink (): { lines: any[], stream: Writable } {
-  const lines: any[] = []
-  const stream = new Writable({
-    write (chunk, _enc, cb) {
-      for (const line of String(chunk).split('\n')) if (line !== '') lines.push(JSON.parse(line))
-      cb()
-    }
-  })
-  return { lines, stream }
 }
 
 t.test('permission-level requirements: the rules of docs/semantics.md#jwt-match as a table', async (t) => {
@@ -62,7 +50,7 @@ t.test('permission-level requirements: the rules of docs/semantics.md#jwt-match 
     },
     { Name: '*', Action: 'allow' }
   ])
-  const { lines, stream } = logSink()
+  const { lines, stream } = logLines()
   // Every denial of the table is logged (the default logDenials limit would leave repeats out).
   const svc = await startService(t, agent, { routes: jwtRoutes, plugin: { logDenials: { sample: 1, perSecond: 10_000 } }, fastify: { logger: { level: 'info', stream } } as never })
   const web = mtlsClient(t, await leafFor(agent, 'web'))
@@ -183,7 +171,7 @@ t.test('token locations, forwarding, and a provider Consul no longer has', async
     { Name: 'ops', Permissions: [{ Action: 'allow', HTTP: { PathPrefix: '/' }, JWT: { Providers: [{ Name: 'gone' }, { Name: 'okta' }] } }] },
     { Name: 'batch', Permissions: [{ Action: 'allow', HTTP: { PathPrefix: '/' }, JWT: { Providers: [{ Name: 'padded' }] } }] }
   ])
-  const { lines, stream } = logSink()
+  const { lines, stream } = logLines()
   const routes = (app: FastifyInstance): void => {
     jwtRoutes(app)
     // A route-level source with a JWT block, in JavaScript spelling.

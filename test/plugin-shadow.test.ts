@@ -3,23 +3,10 @@
 // 400s of the request normalization never shadowed; per-route settings win; status and health.
 import t from 'tap'
 import fc from 'fast-check'
-import { Writable } from 'node:stream'
 import type { FastifyInstance } from 'fastify'
 import type { Dispatcher } from 'undici'
 import type { DevAgent } from '../lib/dev-agent/index'
-import { agentCall, get, leafFor, mtlsClient, rootPems, setIntentions, setProtocol, startAgent, startService, waitForStatus } from './helpers/mesh'
-
-/** A logger stream collecting the plugin's structured lines. */
-function logLines (): { stream: Writable, lines: any[] } {
-  const lines: any[] = []
-  const stream = new Writable({
-    write (chunk, _enc, done) {
-      for (const line of String(chunk).split('\n')) if (line !== '') lines.push(JSON.parse(line))
-      done()
-    }
-  })
-  return { stream, lines }
-}
+import { agentCall, get, leafFor, logLines, mtlsClient, rootPems, setIntentions, setProtocol, startAgent, startService, waitForStatus } from './helpers/mesh'
 
 const echo = (app: FastifyInstance): void => {
   app.all('/*', async (request) => ({ decision: request.consulDecision }))

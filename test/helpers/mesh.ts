@@ -1,6 +1,7 @@
 // A small mesh for tests: the dev agent, a Fastify service running the plugin, and real mTLS
 // clients holding leaves the agent issued (or odd certificates minted on purpose).
 import { generateKeyPairSync } from 'node:crypto'
+import { Writable } from 'node:stream'
 import Fastify from 'fastify'
 import type { FastifyInstance, FastifyServerOptions } from 'fastify'
 import { Agent, request } from 'undici'
@@ -145,4 +146,16 @@ export async function waitForStatus (app: FastifyInstance, predicate: (status: C
     events.on('intentions', check)
     check()
   })
+}
+
+/** A logger stream for Fastify (`logger: { stream }`) collecting the structured lines written to it. */
+export function logLines (): { stream: Writable, lines: any[] } {
+  const lines: any[] = []
+  const stream = new Writable({
+    write (chunk, _enc, done) {
+      for (const line of String(chunk).split('\n')) if (line !== '') lines.push(JSON.parse(line))
+      done()
+    }
+  })
+  return { stream, lines }
 }
