@@ -1,7 +1,10 @@
 'use strict'
-// What the end-to-end benchmarks (connections.js, outbound.js) and their load generators share:
-// the statistics they print and the CPU time they read from /proc.
+// What the end-to-end benchmarks (connections.js, instructions.js, outbound.js) and their load
+// generators share: the statistics they print, the CPU time they read from /proc, the mesh they
+// serve and the framing of keep-alive responses.
 const fs = require('node:fs')
+const os = require('node:os')
+const path = require('node:path')
 
 /** The median of a list of numbers (the mean of the two middle ones for an even count). */
 function median (values) {
@@ -72,4 +75,67 @@ function optionSource (argv, env, names) {
   return { quick: flags.quick === 'true', pick, number }
 }
 
-module.exports = { median, spread, int, ratioCell, processCpuMicros, optionSource }
+/**
+ * A dev agent with `intentions` intentions for `api`, where the caller `web` sorts last among the
+ * exact names with an L7 permission, and web's credentials in files for the load generators:
+ * `{ agent, files: { cert, key, ca }, close() }`. Loaded on use: load generators need none of it.
+ */
+async function startBenchMesh (intentions) {
+  const { request } = require('undici')
+  const { startDevAgent } = require('../dist/dev-agent/index.js')
+  const agent = await startDevAgent({ defaultPolicy: 'deny' })
+  const agentApi = async (method, urlPath, body) => {
+    const res = await request(`${agent.address}${urlPath}`, { method, body: body === undefined ? undefined : JSON.stringify(body) })
+    const text = await res.body.text()
+    if (res.statusCode !== 200) throw new Error(`${method} ${urlPath}: ${res.statusCode} ${text}`)
+    return JSON.parse(text)
+  }
+  await agentApi('PUT', '/v1/config', { Kind: 'service-defaults', Name: 'api', Protocol: 'http' })
+  const sources = [{ Name: 'web', Permissions: [{ Action: 'allow', HTTP: { PathPrefix: '/' } }] }]
+  for (let i = 1; i < intentions; i++) sources.push({ Name: `svc-${String(i).padStart(5, '0')}`, Action: i % 2 === 0 ? 'allow' : 'deny' })
+  await agentApi('PUT', '/v1/config', { Kind: 'service-intentions', Name: 'api', Sources: sources })
+
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fcn-bench-'))
+  const leaf = await agentApi('GET', '/v1/agent/connect/ca/leaf/web')
+  const roots = await agentApi('GET', '/v1/agent/connect/ca/roots')
+  const files = { cert: path.join(dir, 'cert.pem'), key: path.join(dir, 'key.pem'), ca: path.join(dir, 'ca.pem') }
+  fs.writeFileSync(files.cert, leaf.CertPEM)
+  fs.writeFileSync(files.key, leaf.PrivateKeyPEM)
+  fs.writeFileSync(files.ca, roots.Roots.map((r) => r.RootCert).join(''))
+  return {
+    agent,
+    files,
+    close: async () => {
+      await agent.close()
+      fs.rmSync(dir, { recursive: true, force: true })
+    }
+  }
+}
+
+/**
+ * A socket 'data' listener that cuts the HTTP/1.1 responses of a keep-alive connection apart (by
+ * Content-Length; the benchmark servers send no chunked bodies) and calls `onResponse(text)` with
+ * each whole response.
+ */
+function responseFramer (onResponse) {
+  let buffer = ''
+  let expected = -1
+  return (chunk) => {
+    buffer += chunk.toString('latin1')
+    for (;;) {
+      if (expected === -1) {
+        const end = buffer.indexOf('\r\n\r\n')
+        if (end === -1) return
+        const match = /\r\ncontent-length: *(\d+)/i.exec(buffer.slice(0, end))
+        expected = end + 4 + (match === null ? 0 : Number(match[1]))
+      }
+      if (buffer.length < expected) return
+      const response = buffer.slice(0, expected)
+      buffer = buffer.slice(expected)
+      expected = -1
+      onResponse(response)
+    }
+  }
+}
+
+module.exports = { median, spread, int, ratioCell, processCpuMicros, optionSource, startBenchMesh, responseFramer }

@@ -15,7 +15,7 @@
 const fs = require('node:fs')
 const http = require('node:http')
 const tls = require('node:tls')
-const { processCpuMicros } = require('./common')
+const { processCpuMicros, responseFramer } = require('./common')
 
 const config = JSON.parse(process.argv[2])
 const REQUEST = Buffer.from('GET / HTTP/1.1\r\nHost: api\r\n\r\n')
@@ -80,29 +80,12 @@ async function connectionLoop () {
 function keepAliveLoop () {
   return new Promise((resolve) => {
     const socket = tls.connect(connectOptions)
-    let buffer = ''
-    let expected = -1
     socket.on('secureConnect', () => socket.write(REQUEST))
-    socket.on('data', (chunk) => {
-      buffer += chunk.toString('latin1')
-      for (;;) {
-        if (expected === -1) {
-          const end = buffer.indexOf('\r\n\r\n')
-          if (end === -1) return
-          const match = /\r\ncontent-length: *(\d+)/i.exec(buffer.slice(0, end))
-          expected = end + 4 + (match === null ? 0 : Number(match[1]))
-        }
-        if (buffer.length < expected) return
-        record(buffer.startsWith('HTTP/1.1 200'), null, null)
-        buffer = buffer.slice(expected)
-        expected = -1
-        if (state.stopped) {
-          socket.end()
-          return
-        }
-        socket.write(REQUEST)
-      }
-    })
+    socket.on('data', responseFramer((response) => {
+      record(response.startsWith('HTTP/1.1 200'), null, null)
+      if (state.stopped) socket.end()
+      else socket.write(REQUEST)
+    }))
     socket.on('error', () => record(false, null, null))
     socket.on('close', resolve)
   })

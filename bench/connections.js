@@ -8,6 +8,8 @@
 //   static-hook  static mTLS with one empty onRequest hook (the floor of Fastify's hook machinery)
 //   static-hooks static mTLS with an empty onRequest and an empty preParsing hook (the machinery of
 //                the plugin's decision hook and its backstop, without their work)
+//   static-client static-hooks in a process that has used an HTTP client (30 requests to the agent
+//                before listening): the floor for any service that makes HTTP calls, as the plugin does
 //   static-env   static-hooks, with the plugin running idle on a second app in the same process (the
 //                cost to served requests of the plugin's agent client, watches and TLS state alone)
 //   exempt       the plugin with the route exempt
@@ -28,7 +30,7 @@
 //   --rounds N       BENCH_ROUNDS       rounds, at least 5 for a published figure (default 6)
 //   --concurrency N  BENCH_CONCURRENCY  concurrent connection loops / keep-alive connections (default 16)
 //   --kinds a,b      BENCH_KINDS        full,resumed,keepalive
-//   --variants a,b   BENCH_VARIANTS     static,static-sni,static-hook,static-hooks,static-env,exempt,plugin (static is always run)
+//   --variants a,b   BENCH_VARIANTS     static,static-sni,static-hook,static-hooks,static-client,static-env,exempt,plugin (static is always run)
 //   --intentions N   BENCH_INTENTIONS   intentions for `api` (default 1000)
 //   --profile DIR    BENCH_PROFILE      run the servers under `node --cpu-prof`, profiles into DIR
 //   --servername S   BENCH_SERVERNAME   clients send this SNI name (default none: they connect by IP
@@ -41,11 +43,9 @@ const { promisify } = require('node:util')
 const fs = require('node:fs')
 const os = require('node:os')
 const path = require('node:path')
-const { request } = require('undici')
-const { startDevAgent } = require('../dist/dev-agent/index.js')
-const { median, int, ratioCell, optionSource } = require('./common')
+const { median, int, ratioCell, optionSource, startBenchMesh } = require('./common')
 
-const ALL_VARIANTS = ['static', 'static-sni', 'static-hook', 'static-hooks', 'static-env', 'exempt', 'plugin']
+const ALL_VARIANTS = ['static', 'static-sni', 'static-hook', 'static-hooks', 'static-client', 'static-env', 'exempt', 'plugin']
 const ALL_KINDS = ['full', 'resumed', 'keepalive']
 const QUICK_VARIANTS = ['static', 'static-hook', 'plugin']
 
@@ -79,16 +79,10 @@ const LABELS = {
   'static-sni': 'static mTLS + SNICallback',
   'static-hook': 'static mTLS + one empty onRequest hook',
   'static-hooks': 'static mTLS + empty onRequest and preParsing hooks',
-  'static-env': 'the same, plugin running idle on a second app',
+  'static-client': 'the same, after using an HTTP client (30 requests)',
+  'static-env': 'static + both empty hooks, plugin running idle on a second app',
   exempt: 'plugin, route exempt',
   plugin: 'plugin, N intentions'
-}
-
-async function agentApi (agent, method, urlPath, body) {
-  const res = await request(`${agent.address}${urlPath}`, { method, body: body === undefined ? undefined : JSON.stringify(body) })
-  const text = await res.body.text()
-  if (res.statusCode !== 200) throw new Error(`${method} ${urlPath}: ${res.statusCode} ${text}`)
-  return JSON.parse(text)
 }
 
 function pinned (core, args, pin) {
@@ -154,7 +148,7 @@ function table (kind, results, opts) {
     // then the same on user CPU alone: the plugin's work is all in user space, while the kernel's
     // share (TCP, loopback) varies from round to round with how the load generator batches.
     const bases = [['static', 'vs static'], ['static-hook', 'vs static + empty hook'],
-      ['static-hooks', 'vs static + both empty hooks'], ['static-env', 'vs the same + idle plugin']].filter(([base]) => opts.variants.includes(base))
+      ['static-hooks', 'vs static + both empty hooks'], ['static-client', 'vs the same + HTTP client used'], ['static-env', 'vs static + both hooks + idle plugin']].filter(([base]) => opts.variants.includes(base))
     for (const [field, title] of [['cpuPerOp', 'server CPU (user + system)'], ['userPerOp', 'server user CPU']]) {
       if (rows.length > 0) rows.push('')
       rows.push(`| server | req/s | ${title} per request | ${bases.map(([, name]) => `capacity ${name}`).join(' | ')} |`)
@@ -230,20 +224,8 @@ async function main () {
   if (opts.profile !== null) fs.mkdirSync(opts.profile, { recursive: true })
   const startedAt = Date.now()
 
-  const agent = await startDevAgent({ defaultPolicy: 'deny' })
-  await agentApi(agent, 'PUT', '/v1/config', { Kind: 'service-defaults', Name: 'api', Protocol: 'http' })
-  // The caller `web` sorts last among the exact names, with an L7 permission.
-  const sources = [{ Name: 'web', Permissions: [{ Action: 'allow', HTTP: { PathPrefix: '/' } }] }]
-  for (let i = 1; i < opts.intentions; i++) sources.push({ Name: `svc-${String(i).padStart(5, '0')}`, Action: i % 2 === 0 ? 'allow' : 'deny' })
-  await agentApi(agent, 'PUT', '/v1/config', { Kind: 'service-intentions', Name: 'api', Sources: sources })
-
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fcn-bench-'))
-  const leaf = await agentApi(agent, 'GET', '/v1/agent/connect/ca/leaf/web')
-  const roots = await agentApi(agent, 'GET', '/v1/agent/connect/ca/roots')
-  const files = { cert: path.join(dir, 'cert.pem'), key: path.join(dir, 'key.pem'), ca: path.join(dir, 'ca.pem') }
-  fs.writeFileSync(files.cert, leaf.CertPEM)
-  fs.writeFileSync(files.key, leaf.PrivateKeyPEM)
-  fs.writeFileSync(files.ca, roots.Roots.map((r) => r.RootCert).join(''))
+  const mesh = await startBenchMesh(opts.intentions)
+  const { agent, files } = mesh
 
   const servers = {}
   const results = {}
@@ -273,8 +255,7 @@ async function main () {
       child.once('exit', resolve)
       child.kill('SIGTERM')
     })))
-    await agent.close()
-    fs.rmSync(dir, { recursive: true, force: true })
+    await mesh.close()
   }
 
   const minutes = ((Date.now() - startedAt) / 60000).toFixed(1)

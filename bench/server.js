@@ -6,6 +6,10 @@
 //   static-hook  static mTLS plus one empty onRequest hook: the floor of Fastify's hook machinery
 //   static-hooks static mTLS plus an empty onRequest and an empty preParsing hook: the machinery
 //                of the plugin's two hooks (its decision and its backstop), without their work
+//   static-client static-hooks in a process that has used an HTTP client: 30 undici requests to
+//                the agent, all answered before the server listens. Any use of an HTTP client
+//                leaves Node's shared HTTP and stream code less optimized for the server's requests
+//                (bench/instructions.js counts it); a real service has one, and so has the plugin
 //   static-env   static-hooks, with the plugin running in the same process on a second app that
 //                gets no traffic: what running the plugin's agent client, watches and TLS state
 //                costs the served requests, without any of its per-request work
@@ -25,7 +29,8 @@ const Fastify = require('fastify')
 const { request } = require('undici')
 const { consulNative, httpsOptions } = require('../dist/index.js')
 
-const MODES = ['static', 'static-sni', 'static-hook', 'static-hooks', 'static-env', 'exempt', 'plugin']
+const MODES = ['static', 'static-sni', 'static-hook', 'static-hooks', 'static-client', 'static-env', 'exempt', 'plugin']
+const CLIENT_REQUESTS = 30
 
 async function agentJson (address, path) {
   const res = await request(`${address}${path}`)
@@ -64,8 +69,9 @@ async function main () {
     const sni = mode === 'static-sni' ? { SNICallback: (_name, cb) => cb(null, undefined) } : {}
     app = Fastify({ https: { key: leaf.PrivateKeyPEM, cert: leaf.CertPEM, ca: roots.Roots.map((r) => r.RootCert), requestCert: true, rejectUnauthorized: true, ...sni } })
     if (mode !== 'static' && mode !== 'static-sni') app.addHook('onRequest', function emptyHook (_request, _reply, done) { done() })
-    if (mode === 'static-hooks' || mode === 'static-env') app.addHook('preParsing', function emptyPreParsing (_request, _reply, payload, done) { done(null, payload) })
+    if (mode === 'static-hooks' || mode === 'static-client' || mode === 'static-env') app.addHook('preParsing', function emptyPreParsing (_request, _reply, payload, done) { done(null, payload) })
     app.get('/', async () => ({ hello: 'world' }))
+    if (mode === 'static-client') for (let i = 0; i < CLIENT_REQUESTS; i++) await agentJson(address, '/v1/agent/connect/ca/roots')
     if (mode === 'static-env') {
       const idle = Fastify({ https: httpsOptions() })
       await idle.register(consulNative, { service: 'api', agent: { address }, health: false })
