@@ -405,9 +405,8 @@ export function enforceHook (enforcer: Enforcer, routes: RoutePolicies, upgrades
 
 /**
  * `preParsing` backstop: a request that reaches body parsing without a recorded decision (a hook
- * order this plugin did not foresee) is denied, never served. "Without" is null (the decorated
- * default) or undefined: in an encapsulated context created before the plugin, the request
- * object lacks the decoration until the decision sets it (docs/semantics.md#transport-hook-order).
+ * order this plugin did not foresee) is denied, never served. "Without" is null (the decoration's
+ * value before the decision) or, defensively, undefined (docs/semantics.md#transport-hook-order).
  */
 export function backstopHook (log: EventSink, requestIdLabel: string) {
   return function consulNativeBackstop<T> (request: FastifyRequest, reply: FastifyReply, payload: T, done: (err: Error | null, payload?: T) => void): void {

@@ -3,7 +3,7 @@
 //   → intentions/ (pure decision engine) → enforcement (per-request check) → hooks below.
 import type { EventEmitter } from 'node:events'
 import type { Dispatcher, Response } from 'undici'
-import type { FastifyPluginAsync } from 'fastify'
+import type { FastifyInstance, FastifyPluginAsync, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import type { JWTPayload as JwtPayload } from 'jose'
 import { AgentClient } from './agent/client'
@@ -81,6 +81,39 @@ declare module 'fastify' {
   }
 }
 
+const kSource = Symbol('fastify-consul-native.consulSource')
+const kDecision = Symbol('fastify-consul-native.consulDecision')
+const kJwt = Symbol('fastify-consul-native.consulJwt')
+interface RequestSlots {
+  [kSource]?: FastifyRequest['consulSource']
+  [kDecision]?: FastifyRequest['consulDecision']
+  [kJwt]?: FastifyRequest['consulJwt']
+}
+
+/**
+ * The request decorations, null until the plugin sets them: prototype accessors over symbol
+ * slots. Fastify copies value decorations into every new request at one keyed store site for
+ * every name, which is megamorphic: those three copies cost more instructions than the decision
+ * (bench/instructions.js). An accessor costs nothing until used. One literal per name on
+ * purpose: closures of one literal share their inline caches, and a store site that sees three
+ * keys is megamorphic again.
+ */
+function decorateRequestSlots (fastify: FastifyInstance): void {
+  type Slotted = FastifyRequest & RequestSlots
+  fastify.decorateRequest('consulSource', {
+    getter (this: Slotted) { return this[kSource] ?? null },
+    setter (this: Slotted, value: FastifyRequest['consulSource']) { this[kSource] = value }
+  })
+  fastify.decorateRequest('consulDecision', {
+    getter (this: Slotted) { return this[kDecision] ?? null },
+    setter (this: Slotted, value: FastifyRequest['consulDecision']) { this[kDecision] = value }
+  })
+  fastify.decorateRequest('consulJwt', {
+    getter (this: Slotted) { return this[kJwt] ?? null },
+    setter (this: Slotted, value: FastifyRequest['consulJwt']) { this[kJwt] = value }
+  })
+}
+
 const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fastify, rawOptions) => {
   const opts = resolveOptions(rawOptions)
   // Fastify always sets it; 0 turns the timeout off.
@@ -118,9 +151,7 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
     client, tls, tlsEvents: sync.events, log, blockingWait: opts.blockingWait, namespace: opts.namespace, partition: opts.partition
   })
 
-  fastify.decorateRequest('consulSource', null)
-  fastify.decorateRequest('consulDecision', null)
-  fastify.decorateRequest('consulJwt', null)
+  decorateRequestSlots(fastify)
   const metrics = (): MetricFamily[] => metricFamilies(enforcer.counters, sync.failureCounts, sync.status(), Date.now(), rollout.candidate?.disagreements ?? null)
   fastify.decorate('consulNative', {
     status: () => sync.status(),

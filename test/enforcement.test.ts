@@ -25,8 +25,8 @@ t.test('a request without a recorded decision is denied and logged; one with a d
   backstop({ ...request, is404: true } as never, reply as never, 'payload', () => {})
   t.match(logged[1], { consulNative: { route: '(not found)' } }, 'a 404 is named by the not-found marker')
 
-  // docs/semantics.md#transport-hook-order: an encapsulated context created before the plugin has
-  // no decoration, so the request starts with `undefined`, not null.
+  // The decorations read null before the decision; undefined (a request object without them) is
+  // refused all the same.
   const undecorated = { ...request, consulDecision: undefined }
   outcome = undefined
   backstop(undecorated as never, reply as never, 'payload', (err, payload) => { outcome = [err, payload] })
