@@ -67,6 +67,7 @@ function sendSequentially (socket, count) {
       }
       if (--left === 0) {
         socket.off('data', frame)
+        socket.off('error', reject)
         resolve()
       } else {
         socket.write(REQUEST)
@@ -74,6 +75,7 @@ function sendSequentially (socket, count) {
     }
     const frame = responseFramer(onResponse)
     socket.on('data', frame)
+    socket.once('error', reject)
     socket.write(REQUEST)
   })
 }
@@ -125,7 +127,7 @@ async function measure (variant, mesh, opts, dir, secureContext) {
     }
   } finally {
     child.kill('SIGTERM')
-    if (child.exitCode === null) await new Promise((resolve) => child.once('exit', resolve))
+    if (child.exitCode === null && child.signalCode === null) await new Promise((resolve) => child.once('exit', resolve))
     for (const name of fs.readdirSync(dir)) if (name.startsWith(`${variant}.callgrind`)) fs.rmSync(path.join(dir, name))
   }
 }
