@@ -4,8 +4,9 @@
 //
 // Why: CPU time per request on a shared VM swings by up to 2× between periods, so a difference of
 // a few hundred nanoseconds cannot be told from noise by timing. The number of instructions a
-// request executes does not depend on the neighbours: the same server and the same requests give
-// the same count to within a fraction of a percent, run after run. It does not see cache misses or
+// request executes does not depend on the neighbours: processes of the same server, given the same
+// requests, count within about ±1% of each other (up to 2%: where the JIT and the allocators place
+// things), so differences of 1,500 instructions and more stand out. It does not see cache misses or
 // the kernel's work, so it complements bench/connections.js (what users feel) and does not replace
 // it: use it to compare variants and changes of the request path.
 //
