@@ -1,7 +1,9 @@
 'use strict'
 // What the end-to-end benchmarks (connections.js, instructions.js, outbound.js) and their load
-// generators share: the statistics they print, the CPU time they read from /proc, the mesh they
-// serve and the framing of keep-alive responses.
+// generators share: the statistics they print, the CPU time they read from /proc, core pinning,
+// the server processes they start and stop, the mesh they serve and the framing of keep-alive
+// responses.
+const { spawn, spawnSync } = require('node:child_process')
 const fs = require('node:fs')
 const os = require('node:os')
 const path = require('node:path')
@@ -76,28 +78,90 @@ function optionSource (argv, env, names) {
 }
 
 /**
+ * Core pinning for a benchmark run: `pin` is whether servers and load generators go to cores of
+ * their own (two cores or more, and `taskset` present); if so, this process moves to core 1, with
+ * the load generators. `clockTicks`: the kernel's clock ticks per second, for processCpuMicros.
+ */
+function pinning () {
+  const pin = os.cpus().length >= 2 && spawnSync('taskset', ['-V']).status === 0
+  if (pin) spawnSync('taskset', ['-a', '-p', '-c', '1', String(process.pid)])
+  const clockTicks = Number(spawnSync('getconf', ['CLK_TCK']).stdout?.toString().trim()) || 100
+  return { pin, clockTicks }
+}
+
+/** `[command, args]` running `args` pinned to `core` when `pin`, else as they are. */
+function pinned (core, args, pin) {
+  return pin ? ['taskset', ['-c', String(core), ...args]] : [args[0], args.slice(1)]
+}
+
+/** One line naming the machine and the software a run measured. */
+function machineLine () {
+  return `Machine: ${os.cpus()[0]?.model ?? 'unknown CPU'}, ${os.cpus().length} cores, Linux ${os.release()}, ` +
+    `Node ${process.version}, OpenSSL ${process.versions.openssl}.`
+}
+
+/**
+ * Starts a server process (bench/server.js, directly or under taskset or valgrind) and resolves
+ * `{ child, port, timingPort }` from the first line it prints; its stderr is inherited. `label`
+ * names it in errors.
+ */
+function startServerProcess (command, args, label) {
+  return new Promise((resolve, reject) => {
+    const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'inherit'] })
+    let out = ''
+    const onData = (chunk) => {
+      out += chunk
+      const end = out.indexOf('\n')
+      if (end === -1) return
+      child.stdout.off('data', onData)
+      // Keep reading, so that a later line can never block the server on a full pipe.
+      child.stdout.resume()
+      const [port, timingPort] = out.slice(0, end).trim().split(/\s+/).map(Number)
+      if (Number.isInteger(port) && port > 0) return resolve({ child, port, timingPort })
+      child.kill('SIGTERM')
+      reject(new Error(`${label} printed no port: ${JSON.stringify(out.slice(0, end))}`))
+    }
+    child.stdout.on('data', onData)
+    child.once('error', reject)
+    child.once('exit', (code, signal) => reject(new Error(`${label} exited with ${code ?? signal} before printing its port`)))
+  })
+}
+
+/** Stops a server process (SIGTERM: it closes and exits, writing a profile if it has one); at once if it has exited. */
+function stopProcess (child) {
+  return new Promise((resolve) => {
+    child.removeAllListeners('exit')
+    if (child.exitCode !== null || child.signalCode !== null) return resolve()
+    child.once('exit', resolve)
+    child.kill('SIGTERM')
+  })
+}
+
+/** A call to the dev agent's HTTP API; the answer parsed, null when empty. Any status but 200 fails. */
+async function agentApi (agent, method, urlPath, body) {
+  const { request } = require('undici')
+  const res = await request(`${agent.address}${urlPath}`, { method, body: body === undefined ? undefined : JSON.stringify(body) })
+  const text = await res.body.text()
+  if (res.statusCode !== 200) throw new Error(`${method} ${urlPath}: ${res.statusCode} ${text}`)
+  return text === '' ? null : JSON.parse(text)
+}
+
+/**
  * A dev agent with `intentions` intentions for `api`, where the caller `web` sorts last among the
  * exact names with an L7 permission, and web's credentials in files for the load generators:
  * `{ agent, files: { cert, key, ca }, close() }`. Loaded on use: load generators need none of it.
  */
 async function startBenchMesh (intentions) {
-  const { request } = require('undici')
   const { startDevAgent } = require('../dist/dev-agent/index.js')
   const agent = await startDevAgent({ defaultPolicy: 'deny' })
-  const agentApi = async (method, urlPath, body) => {
-    const res = await request(`${agent.address}${urlPath}`, { method, body: body === undefined ? undefined : JSON.stringify(body) })
-    const text = await res.body.text()
-    if (res.statusCode !== 200) throw new Error(`${method} ${urlPath}: ${res.statusCode} ${text}`)
-    return JSON.parse(text)
-  }
-  await agentApi('PUT', '/v1/config', { Kind: 'service-defaults', Name: 'api', Protocol: 'http' })
+  await agentApi(agent, 'PUT', '/v1/config', { Kind: 'service-defaults', Name: 'api', Protocol: 'http' })
   const sources = [{ Name: 'web', Permissions: [{ Action: 'allow', HTTP: { PathPrefix: '/' } }] }]
   for (let i = 1; i < intentions; i++) sources.push({ Name: `svc-${String(i).padStart(5, '0')}`, Action: i % 2 === 0 ? 'allow' : 'deny' })
-  await agentApi('PUT', '/v1/config', { Kind: 'service-intentions', Name: 'api', Sources: sources })
+  await agentApi(agent, 'PUT', '/v1/config', { Kind: 'service-intentions', Name: 'api', Sources: sources })
 
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fcn-bench-'))
-  const leaf = await agentApi('GET', '/v1/agent/connect/ca/leaf/web')
-  const roots = await agentApi('GET', '/v1/agent/connect/ca/roots')
+  const leaf = await agentApi(agent, 'GET', '/v1/agent/connect/ca/leaf/web')
+  const roots = await agentApi(agent, 'GET', '/v1/agent/connect/ca/roots')
   const files = { cert: path.join(dir, 'cert.pem'), key: path.join(dir, 'key.pem'), ca: path.join(dir, 'ca.pem') }
   fs.writeFileSync(files.cert, leaf.CertPEM)
   fs.writeFileSync(files.key, leaf.PrivateKeyPEM)
@@ -138,4 +202,4 @@ function responseFramer (onResponse) {
   }
 }
 
-module.exports = { median, spread, int, ratioCell, processCpuMicros, optionSource, startBenchMesh, responseFramer }
+module.exports = { median, spread, int, ratioCell, processCpuMicros, optionSource, pinning, pinned, machineLine, startServerProcess, stopProcess, agentApi, startBenchMesh, responseFramer }

@@ -38,12 +38,11 @@
 //   --json FILE      BENCH_JSON         also write every measurement as JSON
 //   --quick                             seconds 0.4, warmup 0.2, rounds 5, variants static,static-hook,plugin:
 //                                       direction only (about 40 s), not figures to publish
-const { spawn, spawnSync, execFile } = require('node:child_process')
+const { execFile } = require('node:child_process')
 const { promisify } = require('node:util')
 const fs = require('node:fs')
-const os = require('node:os')
 const path = require('node:path')
-const { median, int, ratioCell, optionSource, startBenchMesh } = require('./common')
+const { median, int, ratioCell, optionSource, pinning, pinned, machineLine, startServerProcess, stopProcess, startBenchMesh } = require('./common')
 
 const ALL_VARIANTS = ['static', 'static-sni', 'static-hook', 'static-hooks', 'static-client', 'static-env', 'exempt', 'plugin']
 const ALL_KINDS = ['full', 'resumed', 'keepalive']
@@ -85,21 +84,10 @@ const LABELS = {
   plugin: 'plugin, N intentions'
 }
 
-function pinned (core, args, pin) {
-  return pin ? ['taskset', ['-c', String(core), ...args]] : [args[0], args.slice(1)]
-}
-
 function startServer (variant, address, opts, pin) {
   const nodeArgs = opts.profile === null ? [] : ['--cpu-prof', '--cpu-prof-interval=100', `--cpu-prof-dir=${opts.profile}`, `--cpu-prof-name=${variant}.cpuprofile`]
   const [command, args] = pinned(0, [process.execPath, ...nodeArgs, path.join(__dirname, 'server.js'), variant, address], pin)
-  return new Promise((resolve, reject) => {
-    const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'inherit'] })
-    child.stdout.once('data', (chunk) => {
-      const [port, timingPort] = String(chunk).trim().split(' ').map(Number)
-      resolve({ child, port, timingPort })
-    })
-    child.once('exit', (code) => reject(new Error(`${variant} server exited with ${code}`)))
-  })
+  return startServerProcess(command, args, `${variant} server`)
 }
 
 async function load (server, kind, seconds, warmup, opts, files, pin, clockTicks) {
@@ -217,10 +205,7 @@ const TITLES = {
 
 async function main () {
   const opts = readOptions(process.argv.slice(2), process.env)
-  const cores = os.cpus().length
-  const pin = cores >= 2 && spawnSync('taskset', ['-V']).status === 0
-  if (pin) spawnSync('taskset', ['-a', '-p', '-c', '1', String(process.pid)])
-  const clockTicks = Number(spawnSync('getconf', ['CLK_TCK']).stdout?.toString().trim()) || 100
+  const { pin, clockTicks } = pinning()
   if (opts.profile !== null) fs.mkdirSync(opts.profile, { recursive: true })
   const startedAt = Date.now()
 
@@ -250,17 +235,13 @@ async function main () {
       process.stderr.write(`round ${round + 1}/${opts.rounds} done\n`)
     }
   } finally {
-    await Promise.all(Object.values(servers).map(({ child }) => new Promise((resolve) => {
-      child.removeAllListeners('exit')
-      child.once('exit', resolve)
-      child.kill('SIGTERM')
-    })))
+    await Promise.all(Object.values(servers).map(({ child }) => stopProcess(child)))
     await mesh.close()
   }
 
   const minutes = ((Date.now() - startedAt) / 60000).toFixed(1)
   const out = []
-  out.push(`Machine: ${os.cpus()[0]?.model ?? 'unknown CPU'}, ${cores} cores, Linux ${os.release()}, Node ${process.version}, OpenSSL ${process.versions.openssl}.`)
+  out.push(machineLine())
   out.push(`Method: ${pin ? 'server pinned to core 0, load generator to core 1' : 'NOT pinned (one core, or no taskset)'}; ` +
     `${opts.rounds} rounds alternating the variants, ${opts.seconds} s measured per run after ${opts.warmup} s of warm-up, ` +
     `${opts.concurrency} concurrent connections, ${opts.servername === null ? 'by IP, without SNI' : `with SNI ${opts.servername}`}; ` +

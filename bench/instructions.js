@@ -27,13 +27,13 @@
 //   --requests N     BENCH_REQUESTS   requests counted (default 5000)
 //   --rounds N       BENCH_ROUNDS     (default 2)
 //   --intentions N   BENCH_INTENTIONS intentions for `api` (default 1000)
-const { spawn, spawnSync, execFile } = require('node:child_process')
+const { spawnSync, execFile } = require('node:child_process')
 const { promisify } = require('node:util')
 const fs = require('node:fs')
 const os = require('node:os')
 const path = require('node:path')
 const tls = require('node:tls')
-const { median, int, optionSource, startBenchMesh, responseFramer } = require('./common')
+const { median, int, optionSource, startServerProcess, stopProcess, startBenchMesh, responseFramer } = require('./common')
 
 const ALL_VARIANTS = ['static', 'static-hook', 'static-hooks', 'static-client', 'static-env', 'exempt', 'plugin']
 const DEFAULT_VARIANTS = ALL_VARIANTS.filter((variant) => variant !== 'static-env')
@@ -95,15 +95,10 @@ async function functionCosts (dump) {
 
 async function measure (variant, mesh, opts, dir, secureContext) {
   const out = path.join(dir, `${variant}.callgrind`)
-  const child = spawn('valgrind', ['--tool=callgrind', '--instr-atstart=no', '--smc-check=all-non-file', `--callgrind-out-file=${out}`,
-    process.execPath, path.join(__dirname, 'server.js'), variant, mesh.agent.address], { stdio: ['ignore', 'pipe', 'pipe'] })
-  let stderr = ''
-  child.stderr.on('data', (chunk) => { stderr += chunk })
+  // --quiet: the server's stderr is ours, and only Valgrind's errors belong there.
+  const { child, port } = await startServerProcess('valgrind', ['--quiet', '--tool=callgrind', '--instr-atstart=no', '--smc-check=all-non-file',
+    `--callgrind-out-file=${out}`, process.execPath, path.join(__dirname, 'server.js'), variant, mesh.agent.address], `${variant} server`)
   try {
-    const port = await new Promise((resolve, reject) => {
-      child.stdout.once('data', (chunk) => resolve(Number(String(chunk).trim().split(' ')[0])))
-      child.once('exit', (code) => reject(new Error(`${variant} server exited with ${code}:\n${stderr.slice(-2000)}`)))
-    })
     const socket = tls.connect({ host: '127.0.0.1', port, secureContext, checkServerIdentity: () => undefined })
     await new Promise((resolve, reject) => socket.once('secureConnect', resolve).once('error', reject))
     await sendSequentially(socket, opts.warmup)
@@ -127,8 +122,7 @@ async function measure (variant, mesh, opts, dir, secureContext) {
       megamorphic: Object.fromEntries(MEGAMORPHIC.map((name) => [name, perRequest(costs.get(`Builtins_${name}`) ?? 0)]))
     }
   } finally {
-    child.kill('SIGTERM')
-    if (child.exitCode === null && child.signalCode === null) await new Promise((resolve) => child.once('exit', resolve))
+    await stopProcess(child)
     for (const name of fs.readdirSync(dir)) if (name.startsWith(`${variant}.callgrind`)) fs.rmSync(path.join(dir, name))
   }
 }

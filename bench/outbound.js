@@ -23,13 +23,11 @@
 //   --concurrency N  BENCH_CONCURRENCY  concurrent request loops (default 16)
 //   --quick                             seconds 0.5, warmup 0.25, rounds 5: direction only (about
 //                                       20 s), not figures to publish
-const { spawn, spawnSync, execFile } = require('node:child_process')
+const { execFile } = require('node:child_process')
 const { promisify } = require('node:util')
-const os = require('node:os')
 const path = require('node:path')
-const { request } = require('undici')
 const { startDevAgent } = require('../dist/dev-agent/index.js')
-const { median, int, ratioCell, optionSource } = require('./common')
+const { median, int, ratioCell, optionSource, pinning, pinned, machineLine, startServerProcess, stopProcess, agentApi } = require('./common')
 
 const CLIENTS = ['static', 'dispatcher']
 const OPTIONS = ['seconds', 'warmup', 'rounds', 'concurrency', 'quick']
@@ -55,39 +53,10 @@ const LABELS = {
   dispatcher: "fastify.consulNative.dispatcher('api')"
 }
 
-async function agentApi (agent, method, urlPath, body) {
-  const res = await request(`${agent.address}${urlPath}`, { method, body: body === undefined ? undefined : JSON.stringify(body) })
-  const text = await res.body.text()
-  if (res.statusCode !== 200) throw new Error(`${method} ${urlPath}: ${res.statusCode} ${text}`)
-  return text
-}
-
-function pinned (core, args, pin) {
-  return pin ? ['taskset', ['-c', String(core), ...args]] : [args[0], args.slice(1)]
-}
-
-/** The api server, running the plugin; resolves once it printed its port (the first word of its first line). */
+/** The api server, running the plugin; resolves once it printed its port. */
 function startServer (address, pin) {
   const [command, args] = pinned(0, [process.execPath, path.join(__dirname, 'server.js'), 'plugin', address], pin)
-  return new Promise((resolve, reject) => {
-    const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'inherit'] })
-    let out = ''
-    const onData = (chunk) => {
-      out += chunk
-      const end = out.indexOf('\n')
-      if (end === -1) return
-      child.stdout.off('data', onData)
-      // Keep reading, so that a later line can never block the server on a full pipe.
-      child.stdout.resume()
-      const port = Number(out.slice(0, end).trim().split(/\s+/)[0])
-      if (Number.isInteger(port) && port > 0) return resolve({ child, port })
-      child.kill('SIGTERM')
-      reject(new Error(`api server printed no port: ${JSON.stringify(out.slice(0, end))}`))
-    }
-    child.stdout.on('data', onData)
-    child.once('error', reject)
-    child.once('exit', (code, signal) => reject(new Error(`api server exited with ${code ?? signal} before printing its port`)))
-  })
+  return startServerProcess(command, args, 'api server')
 }
 
 async function load (client, server, agent, seconds, warmup, opts, pin, clockTicks) {
@@ -153,10 +122,7 @@ function roundsTable (results, opts) {
 
 async function main () {
   const opts = readOptions(process.argv.slice(2), process.env)
-  const cores = os.cpus().length
-  const pin = cores >= 2 && spawnSync('taskset', ['-V']).status === 0
-  if (pin) spawnSync('taskset', ['-a', '-p', '-c', '1', String(process.pid)])
-  const clockTicks = Number(spawnSync('getconf', ['CLK_TCK']).stdout?.toString().trim()) || 100
+  const { pin, clockTicks } = pinning()
   const startedAt = Date.now()
 
   const agent = await startDevAgent({ defaultPolicy: 'deny' })
@@ -177,21 +143,13 @@ async function main () {
       process.stderr.write(`round ${round + 1}/${opts.rounds} done\n`)
     }
   } finally {
-    if (server !== null) {
-      const { child } = server
-      await new Promise((resolve) => {
-        child.removeAllListeners('exit')
-        if (child.exitCode !== null || child.signalCode !== null) return resolve()
-        child.once('exit', resolve)
-        child.kill('SIGTERM')
-      })
-    }
+    if (server !== null) await stopProcess(server.child)
     await agent.close()
   }
 
   const minutes = ((Date.now() - startedAt) / 60000).toFixed(1)
   const out = []
-  out.push(`Machine: ${os.cpus()[0]?.model ?? 'unknown CPU'}, ${cores} cores, Linux ${os.release()}, Node ${process.version}, OpenSSL ${process.versions.openssl}.`)
+  out.push(machineLine())
   out.push(`Method: ${pin ? 'api server pinned to core 0, load generator to core 1' : 'NOT pinned (one core, or no taskset)'}; ` +
     `${opts.rounds} rounds alternating the clients, ${opts.seconds} s measured per run after ${opts.warmup} s of warm-up, ` +
     `${opts.concurrency} concurrent keep-alive request loops; client CPU from process.cpuUsage() of the load generator, ` +
