@@ -36,9 +36,12 @@ function processCpuMicros (pid, clockTicks) {
   return { total: user + Number(fields[12]) * 1e6 / clockTicks, user }
 }
 
+/** Options that take no value: given means on. */
+const SWITCHES = ['quick', 'reuse']
+
 /**
- * Command-line flags: `--name value` or `--name=value` for each of `names`, and `--quick` alone.
- * Anything else is refused with a clear message. Values stay strings.
+ * Command-line flags: `--name value` or `--name=value` for each of `names`, and the switches
+ * (`--quick`, `--reuse`) alone. Anything else is refused with a clear message. Values stay strings.
  */
 function readFlags (argv, names) {
   const flags = {}
@@ -48,9 +51,9 @@ function readFlags (argv, names) {
     const eq = arg.indexOf('=')
     const name = eq === -1 ? arg.slice(2) : arg.slice(2, eq)
     if (!names.includes(name)) throw new Error(`unknown option --${name}; one of ${names.map((o) => `--${o}`).join(', ')}`)
-    if (name === 'quick') {
-      if (eq !== -1) throw new Error('--quick takes no value')
-      flags.quick = 'true'
+    if (SWITCHES.includes(name)) {
+      if (eq !== -1) throw new Error(`--${name} takes no value`)
+      flags[name] = 'true'
     } else if (eq !== -1) {
       flags[name] = arg.slice(eq + 1)
     } else {
@@ -62,19 +65,20 @@ function readFlags (argv, names) {
 }
 
 /**
- * The options of a benchmark: each from its flag, else from `BENCH_<NAME>` in `env`, else the
- * fallback given. `quick`: whether `--quick` was given; `pick` reads a raw value, `number` a
- * positive finite number.
+ * The options of a benchmark: each from its flag, else from `BENCH_<NAME>` in `env` (dashes as
+ * underscores), else the fallback given. `quick`: whether `--quick` was given; `pick` reads a raw
+ * value, `number` a positive finite number, `on` a switch (its flag, or its variable set to 1).
  */
 function optionSource (argv, env, names) {
   const flags = readFlags(argv, names)
-  const pick = (name, fallback) => flags[name] ?? env[`BENCH_${name.toUpperCase()}`] ?? fallback
+  const pick = (name, fallback) => flags[name] ?? env[`BENCH_${name.toUpperCase().replace(/-/g, '_')}`] ?? fallback
   const number = (name, fallback) => {
     const value = Number(pick(name, fallback))
     if (!(value > 0) || !Number.isFinite(value)) throw new Error(`--${name} must be a positive number`)
     return value
   }
-  return { quick: flags.quick === 'true', pick, number }
+  const on = (name) => ['true', '1'].includes(String(pick(name, 'false')))
+  return { quick: on('quick'), pick, number, on }
 }
 
 /**
