@@ -14,44 +14,56 @@
 //                cost to served requests of the plugin's agent client, watches and TLS state alone)
 //   exempt       the plugin with the route exempt
 //   plugin       the plugin enforcing 1,000 intentions (the caller's L7 intention sorts last)
+//   exempt-worker, plugin-worker  the same two with `agent: { worker: true }` (agent traffic on a
+//                worker thread)
 // Server CPU is read from /proc/<pid>/stat (the server process only, every thread), user and
 // system together and user alone. Keep-alive also reports the time each server spends in its
 // request listener per request (timed inside bench/server.js, the same instrument in every
 // variant): the plugin's hooks run there, so the difference to the static variants is the
 // plugin's own per-request work, free of the kernel's and the load generator's round-to-round noise. Each server runs
 // in its own process pinned to core 0, each load generator in its own process pinned to core 1
-// (when the machine has two cores or more). Rounds alternate the order of the variants; the output
+// (when the machine has two cores or more). Each measurement gets a server process of its own (a
+// new one per variant, kind and round), warmed up unrecorded with the same load first: one process
+// per variant for the whole run would carry its own memory layout (ASLR, heap, where the JIT puts
+// code) into every round, a bias alternation cannot remove. Rounds alternate the order of the variants; the output
 // gives medians over rounds, the per-round ratios to static mTLS and their spread (min–max), as
 // markdown tables. Never a best-of.
 //
 // Options (flag or environment variable):
 //   --seconds N      BENCH_SECONDS      measured seconds per run (default 2)
 //   --warmup N       BENCH_WARMUP       seconds before each measured window (default 0.5)
+//   --server-warmup N BENCH_SERVER_WARMUP seconds of unrecorded load on each new server process before
+//                                       its measurement (default 5: startup JIT and first major GCs last
+//                                       several seconds)
+//   --reuse                             one server process per variant for the whole run (faster; the
+//                                       figures keep each process's layout bias)
 //   --rounds N       BENCH_ROUNDS       rounds, at least 5 for a published figure (default 6)
 //   --concurrency N  BENCH_CONCURRENCY  concurrent connection loops / keep-alive connections (default 16)
 //   --kinds a,b      BENCH_KINDS        full,resumed,keepalive
-//   --variants a,b   BENCH_VARIANTS     static,static-sni,static-hook,static-hooks,static-client,static-env,exempt,plugin (static is always run)
+//   --variants a,b   BENCH_VARIANTS     static,static-sni,static-hook,static-hooks,static-client,static-env,exempt,plugin,
+//                                       exempt-worker,plugin-worker (static is always run)
 //   --intentions N   BENCH_INTENTIONS   intentions for `api` (default 1000)
-//   --profile DIR    BENCH_PROFILE      run the servers under `node --cpu-prof`, profiles into DIR
+//   --profile DIR    BENCH_PROFILE      run the servers under `node --cpu-prof`, profiles into DIR (one per
+//                                       process: <variant>.<n>.cpuprofile, or <variant>.cpuprofile with --reuse)
 //   --servername S   BENCH_SERVERNAME   clients send this SNI name (default none: they connect by IP
 //                                       and send no SNI, so no SNICallback runs)
 //   --json FILE      BENCH_JSON         also write every measurement as JSON
-//   --quick                             seconds 0.4, warmup 0.2, rounds 5, variants static,static-hook,plugin:
-//                                       direction only (about 40 s), not figures to publish
+//   --quick                             seconds 0.4, warmup 0.2, rounds 5, variants static,static-hook,plugin,
+//                                       --reuse: direction only (about 40 s), not figures to publish
 const { execFile } = require('node:child_process')
 const { promisify } = require('node:util')
 const fs = require('node:fs')
 const path = require('node:path')
 const { median, int, ratioCell, optionSource, pinning, pinned, machineLine, startServerProcess, stopProcess, startBenchMesh } = require('./common')
 
-const ALL_VARIANTS = ['static', 'static-sni', 'static-hook', 'static-hooks', 'static-client', 'static-env', 'exempt', 'plugin']
+const ALL_VARIANTS = ['static', 'static-sni', 'static-hook', 'static-hooks', 'static-client', 'static-env', 'exempt', 'plugin', 'exempt-worker', 'plugin-worker']
 const ALL_KINDS = ['full', 'resumed', 'keepalive']
 const QUICK_VARIANTS = ['static', 'static-hook', 'plugin']
 
-const OPTIONS = ['seconds', 'warmup', 'rounds', 'concurrency', 'kinds', 'variants', 'intentions', 'profile', 'json', 'servername', 'quick']
+const OPTIONS = ['seconds', 'warmup', 'server-warmup', 'reuse', 'rounds', 'concurrency', 'kinds', 'variants', 'intentions', 'profile', 'json', 'servername', 'quick']
 
 function readOptions (argv, env) {
-  const { quick, pick, number } = optionSource(argv, env, OPTIONS)
+  const { quick, pick, number, on } = optionSource(argv, env, OPTIONS)
   const list = (name, all) => {
     const fallback = quick && name === 'variants' ? QUICK_VARIANTS : all
     const items = String(pick(name, fallback.join(','))).split(',').filter(Boolean)
@@ -61,6 +73,8 @@ function readOptions (argv, env) {
   return {
     seconds: number('seconds', quick ? 0.4 : 2),
     warmup: number('warmup', quick ? 0.2 : 0.5),
+    serverWarmup: number('server-warmup', 5),
+    reuse: quick || on('reuse'),
     rounds: Math.round(number('rounds', quick ? 5 : 6)),
     concurrency: Math.round(number('concurrency', 16)),
     intentions: Math.round(number('intentions', 1000)),
@@ -81,11 +95,18 @@ const LABELS = {
   'static-client': 'the same, after using an HTTP client (30 requests)',
   'static-env': 'static + both empty hooks, plugin running idle on a second app',
   exempt: 'plugin, route exempt',
-  plugin: 'plugin, N intentions'
+  plugin: 'plugin, N intentions',
+  'exempt-worker': 'plugin with agent.worker, route exempt',
+  'plugin-worker': 'plugin with agent.worker, N intentions'
 }
 
+const started = {}
+
 function startServer (variant, address, opts, pin) {
-  const nodeArgs = opts.profile === null ? [] : ['--cpu-prof', '--cpu-prof-interval=100', `--cpu-prof-dir=${opts.profile}`, `--cpu-prof-name=${variant}.cpuprofile`]
+  // A new process per run writes a profile per run: number them.
+  started[variant] = (started[variant] ?? 0) + 1
+  const name = opts.reuse ? variant : `${variant}.${started[variant]}`
+  const nodeArgs = opts.profile === null ? [] : ['--cpu-prof', '--cpu-prof-interval=100', `--cpu-prof-dir=${opts.profile}`, `--cpu-prof-name=${name}.cpuprofile`]
   const [command, args] = pinned(0, [process.execPath, ...nodeArgs, path.join(__dirname, 'server.js'), variant, address], pin)
   return startServerProcess(command, args, `${variant} server`)
 }
@@ -212,30 +233,46 @@ async function main () {
   const mesh = await startBenchMesh(opts.intentions)
   const { agent, files } = mesh
 
-  const servers = {}
-  const results = {}
-  try {
-    for (const variant of opts.variants) {
-      servers[variant] = { variant, ...await startServer(variant, agent.address, opts, pin) }
-      results[variant] = Object.fromEntries(opts.kinds.map((kind) => [kind, []]))
+  const results = Object.fromEntries(opts.variants.map((variant) => [variant, Object.fromEntries(opts.kinds.map((kind) => [kind, []]))]))
+  // --reuse: one process per variant, started once; otherwise a new one for every measurement.
+  const reused = {}
+  const serverFor = async (variant, kind) => {
+    if (opts.reuse) return reused[variant]
+    const server = { variant, ...await startServer(variant, agent.address, opts, pin) }
+    try {
+      await load(server, kind, opts.serverWarmup, 0, opts, files, pin, clockTicks)
+    } catch (err) {
+      await stopProcess(server.child)
+      throw err
     }
-    // One unrecorded pass so that every server has compiled its hot paths (a quick run relies on
-    // each run's own warm-up).
-    for (const kind of opts.quick ? [] : opts.kinds) {
-      for (const variant of opts.variants) await load(servers[variant], kind, opts.seconds, opts.warmup, opts, files, pin, clockTicks)
+    return server
+  }
+  try {
+    if (opts.reuse) {
+      for (const variant of opts.variants) reused[variant] = { variant, ...await startServer(variant, agent.address, opts, pin) }
+      // One unrecorded pass so that every server has compiled its hot paths (a quick run relies on
+      // each run's own warm-up).
+      for (const kind of opts.quick ? [] : opts.kinds) {
+        for (const variant of opts.variants) await load(reused[variant], kind, opts.seconds, opts.warmup, opts, files, pin, clockTicks)
+      }
     }
     for (let round = 0; round < opts.rounds; round++) {
       for (const kind of opts.kinds) {
         // Alternate the order, so that no variant always runs first or last.
         const order = round % 2 === 0 ? opts.variants : [...opts.variants].reverse()
         for (const variant of order) {
-          results[variant][kind].push(await load(servers[variant], kind, opts.seconds, opts.warmup, opts, files, pin, clockTicks))
+          const server = await serverFor(variant, kind)
+          try {
+            results[variant][kind].push(await load(server, kind, opts.seconds, opts.warmup, opts, files, pin, clockTicks))
+          } finally {
+            if (!opts.reuse) await stopProcess(server.child)
+          }
         }
       }
       process.stderr.write(`round ${round + 1}/${opts.rounds} done\n`)
     }
   } finally {
-    await Promise.all(Object.values(servers).map(({ child }) => stopProcess(child)))
+    await Promise.all(Object.values(reused).map(({ child }) => stopProcess(child)))
     await mesh.close()
   }
 
@@ -244,6 +281,7 @@ async function main () {
   out.push(machineLine())
   out.push(`Method: ${pin ? 'server pinned to core 0, load generator to core 1' : 'NOT pinned (one core, or no taskset)'}; ` +
     `${opts.rounds} rounds alternating the variants, ${opts.seconds} s measured per run after ${opts.warmup} s of warm-up, ` +
+    (opts.reuse ? 'one server process per variant for the whole run, ' : `a new server process per run, loaded unrecorded for ${opts.serverWarmup} s first, `) +
     `${opts.concurrency} concurrent connections, ${opts.servername === null ? 'by IP, without SNI' : `with SNI ${opts.servername}`}; ` +
     'server CPU from /proc/<pid>/stat; medians over rounds; ' +
     `ratios are per round against static mTLS in the same round: median (min–max). Run took ${minutes} min.` +
