@@ -7,7 +7,7 @@ import type { FastifyInstance, FastifyPluginAsync, FastifyRequest } from 'fastif
 import fp from 'fastify-plugin'
 import type { JWTPayload as JwtPayload } from 'jose'
 import { AgentClient } from './agent/client'
-import { resolveAgentConfig } from './agent/config'
+import { resolveAgentConfig, resolveAgentWorker } from './agent/config'
 import { createCertificateSource } from './certificates/index'
 import { AgentAuthorizer, backstopHook, Enforcer, enforceHook } from './enforcement'
 import type { ConsulDecision } from './enforcement'
@@ -128,7 +128,8 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
   const client = new AgentClient(agentConfig, {
     datacenter: opts.datacenter,
     namespace: opts.namespace,
-    partition: opts.partition
+    partition: opts.partition,
+    worker: resolveAgentWorker(opts.agent)
   })
   const sync = new ConsulSync(opts, client, tls, log, createCertificateSource(opts, client, agentConfig.token, process.env, log))
   const router = routerOptionsOf(fastify)

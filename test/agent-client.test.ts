@@ -16,12 +16,16 @@ const text = (status: number, body: string): { status: number, headers: Record<s
   ({ status, headers: { 'content-type': 'text/plain; charset=utf-8' }, body })
 const capturedJson = (name: string): unknown => JSON.parse(readFileSync(join(CAPTURED_DIR, `${name}.json`), 'utf8'))
 
+// test/agent-client-worker.test.ts runs this file again with the traffic on the agent worker thread.
+const WORKER = process.env.TEST_AGENT_CLIENT_WORKER === '1'
+
 /** A client for `agent`, closed with the test. */
 async function setup (tt: tap.Test, agent: FakeAgent, opts: AgentClientOptions = {}, agentOpts: AgentOptions = {}): Promise<AgentClient> {
   const config: AgentConfig = agent.socketPath === null
     ? resolveAgentConfig({ address: agent.origin, ...agentOpts }, {})
     : resolveAgentConfig({ address: `unix://${agent.socketPath}`, ...agentOpts }, {})
-  const client = new AgentClient(config, opts)
+  const client = new AgentClient(config, { worker: WORKER, ...opts })
+  tt.equal(client.thread, WORKER ? 'worker' : 'main', `the traffic runs on the ${client.thread} thread`)
   tt.teardown(() => client.close())
   return client
 }

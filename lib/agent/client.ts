@@ -2,10 +2,14 @@
 // Pools to the one origin, one request per connection (pipelining 1): blocking queries get a pool of
 // their own, with a connection each, and every other call (authorize, TTL passes, registration,
 // non-blocking reads) a small pool that long polls never occupy, so a short call never waits
-// behind a 10-minute poll, however many watches (each outbound target adds one) are parked.
-import { Pool } from 'undici'
-import type { Dispatcher } from 'undici'
+// behind a 10-minute poll, however many watches (each outbound target adds one) are parked. The
+// pools live in lib/agent/exchange.ts, on the agent worker thread when `worker` is set
+// (lib/agent/worker-transport.ts); requests are built and answers read here, on the caller's thread.
 import type { AgentConfig } from './config'
+import { ExchangePools } from './exchange'
+import type { ExchangeResponse } from './exchange'
+import { agentThread } from './worker-transport'
+import type { Exchanger } from './worker-transport'
 import type { ConnectAuthorizeResponse, IndexedCARoots, Intention, IssuedCert } from './wire'
 import {
   parseAgentSelf, parseAuthorize, parseCARoots, parseConfigEntry, parseIntentionMatch, parseIssuedCert
@@ -71,13 +75,13 @@ export interface AgentClientOptions {
   requestTimeoutMs?: number
   /** Added to `wait × 17/16` for the timeout of a blocking call. Default 5 000 ms. */
   blockingMarginMs?: number
+  /** Send the traffic from the process's agent worker thread (lib/agent/worker-transport.ts). Default false. */
+  worker?: boolean
 }
 
 export const DEFAULT_WAIT_MS = 300_000
 export const MAX_WAIT_MS = 600_000
 const DEFAULTS = { maxBodyBytes: 4 * 1024 * 1024, connections: 8, requestTimeoutMs: 10_000, blockingMarginMs: 5_000 }
-/** Error bodies are plain text; a few KiB is plenty and bounds what a broken agent can make us hold. */
-const ERROR_BODY_BYTES = 16 * 1024
 const ERROR_TEXT_CHARS = 512
 const ALL_SCOPES: readonly ScopeParam[] = ['dc', 'ns', 'partition']
 const CONFIG_ENTRY_SCOPES: Record<ConfigEntryKind, readonly ScopeParam[]> = {
@@ -114,10 +118,8 @@ export function blockingTimeout (waitMs: number, marginMs: number): number {
 
 export class AgentClient {
   readonly #config: AgentConfig
-  /** Non-blocking calls: never queued behind a long poll. */
-  readonly #short: Pool
-  /** Blocking queries: one connection per parked poll. */
-  readonly #long: Pool
+  /** The two pools, here or on the worker thread. */
+  readonly #exchanger: Exchanger
   readonly #scope: Readonly<Partial<Record<ScopeParam, string>>>
   readonly #maxBodyBytes: number
   readonly #requestTimeoutMs: number
@@ -136,10 +138,13 @@ export class AgentClient {
     this.#blockingMarginMs = positiveInt(opts.blockingMarginMs, DEFAULTS.blockingMarginMs, 'agent.blockingMarginMs')
     const connections = positiveInt(opts.connections, DEFAULTS.connections, 'agent.connections')
 
-    const connect = { ...config.tls, ...(config.socketPath === null ? {} : { socketPath: config.socketPath }) }
-    this.#short = new Pool(config.origin, { connections, pipelining: 1, connect })
-    // No bound: the number of watches is the app's (targets it calls); a bound would park polls in a queue.
-    this.#long = new Pool(config.origin, { pipelining: 1, connect })
+    const target = { origin: config.origin, socketPath: config.socketPath, tls: config.tls, connections }
+    this.#exchanger = opts.worker === true ? agentThread.exchanger(target) : new ExchangePools(target)
+  }
+
+  /** Where the agent traffic runs: on the agent worker thread, or in the caller's. */
+  get thread (): 'worker' | 'main' {
+    return this.#exchanger.thread
   }
 
   /** Where the agent is, for logs (never the token). */
@@ -158,10 +163,10 @@ export class AgentClient {
       if (v !== undefined) search.set(s, v)
     }
     let timeoutMs = this.#requestTimeoutMs
-    let pool = this.#short
+    let pool: 'short' | 'long' = 'short'
     const b = opts.blocking
     if (b !== undefined && ((b.index !== undefined && b.index > 0) || b.hash !== undefined)) {
-      pool = this.#long
+      pool = 'long'
       const waitMs = clampWait(b.waitMs)
       if (b.hash !== undefined) search.set('hash', b.hash)
       else search.set('index', String(b.index))
@@ -179,39 +184,36 @@ export class AgentClient {
       headers['content-type'] = 'application/json'
     }
 
-    let res: Dispatcher.ResponseData
+    let res: ExchangeResponse
     try {
-      res = await pool.request({
+      res = await this.#exchanger.exchange({
+        pool,
         method,
         path: qs === '' ? path : `${path}?${qs}`,
         headers,
         body,
-        signal: opts.signal,
-        headersTimeout: timeoutMs,
-        bodyTimeout: timeoutMs
-      })
+        timeoutMs,
+        maxBodyBytes: this.#maxBodyBytes,
+        allow404: opts.allow404 === true
+      }, opts.signal)
     } catch (err) {
       throw this.#transportError(err, timeoutMs, opts.signal)
     }
 
-    const status = res.statusCode
+    const status = res.status
     const ok = status >= 200 && status < 300
     if (!ok && !(status === 404 && opts.allow404 === true)) {
-      const text = await this.#readBody(res.body, path, ERROR_BODY_BYTES, false, timeoutMs, opts.signal)
-      const err = new AgentResponseError(method, path, status, errorText(text))
+      const err = new AgentResponseError(method, path, status, errorText(res.text))
       Object.defineProperty(err, agentStatusKey, { value: status })
       throw err
     }
     const meta = responseMeta(status, res.headers)
-    if (!ok) {
-      await res.body.dump()
-      return { ...meta, body: null as T }
-    }
-    const text = await this.#readBody(res.body, path, this.#maxBodyBytes, true, timeoutMs, opts.signal)
+    if (!ok) return { ...meta, body: null as T }
+    if (res.overflow) throw new AgentInvalidResponseError(path, `body exceeds ${this.#maxBodyBytes} bytes`)
     let parsed: unknown = null
-    if (text !== '') {
+    if (res.text !== '') {
       try {
-        parsed = JSON.parse(text)
+        parsed = JSON.parse(res.text)
       } catch (err) {
         throw new AgentInvalidResponseError(path, `not JSON: ${(err as Error).message}`, { cause: err })
       }
@@ -289,32 +291,8 @@ export class AgentClient {
 
   /** Destroys open connections, failing in-flight long polls at once, so shutdown is prompt. Idempotent. */
   close (): Promise<void> {
-    this.#closing ??= Promise.all([this.#short.destroy(), this.#long.destroy()]).then(() => undefined)
+    this.#closing ??= this.#exchanger.destroy()
     return this.#closing
-  }
-
-  /** Reads a body up to `limit` bytes; beyond it, fails (JSON) or keeps the beginning (error text). */
-  async #readBody (body: Dispatcher.ResponseData['body'], path: string, limit: number, strict: boolean,
-    timeoutMs: number, signal: AbortSignal | undefined): Promise<string> {
-    const chunks: Buffer[] = []
-    let size = 0
-    try {
-      for await (const chunk of body) {
-        size += (chunk as Buffer).length
-        if (size > limit) {
-          // Destroying the stream aborts the request and closes its socket instead of draining it.
-          body.destroy()
-          if (strict) throw new AgentInvalidResponseError(path, `body exceeds ${limit} bytes`)
-          chunks.push((chunk as Buffer).subarray(0, (chunk as Buffer).length - (size - limit)))
-          break
-        }
-        chunks.push(chunk as Buffer)
-      }
-    } catch (err) {
-      if (err instanceof AgentInvalidResponseError) throw err
-      throw this.#transportError(err, timeoutMs, signal)
-    }
-    return Buffer.concat(chunks).toString('utf8')
   }
 
   #transportError (err: unknown, timeoutMs: number, signal: AbortSignal | undefined): unknown {
@@ -338,7 +316,7 @@ function withBody<T> (res: AgentResponse<unknown>, path: string, parse: (body: u
   }
 }
 
-function responseMeta (status: number, headers: Dispatcher.ResponseData['headers']): Omit<AgentResponse<unknown>, 'body'> {
+function responseMeta (status: number, headers: ExchangeResponse['headers']): Omit<AgentResponse<unknown>, 'body'> {
   const index = header(headers, 'x-consul-index')
   const policy = header(headers, 'x-consul-default-acl-policy')
   const leader = header(headers, 'x-consul-knownleader')
@@ -351,7 +329,7 @@ function responseMeta (status: number, headers: Dispatcher.ResponseData['headers
   }
 }
 
-function header (headers: Dispatcher.ResponseData['headers'], name: string): string | null {
+function header (headers: ExchangeResponse['headers'], name: string): string | null {
   const v = headers[name]
   const first = Array.isArray(v) ? v[0] : v
   return first === undefined || first === '' ? null : first

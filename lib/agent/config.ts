@@ -24,6 +24,11 @@ export interface AgentOptions {
   tlsServerName?: string
   /** Do not verify the agent's certificate. Default: CONSUL_HTTP_SSL_VERIFY=false. */
   insecureSkipVerify?: boolean
+  /**
+   * Run the plugin's agent traffic on a worker thread, so that the application's request path keeps
+   * the speed it has in a process without an HTTP client (docs/semantics.md#agent-worker). Default false.
+   */
+  worker?: boolean
 }
 
 export interface AgentTlsConfig {
@@ -170,6 +175,14 @@ function resolveTls (o: AgentOptions, env: NodeJS.ProcessEnv): AgentTlsConfig {
   if (key !== undefined) tls.key = key
   if (servername !== undefined) tls.servername = servername
   return tls
+}
+
+/** `agent.worker`, checked: whether the plugin's agent traffic runs on the agent worker thread. */
+export function resolveAgentWorker (opts: AgentOptions | undefined): boolean {
+  const value = opts?.worker
+  if (value === undefined) return false
+  if (typeof value !== 'boolean') throw new InvalidOptionError('agent.worker', `must be true or false, got ${String(value)}`)
+  return value
 }
 
 /**
