@@ -21,8 +21,9 @@
 // static mTLS with one empty onRequest hook.
 //
 // Options (flag or environment variable):
-//   --variants a,b   BENCH_VARIANTS   static,static-hook,static-hooks,static-client,static-env,exempt,plugin
-//                                     (default all but static-env; variants as in bench/server.js)
+//   --variants a,b   BENCH_VARIANTS   static,static-hook,static-hooks,static-client,static-env,exempt,plugin,
+//                                     exempt-worker,plugin-worker (default all but static-env; variants as
+//                                     in bench/server.js)
 //   --warmup N       BENCH_WARMUP     requests before counting (default 30000)
 //   --requests N     BENCH_REQUESTS   requests counted (default 5000)
 //   --rounds N       BENCH_ROUNDS     (default 2)
@@ -35,7 +36,7 @@ const path = require('node:path')
 const tls = require('node:tls')
 const { median, int, optionSource, startServerProcess, stopProcess, startBenchMesh, responseFramer } = require('./common')
 
-const ALL_VARIANTS = ['static', 'static-hook', 'static-hooks', 'static-client', 'static-env', 'exempt', 'plugin']
+const ALL_VARIANTS = ['static', 'static-hook', 'static-hooks', 'static-client', 'static-env', 'exempt', 'plugin', 'exempt-worker', 'plugin-worker']
 const DEFAULT_VARIANTS = ALL_VARIANTS.filter((variant) => variant !== 'static-env')
 const BASE = 'static-hook'
 const OPTIONS = ['variants', 'warmup', 'requests', 'rounds', 'intentions']

@@ -15,6 +15,8 @@
 //                costs the served requests, without any of its per-request work
 //   exempt       the plugin with the route exempt (dynamic TLS, no decision): "mTLS, no enforcement"
 //   plugin       the same app with fastify-consul-native (dynamic TLS + enforcement)
+//   exempt-worker, plugin-worker  the same two with `agent: { worker: true }`: the agent traffic on
+//                a worker thread, so that the served requests run in an isolate without an HTTP client
 // Prints its port and the port of its timing endpoint on stdout, then serves until SIGTERM, on which
 // it closes and exits (so that `node --cpu-prof` writes its profile).
 //
@@ -29,7 +31,7 @@ const Fastify = require('fastify')
 const { request } = require('undici')
 const { consulNative, httpsOptions } = require('../dist/index.js')
 
-const MODES = ['static', 'static-sni', 'static-hook', 'static-hooks', 'static-client', 'static-env', 'exempt', 'plugin']
+const MODES = ['static', 'static-sni', 'static-hook', 'static-hooks', 'static-client', 'static-env', 'exempt', 'plugin', 'exempt-worker', 'plugin-worker']
 const CLIENT_REQUESTS = 30
 
 async function agentJson (address, path) {
@@ -74,14 +76,17 @@ async function main () {
     if (mode === 'static-client') for (let i = 0; i < CLIENT_REQUESTS; i++) await agentJson(address, '/v1/agent/connect/ca/roots')
     if (mode === 'static-env') {
       const idle = Fastify({ https: httpsOptions() })
-      await idle.register(consulNative, { service: 'api', agent: { address }, health: false })
+      await idle.register(consulNative, { service: 'api', agent: { address }, health: false, blockingWait: 600_000 })
       idle.get('/', async () => ({ hello: 'world' }))
       await idle.listen({ port: 0, host: '127.0.0.1' })
     }
   } else {
     app = Fastify({ https: httpsOptions() })
-    await app.register(consulNative, { service: 'api', agent: { address }, health: false })
-    app.get('/', mode === 'exempt' ? { config: { consulNative: false } } : {}, async () => ({ hello: 'world' }))
+    // blockingWait at its maximum: a long poll that returns (at the latest after wait × 17/16) makes the
+    // plugin parse and compile the answer (1,000 intentions), work that must not fall into a
+    // measured window (runs under Valgrind last minutes).
+    await app.register(consulNative, { service: 'api', agent: { address, worker: mode.endsWith('-worker') }, health: false, blockingWait: 600_000 })
+    app.get('/', mode.startsWith('exempt') ? { config: { consulNative: false } } : {}, async () => ({ hello: 'world' }))
   }
   await app.listen({ port: 0, host: '127.0.0.1' })
   const timingServer = await startTimingEndpoint()
