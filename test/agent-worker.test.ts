@@ -90,6 +90,9 @@ t.test('one worker serves every client, keeps the process open only while a call
 
   await a.destroy()
   t.equal(thread.threadId, first, 'one client left: the worker stays')
+  const requests = agent.requests.length
+  await t.rejects(a.exchange(request('/late'), undefined), { code: 'UND_ERR_DESTROYED' }, 'a destroyed client sends nothing more')
+  t.equal(agent.requests.length, requests)
   await b.destroy()
   await b.destroy()
   t.equal(thread.threadId, first, 'no client left: the worker stays for a while')

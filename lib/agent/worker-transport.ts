@@ -186,6 +186,8 @@ export class AgentThread {
     const thread = this
     return {
       exchange: async (req, signal) => {
+        // As undici's pools do once destroyed (the worker would otherwise open new ones).
+        if (destroyed !== null) throw Object.assign(new Error('The client is destroyed'), { name: 'ClientDestroyedError', code: 'UND_ERR_DESTROYED' })
         if (!this.usable) return await ownPools().exchange(req, signal)
         return await this.#call(client, target, req, signal) as ExchangeResponse
       },
@@ -201,8 +203,10 @@ export class AgentThread {
 
   #worker (): RunningWorker {
     this.#running ??= new RunningWorker(this.#file, (running) => {
+      // A worker detached for its idle exit is no longer this thread's concern.
+      if (this.#running !== running) return
+      this.#running = null
       if (!running.answered) this.#unusable = true
-      if (this.#running === running) this.#running = null
     })
     return this.#running
   }
