@@ -6,7 +6,9 @@ import t from 'tap'
 import { join } from 'node:path'
 import { MessageChannel } from 'node:worker_threads'
 import diagnostics from 'node:diagnostics_channel'
+import { once } from 'node:events'
 import Fastify from 'fastify'
+import type { FastifyInstance } from 'fastify'
 import consulNative, { httpsOptions } from '../lib/index'
 import { AgentClient } from '../lib/agent/client'
 import { resolveAgentConfig } from '../lib/agent/config'
@@ -189,7 +191,7 @@ t.test('the plugin with agent.worker: no agent request leaves the main thread', 
   const created: string[] = []
   const onCreate = (message: unknown): void => { const r = (message as { request: { origin: string, path: string } }).request; created.push(`${r.origin}${r.path}`) }
   diagnostics.subscribe('undici:request:create', onCreate)
-  const started = async (worker: boolean): Promise<{ origin: string, count: number }> => {
+  const started = async (worker: boolean): Promise<{ app: FastifyInstance, origin: string, count: number }> => {
     created.length = 0
     const app = Fastify({ https: httpsOptions() })
     t.teardown(async () => await app.close())
@@ -197,7 +199,7 @@ t.test('the plugin with agent.worker: no agent request leaves the main thread', 
     app.get('/hello', async () => ({ hello: 'world' }))
     await app.listen({ port: 0, host: '127.0.0.1' })
     const count = created.filter((url) => url.startsWith(agent.address)).length
-    return { origin: `https://127.0.0.1:${(app.server.address() as { port: number }).port}`, count }
+    return { app, origin: `https://127.0.0.1:${(app.server.address() as { port: number }).port}`, count }
   }
   const onMain = await started(false)
   const onWorker = await started(true)
@@ -209,9 +211,9 @@ t.test('the plugin with agent.worker: no agent request leaves the main thread', 
   const other = mtlsClient(t, await leafFor(agent, 'other'))
   t.equal((await get(web, `${onWorker.origin}/hello`)).status, 200, 'an allowed caller is served')
   t.equal((await get(other, `${onWorker.origin}/hello`)).status, 403, 'another is denied')
+  const changed = once(onWorker.app.consulNative.events, 'intentions')
   await setIntentions(agent, 'api', [{ Name: 'other', Action: 'allow' }])
-  const until = Date.now() + 10_000
-  while ((await get(other, `${onWorker.origin}/hello`)).status !== 200 && Date.now() < until) await new Promise((resolve) => setTimeout(resolve, 50))
+  await changed
   t.equal((await get(other, `${onWorker.origin}/hello`)).status, 200, 'intention changes arrive through the worker')
 })
 

@@ -6,7 +6,7 @@ import { Pool } from 'undici'
 import type { AgentTlsConfig } from './config'
 
 /** Error bodies are plain text; a few KiB is plenty and bounds what a broken agent can make us hold. */
-export const ERROR_BODY_BYTES = 16 * 1024
+const ERROR_BODY_BYTES = 16 * 1024
 
 /** Where and how to connect: what both pools of one AgentClient share. */
 export interface ExchangeTarget {
