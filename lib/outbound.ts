@@ -224,7 +224,7 @@ interface AttemptOwner {
 abstract class Attempt {
   #started = false
   constructor (readonly owner: AttemptOwner, readonly handler: Handler, readonly opts: Dispatcher.DispatchOptions,
-    readonly instance: Instance, readonly retriable: boolean, readonly alternatives: number) {}
+    readonly instance: Instance, readonly isRetry: boolean, readonly alternatives: number) {}
 
   protected begin (): void {
     this.#started = true
@@ -310,10 +310,17 @@ class CallbackAttempt extends Attempt {
 
 /** The attempt in the caller's handler style. */
 function attemptOf (owner: AttemptOwner, handler: Handler, opts: Dispatcher.DispatchOptions, instance: Instance,
-  retriable: boolean, alternatives: number): Attempt & Handler {
+  isRetry: boolean, alternatives: number): Attempt & Handler {
   return typeof handler.onRequestStart === 'function'
-    ? new ControllerAttempt(owner, handler, opts, instance, retriable, alternatives) as Attempt & Handler
-    : new CallbackAttempt(owner, handler, opts, instance, retriable, alternatives) as Attempt & Handler
+    ? new ControllerAttempt(owner, handler, opts, instance, isRetry, alternatives) as Attempt & Handler
+    : new CallbackAttempt(owner, handler, opts, instance, isRetry, alternatives) as Attempt & Handler
+}
+
+/** Whether a request may be sent again elsewhere: an idempotent method, and a body that can be sent twice. */
+function resendable (opts: Dispatcher.DispatchOptions): boolean {
+  const body = opts.body
+  return IDEMPOTENT.has(opts.method.toUpperCase()) &&
+    (body === undefined || body === null || typeof body === 'string' || body instanceof Uint8Array)
 }
 
 function noop (): void {}
@@ -429,11 +436,8 @@ class ServiceDispatcher extends Dispatcher {
     }
     const pickFrom = this.#failedAt.size === 0 ? list : this.#healthy(list)
     const instance = pickFrom[this.#next++ % pickFrom.length] as Instance
-    const body = opts.body
-    const method = opts.method
-    const retriable = exclude === null && (IDEMPOTENT.has(method) || IDEMPOTENT.has(method.toUpperCase())) &&
-      (body === undefined || body === null || typeof body === 'string' || body instanceof Uint8Array)
-    const attempt = attemptOf(this.#attempts, handler, opts, instance, retriable, list.length)
+    // Whether it may be resent is worked out only if its connection fails (failedEarly).
+    const attempt = attemptOf(this.#attempts, handler, opts, instance, exclude !== null, list.length)
     this.#poolFor(instance.origin, material as TlsMaterial).dispatch({ ...opts, origin: instance.origin }, attempt)
   }
 
@@ -448,7 +452,7 @@ class ServiceDispatcher extends Dispatcher {
       if (impostor) {
         logEvent(this.#deps.log, 'warn', 'outbound-identity-refused', { service: this.#service, instance: instance.id }, `an instance of ${this.#service} did not prove its identity; skipping it for ${FAILED_INSTANCE_MS} ms`, err)
       }
-      if (!attempt.retriable || attempt.alternatives < 2) return false
+      if (attempt.isRetry || attempt.alternatives < 2 || !resendable(opts)) return false
       logEvent(this.#deps.log, 'debug', 'outbound-retry', { service: this.#service, instance: instance.id }, 'outbound connection failed; retrying on another instance', err)
       this.#send(opts, handler, instance.origin)
       return true
