@@ -34,7 +34,7 @@ const fs = require('node:fs')
 const os = require('node:os')
 const path = require('node:path')
 const tls = require('node:tls')
-const { median, int, optionSource, startServerProcess, stopProcess, startBenchMesh, responseFramer } = require('./common')
+const { median, int, optionSource, machineLine, startServerProcess, stopProcess, startBenchMesh, responseFramer } = require('./common')
 
 const ALL_VARIANTS = ['static', 'static-hook', 'static-hooks', 'static-client', 'static-env', 'exempt', 'plugin', 'exempt-worker', 'plugin-worker']
 const DEFAULT_VARIANTS = ALL_VARIANTS.filter((variant) => variant !== 'static-env')
@@ -154,7 +154,8 @@ async function main () {
   const med = (variant, pick) => median(results[variant].map(pick))
   const signed = (value) => `${value >= 0 ? '+' : '−'}${int(Math.abs(value))}`
   const rows = [
-    `Node ${process.version}, ${os.cpus()[0]?.model ?? 'unknown CPU'}; ${int(opts.warmup)} requests of warm-up, ${int(opts.requests)} counted, ` +
+    machineLine(),
+    `${int(opts.warmup)} requests of warm-up, ${int(opts.requests)} counted, ` +
       `one at a time over one keep-alive TLS connection; ${opts.rounds} rounds alternating the variants; medians. ` +
       `Run took ${((Date.now() - startedAt) / 60000).toFixed(1)} min.`,
     '',

@@ -12,20 +12,14 @@
 // and prints one JSON line:
 //   { ops, failed, firstError, seconds, clientMicros, clientUserMicros, serverMicros, serverUserMicros }
 // `failed` counts every failed request, warm-up included (a non-200 answer or an error).
-const { processCpuMicros } = require('./common')
+const { agentApi, processCpuMicros } = require('./common')
 const Fastify = require('fastify')
-const { Pool, request } = require('undici')
+const { Pool } = require('undici')
 const { consulNative, httpsOptions } = require('../dist/index.js')
 
 const config = JSON.parse(process.argv[2])
 const MODES = ['static', 'dispatcher']
 if (!MODES.includes(config.mode)) throw new Error(`unknown mode ${config.mode}; one of ${MODES.join(', ')}`)
-
-async function agentJson (path) {
-  const res = await request(`${config.address}${path}`)
-  if (res.statusCode !== 200) throw new Error(`GET ${path}: ${res.statusCode} ${await res.body.text()}`)
-  return await res.body.json()
-}
 
 /** This process's CPU time so far (every thread, µs resolution), user and system together, and user alone. */
 function clientCpuMicros () {
@@ -42,8 +36,8 @@ function fail (message) {
 
 async function start () {
   if (config.mode === 'static') {
-    const leaf = await agentJson('/v1/agent/connect/ca/leaf/web')
-    const roots = await agentJson('/v1/agent/connect/ca/roots')
+    const leaf = await agentApi(config, 'GET', '/v1/agent/connect/ca/leaf/web')
+    const roots = await agentApi(config, 'GET', '/v1/agent/connect/ca/roots')
     const pool = new Pool(`https://127.0.0.1:${config.port}`, {
       connections: config.concurrency,
       connect: { key: leaf.PrivateKeyPEM, cert: leaf.CertPEM, ca: roots.Roots.map((r) => r.RootCert), checkServerIdentity: () => undefined }

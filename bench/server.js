@@ -28,16 +28,11 @@
 const http = require('node:http')
 const https = require('node:https')
 const Fastify = require('fastify')
-const { request } = require('undici')
 const { consulNative, httpsOptions } = require('../dist/index.js')
+const { agentApi } = require('./common')
 
 const MODES = ['static', 'static-sni', 'static-hook', 'static-hooks', 'static-client', 'static-env', 'exempt', 'plugin', 'exempt-worker', 'plugin-worker']
 const CLIENT_REQUESTS = 30
-
-async function agentJson (address, path) {
-  const res = await request(`${address}${path}`)
-  return await res.body.json()
-}
 
 const timing = { micros: 0, requests: 0 }
 
@@ -66,14 +61,14 @@ async function main () {
   if (!MODES.includes(mode)) throw new Error(`unknown mode ${mode}; one of ${MODES.join(', ')}`)
   let app
   if (mode.startsWith('static')) {
-    const leaf = await agentJson(address, '/v1/agent/connect/ca/leaf/api')
-    const roots = await agentJson(address, '/v1/agent/connect/ca/roots')
+    const leaf = await agentApi({ address }, 'GET', '/v1/agent/connect/ca/leaf/api')
+    const roots = await agentApi({ address }, 'GET', '/v1/agent/connect/ca/roots')
     const sni = mode === 'static-sni' ? { SNICallback: (_name, cb) => cb(null, undefined) } : {}
     app = Fastify({ https: { key: leaf.PrivateKeyPEM, cert: leaf.CertPEM, ca: roots.Roots.map((r) => r.RootCert), requestCert: true, rejectUnauthorized: true, ...sni } })
     if (mode !== 'static' && mode !== 'static-sni') app.addHook('onRequest', function emptyHook (_request, _reply, done) { done() })
     if (mode === 'static-hooks' || mode === 'static-client' || mode === 'static-env') app.addHook('preParsing', function emptyPreParsing (_request, _reply, payload, done) { done(null, payload) })
     app.get('/', async () => ({ hello: 'world' }))
-    if (mode === 'static-client') for (let i = 0; i < CLIENT_REQUESTS; i++) await agentJson(address, '/v1/agent/connect/ca/roots')
+    if (mode === 'static-client') for (let i = 0; i < CLIENT_REQUESTS; i++) await agentApi({ address }, 'GET', '/v1/agent/connect/ca/roots')
     if (mode === 'static-env') {
       const idle = Fastify({ https: httpsOptions() })
       await idle.register(consulNative, { service: 'api', agent: { address }, health: false, blockingWait: 600_000 })
