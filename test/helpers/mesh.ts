@@ -10,6 +10,7 @@ import consulNative, { httpsOptions } from '../../lib/index'
 import type { ConsulNativeOptions, ConsulNativeStatus, HttpsOptionsInput } from '../../lib/index'
 import { startDevAgent } from '../../lib/dev-agent/index'
 import type { DevAgent, DevAgentOptions } from '../../lib/dev-agent/index'
+import type { TlsMaterial } from '../../lib/tls'
 
 /** A new EC P-256 key: `PUT /v1/connect/ca/configuration` with it rotates the CA, as in Consul. */
 export function newCaKey (): string {
@@ -89,7 +90,7 @@ export async function leafFor (agent: DevAgent, service: string): Promise<Creden
 }
 
 /** The TLS material a DynamicTls takes (lib/tls.ts), for `service`, as the agent issues it. */
-export interface LeafMaterial { certPem: string, keyPem: string, rootPems: string[], trustDomain: string, serial: string }
+export type LeafMaterial = TlsMaterial & { readonly serial: string }
 
 export async function leafMaterial (agent: DevAgent, service: string): Promise<LeafMaterial> {
   const leaf = await agentCall(agent, 'GET', `/v1/agent/connect/ca/leaf/${service}`)
