@@ -4,6 +4,9 @@
 // handshake with a client certificate, one GET, Connection: close), the same with resumed TLS 1.3
 // sessions, p50/p99 connect+request latency, and keep-alive CPU per request, for:
 //   static       Fastify with static mTLS options (leaf, key and roots from the same agent)
+//   static-again static mTLS once more, in processes of its own: the control. Its ratios to static
+//                are what two identical servers differ by in this run, the resolution of every other
+//                ratio of the run (on a shared virtual machine this can be ±20%, far above the targets)
 //   static-sni   the same with an SNICallback
 //   static-hook  static mTLS with one empty onRequest hook (the floor of Fastify's hook machinery)
 //   static-hooks static mTLS with an empty onRequest and an empty preParsing hook (the machinery of
@@ -40,7 +43,7 @@
 //   --rounds N       BENCH_ROUNDS       rounds, at least 5 for a published figure (default 6)
 //   --concurrency N  BENCH_CONCURRENCY  concurrent connection loops / keep-alive connections (default 16)
 //   --kinds a,b      BENCH_KINDS        full,resumed,keepalive
-//   --variants a,b   BENCH_VARIANTS     static,static-sni,static-hook,static-hooks,static-client,static-env,exempt,plugin,
+//   --variants a,b   BENCH_VARIANTS     static,static-again,static-sni,static-hook,static-hooks,static-client,static-env,exempt,plugin,
 //                                       exempt-worker,plugin-worker (static is always run)
 //   --intentions N   BENCH_INTENTIONS   intentions for `api` (default 1000)
 //   --profile DIR    BENCH_PROFILE      run the servers under `node --cpu-prof`, profiles into DIR (one per
@@ -48,7 +51,7 @@
 //   --servername S   BENCH_SERVERNAME   clients send this SNI name (default none: they connect by IP
 //                                       and send no SNI, so no SNICallback runs)
 //   --json FILE      BENCH_JSON         also write every measurement as JSON
-//   --quick                             seconds 0.4, warmup 0.2, rounds 5, variants static,static-hook,plugin,
+//   --quick                             seconds 0.4, warmup 0.2, rounds 5, variants static,static-again,static-hook,plugin,
 //                                       --reuse: direction only (about 40 s), not figures to publish
 const { execFile } = require('node:child_process')
 const { promisify } = require('node:util')
@@ -56,9 +59,9 @@ const fs = require('node:fs')
 const path = require('node:path')
 const { median, int, ratioCell, optionSource, pinning, pinned, machineLine, startServerProcess, stopProcess, startBenchMesh } = require('./common')
 
-const ALL_VARIANTS = ['static', 'static-sni', 'static-hook', 'static-hooks', 'static-client', 'static-env', 'exempt', 'plugin', 'exempt-worker', 'plugin-worker']
+const ALL_VARIANTS = ['static', 'static-again', 'static-sni', 'static-hook', 'static-hooks', 'static-client', 'static-env', 'exempt', 'plugin', 'exempt-worker', 'plugin-worker']
 const ALL_KINDS = ['full', 'resumed', 'keepalive']
-const QUICK_VARIANTS = ['static', 'static-hook', 'plugin']
+const QUICK_VARIANTS = ['static', 'static-again', 'static-hook', 'plugin']
 
 const OPTIONS = ['seconds', 'warmup', 'server-warmup', 'reuse', 'rounds', 'concurrency', 'kinds', 'variants', 'intentions', 'profile', 'json', 'servername', 'quick']
 
@@ -89,6 +92,7 @@ function readOptions (argv, env) {
 
 const LABELS = {
   static: 'static mTLS (no plugin)',
+  'static-again': 'static mTLS again, other processes (control)',
   'static-sni': 'static mTLS + SNICallback',
   'static-hook': 'static mTLS + one empty onRequest hook',
   'static-hooks': 'static mTLS + empty onRequest and preParsing hooks',

@@ -1,6 +1,8 @@
 'use strict'
 // One benchmark server, in its own process: `node bench/server.js <mode> <agentAddress>`.
 //   static       Fastify with a fixed mTLS configuration (the leaf and roots read once), no plugin
+//   static-again the same server under another name, so that a run measures two processes of it: the
+//                control that shows how far identical servers differ on this machine in this run
 //   static-sni   the same with an SNICallback that keeps the default context (what any dynamic
 //                certificate setup pays per handshake, whoever implements it)
 //   static-hook  static mTLS plus one empty onRequest hook: the floor of Fastify's hook machinery
@@ -31,7 +33,7 @@ const Fastify = require('fastify')
 const { consulNative, httpsOptions } = require('../dist/index.js')
 const { agentApi } = require('./common')
 
-const MODES = ['static', 'static-sni', 'static-hook', 'static-hooks', 'static-client', 'static-env', 'exempt', 'plugin', 'exempt-worker', 'plugin-worker']
+const MODES = ['static', 'static-again', 'static-sni', 'static-hook', 'static-hooks', 'static-client', 'static-env', 'exempt', 'plugin', 'exempt-worker', 'plugin-worker']
 const CLIENT_REQUESTS = 30
 
 const timing = { micros: 0, requests: 0 }
@@ -57,8 +59,9 @@ function startTimingEndpoint () {
 }
 
 async function main () {
-  const [mode, address] = process.argv.slice(2)
-  if (!MODES.includes(mode)) throw new Error(`unknown mode ${mode}; one of ${MODES.join(', ')}`)
+  const [name, address] = process.argv.slice(2)
+  if (!MODES.includes(name)) throw new Error(`unknown mode ${name}; one of ${MODES.join(', ')}`)
+  const mode = name === 'static-again' ? 'static' : name
   let app
   if (mode.startsWith('static')) {
     const leaf = await agentApi({ address }, 'GET', '/v1/agent/connect/ca/leaf/api')
