@@ -1,7 +1,7 @@
 'use strict'
 // How finely can this machine compare servers? Run on demand (`npm run bench:spread`) before
-// trusting CPU-time ratios of a few percent. It starts `copies` processes of the same
-// bench/server.js variant at once (pinned to core 0), opens `concurrency` keep-alive TLS
+// trusting CPU-time ratios of a few percent. It runs `copies` processes of the same
+// bench/server.js variant side by side (pinned to core 0), opens `concurrency` keep-alive TLS
 // connections to each from this process (pinned to core 1), and loads the processes in turn, one
 // slice of `slice` ms each, for `seconds`. Each slice's CPU time comes from
 // /proc/<pid>/task/*/schedstat (every thread of the server, in ns), after `settle` ms of load.
@@ -102,6 +102,7 @@ const micros = (ns) => (ns / 1000).toFixed(1)
 
 async function main () {
   const opts = readOptions(process.argv.slice(2), process.env)
+  if (!fs.existsSync('/proc/self/schedstat')) throw new Error('bench/spread.js reads /proc/<pid>/task/*/schedstat, which this system does not have (Linux with schedstats)')
   const { pin } = pinning()
   const mesh = await startBenchMesh(opts.intentions)
   const secureContext = tls.createSecureContext({
@@ -147,6 +148,7 @@ async function main () {
     await mesh.close()
   }
 
+  for (const server of servers) if (server.slices.length === 0) throw new Error(`${server.label}: no slice measured; raise --seconds`)
   const medians = servers.map((server) => median(server.slices))
   const out = [machineLine(),
     `Method: ${opts.copies} processes of the ${opts.variant} server pinned to ${pin ? 'core 0, the load generator to core 1' : 'no core (one core, or no taskset)'}; ` +
