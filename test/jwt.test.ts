@@ -258,6 +258,17 @@ t.test('verified tokens are remembered per connection only while provably still 
   t.same((await first).payload('p')?.sub, 'user-1')
   const again = auth.tokensFor(request, ['p'], now + 1000)
   t.notOk(again instanceof Promise, 'then remembered for this connection')
+  // Two tokens taking turns on one connection: each answer carries its own token's payload.
+  const other = await issuer.sign({ exp: s + 60, nbf: s - 10, jti: 'other' })
+  const otherRequest = { ...request, rawHeaders: ['authorization', `Bearer ${other}`] }
+  const verifying = auth.tokensFor(otherRequest, ['p'], now)
+  t.ok(verifying instanceof Promise, 'a second token is verified first')
+  await verifying
+  for (const [req, jti] of [[request, undefined], [otherRequest, 'other'], [request, undefined]] as const) {
+    const answer = auth.tokensFor(req, ['p'], now)
+    t.notOk(answer instanceof Promise, 'both stay remembered')
+    t.equal((answer as Exclude<typeof answer, Promise<unknown>>).payload('p')?.jti, jti, 'with the payload of the token presented')
+  }
   t.ok(auth.tokensFor({ ...request, connection: {} }, ['p'], now) instanceof Promise, 'not for another connection')
   t.ok(auth.tokensFor(request, ['p'], (s + 60 + 30) * 1000) instanceof Promise, 'expiry re-checked (with the skew): verified again')
   t.ok(auth.tokensFor(request, ['p'], (s - 10 - 31) * 1000) instanceof Promise, 'nbf re-checked')

@@ -15,6 +15,7 @@ import { verifyToken } from './verifier'
 const CACHE_PER_CONNECTION = 16
 
 interface CachedToken {
+  readonly token: string
   readonly provider: ActiveProvider
   readonly generation: number
   readonly payload: Readonly<Record<string, unknown>>
@@ -59,6 +60,30 @@ export class RequestTokens implements JwtTokens {
   }
 }
 
+/**
+ * The verified tokens of one provider on one connection. A connection nearly always repeats its
+ * last token: comparing it to that one costs a string comparison, where a map lookup would hash
+ * the whole token (hundreds of characters) on every request.
+ */
+class ConnectionTokens {
+  #last: CachedToken | null = null
+  readonly #byToken = new Map<string, CachedToken>()
+
+  lookup (token: string): CachedToken | undefined {
+    const last = this.#last
+    if (last !== null && last.token === token) return last
+    const found = this.#byToken.get(token)
+    if (found !== undefined) this.#last = found
+    return found
+  }
+
+  add (entry: CachedToken): void {
+    if (this.#byToken.size >= CACHE_PER_CONNECTION) this.#byToken.clear()
+    this.#byToken.set(entry.token, entry)
+    this.#last = entry
+  }
+}
+
 export interface TokenRequest {
   readonly rawHeaders: readonly string[]
   readonly url: string
@@ -69,8 +94,8 @@ export interface TokenRequest {
 export class JwtAuthenticator {
   readonly #providers: JwtProviders
   readonly #log: FastifyBaseLogger
-  /** connection → provider name → token → what its verification found. */
-  #byConnection = new WeakMap<object, Map<string, Map<string, CachedToken>>>()
+  /** connection → provider name → the tokens its verifications found. */
+  #byConnection = new WeakMap<object, Map<string, ConnectionTokens>>()
   readonly #missingLogged = new Set<string>()
 
   constructor (providers: JwtProviders, log: FastifyBaseLogger) {
@@ -104,7 +129,7 @@ export class JwtAuthenticator {
         tokens.reject(name, 'no token in the request')
         continue
       }
-      const cached = cache?.get(name)?.get(found.token)
+      const cached = cache?.get(name)?.lookup(found.token)
       if (cached !== undefined && this.#stillValid(cached, active, nowMs)) {
         tokens.accept(active, found, cached.payload)
         continue
@@ -115,8 +140,8 @@ export class JwtAuthenticator {
           return
         }
         tokens.accept(active, found, result.payload)
-        this.#remember(request.connection, name, found.token, {
-          provider: active, generation: active.keys.generation, payload: result.payload, expMs: result.expMs, nbfMs: result.nbfMs
+        this.#remember(request.connection, name, {
+          token: found.token, provider: active, generation: active.keys.generation, payload: result.payload, expMs: result.expMs, nbfMs: result.nbfMs
         })
       }))
     }
@@ -129,13 +154,12 @@ export class JwtAuthenticator {
     return (cached.expMs === null || nowMs < cached.expMs + skewMs) && (cached.nbfMs === null || nowMs >= cached.nbfMs - skewMs)
   }
 
-  #remember (connection: object, provider: string, token: string, entry: CachedToken): void {
+  #remember (connection: object, provider: string, entry: CachedToken): void {
     let cache = this.#byConnection.get(connection)
     if (cache === undefined) this.#byConnection.set(connection, cache = new Map())
     let tokens = cache.get(provider)
-    if (tokens === undefined) cache.set(provider, tokens = new Map())
-    else if (tokens.size >= CACHE_PER_CONNECTION) tokens.clear()
-    tokens.set(token, entry)
+    if (tokens === undefined) cache.set(provider, tokens = new ConnectionTokens())
+    tokens.add(entry)
   }
 
   #logMissing (name: string): void {
