@@ -15,6 +15,7 @@ import type { RouterOptions } from './intentions/path'
 import { decideRequest, jwtProvidersNeeded, newVerdict } from './intentions/request'
 import type { RequestOutcome, RequestVerdict, RequestView, ServiceRules } from './intentions/request'
 import type { RequestTokens } from './jwt/request-tokens'
+import { setRequestTokens } from './request-slots'
 import type { Enforcement } from './options'
 import type { RoutePolicies, RoutePolicy } from './route-policy'
 import type { ConsulSync } from './sync'
@@ -428,7 +429,7 @@ export function backstopHook (log: EventSink, requestIdLabel: string) {
  * cannot send its own).
  */
 function applyTokens (request: FastifyRequest, tokens: RequestTokens): void {
-  request.consulJwt = tokens.verified()
+  setRequestTokens(request, tokens)
   const headers = request.raw.headers
   for (const name of tokens.forwardHeaders) delete headers[name]
   for (const { provider, found, payload } of tokens.found) {

@@ -3,7 +3,7 @@
 //   → intentions/ (pure decision engine) → enforcement (per-request check) → hooks below.
 import type { EventEmitter } from 'node:events'
 import type { Dispatcher, Response } from 'undici'
-import type { FastifyInstance, FastifyPluginAsync, FastifyRequest } from 'fastify'
+import type { FastifyPluginAsync } from 'fastify'
 import fp from 'fastify-plugin'
 import type { JWTPayload as JwtPayload } from 'jose'
 import { AgentClient } from './agent/client'
@@ -23,6 +23,7 @@ import type { ConsulNativeOptions, RouteConsulNativeConfig } from './options'
 import { ServiceCaller } from './outbound'
 import type { OutboundFetchInit, OutboundOptions } from './outbound'
 import { registerOnListen } from './registration'
+import { decorateRequestSlots } from './request-slots'
 import { RoutePolicies } from './route-policy'
 import { Rollout } from './rollout'
 import { ConsulSync } from './sync'
@@ -79,39 +80,6 @@ declare module 'fastify' {
      */
     consulJwt: Record<string, Readonly<JwtPayload>> | null
   }
-}
-
-const kSource = Symbol('fastify-consul-native.consulSource')
-const kDecision = Symbol('fastify-consul-native.consulDecision')
-const kJwt = Symbol('fastify-consul-native.consulJwt')
-interface RequestSlots {
-  [kSource]?: FastifyRequest['consulSource']
-  [kDecision]?: FastifyRequest['consulDecision']
-  [kJwt]?: FastifyRequest['consulJwt']
-}
-
-/**
- * The request decorations, null until the plugin sets them: prototype accessors over symbol
- * slots. Fastify copies value decorations into every new request at one keyed store site for
- * every name, which is megamorphic: those three copies cost more instructions than the decision
- * (bench/instructions.js). An accessor costs nothing until used. One literal per name on
- * purpose: closures of one literal share their inline caches, and a store site that sees three
- * keys is megamorphic again.
- */
-function decorateRequestSlots (fastify: FastifyInstance): void {
-  type Slotted = FastifyRequest & RequestSlots
-  fastify.decorateRequest('consulSource', {
-    getter (this: Slotted) { return this[kSource] ?? null },
-    setter (this: Slotted, value: FastifyRequest['consulSource']) { this[kSource] = value }
-  })
-  fastify.decorateRequest('consulDecision', {
-    getter (this: Slotted) { return this[kDecision] ?? null },
-    setter (this: Slotted, value: FastifyRequest['consulDecision']) { this[kDecision] = value }
-  })
-  fastify.decorateRequest('consulJwt', {
-    getter (this: Slotted) { return this[kJwt] ?? null },
-    setter (this: Slotted, value: FastifyRequest['consulJwt']) { this[kJwt] = value }
-  })
 }
 
 const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fastify, rawOptions) => {
