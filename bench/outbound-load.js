@@ -1,9 +1,10 @@
 'use strict'
 // Load generator for bench/outbound.js, in its own process (pinned to its own core by the parent):
 // `node bench/outbound-load.js '<json>'` with
-//   { mode: 'static' | 'dispatcher', address, port, seconds, warmup, concurrency, serverPid, clockTicks }
+//   { mode: 'static' | 'static-again' | 'dispatcher', address, port, seconds, warmup, concurrency, serverPid, clockTicks }
 // static      a plain undici Pool with a fixed mTLS configuration (web's leaf and the roots, read
 //             once from the agent at `address`), `concurrency` connections to 127.0.0.1:`port`
+// static-again the same, under another name (the control of bench/outbound.js)
 // dispatcher  fastify.consulNative.dispatcher('api') of a `web` app running the plugin (discovery
 //             of `api` through the agent, the plugin's certificates, the peer identity check)
 // `concurrency` loops, each one GET / at a time over keep-alive connections. After `warmup` seconds
@@ -18,7 +19,7 @@ const { Pool } = require('undici')
 const { consulNative, httpsOptions } = require('../dist/index.js')
 
 const config = JSON.parse(process.argv[2])
-const MODES = ['static', 'dispatcher']
+const MODES = ['static', 'static-again', 'dispatcher']
 if (!MODES.includes(config.mode)) throw new Error(`unknown mode ${config.mode}; one of ${MODES.join(', ')}`)
 
 /** This process's CPU time so far (every thread, µs resolution), user and system together, and user alone. */
@@ -35,7 +36,7 @@ function fail (message) {
 }
 
 async function start () {
-  if (config.mode === 'static') {
+  if (config.mode === 'static' || config.mode === 'static-again') {
     const leaf = await agentApi(config, 'GET', '/v1/agent/connect/ca/leaf/web')
     const roots = await agentApi(config, 'GET', '/v1/agent/connect/ca/roots')
     const pool = new Pool(`https://127.0.0.1:${config.port}`, {

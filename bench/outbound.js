@@ -4,6 +4,9 @@
 // time, with two clients:
 //   static      a plain undici Pool with a static mTLS configuration (web's leaf, key and roots from
 //               the same agent, read once)
+//   static-again the static client once more, in load generators of its own: the control. Its ratio
+//               to static is how far two identical clients differ in the run, the resolution of
+//               the dispatcher's ratio
 //   dispatcher  fastify.consulNative.dispatcher('api') of a `web` app running the plugin
 // The `api` server is the same for both: bench/server.js running the plugin (one process for the
 // whole run, registered with the dev agent as a Connect-native instance of `api`). Per run: requests
@@ -29,7 +32,9 @@ const path = require('node:path')
 const { startDevAgent } = require('../dist/dev-agent/index.js')
 const { median, int, ratioCell, optionSource, pinning, pinned, machineLine, startServerProcess, stopProcess, agentApi } = require('./common')
 
-const CLIENTS = ['static', 'dispatcher']
+const CLIENTS = ['static', 'static-again', 'dispatcher']
+// Each compared with static, per round.
+const COMPARED = ['static-again', 'dispatcher']
 const OPTIONS = ['seconds', 'warmup', 'rounds', 'concurrency', 'quick']
 
 function readOptions (argv, env) {
@@ -50,6 +55,7 @@ function readOptions (argv, env) {
 
 const LABELS = {
   static: 'undici Pool, static mTLS',
+  'static-again': 'the same again, other processes (control)',
   dispatcher: "fastify.consulNative.dispatcher('api')"
 }
 
@@ -99,10 +105,10 @@ function summaryTable (results) {
 }
 
 function ratioTable (results) {
-  const rows = ['| dispatcher / static, per round | median (min–max) |', '|---|---|']
+  const rows = [`| per round, against static | ${COMPARED.map((client) => `${client} / static`).join(' | ')} |`, `|---|${'---|'.repeat(COMPARED.length)}`]
   for (const [field, title] of METRICS) {
-    const ratios = results.dispatcher.map((run, i) => run[field] / results.static[i][field])
-    rows.push(`| ${title} | ${ratioCell(ratios, 3)} |`)
+    const cells = COMPARED.map((client) => ratioCell(results[client].map((run, i) => run[field] / results.static[i][field]), 3))
+    rows.push(`| ${title} | ${cells.join(' | ')} |`)
   }
   return rows.join('\n')
 }
@@ -114,8 +120,10 @@ function roundsTable (results, opts) {
     for (const client of CLIENTS) {
       rows.push(`| ${title}, ${client} | ${results[client].map((r) => format(r[field])).join(' | ')} |`)
     }
-    const ratios = results.dispatcher.map((run, i) => (run[field] / results.static[i][field]).toFixed(3))
-    rows.push(`| ${title}, dispatcher / static | ${ratios.join(' | ')} |`)
+    for (const client of COMPARED) {
+      const ratios = results[client].map((run, i) => (run[field] / results.static[i][field]).toFixed(3))
+      rows.push(`| ${title}, ${client} / static | ${ratios.join(' | ')} |`)
+    }
   }
   return rows.join('\n')
 }
@@ -126,7 +134,7 @@ async function main () {
   const startedAt = Date.now()
 
   const agent = await startDevAgent({ defaultPolicy: 'deny' })
-  const results = { static: [], dispatcher: [] }
+  const results = Object.fromEntries(CLIENTS.map((client) => [client, []]))
   let server = null
   try {
     await agentApi(agent, 'PUT', '/v1/config', { Kind: 'service-intentions', Name: 'api', Sources: [{ Name: 'web', Action: 'allow' }] })
@@ -154,7 +162,7 @@ async function main () {
     `${opts.rounds} rounds alternating the clients, ${opts.seconds} s measured per run after ${opts.warmup} s of warm-up, ` +
     `${opts.concurrency} concurrent keep-alive request loops; client CPU from process.cpuUsage() of the load generator, ` +
     'server CPU from /proc/<pid>/stat, both over the measured window; medians over rounds; ' +
-    `ratios are per round, dispatcher against static mTLS in the same round: median (min–max). Run took ${minutes} min.` +
+    `ratios are per round, against the static client in the same round: median (min–max). Run took ${minutes} min.` +
     (opts.rounds < 5 ? ' FEWER THAN 5 ROUNDS: not figures to publish.' : '') +
     (opts.quick ? ' QUICK RUN: direction only, not figures to publish.' : ''))
   out.push('', '**web -> api over mTLS (api runs the plugin), keep-alive, one request at a time per loop**', '',
