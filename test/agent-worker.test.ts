@@ -13,7 +13,7 @@ import consulNative, { httpsOptions } from '../lib/index'
 import { AgentClient } from '../lib/agent/client'
 import { resolveAgentConfig } from '../lib/agent/config'
 import type { ExchangeRequest, ExchangeTarget } from '../lib/agent/exchange'
-import { AgentThread, IDLE_EXIT_MS, serveExchanges } from '../lib/agent/worker-transport'
+import { AgentThread, serveExchanges } from '../lib/agent/worker-transport'
 import { AgentUnreachableError } from '../lib/errors'
 import { FakeAgent } from './helpers/agent-fixtures'
 import { get, leafFor, mtlsClient, setIntentions, startAgent } from './helpers/mesh'
@@ -79,7 +79,8 @@ t.test('the worker side answers calls, aborts, closes and exits over its port', 
 
 t.test('one worker serves every client, keeps the process open only while a call waits, and ends when idle', async (t) => {
   const agent = await fakeAgent(t)
-  const thread = new AgentThread()
+  const idleExitMs = 400
+  const thread = new AgentThread(undefined, idleExitMs)
   t.equal(thread.usable, true)
   t.equal(thread.threadId, null, 'no worker before the first call')
   const a = thread.exchanger(targetOf(agent))
@@ -99,13 +100,13 @@ t.test('one worker serves every client, keeps the process open only while a call
   await b.destroy()
   t.equal(thread.threadId, first, 'no client left: the worker stays for a while')
   const c = thread.exchanger(targetOf(agent))
-  await new Promise((resolve) => setTimeout(resolve, IDLE_EXIT_MS + 200))
+  await new Promise((resolve) => setTimeout(resolve, idleExitMs + 200))
   t.equal((await c.exchange(request('/c'), undefined)).text, '{"path":"/c"}')
   t.equal(thread.threadId, first, 'a client opened within the idle time reuses it')
   await c.destroy()
   const started = Date.now()
   await waitFor(() => thread.threadId === null, 'the idle exit')
-  t.ok(Date.now() - started >= IDLE_EXIT_MS - 100, 'it ended once idle for IDLE_EXIT_MS')
+  t.ok(Date.now() - started >= idleExitMs - 100, 'it ended once idle for idleExitMs')
 
   const d = thread.exchanger(targetOf(agent))
   t.teardown(() => d.destroy())

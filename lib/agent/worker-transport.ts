@@ -161,9 +161,12 @@ export class AgentThread {
   #nextClient = 1
   #nextCall = 1
   #idleTimer: NodeJS.Timeout | null = null
+  readonly #idleExitMs: number
 
-  constructor (file: string = AGENT_WORKER_FILE) {
+  /** `idleExitMs`: how long the worker outlives its last client (tests shorten it). */
+  constructor (file: string = AGENT_WORKER_FILE, idleExitMs: number = IDLE_EXIT_MS) {
     this.#file = file
+    this.#idleExitMs = idleExitMs
   }
 
   /** False when the worker's file is missing (a bundle that left it out) or the worker could not start. */
@@ -259,7 +262,7 @@ export class AgentThread {
       // Detached at once: a client opened from here on starts a new worker.
       this.#running = null
       running.worker.postMessage({ type: 'exit' } satisfies ToWorker)
-    }, IDLE_EXIT_MS)
+    }, this.#idleExitMs)
     this.#idleTimer.unref()
   }
 }
