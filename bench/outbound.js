@@ -1,14 +1,14 @@
 'use strict'
 // Outbound benchmark, run on demand (`npm run bench:outbound`; `-- --quick` for a sanity run well
 // under a minute). `web` calling `api` over mTLS, keep-alive, `concurrency` loops of one GET / at a
-// time, with two clients:
+// time, with three clients:
 //   static      a plain undici Pool with a static mTLS configuration (web's leaf, key and roots from
 //               the same agent, read once)
 //   static-again the static client once more, in load generators of its own: the control. Its ratio
 //               to static is how far two identical clients differ in the run, the resolution of
 //               the dispatcher's ratio
 //   dispatcher  fastify.consulNative.dispatcher('api') of a `web` app running the plugin
-// The `api` server is the same for both: bench/server.js running the plugin (one process for the
+// The `api` server is the same for all: bench/server.js running the plugin (one process for the
 // whole run, registered with the dev agent as a Connect-native instance of `api`). Per run: requests
 // per second, CPU per request of the client process (the load generator, bench/outbound-load.js:
 // process.cpuUsage(), every thread; the figure that matters most, since it is the dispatcher's own
