@@ -21,8 +21,47 @@ const spread = (values, digits) => `${Math.min(...values).toFixed(digits)}–${M
 /** A whole number with thousands separators. */
 const int = (value) => Math.round(value).toLocaleString('en-US')
 
-/** Per-round ratios as `median (min–max)`, the median followed by `suffix`. */
-const ratioCell = (ratios, digits, suffix = '') => `${median(ratios).toFixed(digits)}${suffix} (${spread(ratios, digits)})`
+/**
+ * A distribution-free 95% confidence interval for the median of `values`: the k-th smallest and
+ * k-th largest value, for the largest k whose binomial tail P(X < k), X ~ Bin(n, ½), stays within
+ * 2.5% (so coverage is at least 95%). With fewer than 6 values no such k exists, and the answer is
+ * null. Rounds are independent (each has processes of its own), which is what the interval
+ * assumes; it is how finely the run has located the median, where min–max only shows the spread.
+ */
+function medianInterval (values) {
+  const sorted = [...values].sort((a, b) => a - b)
+  const n = sorted.length
+  let below = 0 // P(X < k), built term by term
+  let term = 0.5 ** n // P(X = 0)
+  let k = 0
+  while (k < n / 2 && below + term <= 0.025) {
+    below += term
+    term = term * (n - k) / (k + 1)
+    k++
+  }
+  return k === 0 ? null : [sorted[k - 1], sorted[n - k]]
+}
+
+/**
+ * Per-round ratios as `median [95% interval of the median] (min–max)`, the median followed by
+ * `suffix`; the interval is left out below 6 rounds.
+ */
+const ratioCell = (ratios, digits, suffix = '') => {
+  const interval = medianInterval(ratios)
+  const located = interval === null ? '' : ` [${interval.map((v) => v.toFixed(digits)).join('–')}]`
+  return `${median(ratios).toFixed(digits)}${suffix}${located} (${spread(ratios, digits)})`
+}
+
+/**
+ * The order of a round: even rounds rotate the list one step further each time, odd rounds run the
+ * previous round's order backwards. Over 2n rounds every item runs at every position of n, first
+ * and last included, exactly twice, and no pair always runs in the same order.
+ */
+function roundOrder (items, round) {
+  const shift = (round >> 1) % items.length
+  const rotated = [...items.slice(shift), ...items.slice(0, shift)]
+  return round % 2 === 0 ? rotated : rotated.reverse()
+}
 
 /**
  * A process's CPU time so far from /proc/<pid>/stat (every thread), in µs: user and system
@@ -206,4 +245,4 @@ function responseFramer (onResponse) {
   }
 }
 
-module.exports = { median, spread, int, ratioCell, processCpuMicros, optionSource, pinning, pinned, machineLine, startServerProcess, stopProcess, agentApi, startBenchMesh, responseFramer }
+module.exports = { median, medianInterval, spread, int, ratioCell, roundOrder, processCpuMicros, optionSource, pinning, pinned, machineLine, startServerProcess, stopProcess, agentApi, startBenchMesh, responseFramer }

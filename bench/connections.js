@@ -28,9 +28,12 @@
 // (when the machine has two cores or more). Each measurement gets a server process of its own (a
 // new one per variant, kind and round), warmed up unrecorded with the same load first: one process
 // per variant for the whole run would carry its own memory layout (ASLR, heap, where the JIT puts
-// code) into every round, a bias alternation cannot remove. Rounds alternate the order of the variants; the output
-// gives medians over rounds, the per-round ratios to static mTLS and their spread (min–max), as
-// markdown tables. Never a best-of.
+// code) into every round, a bias alternation cannot remove. Rounds rotate and alternate the order
+// of the variants (every variant runs at every position); the output gives medians over rounds,
+// the per-round ratios to static mTLS with a 95% interval of their median (from 6 rounds on) and
+// their spread (min–max), as markdown tables. Never a best-of. The interval is the run's
+// resolution: on a shared virtual machine, identical servers differ by several percent from one
+// process to the next, so locating a median to ±2% takes tens of rounds (--rounds 40 or more).
 //
 // Options (flag or environment variable):
 //   --seconds N      BENCH_SECONDS      measured seconds per run (default 2)
@@ -57,7 +60,7 @@ const { execFile } = require('node:child_process')
 const { promisify } = require('node:util')
 const fs = require('node:fs')
 const path = require('node:path')
-const { median, int, ratioCell, optionSource, pinning, pinned, machineLine, startServerProcess, stopProcess, startBenchMesh } = require('./common')
+const { median, int, ratioCell, roundOrder, optionSource, pinning, pinned, machineLine, startServerProcess, stopProcess, startBenchMesh } = require('./common')
 
 const ALL_VARIANTS = ['static', 'static-again', 'static-sni', 'static-hook', 'static-hooks', 'static-client', 'static-env', 'exempt', 'plugin', 'exempt-worker', 'plugin-worker']
 const ALL_KINDS = ['full', 'resumed', 'keepalive']
@@ -262,9 +265,8 @@ async function main () {
     }
     for (let round = 0; round < opts.rounds; round++) {
       for (const kind of opts.kinds) {
-        // Alternate the order, so that no variant always runs first or last.
-        const order = round % 2 === 0 ? opts.variants : [...opts.variants].reverse()
-        for (const variant of order) {
+        // Rotate and alternate the order, so that every variant runs at every position.
+        for (const variant of roundOrder(opts.variants, round)) {
           const server = await serverFor(variant, kind)
           try {
             results[variant][kind].push(await load(server, kind, opts.seconds, opts.warmup, opts, files, pin, clockTicks))
@@ -288,7 +290,7 @@ async function main () {
     (opts.reuse ? 'one server process per variant for the whole run, ' : `a new server process per run, loaded unrecorded for ${opts.serverWarmup} s first, `) +
     `${opts.concurrency} concurrent connections, ${opts.servername === null ? 'by IP, without SNI' : `with SNI ${opts.servername}`}; ` +
     'server CPU from /proc/<pid>/stat; medians over rounds; ' +
-    `ratios are per round against static mTLS in the same round: median (min–max). Run took ${minutes} min.` +
+    `ratios are per round against static mTLS in the same round: median [95% interval of the median, from 6 rounds on] (min–max). Run took ${minutes} min.` +
     (opts.quick ? ' QUICK RUN: direction only, not figures to publish.' : ''))
   for (const kind of opts.kinds) {
     out.push('', `**${TITLES[kind]}**`, '', table(kind, results, opts), '', roundsTable(kind, results, opts))

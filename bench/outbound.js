@@ -14,9 +14,10 @@
 // process.cpuUsage(), every thread; the figure that matters most, since it is the dispatcher's own
 // cost) and of the server process (from /proc/<pid>/stat, every thread), both over the measured
 // window only. The server runs pinned to core 0, each load generator in its own process pinned to
-// core 1 (when the machine has two cores or more). Rounds alternate the order of the clients, each
-// run with a warm-up before its measured window; the output gives medians over rounds, the
-// per-round ratios dispatcher/static and their spread (min–max), and every round, as markdown
+// core 1 (when the machine has two cores or more). Rounds rotate and alternate the order of the clients
+// (every client runs at every position), each run with a warm-up before its measured window; the
+// output gives medians over rounds, the per-round ratios to the static client with a 95% interval
+// of their median (from 6 rounds on) and their spread (min–max), and every round, as markdown
 // tables. Never a best-of.
 //
 // Options (flag or environment variable):
@@ -30,7 +31,7 @@ const { execFile } = require('node:child_process')
 const { promisify } = require('node:util')
 const path = require('node:path')
 const { startDevAgent } = require('../dist/dev-agent/index.js')
-const { median, int, ratioCell, optionSource, pinning, pinned, machineLine, startServerProcess, stopProcess, agentApi } = require('./common')
+const { median, int, ratioCell, roundOrder, optionSource, pinning, pinned, machineLine, startServerProcess, stopProcess, agentApi } = require('./common')
 
 const CLIENTS = ['static', 'static-again', 'dispatcher']
 // Each compared with static, per round.
@@ -144,8 +145,8 @@ async function main () {
     // each run's own warm-up; every load generator is a new process and warms up in its own run).
     for (const client of opts.quick ? [] : CLIENTS) await load(client, server, agent, opts.seconds, opts.warmup, opts, pin, clockTicks)
     for (let round = 0; round < opts.rounds; round++) {
-      // Alternate the order, so that no client always runs first or last.
-      for (const client of round % 2 === 0 ? CLIENTS : [...CLIENTS].reverse()) {
+      // Rotate and alternate the order, so that every client runs at every position.
+      for (const client of roundOrder(CLIENTS, round)) {
         results[client].push(await load(client, server, agent, opts.seconds, opts.warmup, opts, pin, clockTicks))
       }
       process.stderr.write(`round ${round + 1}/${opts.rounds} done\n`)
@@ -162,7 +163,7 @@ async function main () {
     `${opts.rounds} rounds alternating the clients, ${opts.seconds} s measured per run after ${opts.warmup} s of warm-up, ` +
     `${opts.concurrency} concurrent keep-alive request loops; client CPU from process.cpuUsage() of the load generator, ` +
     'server CPU from /proc/<pid>/stat, both over the measured window; medians over rounds; ' +
-    `ratios are per round, against the static client in the same round: median (min–max). Run took ${minutes} min.` +
+    `ratios are per round, against the static client in the same round: median [95% interval of the median, from 6 rounds on] (min–max). Run took ${minutes} min.` +
     (opts.rounds < 5 ? ' FEWER THAN 5 ROUNDS: not figures to publish.' : '') +
     (opts.quick ? ' QUICK RUN: direction only, not figures to publish.' : ''))
   out.push('', '**web -> api over mTLS (api runs the plugin), keep-alive, one request at a time per loop**', '',
