@@ -75,12 +75,23 @@ function processCpuMicros (pid, clockTicks) {
   return { total: user + Number(fields[12]) * 1e6 / clockTicks, user }
 }
 
+/**
+ * Node options for a server process with a young generation of a fixed size: `--semi-space N`
+ * (MiB per semi-space; V8's new space is two of them). V8 grows the young generation from 1 MiB
+ * up to 16 MiB per semi-space as objects survive, at moments that depend on each process's history
+ * (a process that allocated more while starting gets there sooner), and a larger one touches more
+ * memory between collections. A long-running server ends at the maximum; a benchmark's server,
+ * a few seconds old, may not. Fixing the size compares variants at the same young generation.
+ * Empty when `semiSpace` is null (V8's own sizing).
+ */
+const youngGenerationArgs = (semiSpace) => semiSpace === null ? [] : [`--min-semi-space-size=${semiSpace}`, `--max-semi-space-size=${semiSpace}`]
+
 /** Options that take no value: given means on. */
-const SWITCHES = ['quick', 'reuse']
+const SWITCHES = ['quick', 'reuse', 'cache-sim']
 
 /**
  * Command-line flags: `--name value` or `--name=value` for each of `names`, and the switches
- * (`--quick`, `--reuse`) alone. Anything else is refused with a clear message. Values stay strings.
+ * (`--quick`, `--reuse`, `--cache-sim`) alone. Anything else is refused with a clear message. Values stay strings.
  */
 function readFlags (argv, names) {
   const flags = {}
@@ -245,4 +256,4 @@ function responseFramer (onResponse) {
   }
 }
 
-module.exports = { median, medianInterval, spread, int, ratioCell, roundOrder, processCpuMicros, optionSource, pinning, pinned, machineLine, startServerProcess, stopProcess, agentApi, startBenchMesh, responseFramer }
+module.exports = { median, medianInterval, spread, int, ratioCell, roundOrder, youngGenerationArgs, processCpuMicros, optionSource, pinning, pinned, machineLine, startServerProcess, stopProcess, agentApi, startBenchMesh, responseFramer }

@@ -54,19 +54,23 @@
 //   --servername S   BENCH_SERVERNAME   clients send this SNI name (default none: they connect by IP
 //                                       and send no SNI, so no SNICallback runs)
 //   --json FILE      BENCH_JSON         also write every measurement as JSON
+//   --semi-space N   BENCH_SEMI_SPACE   servers run with a young generation of a fixed size, N MiB per
+//                                       semi-space (youngGenerationArgs in common.js; default: V8's own
+//                                       sizing, which grows with each process's history: a server that
+//                                       allocated more while starting reaches the maximum sooner)
 //   --quick                             seconds 0.4, warmup 0.2, rounds 5, variants static,static-again,static-hook,plugin,
 //                                       --reuse: direction only (about 40 s), not figures to publish
 const { execFile } = require('node:child_process')
 const { promisify } = require('node:util')
 const fs = require('node:fs')
 const path = require('node:path')
-const { median, int, ratioCell, roundOrder, optionSource, pinning, pinned, machineLine, startServerProcess, stopProcess, startBenchMesh } = require('./common')
+const { median, int, ratioCell, roundOrder, youngGenerationArgs, optionSource, pinning, pinned, machineLine, startServerProcess, stopProcess, startBenchMesh } = require('./common')
 
 const ALL_VARIANTS = ['static', 'static-again', 'static-sni', 'static-hook', 'static-hooks', 'static-client', 'static-env', 'exempt', 'plugin', 'exempt-worker', 'plugin-worker']
 const ALL_KINDS = ['full', 'resumed', 'keepalive']
 const QUICK_VARIANTS = ['static', 'static-again', 'static-hook', 'plugin']
 
-const OPTIONS = ['seconds', 'warmup', 'server-warmup', 'reuse', 'rounds', 'concurrency', 'kinds', 'variants', 'intentions', 'profile', 'json', 'servername', 'quick']
+const OPTIONS = ['seconds', 'warmup', 'server-warmup', 'reuse', 'rounds', 'concurrency', 'kinds', 'variants', 'intentions', 'profile', 'json', 'servername', 'quick', 'semi-space']
 
 function readOptions (argv, env) {
   const { quick, pick, number, on } = optionSource(argv, env, OPTIONS)
@@ -87,6 +91,7 @@ function readOptions (argv, env) {
     kinds: list('kinds', ALL_KINDS),
     variants: list('variants', ALL_VARIANTS),
     profile: pick('profile', null),
+    semiSpace: pick('semi-space', null) === null ? null : Math.round(number('semi-space')),
     json: pick('json', null),
     servername: pick('servername', null),
     quick
@@ -113,7 +118,8 @@ function startServer (variant, address, opts, pin) {
   // A new process per run writes a profile per run: number them.
   started[variant] = (started[variant] ?? 0) + 1
   const name = opts.reuse ? variant : `${variant}.${started[variant]}`
-  const nodeArgs = opts.profile === null ? [] : ['--cpu-prof', '--cpu-prof-interval=100', `--cpu-prof-dir=${opts.profile}`, `--cpu-prof-name=${name}.cpuprofile`]
+  const nodeArgs = [...youngGenerationArgs(opts.semiSpace),
+    ...opts.profile === null ? [] : ['--cpu-prof', '--cpu-prof-interval=100', `--cpu-prof-dir=${opts.profile}`, `--cpu-prof-name=${name}.cpuprofile`]]
   const [command, args] = pinned(0, [process.execPath, ...nodeArgs, path.join(__dirname, 'server.js'), variant, address], pin)
   return startServerProcess(command, args, `${variant} server`)
 }
@@ -286,9 +292,10 @@ async function main () {
   const out = []
   out.push(machineLine())
   out.push(`Method: ${pin ? 'server pinned to core 0, load generator to core 1' : 'NOT pinned (one core, or no taskset)'}; ` +
-    `${opts.rounds} rounds alternating the variants, ${opts.seconds} s measured per run after ${opts.warmup} s of warm-up, ` +
+    `${opts.rounds} rounds rotating the order of the variants, ${opts.seconds} s measured per run after ${opts.warmup} s of warm-up, ` +
     (opts.reuse ? 'one server process per variant for the whole run, ' : `a new server process per run, loaded unrecorded for ${opts.serverWarmup} s first, `) +
     `${opts.concurrency} concurrent connections, ${opts.servername === null ? 'by IP, without SNI' : `with SNI ${opts.servername}`}; ` +
+    (opts.semiSpace === null ? '' : `young generation fixed at ${opts.semiSpace} MiB per semi-space; `) +
     'server CPU from /proc/<pid>/stat; medians over rounds; ' +
     `ratios are per round against static mTLS in the same round: median [95% interval of the median, from 6 rounds on] (min–max). Run took ${minutes} min.` +
     (opts.quick ? ' QUICK RUN: direction only, not figures to publish.' : ''))

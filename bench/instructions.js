@@ -28,25 +28,42 @@
 //   --requests N     BENCH_REQUESTS   requests counted (default 5000)
 //   --rounds N       BENCH_ROUNDS     (default 2)
 //   --intentions N   BENCH_INTENTIONS intentions for `api` (default 1000)
+//   --semi-space N   BENCH_SEMI_SPACE servers run with a young generation of a fixed size: N MiB per
+//                                     semi-space (see youngGenerationArgs in common.js; default: V8's
+//                                     own sizing, which grows with each process's history)
+//   --cache-sim      BENCH_CACHE_SIM  also simulate caches and branch prediction (callgrind's
+//                                     --cache-sim and --branch-sim; about twice as slow) and report
+//                                     misses per request: instruction and data cache (first level and
+//                                     last level) and mispredicted branches. A simulated machine, not
+//                                     this one, but the same for every variant: it shows whether a
+//                                     variant's CPU time goes beyond its instruction count because of
+//                                     how it uses memory.
 const { spawnSync, execFile } = require('node:child_process')
 const { promisify } = require('node:util')
 const fs = require('node:fs')
 const os = require('node:os')
 const path = require('node:path')
 const tls = require('node:tls')
-const { median, int, optionSource, machineLine, startServerProcess, stopProcess, startBenchMesh, responseFramer } = require('./common')
+const { median, int, optionSource, youngGenerationArgs, machineLine, startServerProcess, stopProcess, startBenchMesh, responseFramer } = require('./common')
 
 const ALL_VARIANTS = ['static', 'static-hook', 'static-hooks', 'static-client', 'static-env', 'exempt', 'plugin', 'exempt-worker', 'plugin-worker']
 const DEFAULT_VARIANTS = ALL_VARIANTS.filter((variant) => variant !== 'static-env')
 const BASE = 'static-hook'
-const OPTIONS = ['variants', 'warmup', 'requests', 'rounds', 'intentions']
+const OPTIONS = ['variants', 'warmup', 'requests', 'rounds', 'intentions', 'cache-sim', 'semi-space']
 const REQUEST = Buffer.from('GET / HTTP/1.1\r\nHost: api\r\n\r\n')
 // Functions of V8's optimizing compiler (and the containers it uses), by symbol.
 const COMPILER = /^(v8::internal::compiler::|v8::internal::Zone|v8::internal::maglev::|std::_Rb_tree)/
 const MEGAMORPHIC = ['LoadIC_Megamorphic', 'KeyedLoadIC_Megamorphic', 'StoreIC_Megamorphic', 'KeyedStoreIC_Megamorphic']
+// --cache-sim: callgrind's event names, summed into the columns reported.
+const SIMULATED = [
+  ['I1 misses', ['I1mr']],
+  ['D1 misses', ['D1mr', 'D1mw']],
+  ['last-level misses', ['ILmr', 'DLmr', 'DLmw']],
+  ['mispredicted branches', ['Bcm', 'Bim']]
+]
 
 function readOptions (argv, env) {
-  const { pick, number } = optionSource(argv, env, OPTIONS)
+  const { pick, number, on } = optionSource(argv, env, OPTIONS)
   const variants = String(pick('variants', DEFAULT_VARIANTS.join(','))).split(',').filter(Boolean)
   for (const variant of variants) if (!ALL_VARIANTS.includes(variant)) throw new Error(`--variants: unknown ${variant}; one of ${ALL_VARIANTS.join(', ')}`)
   return {
@@ -54,7 +71,9 @@ function readOptions (argv, env) {
     warmup: Math.round(number('warmup', 30000)),
     requests: Math.round(number('requests', 5000)),
     rounds: Math.round(number('rounds', 2)),
-    intentions: Math.round(number('intentions', 1000))
+    intentions: Math.round(number('intentions', 1000)),
+    cacheSim: on('cache-sim'),
+    semiSpace: pick('semi-space', null) === null ? null : Math.round(number('semi-space'))
   }
 }
 
@@ -84,7 +103,7 @@ function sendSequentially (socket, count) {
 
 /** Symbol → instructions, from a callgrind dump (its functions, self cost). */
 async function functionCosts (dump) {
-  const { stdout } = await promisify(execFile)('callgrind_annotate', ['--threshold=100', dump], { maxBuffer: 1 << 28 })
+  const { stdout } = await promisify(execFile)('callgrind_annotate', ['--threshold=100', '--show=Ir', dump], { maxBuffer: 1 << 28 })
   const costs = new Map()
   for (const match of stdout.matchAll(/^ *([0-9,]+) \([ 0-9.]+%\) {2}(?:\?\?\?|[^:\n]*):([^\n[]+?)(?: \[[^\]\n]*\])?$/gm)) {
     const name = match[2].trim()
@@ -97,8 +116,9 @@ async function functionCosts (dump) {
 async function measure (variant, mesh, opts, dir, secureContext) {
   const out = path.join(dir, `${variant}.callgrind`)
   // --quiet: the server's stderr is ours, and only Valgrind's errors belong there.
+  const simulation = opts.cacheSim ? ['--cache-sim=yes', '--branch-sim=yes'] : []
   const { child, port } = await startServerProcess('valgrind', ['--quiet', '--tool=callgrind', '--instr-atstart=no', '--smc-check=all-non-file',
-    `--callgrind-out-file=${out}`, process.execPath, path.join(__dirname, 'server.js'), variant, mesh.agent.address], `${variant} server`)
+    ...simulation, `--callgrind-out-file=${out}`, process.execPath, ...youngGenerationArgs(opts.semiSpace), path.join(__dirname, 'server.js'), variant, mesh.agent.address], `${variant} server`)
   try {
     const socket = tls.connect({ host: '127.0.0.1', port, secureContext, checkServerIdentity: () => undefined })
     await new Promise((resolve, reject) => socket.once('secureConnect', resolve).once('error', reject))
@@ -112,7 +132,11 @@ async function measure (variant, mesh, opts, dir, secureContext) {
     const dump = fs.readdirSync(dir).find((name) => name.startsWith(`${variant}.callgrind.`))
     if (dump === undefined) throw new Error(`${variant}: callgrind wrote no dump`)
     const text = fs.readFileSync(path.join(dir, dump), 'latin1')
-    const total = Number(/^totals: (\d+)/m.exec(text)?.[1])
+    // `events:` names the columns of `totals:` (Ir first; with --cache-sim, the misses after it).
+    const events = /^events: (.+)$/m.exec(text)?.[1].trim().split(/\s+/) ?? []
+    const totals = (/^totals: (.+)$/m.exec(text)?.[1].trim().split(/\s+/) ?? []).map(Number)
+    const event = (name) => totals[events.indexOf(name)] ?? 0
+    const total = event('Ir')
     const costs = await functionCosts(path.join(dir, dump))
     let compiler = 0
     for (const [name, cost] of costs) if (COMPILER.test(name)) compiler += cost
@@ -120,7 +144,8 @@ async function measure (variant, mesh, opts, dir, secureContext) {
     return {
       total: perRequest(total),
       withoutCompiler: perRequest(total - compiler),
-      megamorphic: Object.fromEntries(MEGAMORPHIC.map((name) => [name, perRequest(costs.get(`Builtins_${name}`) ?? 0)]))
+      megamorphic: Object.fromEntries(MEGAMORPHIC.map((name) => [name, perRequest(costs.get(`Builtins_${name}`) ?? 0)])),
+      simulated: opts.cacheSim ? SIMULATED.map(([, names]) => perRequest(names.reduce((sum, name) => sum + event(name), 0))) : []
     }
   } finally {
     await stopProcess(child)
@@ -168,6 +193,16 @@ async function main () {
     const megamorphic = med(variant, (r) => MEGAMORPHIC.reduce((sum, name) => sum + r.megamorphic[name], 0))
     rows.push(`| ${variant} | ${int(med(variant, (r) => r.total))} | ${int(withoutCompiler)} | ${variant === BASE ? '0' : signed(withoutCompiler - base)} | ` +
       `${int(megamorphic)} | ${results[variant].map((r) => int(r.withoutCompiler)).join(', ')} |`)
+  }
+  if (opts.cacheSim) {
+    rows.push('', `Simulated by callgrind (--cache-sim, --branch-sim), per request, medians; difference to ${BASE}:`, '',
+      `| server | ${SIMULATED.map(([title]) => title).join(' | ')} |`, `|---|${'---|'.repeat(SIMULATED.length)}`)
+    for (const variant of opts.variants) {
+      rows.push(`| ${variant} | ${SIMULATED.map((_, i) => {
+        const value = med(variant, (r) => r.simulated[i])
+        return variant === BASE ? int(value) : `${int(value)} (${signed(value - med(BASE, (r) => r.simulated[i]))})`
+      }).join(' | ')} |`)
+    }
   }
   rows.push('', `Megamorphic inline caches per request (median): ${opts.variants.map((variant) =>
     `${variant}: ${MEGAMORPHIC.map((name) => `${name} ${int(med(variant, (r) => r.megamorphic[name]))}`).join(', ')}`).join('; ')}.`)

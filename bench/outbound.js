@@ -160,7 +160,7 @@ async function main () {
   const out = []
   out.push(machineLine())
   out.push(`Method: ${pin ? 'api server pinned to core 0, load generator to core 1' : 'NOT pinned (one core, or no taskset)'}; ` +
-    `${opts.rounds} rounds alternating the clients, ${opts.seconds} s measured per run after ${opts.warmup} s of warm-up, ` +
+    `${opts.rounds} rounds rotating the order of the clients, ${opts.seconds} s measured per run after ${opts.warmup} s of warm-up, ` +
     `${opts.concurrency} concurrent keep-alive request loops; client CPU from process.cpuUsage() of the load generator, ` +
     'server CPU from /proc/<pid>/stat, both over the measured window; medians over rounds; ' +
     `ratios are per round, against the static client in the same round: median [95% interval of the median, from 6 rounds on] (min–max). Run took ${minutes} min.` +

@@ -19,12 +19,14 @@
 //   --settle N       BENCH_SETTLE       ms of load before each slice is measured (default 20)
 //   --concurrency N  BENCH_CONCURRENCY  keep-alive connections per process (default 16)
 //   --intentions N   BENCH_INTENTIONS   intentions for `api` (default 1000)
+//   --semi-space N   BENCH_SEMI_SPACE   servers run with a young generation of a fixed size, N MiB per
+//                                       semi-space (youngGenerationArgs in common.js; default: V8's own)
 const fs = require('node:fs')
 const path = require('node:path')
 const tls = require('node:tls')
-const { median, optionSource, pinning, pinned, machineLine, startServerProcess, stopProcess, startBenchMesh, responseFramer } = require('./common')
+const { median, optionSource, youngGenerationArgs, pinning, pinned, machineLine, startServerProcess, stopProcess, startBenchMesh, responseFramer } = require('./common')
 
-const OPTIONS = ['variant', 'copies', 'seconds', 'slice', 'settle', 'concurrency', 'intentions']
+const OPTIONS = ['variant', 'copies', 'seconds', 'slice', 'settle', 'concurrency', 'intentions', 'semi-space']
 const REQUEST = Buffer.from('GET / HTTP/1.1\r\nHost: api\r\n\r\n')
 const WARMUP_MS = 3000
 
@@ -39,7 +41,8 @@ function readOptions (argv, env) {
     slice: number('slice', 100),
     settle: number('settle', 20),
     concurrency: Math.round(number('concurrency', 16)),
-    intentions: Math.round(number('intentions', 1000))
+    intentions: Math.round(number('intentions', 1000)),
+    semiSpace: pick('semi-space', null) === null ? null : Math.round(number('semi-space'))
   }
 }
 
@@ -111,7 +114,7 @@ async function main () {
   const servers = []
   try {
     for (let copy = 1; copy <= opts.copies; copy++) {
-      const [command, args] = pinned(0, [process.execPath, path.join(__dirname, 'server.js'), opts.variant, mesh.agent.address], pin)
+      const [command, args] = pinned(0, [process.execPath, ...youngGenerationArgs(opts.semiSpace), path.join(__dirname, 'server.js'), opts.variant, mesh.agent.address], pin)
       const label = `${opts.variant} #${copy}`
       servers.push({ label, ...await startServerProcess(command, args, label), slices: [] })
     }
@@ -153,7 +156,8 @@ async function main () {
   const out = [machineLine(),
     `Method: ${opts.copies} processes of the ${opts.variant} server pinned to ${pin ? 'core 0, the load generator to core 1' : 'no core (one core, or no taskset)'}; ` +
     `each loaded alone for ${WARMUP_MS / 1000} s, then in turn, ${opts.slice} ms measured per slice after ${opts.settle} ms of load, for ${opts.seconds} s; ` +
-    `${opts.concurrency} keep-alive connections each; server CPU from /proc/<pid>/task/*/schedstat.`,
+    `${opts.concurrency} keep-alive connections each; ` +
+    `young generation ${opts.semiSpace === null ? 'sized by V8' : `fixed at ${opts.semiSpace} MiB per semi-space`}; server CPU from /proc/<pid>/task/*/schedstat.`,
     '',
     '| process | slices | CPU per request, median | 25th–75th percentile |',
     '|---|---|---|---|']
