@@ -17,7 +17,7 @@
 // background thread at moments that depend on timing, and it is the only part that varies from run
 // to run); and the instructions spent in V8's megamorphic inline-cache builtins (property accesses
 // that saw too many object shapes: Node's own HTTP and stream code, Fastify's request decorations).
-// Rounds alternate the order of the variants; the table gives medians and the difference to
+// Rounds rotate and alternate the order of the variants; the table gives medians and the difference to
 // static mTLS with one empty onRequest hook.
 //
 // Options (flag or environment variable):
@@ -44,7 +44,7 @@ const fs = require('node:fs')
 const os = require('node:os')
 const path = require('node:path')
 const tls = require('node:tls')
-const { median, int, optionSource, youngGenerationArgs, machineLine, startServerProcess, stopProcess, startBenchMesh, responseFramer } = require('./common')
+const { median, int, roundOrder, optionSource, youngGenerationArgs, machineLine, startServerProcess, stopProcess, startBenchMesh, responseFramer } = require('./common')
 
 const ALL_VARIANTS = ['static', 'static-hook', 'static-hooks', 'static-client', 'static-env', 'exempt', 'plugin', 'exempt-worker', 'plugin-worker']
 const DEFAULT_VARIANTS = ALL_VARIANTS.filter((variant) => variant !== 'static-env')
@@ -167,8 +167,7 @@ async function main () {
   const results = Object.fromEntries(opts.variants.map((variant) => [variant, []]))
   try {
     for (let round = 0; round < opts.rounds; round++) {
-      const order = round % 2 === 0 ? opts.variants : [...opts.variants].reverse()
-      for (const variant of order) results[variant].push(await measure(variant, mesh, opts, dir, secureContext))
+      for (const variant of roundOrder(opts.variants, round)) results[variant].push(await measure(variant, mesh, opts, dir, secureContext))
       process.stderr.write(`round ${round + 1}/${opts.rounds} done\n`)
     }
   } finally {
@@ -181,7 +180,9 @@ async function main () {
   const rows = [
     machineLine(),
     `${int(opts.warmup)} requests of warm-up, ${int(opts.requests)} counted, ` +
-      `one at a time over one keep-alive TLS connection; ${opts.rounds} rounds alternating the variants; medians. ` +
+      'one at a time over one keep-alive TLS connection; ' +
+      (opts.semiSpace === null ? '' : `young generation fixed at ${opts.semiSpace} MiB per semi-space; `) +
+      `${opts.rounds} rounds rotating the order of the variants; medians. ` +
       `Run took ${((Date.now() - startedAt) / 60000).toFixed(1)} min.`,
     '',
     `| server | instructions per request | without V8's optimizing compiler | vs ${BASE} | in megamorphic inline caches | per round (without the compiler) |`,
