@@ -44,10 +44,10 @@ function medianInterval (values) {
 
 /**
  * Per-round ratios as `median [95% interval of the median] (min–max)`, the median followed by
- * `suffix`; the interval is left out below 6 rounds.
+ * `suffix`. Below 9 rounds the interval is min–max itself (or does not exist), and is left out.
  */
 const ratioCell = (ratios, digits, suffix = '') => {
-  const interval = medianInterval(ratios)
+  const interval = ratios.length < 9 ? null : medianInterval(ratios)
   const located = interval === null ? '' : ` [${interval.map((v) => v.toFixed(digits)).join('–')}]`
   return `${median(ratios).toFixed(digits)}${suffix}${located} (${spread(ratios, digits)})`
 }

@@ -30,7 +30,7 @@
 // per variant for the whole run would carry its own memory layout (ASLR, heap, where the JIT puts
 // code) into every round, a bias alternation cannot remove. Rounds rotate and alternate the order
 // of the variants (every variant runs at every position); the output gives medians over rounds,
-// the per-round ratios to static mTLS with a 95% interval of their median (from 6 rounds on) and
+// the per-round ratios to static mTLS with a 95% interval of their median (from 9 rounds on) and
 // their spread (min–max), as markdown tables. Never a best-of. The interval is the run's
 // resolution: on a shared virtual machine, identical servers differ by several percent from one
 // process to the next, so locating a median to ±2% takes tens of rounds (--rounds 40 or more).
@@ -297,7 +297,7 @@ async function main () {
     `${opts.concurrency} concurrent connections, ${opts.servername === null ? 'by IP, without SNI' : `with SNI ${opts.servername}`}; ` +
     (opts.semiSpace === null ? '' : `young generation fixed at ${opts.semiSpace} MiB per semi-space; `) +
     'server CPU from /proc/<pid>/stat; medians over rounds; ' +
-    `ratios are per round against static mTLS in the same round: median [95% interval of the median, from 6 rounds on] (min–max). Run took ${minutes} min.` +
+    `ratios are per round against static mTLS in the same round: median [95% interval of the median, from 9 rounds on] (min–max). Run took ${minutes} min.` +
     (opts.quick ? ' QUICK RUN: direction only, not figures to publish.' : ''))
   for (const kind of opts.kinds) {
     out.push('', `**${TITLES[kind]}**`, '', table(kind, results, opts), '', roundsTable(kind, results, opts))

@@ -17,7 +17,7 @@
 // core 1 (when the machine has two cores or more). Rounds rotate and alternate the order of the clients
 // (every client runs at every position), each run with a warm-up before its measured window; the
 // output gives medians over rounds, the per-round ratios to the static client with a 95% interval
-// of their median (from 6 rounds on) and their spread (min–max), and every round, as markdown
+// of their median (from 9 rounds on) and their spread (min–max), and every round, as markdown
 // tables. Never a best-of.
 //
 // Options (flag or environment variable):
@@ -163,7 +163,7 @@ async function main () {
     `${opts.rounds} rounds rotating the order of the clients, ${opts.seconds} s measured per run after ${opts.warmup} s of warm-up, ` +
     `${opts.concurrency} concurrent keep-alive request loops; client CPU from process.cpuUsage() of the load generator, ` +
     'server CPU from /proc/<pid>/stat, both over the measured window; medians over rounds; ' +
-    `ratios are per round, against the static client in the same round: median [95% interval of the median, from 6 rounds on] (min–max). Run took ${minutes} min.` +
+    `ratios are per round, against the static client in the same round: median [95% interval of the median, from 9 rounds on] (min–max). Run took ${minutes} min.` +
     (opts.rounds < 5 ? ' FEWER THAN 5 ROUNDS: not figures to publish.' : '') +
     (opts.quick ? ' QUICK RUN: direction only, not figures to publish.' : ''))
   out.push('', '**web -> api over mTLS (api runs the plugin), keep-alive, one request at a time per loop**', '',
