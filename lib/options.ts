@@ -57,7 +57,8 @@ export interface ConsulNativeOptions {
   candidate?: string | Record<string, unknown>
   /**
    * The largest RE2 program a `PathRegex` or header `Regex` may compile to (re2js `programSize()`);
-   * a larger one rejects the intention update, or the route. Default 100, Envoy's default.
+   * a larger one rejects the intention update, or the route. Default 1 048 576, the bound Consul
+   * sets for its Envoy proxies; lower it to keep costly patterns out.
    */
   maxRegexProgramSize?: number
   /**

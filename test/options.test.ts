@@ -19,7 +19,7 @@ t.test('defaults', async (t) => {
     recheckUpgrades: false,
     enforcement: 'enforce',
     candidate: null,
-    maxRegexProgramSize: 100,
+    maxRegexProgramSize: 1_048_576,
     logDenials: { sample: 1, perSecond: 10 }
   })
   t.same(resolveOptions({ service: 'api', health: {} }).health, { url: '/health' }, 'health: {} keeps the default url')

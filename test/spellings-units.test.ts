@@ -2,6 +2,7 @@
 // router's decoded spellings, non-ASCII rules, the RE2 program-size bound, router options as the
 // router reads them, and canonical caller identities.
 import t from 'tap'
+import { RE2JS } from 're2js'
 import Fastify from 'fastify'
 import { X509Certificate } from 'node:crypto'
 import type { Intention } from '../lib/agent/wire'
@@ -69,15 +70,20 @@ t.test('RE2 programs are bounded at load (docs/semantics.md#paths-regex-size)', 
   const big = '/api/.{0,1000}.{0,1000}x'
   const ixn = { SourceName: 'web', DestinationName: 'api', Precedence: 9, Action: '', Permissions: [{ Action: 'deny', HTTP: { PathRegex: big } }] } as unknown as Intention
   const input = { destination: 'api', intentions: [ixn], defaultAllow: true, protocol: 'http' }
-  t.equal(DEFAULT_MAX_REGEX_PROGRAM_SIZE, 100, 'Envoy\'s default')
-  t.throws(() => compilePolicy(input), { code: 'FST_CONSUL_NATIVE_INVALID_INTENTIONS', message: /RE2 program of size \d+, above the limit of 100 \(raise it with the maxRegexProgramSize option\)/ })
-  t.ok(compilePolicy({ ...input, maxRegexProgramSize: 5000 }).size === 1, 'a raised bound accepts it')
+  t.equal(DEFAULT_MAX_REGEX_PROGRAM_SIZE, 1_048_576, 'the bound Consul\'s Envoy bootstrap sets (re2.max_program_size.error_level)')
+  t.ok(compilePolicy(input).size === 1, 'by default, what Consul\'s sidecars accept compiles')
+  const usual = { ...ixn, Permissions: [{ Action: 'allow', HTTP: { PathRegex: '/users/[a-z0-9-]{1,64}' } }] }
+  t.ok(RE2JS.compile('/users/[a-z0-9-]{1,64}').programSize() > 100, 'a usual pattern is above Envoy\'s own default of 100')
+  t.ok(compilePolicy({ ...input, intentions: [usual as unknown as Intention] }).size === 1)
+  const strict = { ...input, maxRegexProgramSize: 100 }
+  t.throws(() => compilePolicy(strict), { code: 'FST_CONSUL_NATIVE_INVALID_INTENTIONS', message: /RE2 program of size \d+, above the limit of 100 \(raise it with the maxRegexProgramSize option\)/ })
+  t.ok(compilePolicy({ ...input, maxRegexProgramSize: 5000 }).size === 1, 'a bound above the program accepts it')
   const header = { ...ixn, Permissions: [{ Action: 'deny', HTTP: { Header: [{ Name: 'x', Regex: '[a-z]{0,200}' }] } }] }
-  t.throws(() => compilePolicy({ ...input, intentions: [header as unknown as Intention] }), { message: /Header\[0\]\.Regex .* above the limit/ }, 'header regexes too')
+  t.throws(() => compilePolicy({ ...strict, intentions: [header as unknown as Intention] }), { message: /Header\[0\]\.Regex .* above the limit/ }, 'header regexes too')
   for (const bad of [0, 1.5, -1]) t.throws(() => compilePolicy({ ...input, maxRegexProgramSize: bad }), TypeError, `limit ${bad}`)
-  t.throws(() => compileOverride([{ name: 'web', permissions: [{ Action: 'deny', HTTP: { PathRegex: big } }] } as never]), { message: /above the limit of 100/ })
-  t.ok(compileOverride([{ name: 'web', permissions: [{ Action: 'deny', HTTP: { PathRegex: big } }] } as never], 5000).size === 1)
-  t.equal(resolveOptions({ service: 'api' }).maxRegexProgramSize, 100)
+  t.throws(() => compileOverride([{ name: 'web', permissions: [{ Action: 'deny', HTTP: { PathRegex: big } }] } as never], 100), { message: /above the limit of 100/ })
+  t.ok(compileOverride([{ name: 'web', permissions: [{ Action: 'deny', HTTP: { PathRegex: big } }] } as never]).size === 1)
+  t.equal(resolveOptions({ service: 'api' }).maxRegexProgramSize, 1_048_576)
   t.equal(resolveOptions({ service: 'api', maxRegexProgramSize: 4096 }).maxRegexProgramSize, 4096)
   for (const bad of [0, 2.5, '100', null]) {
     t.throws(() => resolveOptions({ service: 'api', maxRegexProgramSize: bad }), { code: 'FST_CONSUL_NATIVE_INVALID_OPTION', message: /maxRegexProgramSize.*positive integer/ })

@@ -247,8 +247,12 @@ function ruleBytes (s: string): string {
   return /^[\x00-\x7f]*$/.test(s) ? s : Buffer.from(s, 'utf8').toString('latin1')
 }
 
-/** Envoy's default bound on an RE2 program's size (docs/semantics.md#paths-regex-size). */
-export const DEFAULT_MAX_REGEX_PROGRAM_SIZE = 100
+/**
+ * The bound on an RE2 program's size that Consul gives its Envoy proxies (the bootstrap's runtime
+ * key re2.max_program_size.error_level): any regex Consul's sidecars accept compiles here too
+ * (docs/semantics.md#paths-regex-size).
+ */
+export const DEFAULT_MAX_REGEX_PROGRAM_SIZE = 1_048_576
 
 /**
  * Compiled patterns shared within one compilation (a compiled RE2 program costs ~5 KiB), and the
@@ -272,8 +276,8 @@ export function compileRegex (pattern: string, where: string, cache: RegexCache)
   } catch (err) {
     throw new RuleError(`${where} ${JSON.stringify(pattern)} is not a valid RE2 regular expression: ${(err as Error).message}`)
   }
-  // RE2 matches in linear time, but per input byte in proportion to its program: a large one
-  // blocks the event loop on every request, so it is refused as Envoy refuses it.
+  // RE2 matches in linear time, but per input byte in proportion to its program: above the bound
+  // (an operator's choice, or Consul's own for Envoy) it is refused, as Envoy refuses it.
   const size = re.programSize()
   if (size > cache.maxProgramSize) {
     throw new RuleError(`${where} ${JSON.stringify(pattern)} compiles to an RE2 program of size ${size}, above the limit of ` +
