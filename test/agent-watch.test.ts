@@ -5,7 +5,7 @@ import { resolveAgentConfig } from '../lib/agent/config'
 import { BlockingWatch } from '../lib/agent/watch'
 import type { WatchFetchQuery, WatchOptions } from '../lib/agent/watch'
 import type { IssuedCert } from '../lib/agent/wire'
-import { AgentInvalidResponseError, AgentUnreachableError, InvalidOptionError } from '../lib/errors'
+import { AgentInvalidResponseError, AgentResponseError, AgentUnreachableError, InvalidOptionError } from '../lib/errors'
 import { FakeAgent, RecordingLogger, captured } from './helpers/agent-fixtures'
 import type { LogCall, Reply } from './helpers/agent-fixtures'
 
@@ -182,11 +182,98 @@ t.test('fetch failures: logged once per cause, then debug; recovery logged once'
   t.equal(h.watch.lastError?.message, 'a string, not an Error')
 
   await h.answer(3, 'v3')
-  t.equal(h.watch.failures, 0)
+  t.equal(h.watch.failures, 0, 'after a transport failure, any answer is a recovery (the agent is back)')
   t.equal(h.watch.lastError, null)
   t.equal(h.log.at('info').filter((c) => c.event === 'watch-recovered').length, 1)
   await h.answer(3, 'v3')
   t.equal(h.log.at('info').filter((c) => c.event === 'watch-recovered').length, 1, 'recovery is logged once')
+})
+
+t.test('an agent cut off from its servers: cached answers between refused blocking polls are no recovery', async (t) => {
+  // What a Consul agent does when its cache cannot refresh: a read without an index gets the
+  // cached value, a blocking read gets the refresh's error (agent/cache/cache.go, getWithIndex).
+  const agent = await FakeAgent.start()
+  t.teardown(() => agent.close())
+  const client = new AgentClient(resolveAgentConfig({ address: agent.origin }, {}))
+  t.teardown(() => client.close())
+  let cutOff = true
+  agent.handler = (req) => {
+    if (Number(req.query.get('index') ?? 0) === 0 || !cutOff) return { status: 200, headers: { 'X-Consul-Index': '7' }, body: JSON.stringify({ v: 'cached' }) }
+    return { status: 500, body: 'rpc error making call: No cluster leader' }
+  }
+  const log = new RecordingLogger()
+  const watch = new BlockingWatch({
+    name: 'roots',
+    log,
+    waitMs: 50,
+    minIntervalMs: 1,
+    backoff: { initialMs: 1, maxMs: 8 },
+    fetch: async (q) => {
+      const r = await client.request('GET', '/v1/agent/connect/ca/roots', { blocking: { index: q.index, waitMs: q.waitMs }, signal: q.signal })
+      return { index: r.index, value: r.body }
+    }
+  })
+  t.teardown(() => watch.stop())
+  const failed = log.calls.filter.bind(log.calls)
+  watch.start()
+  await watch.ready()
+  while (watch.failures < 6) await once(log, 'log')
+  t.ok(watch.lastError instanceof AgentResponseError, 'the failure stays visible between the cached answers')
+  t.same(failed((c) => c.event === 'watch-failed' && c.level !== 'debug').map((c) => c.level), ['warn'], 'one line for the whole outage')
+  t.equal(failed((c) => c.event === 'watch-recovered').length, 0)
+  const retries = failed((c) => c.event === 'watch-failed').map((c) => c.fields.failures)
+  t.same(retries.slice(0, 6), [1, 2, 3, 4, 5, 6], 'failures keep counting, so the backoff keeps growing')
+  t.ok(agent.requests.filter((r) => r.query.get('index') === null || r.query.get('index') === '0').length >= 6, 'each failure is followed by a cached re-read')
+
+  cutOff = false
+  while (watch.failures > 0) await once(log, 'log')
+  t.equal(watch.lastError, null, 'a blocking poll that succeeds ends the outage')
+  t.equal(failed((c) => c.event === 'watch-recovered').length, 1)
+})
+
+t.test('a re-read after a failure that finds a new index or another value is a recovery at once', async (t) => {
+  const h = harness(t, { differs: (a, b) => a !== b })
+  h.watch.start()
+  await h.answer(3, 'v3')
+  await h.fail(new Error('down'))
+  await h.answer(2, 'v2')
+  t.equal(h.watch.failures, 0, 'a lower index: the agent restarted')
+  t.equal(h.watch.lastError, null)
+  await h.answer(2, 'v2')
+  t.equal(h.watch.value, 'v2')
+  await h.fail(new Error('down'))
+  await h.answer(2, 'restarted without its data')
+  t.equal(h.watch.value, 'restarted without its data', 'the same index with another value')
+  t.equal(h.watch.failures, 0)
+  t.equal(h.log.calls.filter((c) => c.event === 'watch-recovered').length, 2)
+})
+
+t.test('a higher index with the same value moves the index and changes nothing else', async (t) => {
+  const accepted: string[] = []
+  const changes: string[] = []
+  const h = harness(t, { accept: (v) => { if (v.startsWith('bad')) throw new Error('cannot compile'); accepted.push(v) } })
+  h.watch.on('change', (v) => changes.push(v))
+  h.watch.start()
+  await h.answer(10, 'v')
+  let next = await h.answer(11, 'v')
+  t.equal(next.q.index, 11, 'the next poll blocks on the new index')
+  t.same(accepted, ['v'], 'nothing to accept')
+  t.same(changes, ['v'], 'nothing to announce')
+  t.equal(h.log.calls.filter((c) => c.event === 'watch-updated').length, 1)
+
+  await h.answer(12, 'bad')
+  t.match(h.watch.lastError?.message, 'cannot compile')
+  next = await h.answer(13, 'v')
+  t.equal(next.q.index, 13)
+  t.equal(h.watch.lastError, null, 'back to the accepted value: the rejection no longer stands')
+  t.same(accepted, ['v'])
+  t.equal(h.log.calls.filter((c) => c.event === 'watch-recovered').length, 1)
+
+  const custom = harness(t, { same: () => false, accept: (v) => { accepted.push(`custom ${v}`) } })
+  custom.watch.start()
+  await custom.answer(1, 'w')
+  await custom.answer(2, 'w')
+  t.same(accepted.slice(1), ['custom w', 'custom w'], 'option same: decides what counts as the same value')
 })
 
 t.test('agent answers that need an operator log at error; transient ones at warn', async (t) => {

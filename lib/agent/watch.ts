@@ -12,7 +12,7 @@ import { agentStatusOf, clampWait } from './client'
 export type WatchLogger = EventSink
 
 export interface WatchFetchQuery {
-  /** 0 for a non-blocking read (first poll, or after the index went backwards or was invalid). */
+  /** 0 for a non-blocking read (the first poll, the one after a failure, or after the index went backwards or was invalid). */
   index: number
   waitMs: number
   signal: AbortSignal
@@ -35,6 +35,12 @@ export interface WatchOptions<T> {
    * dir) can reissue different content under an index it used before. Default: never.
    */
   differs?: (previous: T, next: T) => boolean
+  /**
+   * Whether an answer under a higher index carries the value last accepted. Consul raises some
+   * indexes for writes elsewhere (the intention match follows every config entry of the cluster):
+   * such an answer moves the index and changes nothing else. Default: equal as JSON.
+   */
+  same?: (previous: T, next: T) => boolean
   /** How long the agent may hold each poll. Default 300 000; at most 600 000. */
   waitMs?: number
   /** Token bucket on polls that follow a success: `burst` at once, then one per `minIntervalMs`. Defaults 1 000 and 5. */
@@ -58,6 +64,7 @@ export class BlockingWatch<T> {
   readonly #fetch: WatchOptions<T>['fetch']
   readonly #accept: (value: T) => void
   readonly #differs: (previous: T, next: T) => boolean
+  readonly #same: (previous: T, next: T) => boolean
   readonly #log: WatchLogger
   readonly #waitMs: number
   readonly #backoff: { initialMs: number, maxMs: number }
@@ -74,6 +81,10 @@ export class BlockingWatch<T> {
   #lastSuccess: Date | null = null
   #lastError: Error | null = null
   #failures = 0
+  /** The next poll re-reads without blocking: set by a failed poll, cleared by any answer. */
+  #reread = false
+  /** The last failed poll was answered by the agent, with an error status (not a transport failure). */
+  #refusedByAgent = false
   /** The rejection of the value at the current index, kept until a later value is accepted. */
   #rejection: Error | null = null
   /** Key of the failure last logged at warn/error; repeats of it go to debug. */
@@ -85,6 +96,7 @@ export class BlockingWatch<T> {
     this.#fetch = opts.fetch
     this.#accept = opts.accept ?? (() => {})
     this.#differs = opts.differs ?? (() => false)
+    this.#same = opts.same ?? sameJson
     this.#log = opts.log
     this.#waitMs = clampWait(opts.waitMs)
     this.#backoff = opts.backoff ?? DEFAULTS.backoff
@@ -158,7 +170,7 @@ export class BlockingWatch<T> {
       try {
         // After a failure the agent may have restarted without its state, with lower indexes: a
         // blocking read at our index would then hang for the whole wait. Re-read without blocking.
-        const index = this.#failures > 0 ? 0 : this.#index
+        const index = this.#reread ? 0 : this.#index
         answer = await this.#fetch({ index, waitMs: this.#waitMs, signal: controller.signal })
       } catch (err) {
         if (this.#state !== 'running') return
@@ -168,12 +180,14 @@ export class BlockingWatch<T> {
         this.#inflight = null
       }
       if (this.#state !== 'running') return
-      delayMs = this.#answered(answer.index, answer.value)
+      const reread = this.#reread
+      this.#reread = false
+      delayMs = this.#answered(answer.index, answer.value, reread)
     }
   }
 
-  /** Returns the delay before the next poll. */
-  #answered (index: number | null, value: T): number {
+  /** Returns the delay before the next poll. `reread`: the answer to the re-read after a failure. */
+  #answered (index: number | null, value: T, reread: boolean): number {
     if (index === null || !Number.isSafeInteger(index) || index < 1) {
       // The agent never sends 0 (it rewrites it to 1); an index we cannot order by makes blocking
       // impossible, so distrust the answer and start again with a non-blocking read.
@@ -182,6 +196,14 @@ export class BlockingWatch<T> {
         `X-Consul-Index is ${index === null ? 'missing or not an integer' : String(index)}; expected an integer of at least 1`))
     }
     this.#lastSuccess = new Date()
+    const repeated = this.#value !== undefined && index === this.#index && !this.#differs(this.#value, value)
+    if (reread && this.#refusedByAgent && repeated && this.#rejection === null) {
+      // A Consul agent that cannot reach its servers answers a read without an index from its cache,
+      // while its blocking queries fail (500): the last value again proves nothing. The failure stands
+      // (no recovery line, the backoff keeps growing) until a blocking query succeeds or the index
+      // moves. After a transport failure, any answer means the agent is back.
+      return 0
+    }
     this.#failures = 0
     if (index < this.#index) {
       // Snapshot restore or a new cluster: the old index means nothing now; re-read from scratch.
@@ -190,7 +212,14 @@ export class BlockingWatch<T> {
       this.#settle()
       return 0
     }
-    if (index === this.#index && (this.#value === undefined || !this.#differs(this.#value, value))) {
+    if (index === this.#index && (this.#value === undefined || repeated)) {
+      this.#settle()
+      return 0
+    }
+    if (index > this.#index && this.#value !== undefined && this.#same(this.#value, value)) {
+      // Only the index moved, back to (or still at) the last good value: nothing to accept or announce.
+      this.#index = index
+      this.#rejection = null
       this.#settle()
       return 0
     }
@@ -229,6 +258,8 @@ export class BlockingWatch<T> {
 
   #fetchFailed (err: Error): number {
     this.#failures++
+    this.#reread = true
+    this.#refusedByAgent = agentStatusOf(err) !== null
     const ceiling = Math.min(this.#backoff.maxMs, this.#backoff.initialMs * 2 ** Math.min(this.#failures - 1, 30))
     const retryInMs = Math.floor(this.#random() * ceiling)
     this.#failed('fetch', err, { failures: this.#failures, retryInMs })
@@ -311,6 +342,10 @@ function deferred<T> (): Deferred<T> {
   // Nobody may be waiting on ready(); a rejection on stop() must not be reported as unhandled.
   promise.catch(() => {})
   return { promise, resolve: resolveFn, reject: rejectFn }
+}
+
+function sameJson (previous: unknown, next: unknown): boolean {
+  return JSON.stringify(previous) === JSON.stringify(next)
 }
 
 function toError (err: unknown): Error {
