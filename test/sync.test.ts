@@ -621,6 +621,29 @@ t.test('ready is true only within the leaf\'s validity period', async (t) => {
   }
 })
 
+t.test('a higher index with the same value (a config entry written elsewhere) recompiles and announces nothing', async (t) => {
+  const f = await fixtures()
+  const h = harness(t)
+  serve(h.agent, f, { intentions: [intention('web')], serviceDefaults: serviceDefaults('http') })
+  await h.sync.start()
+  const before = [h.emitted.tls.length, h.emitted.intentions.length]
+  const policy = h.sync.policy
+  for (const index of [20, 21, 22]) {
+    const handled = h.agent.intentions.nextPoll()
+    h.agent.intentions.set([intention('web')], index)
+    t.equal((await handled).index, index, 'the watch moves to the new index')
+  }
+  const rootsHandled = h.agent.roots.nextPoll()
+  h.agent.roots.set({ ...f.roots }, 30)
+  await rootsHandled
+  t.same([h.emitted.tls.length, h.emitted.intentions.length], before, 'no tls or intentions event')
+  t.equal(h.sync.policy, policy, 'the compiled policy is the same object')
+  const changed = once(h.sync.events, 'intentions')
+  h.agent.intentions.set([intention('web', { Action: 'deny' })], 23)
+  await changed
+  t.equal(allows(h.sync.policy, 'web'), false, 'a real change still applies')
+})
+
 t.test('a value reissued under the same index (agent restarted without its state) is applied only if it differs', async (t) => {
   const f = await fixtures()
   const rotatedCa = await DevCertificateAuthority.create({ clusterId: f.ca.clusterId })
