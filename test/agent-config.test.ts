@@ -1,5 +1,5 @@
 import t from 'tap'
-import { mkdtempSync, writeFileSync } from 'node:fs'
+import { mkdirSync, mkdtempSync, symlinkSync, writeFileSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { resolveAgentConfig } from '../lib/agent/config'
@@ -43,7 +43,8 @@ t.test('reads every CONSUL_HTTP_ADDR form', async (t) => {
     [{ CONSUL_HTTP_ADDR: '[::1]:8500' }, 'http://[::1]:8500', null, false],
     [{ CONSUL_HTTP_ADDR: 'consul.test:8501', CONSUL_HTTP_SSL: 'true' }, 'https://consul.test:8501', null, true],
     [{ CONSUL_HTTP_ADDR: 'consul.test:8501', CONSUL_HTTP_SSL: '0' }, 'http://consul.test:8501', null, false],
-    [{ CONSUL_HTTP_ADDR: 'http://consul.test:8500', CONSUL_HTTP_SSL: 'true' }, 'http://consul.test:8500', null, false],
+    [{ CONSUL_HTTP_ADDR: 'http://consul.test:8500', CONSUL_HTTP_SSL: 'true' }, 'https://consul.test:8500', null, true],
+    [{ CONSUL_HTTP_ADDR: 'http://consul.test:8500', CONSUL_HTTP_SSL: 'false' }, 'http://consul.test:8500', null, false],
     [{ CONSUL_HTTP_ADDR: 'unix:///var/run/consul.sock' }, 'http://localhost', '/var/run/consul.sock', false],
     [{ CONSUL_HTTP_ADDR: 'unix:///var/run/consul.sock', CONSUL_HTTP_SSL: 'T' }, 'https://localhost', '/var/run/consul.sock', true]
   ]
@@ -54,6 +55,9 @@ t.test('reads every CONSUL_HTTP_ADDR form', async (t) => {
     t.equal(c.tls !== null, https, `${JSON.stringify(env)} → tls`)
   }
   t.equal(resolveAgentConfig(undefined, { CONSUL_HTTP_ADDR: 'unix:///s.sock' }).display, 'unix:///s.sock')
+  t.equal(resolveAgentConfig({ address: 'http://consul.test:8500' }, { CONSUL_HTTP_SSL: 'true' }).origin, 'http://consul.test:8500',
+    'CONSUL_HTTP_SSL never undoes an http:// in CONSUL_HTTP_ADDR (as the consul CLI), but an explicit option stays as written')
+  t.equal(resolveAgentConfig({ address: 'consul.test:8501' }, { CONSUL_HTTP_SSL: 'true' }).origin, 'https://consul.test:8501')
 })
 
 t.test('explicit options win over the environment', async (t) => {
@@ -119,7 +123,11 @@ t.test('tokens', async (t) => {
   throwsOption(t, () => resolveAgentConfig(undefined, { CONSUL_HTTP_TOKEN: 'bad\ttoken' }), 'agent.token', 'CONSUL_HTTP_TOKEN must be printable ASCII')
   throwsOption(t, () => resolveAgentConfig({ tokenFile: file('bad-token', 'a\nb') }, {}), 'agent.token',
     /the token in agent.tokenFile \(".*bad-token"\) must be printable ASCII/)
-  throwsOption(t, () => resolveAgentConfig({ tokenFile: file('empty-token', ' \n') }, {}), 'agent.tokenFile', /token file agent.tokenFile \(".*"\) is empty/)
+  const empty = file('empty-token', ' \n')
+  t.equal(resolveAgentConfig({ tokenFile: empty }, {}).token, null, 'an empty token file is no token (consul CLI)')
+  t.equal(resolveAgentConfig(undefined, { CONSUL_HTTP_TOKEN_FILE: empty, CONSUL_HTTP_TOKEN: 'env' }).token, 'env',
+    'an empty CONSUL_HTTP_TOKEN_FILE gives way to CONSUL_HTTP_TOKEN, as in the consul CLI')
+  t.equal(resolveAgentConfig({ tokenFile: empty }, { CONSUL_HTTP_TOKEN_FILE: tokenFile }).token, 'file-token', 'and so does an empty agent.tokenFile')
   throwsOption(t, () => resolveAgentConfig(undefined, { CONSUL_HTTP_TOKEN_FILE: missing }), 'agent.tokenFile',
     /cannot read CONSUL_HTTP_TOKEN_FILE \(".*does-not-exist"\): ENOENT/)
   try {
@@ -159,6 +167,44 @@ t.test('TLS material from options, files and variables', async (t) => {
   throwsOption(t, () => resolveAgentConfig({ address: 'https://x:1', insecureSkipVerify: 'yes' } as unknown as AgentOptions, {}),
     'agent.insecureSkipVerify', 'must be a boolean')
   throwsOption(t, () => resolveAgentConfig({ address: 'https://x:1', tlsServerName: '' }, {}), 'agent.tlsServerName', 'non-empty string')
+})
+
+t.test('a server name with a port is used without it, as the consul CLI does', async (t) => {
+  const name = (tlsServerName: string): string | undefined => resolveAgentConfig({ address: 'https://x:1', tlsServerName }, {}).tls?.servername
+  t.equal(resolveAgentConfig(undefined, { CONSUL_HTTP_ADDR: 'https://x:1', CONSUL_TLS_SERVER_NAME: 'consul.example:8501' }).tls?.servername, 'consul.example')
+  t.equal(name('consul.example:8501'), 'consul.example')
+  t.equal(name('consul.example'), 'consul.example')
+  t.equal(name('[::1]:8501'), '::1')
+  t.equal(name('[::1]'), '[::1]')
+  t.equal(name('fe80::1'), 'fe80::1', 'a bare IPv6 literal has no port')
+})
+
+t.test('caPath and CONSUL_CAPATH: every PEM file of a directory, recursively; a CA file wins', async (t) => {
+  const caDir = mkdtempSync(join(dir, 'capath-'))
+  writeFileSync(join(caDir, 'b.pem'), '-----BEGIN CERTIFICATE-----\nB\n-----END CERTIFICATE-----\n')
+  mkdirSync(join(caDir, 'sub'))
+  writeFileSync(join(caDir, 'sub', 'a.crt'), '-----BEGIN CERTIFICATE-----\nA\n-----END CERTIFICATE-----')
+  const both = resolveAgentConfig({ address: 'https://x:1', caPath: caDir }, {}).tls?.ca?.toString()
+  t.match(both, /^-----BEGIN CERTIFICATE-----\nB\n[^]*-----BEGIN CERTIFICATE-----\nA\n/, 'files in name order, subdirectories walked')
+  t.equal(resolveAgentConfig(undefined, { CONSUL_HTTP_ADDR: 'https://x:1', CONSUL_CAPATH: caDir }).tls?.ca?.toString(), both)
+  const caFile = file('ca-wins.pem', 'CA PEM')
+  t.equal(resolveAgentConfig(undefined, { CONSUL_HTTP_ADDR: 'https://x:1', CONSUL_CACERT: caFile, CONSUL_CAPATH: caDir }).tls?.ca?.toString(), 'CA PEM',
+    'CONSUL_CACERT wins over CONSUL_CAPATH')
+  t.equal(resolveAgentConfig({ address: 'https://x:1', caPath: caDir }, { CONSUL_CACERT: caFile }).tls?.ca?.toString(), both, 'the option wins over the variables')
+  throwsOption(t, () => resolveAgentConfig({ address: 'https://x:1', caPath: caDir, caFile }, {}), 'agent.caPath', 'not agent.caFile and agent.caPath')
+  throwsOption(t, () => resolveAgentConfig({ address: 'https://x:1', caPath: caDir, ca: 'pem' }, {}), 'agent.caPath', 'not agent.ca and agent.caPath')
+  throwsOption(t, () => resolveAgentConfig({ address: 'https://x:1', caPath: missing }, {}), 'agent.caPath', /cannot read agent.caPath \(".*does-not-exist"\): ENOENT/)
+  throwsOption(t, () => resolveAgentConfig({ address: 'https://x:1', caPath: caFile }, {}), 'agent.caPath', 'is not a directory holding PEM certificates')
+  const emptyDir = mkdtempSync(join(dir, 'capath-empty-'))
+  throwsOption(t, () => resolveAgentConfig(undefined, { CONSUL_HTTP_ADDR: 'https://x:1', CONSUL_CAPATH: emptyDir }), 'agent.caPath', /CONSUL_CAPATH \(".*"\) is not a directory holding PEM/)
+  const junkDir = mkdtempSync(join(dir, 'capath-junk-'))
+  writeFileSync(join(junkDir, 'README'), 'not a certificate')
+  throwsOption(t, () => resolveAgentConfig({ address: 'https://x:1', caPath: junkDir }, {}), 'agent.caPath', /README in agent.caPath \(".*"\) holds no PEM certificate/)
+  const danglingDir = mkdtempSync(join(dir, 'capath-dangling-'))
+  symlinkSync(missing, join(danglingDir, 'gone.pem'))
+  throwsOption(t, () => resolveAgentConfig({ address: 'https://x:1', caPath: danglingDir }, {}), 'agent.caPath', /cannot read .*gone\.pem in agent.caPath/)
+  throwsOption(t, () => resolveAgentConfig({ address: 'http://x:1', caPath: caDir }, {}), 'agent.caPath', 'only applies to an HTTPS agent')
+  t.equal(resolveAgentConfig(undefined, { CONSUL_CAPATH: missing }).tls, null, 'not read for a plain-HTTP agent')
 })
 
 t.test('TLS options on a plain-HTTP address are a mistake; TLS variables are ignored there', async (t) => {

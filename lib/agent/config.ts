@@ -1,7 +1,8 @@
 // How to reach the local Consul agent: explicit options first, then the CONSUL_* variables the
 // consul CLI reads, so one environment configures both. Resolved once, at registration, and every
 // mistake is reported with the option or variable to fix.
-import { readFileSync } from 'node:fs'
+import { readFileSync, readdirSync, statSync } from 'node:fs'
+import { join } from 'node:path'
 import { InvalidOptionError } from '../errors'
 
 export interface AgentOptions {
@@ -9,18 +10,20 @@ export interface AgentOptions {
   address?: string
   /** ACL token sent as `X-Consul-Token`. Default: CONSUL_HTTP_TOKEN_FILE, then CONSUL_HTTP_TOKEN. */
   token?: string
-  /** File holding the ACL token (read once, trimmed). */
+  /** File holding the ACL token (read once, trimmed; an empty file counts as no token here, as for the consul CLI). */
   tokenFile?: string
-  /** CA certificate(s) that sign the agent's HTTPS certificate (PEM). Default: CONSUL_CACERT. */
+  /** CA certificate(s) that sign the agent's HTTPS certificate (PEM). Default: CONSUL_CACERT, then CONSUL_CAPATH. */
   ca?: string | Buffer
   caFile?: string
+  /** Directory of PEM files (searched recursively), every certificate in them a CA to trust. Default: CONSUL_CAPATH. */
+  caPath?: string
   /** Client certificate (PEM) for agents that verify incoming HTTPS clients. Default: CONSUL_CLIENT_CERT. */
   cert?: string | Buffer
   certFile?: string
   /** Private key (PEM) of `cert`. Default: CONSUL_CLIENT_KEY. */
   key?: string | Buffer
   keyFile?: string
-  /** Name to verify in the agent's certificate (and sent as SNI). Default: CONSUL_TLS_SERVER_NAME. */
+  /** Name to verify in the agent's certificate (and sent as SNI); a `:port` is dropped. Default: CONSUL_TLS_SERVER_NAME. */
   tlsServerName?: string
   /** Do not verify the agent's certificate. Default: CONSUL_HTTP_SSL_VERIFY=false. */
   insecureSkipVerify?: boolean
@@ -64,7 +67,9 @@ export function resolveAgentConfig (opts: AgentOptions | undefined, env: NodeJS.
   const address = pickString(o, 'address', env, 'CONSUL_HTTP_ADDR') ??
     { value: DEFAULT_ADDRESS, from: 'default' }
   const useTls = envBool(env, 'CONSUL_HTTP_SSL') ?? false
-  const target = parseAddress(address, useTls)
+  // Like the consul CLI, CONSUL_HTTP_SSL=true is never undone by an http:// in CONSUL_HTTP_ADDR; an
+  // http:// written in the option is explicit and stays.
+  const target = parseAddress(address, useTls, useTls && address.from !== 'option')
 
   return {
     origin: target.origin,
@@ -77,7 +82,7 @@ export function resolveAgentConfig (opts: AgentOptions | undefined, env: NodeJS.
 
 interface Target { origin: string, socketPath: string | null, https: boolean, display: string }
 
-function parseAddress (address: Source, sslByDefault: boolean): Target {
+function parseAddress (address: Source, sslByDefault: boolean, sslOverHttp: boolean): Target {
   const raw = address.value.trim()
   // Name what the user wrote: the option, or the variable it came from.
   const subject = address.from === 'option' ? 'the address' : address.from
@@ -116,6 +121,7 @@ function parseAddress (address: Source, sslByDefault: boolean): Target {
     throw new InvalidOptionError('agent.address',
       `${subject} must be host:port or scheme://host:port, without credentials, path or query: "${raw}"`)
   }
+  if (url.protocol === 'http:' && sslOverHttp) url.protocol = 'https:'
   return { origin: url.origin, socketPath: null, https: url.protocol === 'https:', display: url.origin }
 }
 
@@ -124,20 +130,25 @@ function resolveToken (o: AgentOptions, env: NodeJS.ProcessEnv): string | null {
     throw new InvalidOptionError('agent.token', 'set either agent.token or agent.tokenFile, not both')
   }
   if (o.token !== undefined) return checkToken(requireString(o.token, 'agent.token'), 'agent.token')
+  // The consul CLI lets a token file win over the token variable when both are set, and reads an
+  // empty (or blank) token file as no token from it, going on to the next source; so do we.
   if (o.tokenFile !== undefined) {
-    return readToken(requireString(o.tokenFile, 'agent.tokenFile'), 'agent.tokenFile', 'agent.tokenFile')
+    const token = readToken(requireString(o.tokenFile, 'agent.tokenFile'), 'agent.tokenFile', 'agent.tokenFile')
+    if (token !== null) return token
   }
-  // The consul CLI lets the token file win over the token variable when both are set; so do we.
   const file = nonEmpty(env.CONSUL_HTTP_TOKEN_FILE)
-  if (file !== undefined) return readToken(file, 'agent.tokenFile', 'CONSUL_HTTP_TOKEN_FILE')
+  if (file !== undefined) {
+    const token = readToken(file, 'agent.tokenFile', 'CONSUL_HTTP_TOKEN_FILE')
+    if (token !== null) return token
+  }
   const token = nonEmpty(env.CONSUL_HTTP_TOKEN)
   return token === undefined ? null : checkToken(token, 'CONSUL_HTTP_TOKEN')
 }
 
-function readToken (file: string, name: string, from: string): string {
+/** The token in `file`, or null when the file is empty or blank. */
+function readToken (file: string, name: string, from: string): string | null {
   const token = readFile(file, name, `${from} ("${file}")`).toString('utf8').trim()
-  if (token === '') throw new InvalidOptionError(name, `token file ${from} ("${file}") is empty`)
-  return checkToken(token, `the token in ${from} ("${file}")`)
+  return token === '' ? null : checkToken(token, `the token in ${from} ("${file}")`)
 }
 
 /** A token with a control character or non-ASCII byte could not be sent as a header value. */
@@ -149,7 +160,7 @@ function checkToken (token: string, what: string): string {
 }
 
 function resolveTls (o: AgentOptions, env: NodeJS.ProcessEnv): AgentTlsConfig {
-  const ca = pem(o, 'ca', 'caFile', env, 'CONSUL_CACERT')
+  const ca = resolveCa(o, env)
   const cert = pem(o, 'cert', 'certFile', env, 'CONSUL_CLIENT_CERT')
   const key = pem(o, 'key', 'keyFile', env, 'CONSUL_CLIENT_KEY')
   if (cert !== undefined && key === undefined) {
@@ -158,7 +169,7 @@ function resolveTls (o: AgentOptions, env: NodeJS.ProcessEnv): AgentTlsConfig {
   if (key !== undefined && cert === undefined) {
     throw new InvalidOptionError('agent.cert', 'a client key was given without its certificate: set agent.cert, agent.certFile or CONSUL_CLIENT_CERT')
   }
-  const servername = pickString(o, 'tlsServerName', env, 'CONSUL_TLS_SERVER_NAME')?.value
+  const servername = withoutPort(pickString(o, 'tlsServerName', env, 'CONSUL_TLS_SERVER_NAME')?.value)
   let skipVerify: boolean
   if (o.insecureSkipVerify !== undefined) {
     if (typeof o.insecureSkipVerify !== 'boolean') {
@@ -177,6 +188,66 @@ function resolveTls (o: AgentOptions, env: NodeJS.ProcessEnv): AgentTlsConfig {
   return tls
 }
 
+/**
+ * The agent's CA: `ca`/`caFile`, else `caPath`, else CONSUL_CACERT, else CONSUL_CAPATH (a file
+ * wins over a directory, as in the consul CLI); undefined means the system's CAs.
+ */
+function resolveCa (o: AgentOptions, env: NodeJS.ProcessEnv): string | Buffer | undefined {
+  if (o.caPath !== undefined && (o.ca !== undefined || o.caFile !== undefined)) {
+    throw new InvalidOptionError('agent.caPath', `set one of agent.ca, agent.caFile or agent.caPath, not ${o.ca !== undefined ? 'agent.ca' : 'agent.caFile'} and agent.caPath`)
+  }
+  if (o.caPath !== undefined) return readCaPath(requireString(o.caPath, 'agent.caPath'), 'agent.caPath')
+  const ca = pem(o, 'ca', 'caFile', env, 'CONSUL_CACERT')
+  if (ca !== undefined) return ca
+  const dir = nonEmpty(env.CONSUL_CAPATH)
+  return dir === undefined ? undefined : readCaPath(dir, 'CONSUL_CAPATH')
+}
+
+/** Every file under `dir`, recursively, in name order; each must hold a PEM certificate. */
+function readCaPath (dir: string, from: string): Buffer {
+  const what = `${from} ("${dir}")`
+  const pems: Buffer[] = []
+  const walk = (path: string): void => {
+    let names: string[]
+    try {
+      names = statSync(path).isDirectory() ? readdirSync(path).sort() : []
+    } catch (err) {
+      throw new InvalidOptionError('agent.caPath', `cannot read ${what}: ${(err as Error).message}`, { cause: err })
+    }
+    for (const name of names) {
+      const child = join(path, name)
+      let isDir: boolean
+      try {
+        isDir = statSync(child).isDirectory()
+      } catch (err) {
+        throw new InvalidOptionError('agent.caPath', `cannot read ${child} in ${what}: ${(err as Error).message}`, { cause: err })
+      }
+      if (isDir) {
+        walk(child)
+        continue
+      }
+      const content = readFile(child, 'agent.caPath', `${child} in ${what}`)
+      if (!content.includes('-----BEGIN CERTIFICATE-----')) {
+        throw new InvalidOptionError('agent.caPath', `${child} in ${what} holds no PEM certificate`)
+      }
+      pems.push(content, Buffer.from('\n'))
+    }
+  }
+  walk(dir)
+  if (pems.length === 0) throw new InvalidOptionError('agent.caPath', `${what} is not a directory holding PEM certificates`)
+  return Buffer.concat(pems)
+}
+
+/** A server name given as host:port, as the consul CLI accepts it, without its port. */
+function withoutPort (name: string | undefined): string | undefined {
+  if (name === undefined) return undefined
+  const colon = name.lastIndexOf(':')
+  // No port: none at all, or an IPv6 literal (bracketed, or bare with more than one colon).
+  if (colon <= name.lastIndexOf(']') || (!name.startsWith('[') && name.indexOf(':') !== colon)) return name
+  const host = name.slice(0, colon)
+  return host.startsWith('[') && host.endsWith(']') ? host.slice(1, -1) : host
+}
+
 /** `agent.worker`, checked: whether the plugin's agent traffic runs on the agent worker thread. */
 export function resolveAgentWorker (opts: AgentOptions | undefined): boolean {
   const value = opts?.worker
@@ -190,7 +261,7 @@ export function resolveAgentWorker (opts: AgentOptions | undefined): boolean {
  * variables are not checked because a shell may export them for other agents.
  */
 function noTlsOptions (o: AgentOptions, display: string): null {
-  for (const name of ['ca', 'caFile', 'cert', 'certFile', 'key', 'keyFile', 'tlsServerName', 'insecureSkipVerify'] as const) {
+  for (const name of ['ca', 'caFile', 'caPath', 'cert', 'certFile', 'key', 'keyFile', 'tlsServerName', 'insecureSkipVerify'] as const) {
     if (o[name] !== undefined) {
       throw new InvalidOptionError(`agent.${name}`, `only applies to an HTTPS agent, but the address is ${display} (write https://…)`)
     }
