@@ -131,6 +131,47 @@ t.test('a header matcher on :path sees the normalized path with the query', asyn
   t.same(decided(svc, SERVICE, view('/%61?q=1'))[0], 'allow')
   t.same(decided(svc, SERVICE, view('/./a?q=1'))[0], 'allow', 'the re-check of the routed /./a still matches :path on the normalized target')
   t.same(decided(svc, SERVICE, view('/a'))[0], 'deny')
+  t.same(decided(svc, SERVICE, view('/a?q=1#frag'))[0], 'allow', 'never a fragment: Envoy refuses or strips it before RBAC')
+  t.same(decided(svc, SERVICE, view('/./a?q=1#f'))[0], 'allow')
+})
+
+t.test('a fragment cannot get past a :path matcher (docs/semantics.md#transport-headers)', async (t) => {
+  const p = compilePolicy({
+    destination: 'api',
+    defaultAllow: false,
+    protocol: 'http',
+    intentions: [ixn('web', 'api', 9, [
+      deny({ Header: [{ Name: ':path', Exact: '/admin' }] }),
+      deny({ Header: [{ Name: ':path', Suffix: '.php' }] }),
+      deny({ Header: [{ Name: ':path', Regex: '/secret(\\?.*)?' }] }),
+      allow({ PathPrefix: '/' })
+    ])]
+  })
+  const svc = service(null, { policy: p })
+  for (const url of ['/admin', '/admin#x', '/x.php#', '/x.php#y?z', '/secret#a', '/secret?a#b', '/./admin#x']) {
+    t.same(decided(svc, SERVICE, view(url))[0], 'deny', url)
+  }
+  t.same(decided(svc, SERVICE, view('/admin2#x'))[0], 'allow', 'and the path before it still counts')
+  t.same(decided(svc, SERVICE, view('/a#?admin'))[0], 'allow', 'a ? inside the fragment is no query')
+})
+
+t.test('an absolute-form target must name the authority of its host header (docs/semantics.md#transport-headers)', async (t) => {
+  const p = compilePolicy({
+    destination: 'api',
+    defaultAllow: true,
+    protocol: 'http',
+    intentions: [ixn('web', 'api', 9, [deny({ Header: [{ Name: 'Host', Suffix: 'bad.com', IgnoreCase: true }] }), allow({ PathPrefix: '/' })])]
+  })
+  const svc = service(null, { policy: p })
+  const reason = 'absolute-form request target names another authority than the host header'
+  t.same(decided(svc, SERVICE, view('http://foo.bad.com/', WEB, ['Host', 'good.com']))[0], 'bad-header', 'Envoy would match foo.bad.com, the application reads good.com')
+  t.same(decided(svc, SERVICE, view('http://foo.bad.com/', WEB, ['Host', 'good.com']))[1], reason)
+  t.same(decided(svc, SERVICE, view('http://foo.bad.com/', WEB, []))[0], 'bad-header', 'no host header at all')
+  t.same(decided(svc, SERVICE, view('HTTP://user@Good.COM/x?y', WEB, ['Host', 'good.com']))[0], 'allow', 'the same authority (case, userinfo aside)')
+  t.same(decided(svc, SERVICE, view('http://foo.bad.com/x', WEB, ['Host', 'FOO.bad.com']))[0], 'deny', 'agreeing: the rule reads it')
+  t.same(decided(svc, SERVICE, view('https://good.com:8443/', WEB, [':method', 'GET', ':authority', 'good.com:8443']))[0], 'allow', 'HTTP/2 :authority')
+  t.same(decided(svc, SERVICE, view('https://good.com:8443/', WEB, ['Host', 'good.com']))[0], 'bad-header', 'a port is part of the authority')
+  t.same(decided(svc, SERVICE, view('/x', WEB, ['Host', 'good.com']))[0], 'allow', 'origin form: Host alone')
 })
 
 t.test('the verdict object is reused: every call overwrites every field', async (t) => {

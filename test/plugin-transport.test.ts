@@ -103,6 +103,37 @@ t.test('HTTP/2 :authority and host must agree; cookie crumbs are joined with "; 
   t.equal(response.status, 403, 'HTTP/1.1: two Cookie lines are joined alike')
 })
 
+t.test('a fragment or an absolute-form target cannot read differently to the rules and to the handler (docs/semantics.md#transport-headers)', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'deny' })
+  await setProtocol(agent, 'api', 'http')
+  await setIntentions(agent, 'api', [{
+    Name: 'web',
+    Permissions: [
+      { Action: 'deny', HTTP: { Header: [{ Name: ':path', Exact: '/admin' }] } },
+      { Action: 'deny', HTTP: { Header: [{ Name: 'host', Suffix: 'bad.com', IgnoreCase: true }] } },
+      { Action: 'allow', HTTP: { PathPrefix: '/' } }
+    ]
+  }])
+  const ran: string[] = []
+  const svc = await startService(t, agent, {
+    routes: (app) => {
+      app.get('/admin', async (request) => { ran.push(request.url); return 'admin' })
+      app.get('/', async (request) => { ran.push(`${request.url} ${request.host}`); return 'home' })
+    }
+  })
+  const web = await leafFor(agent, 'web')
+  const status = async (target: string, host: string): Promise<number> =>
+    (await http1(t, svc.port, web, `GET ${target} HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`)).response.status
+
+  t.equal(await status('/admin', 'a'), 403)
+  t.equal(await status('/admin#x', 'a'), 403, 'the router drops the fragment; so does :path')
+  t.equal(await status('/admin#x?q', 'a'), 403, 'a ? inside the fragment is no query')
+  t.equal(await status('http://foo.bad.com/', 'good.com'), 400, 'absolute form naming another authority than Host')
+  t.equal(await status('http://good.com/', 'good.com'), 200, 'the same authority: served')
+  t.equal(await status('http://foo.bad.com/', 'foo.bad.com'), 403, 'and the rule reads it')
+  t.same(ran, ['http://good.com/ good.com'], 'no denied handler ran')
+})
+
 t.test('Expect: 100-continue: no Continue before the decision; a refused caller\'s connection closes unread (docs/semantics.md#transport-continue)', async (t) => {
   const agent = await startAgent(t, { defaultPolicy: 'deny' })
   await setIntentions(agent, 'api', [{ Name: 'web', Action: 'allow' }])

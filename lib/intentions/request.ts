@@ -11,6 +11,7 @@
 // `RequestView`.
 import type { RequestNormalization } from '../agent/wire'
 import { headerAmbiguity } from './headers'
+import { asciiLower, headerValue } from './matchers'
 import { canonicalPath, isPlainTarget, routedIfOther, routerPaths } from './path'
 import type { RouterOptions } from './path'
 import type { JwtTokens } from './jwt'
@@ -80,6 +81,7 @@ const EXEMPT_DECISION: Decision = Object.freeze({ allow: true, reason: 'route ex
 const UNAUTHENTICATED_DECISION: Decision = Object.freeze({ allow: false, reason: 'unauthenticated' })
 const BAD_PATH_DECISION: Decision = Object.freeze({ allow: false, reason: 'path rejected by the mesh request normalization' })
 const BAD_HEADER_DECISION: Decision = Object.freeze({ allow: false, reason: 'header name with an underscore rejected by the mesh request normalization' })
+const TARGET_AUTHORITY_DECISION: Decision = Object.freeze({ allow: false, reason: 'absolute-form request target names another authority than the host header' })
 const ASK_AGENT_DECISION: Decision = Object.freeze({ allow: false, reason: 'awaiting the agent\'s authorize answer' })
 const AGENT_JWT_DECISION: Decision = Object.freeze({ allow: false, reason: 'the caller\'s intention requires a JWT, which mode \'agent\' cannot enforce (deny)' })
 
@@ -121,6 +123,9 @@ export function decideRequest (service: ServiceRules, route: RouteRules, request
   const path = canonicalPath(url, normalization)
   if (path === null) return settle(out, 'bad-path', BAD_PATH_DECISION)
   let rawHeaders = request.rawHeaders
+  // An absolute-form target carries its own authority, which Envoy puts in place of Host before
+  // RBAC, while the application reads Host: unless the two agree, 400 (docs/semantics.md#transport-headers).
+  if (url.charCodeAt(0) !== 47 && !targetAuthorityIsHost(url, rawHeaders)) return settle(out, 'bad-header', TARGET_AUTHORITY_DECISION)
   const underscores = normalization?.HeadersWithUnderscoresAction
   if ((underscores === 'REJECT_REQUEST' || underscores === 'DROP_HEADER') && hasUnderscoreName(rawHeaders)) {
     // Envoy acts on these before RBAC; so does the plugin, and the handler sees the same request.
@@ -129,11 +134,12 @@ export function decideRequest (service: ServiceRules, route: RouteRules, request
     out.dropUnderscoreHeaders = true
   }
 
-  // A ':path' header matcher sees the normalized path with the query, as Envoy's RBAC does.
+  // A ':path' header matcher sees the normalized path with the query, as Envoy's RBAC does; never a
+  // fragment (Envoy refuses or strips one before RBAC).
   const urlIsPath = isPathOf(url, path)
   // A new object, not a reused one: storing this request's strings into a long-lived object
   // costs a write barrier each, more than the young allocation.
-  const facts: MutableFacts = { method: request.method, path, url: urlIsPath ? url : path + queryOf(url), rawHeaders, jwt: request.jwt ?? null }
+  const facts: MutableFacts = { method: request.method, path, url: urlIsPath && url.indexOf('#', path.length) === -1 ? url : path + queryOf(url), rawHeaders, jwt: request.jwt ?? null }
   headerAmbiguity.reason = null
   let decision = service.agentDecides && route.override === null
     ? null
@@ -190,9 +196,26 @@ function isPathOf (url: string, path: string): boolean {
   return (next === 63 || next === 35) && url.startsWith(path)
 }
 
+/** The query of `url` with its '?', without a fragment; '' when there is none. */
 function queryOf (url: string): string {
+  const hash = url.indexOf('#')
   const q = url.indexOf('?')
-  return q === -1 ? '' : url.slice(q)
+  if (q === -1 || (hash !== -1 && hash < q)) return ''
+  return hash === -1 ? url.slice(q) : url.slice(q, hash)
+}
+
+/**
+ * Whether an absolute-form target's authority (without userinfo) is the request's host header
+ * (HTTP/2: `:authority` when there is no `host`), ignoring ASCII case. A target of another form
+ * passes: path normalization has refused those already.
+ */
+function targetAuthorityIsHost (url: string, rawHeaders: readonly string[]): boolean {
+  const m = /^https?:\/\/([^/?#]*)/i.exec(url)
+  if (m === null) return true
+  const authority = m[1] as string
+  const target = authority.slice(authority.lastIndexOf('@') + 1)
+  const host = headerValue(rawHeaders, 'host') ?? headerValue(rawHeaders, ':authority')
+  return host !== undefined && asciiLower(host) === asciiLower(target)
 }
 
 function hasUnderscoreName (rawHeaders: readonly string[]): boolean {
