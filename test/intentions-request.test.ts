@@ -174,6 +174,29 @@ t.test('an absolute-form target must name the authority of its host header (docs
   t.same(decided(svc, SERVICE, view('/x', WEB, ['Host', 'good.com']))[0], 'allow', 'origin form: Host alone')
 })
 
+t.test('a deny that names GET denies HEAD too: Fastify answers HEAD with the GET handler (docs/semantics.md#methods)', async (t) => {
+  const p = compilePolicy({
+    destination: 'api',
+    defaultAllow: true,
+    protocol: 'http',
+    intentions: [
+      ixn('web', 'api', 9, [deny({ PathPrefix: '/reports', Methods: ['GET'] }), allow({ PathPrefix: '/' })]),
+      ixn('ops', 'api', 9, [allow({ PathPrefix: '/probe', Methods: ['HEAD'] }), deny({ PathPrefix: '/probe', Methods: ['GET'] }), allow({ PathPrefix: '/x', Methods: ['GET'] }), deny({ PathPrefix: '/' })])
+    ]
+  })
+  const svc = service(null, { policy: p })
+  const as = (method: string, url: string, caller = WEB): string => decideRequest(svc, SERVICE, { caller, method, url, rawHeaders: [] }, newVerdict()).outcome
+  t.equal(as('GET', '/reports/export'), 'deny')
+  t.equal(as('HEAD', '/reports/export'), 'deny', 'the GET handler would run')
+  t.equal(as('POST', '/reports/export'), 'allow', 'other methods as written')
+  t.equal(as('HEAD', '/other'), 'allow')
+  t.equal(as('HEAD', '/probe', OPS), 'allow', 'an allow on HEAD placed first still decides (first match)')
+  t.equal(as('GET', '/probe', OPS), 'deny')
+  t.equal(as('HEAD', '/x', OPS), 'deny', 'an allow on GET does not allow HEAD (T16)')
+  const override: RouteRules = { exempt: false, override: compileOverride([{ name: 'web', permissions: [{ Action: 'deny', HTTP: { Methods: ['get'] } }, { Action: 'allow', HTTP: { PathPrefix: '/' } }] }] as never) }
+  t.equal(decideRequest(svc, override, { caller: WEB, method: 'HEAD', url: '/any', rawHeaders: [] }, newVerdict()).outcome, 'deny', 'route overrides alike')
+})
+
 t.test('the verdict object is reused: every call overwrites every field', async (t) => {
   const out = newVerdict()
   decideRequest(service({ HeadersWithUnderscoresAction: 'DROP_HEADER' }), SERVICE, view('/', WEB, ['x_a', '1']), out)

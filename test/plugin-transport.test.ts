@@ -134,6 +134,38 @@ t.test('a fragment or an absolute-form target cannot read differently to the rul
   t.same(ran, ['http://good.com/ good.com'], 'no denied handler ran')
 })
 
+t.test('HEAD runs the GET handler, so a deny on GET denies HEAD, over HTTP/1.1 and HTTP/2 (docs/semantics.md#methods)', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'deny' })
+  await setProtocol(agent, 'api', 'http')
+  await setIntentions(agent, 'api', [{
+    Name: 'web',
+    Permissions: [{ Action: 'deny', HTTP: { PathPrefix: '/reports', Methods: ['GET'] } }, { Action: 'allow', HTTP: { PathPrefix: '/' } }]
+  }])
+  const ran: string[] = []
+  const svc = await startService(t, agent, {
+    http2: true,
+    routes: (app) => {
+      app.get('/reports/export', async (request, reply) => { ran.push(request.method); reply.header('x-rows', '42'); return 'secret' })
+      app.get('/open', async (request) => { ran.push(`${request.method} /open`); return 'open' })
+    }
+  })
+  const web = await leafFor(agent, 'web')
+  // A HEAD response has no body whatever its Content-Length: read the status line, up to the close.
+  const h1 = async (method: string, path: string): Promise<number> => {
+    const socket = await rawSocket(t, svc.port, web)
+    let text = ''
+    socket.on('data', (chunk: Buffer) => { text += chunk.toString('latin1') })
+    socket.write(`${method} ${path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n`)
+    await once(socket, 'close')
+    return Number(/^HTTP\/1\.1 (\d{3}) /.exec(text)?.[1])
+  }
+  t.equal(await h1('GET', '/reports/export'), 403)
+  t.equal(await h1('HEAD', '/reports/export'), 403, 'HTTP/1.1 HEAD')
+  t.equal((await h2Request(t, svc.origin, web, { ':method': 'HEAD', ':path': '/reports/export' })).status, 403, 'HTTP/2 HEAD')
+  t.equal(await h1('HEAD', '/open'), 200, 'HEAD where GET is allowed: served')
+  t.same(ran, ['HEAD /open'], 'the denied handler never ran')
+})
+
 t.test('Expect: 100-continue: no Continue before the decision; a refused caller\'s connection closes unread (docs/semantics.md#transport-continue)', async (t) => {
   const agent = await startAgent(t, { defaultPolicy: 'deny' })
   await setIntentions(agent, 'api', [{ Name: 'web', Action: 'allow' }])

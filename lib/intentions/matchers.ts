@@ -319,7 +319,7 @@ function optBool (o: Record<string, unknown>, key: string, where: string): boole
  * newer Consul is not rejected for a rule the plugin can still enforce. Unknown fields are
  * rejected in both modes: ignoring a criterion would widen what an allow permission allows.
  */
-export function compileHttp (http: unknown, where: string, strict: boolean, cache: RegexCache): PermissionMatcher {
+export function compileHttp (http: unknown, where: string, strict: boolean, cache: RegexCache, denies = false): PermissionMatcher {
   if (http === undefined || http === null) {
     if (strict) throw new RuleError(`${where} is required`)
     // Envoy turns a permission with no parts into "any request"; Consul never sends one.
@@ -353,6 +353,9 @@ export function compileHttp (http: unknown, where: string, strict: boolean, cach
   }
 
   const methods = compileMethods(http.Methods, `${where}.Methods`, strict)
+  // Fastify answers HEAD with the GET route's handler (exposeHeadRoutes): a deny that names GET
+  // names HEAD too, or the denied handler would run for HEAD (docs/semantics.md#methods).
+  if (denies && methods !== null && methods.includes('GET') && !methods.includes('HEAD')) methods.push('HEAD')
   const headers = compileHeaders(http.Header, `${where}.Header`, cache)
 
   if (strict && pathKind === 'none' && methods === null && headers === null) {

@@ -453,7 +453,7 @@ function compilePermissions (perms: readonly unknown[], where: string, strict: b
     const action = perm.Action
     if (action !== 'allow' && action !== 'deny') throw new RuleError(`${w}.Action must be "allow" or "deny"`)
     const jwt = compileJwtRequirement(perm.JWT, `${w}.JWT`, strict)
-    const matcher = compileHttp(perm.HTTP, `${w}.HTTP`, strict, cache)
+    const matcher = compileHttp(perm.HTTP, `${w}.HTTP`, strict, cache, action === 'deny')
     const allow = action === 'allow'
     const reason = `${head}, permission ${i + 1} (${action})`
     out.push({
