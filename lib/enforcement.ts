@@ -404,14 +404,39 @@ export function enforceHook (enforcer: Enforcer, routes: RoutePolicies, upgrades
   }
 }
 
+let unroutedSerial = 0
+
 /**
- * `preParsing` backstop: a request that reaches body parsing without a recorded decision (a hook
- * order this plugin did not foresee) is denied, never served. "Without" is null (the decoration's
- * value before the decision) or, defensively, undefined (docs/semantics.md#transport-hook-order).
+ * An Upgrade or CONNECT request that Node hands to listeners outside Fastify, shaped as the
+ * enforcer reads a request: no route (decided and logged as a request no route matches), and an
+ * id of its own for the log line (docs/semantics.md#transport-upgrades).
+ */
+export function unroutedRequest (raw: FastifyRequest['raw']): FastifyRequest {
+  // An HTTP/2 CONNECT has no :path, so no url: it is decided as an empty target, which no path
+  // rule can match (refused as a bad path once the caller is known).
+  if (typeof raw.url !== 'string') raw = Object.create(raw, { url: { value: '' } }) as FastifyRequest['raw']
+  return {
+    raw,
+    id: `unrouted-${++unroutedSerial}`,
+    is404: true,
+    method: raw.method,
+    url: raw.url,
+    routeOptions: { url: undefined },
+    consulSource: null,
+    consulDecision: null
+  } as unknown as FastifyRequest
+}
+
+/**
+ * `preParsing` backstop: a request that reaches body parsing without a recorded decision that lets
+ * it through (a hook order this plugin did not foresee) is denied, never served. "Without" is null
+ * (the decoration's value before the decision) or, defensively, undefined; a decision that lets it
+ * through allows it, or is shadowed (docs/semantics.md#transport-hook-order).
  */
 export function backstopHook (log: EventSink, requestIdLabel: string) {
   return function consulNativeBackstop<T> (request: FastifyRequest, reply: FastifyReply, payload: T, done: (err: Error | null, payload?: T) => void): void {
-    if (request.consulDecision != null) {
+    const decision = request.consulDecision
+    if (decision != null && (decision.allow || decision.enforced === false)) {
       done(null, payload)
       return
     }

@@ -35,7 +35,14 @@ t.test('a request without a recorded decision is denied and logged; one with a d
   const decided = { ...request, consulDecision: { allow: true, reason: 'x' } }
   backstop(decided as never, reply as never, 'payload', (err, payload) => { outcome = [err, payload] })
   t.same(outcome, [null, 'payload'])
+  const shadowed = { ...request, consulDecision: { allow: false, reason: 'x', enforced: false } }
+  backstop(shadowed as never, reply as never, 'payload', (err, payload) => { outcome = [err, payload] })
+  t.same(outcome, [null, 'payload'], 'a shadowed denial is served, as shadow mode serves it')
   t.equal(logged.length, 3)
+  const denied = { ...request, consulDecision: { allow: false, reason: 'x' } }
+  backstop(denied as never, reply as never, 'payload', (err, payload) => { outcome = [err, payload] })
+  t.match(outcome?.[0], { code: 'FST_CONSUL_NATIVE_DENIED' }, 'a recorded denial that reached body parsing is refused all the same')
+  t.equal(logged.length, 4)
 })
 
 t.test('unauthenticated callers are told apart by the kind of network they call from (docs/semantics.md#log-limits)', async (t) => {
