@@ -3,13 +3,13 @@
 //   → intentions/ (pure decision engine) → enforcement (per-request check) → hooks below.
 import type { EventEmitter } from 'node:events'
 import type { Dispatcher, Response } from 'undici'
-import type { FastifyPluginAsync } from 'fastify'
+import type { FastifyPluginAsync, HTTPMethods } from 'fastify'
 import fp from 'fastify-plugin'
 import type { JWTPayload as JwtPayload } from 'jose'
 import { AgentClient } from './agent/client'
 import { resolveAgentConfig, resolveAgentWorker } from './agent/config'
 import { createCertificateSource } from './certificates/index'
-import { AgentAuthorizer, backstopHook, Enforcer, enforceHook } from './enforcement'
+import { AgentAuthorizer, backstopHook, Enforcer, enforceHook, unroutedRequest } from './enforcement'
 import type { ConsulDecision } from './enforcement'
 import { NotHttpsError, NotRootError } from './errors'
 import type { ExplainInput, Explanation } from './explain'
@@ -24,12 +24,13 @@ import { ServiceCaller } from './outbound'
 import type { OutboundFetchInit, OutboundOptions } from './outbound'
 import { registerOnListen } from './registration'
 import { decorateRequestSlots } from './request-slots'
-import { RoutePolicies } from './route-policy'
+import { RoutePolicies, SERVICE_POLICY } from './route-policy'
 import { Rollout } from './rollout'
 import { ConsulSync } from './sync'
 import type { ConsulNativeStatus } from './sync'
 import { attachExtraServers, dynamicTlsOf, httpsOptions } from './tls'
-import { deferContinue } from './transport'
+import { deferContinue, gateUpgrades } from './transport'
+import type { UpgradeGate } from './transport'
 import { UpgradeTracker } from './upgrades'
 import { logEvent, pluginLogger } from './log'
 
@@ -153,10 +154,20 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
   if (!deferContinue(fastify.server)) {
     logEvent(log, 'warn', 'check-continue-taken', null, 'the server already has a \'checkContinue\' listener: it, not the access decision, decides when a body is read')
   }
+  // Upgrade and CONNECT requests that reach listeners outside Fastify are decided too (docs/semantics.md#transport-upgrades).
+  const upgradeGate: UpgradeGate = {
+    routed: (raw) => fastify.findRoute({ method: raw.method as HTTPMethods, url: raw.url as string, constraints: { host: raw.headers.host } }) !== null,
+    decide: (raw) => enforcer.check(unroutedRequest(raw), SERVICE_POLICY)
+  }
+  gateUpgrades(fastify.server, upgradeGate)
   fastify.addHook('onListen', function consulNativeOnListen (done) {
     attachExtraServers(tls, fastify, log)
     // Fastify's extra servers are created at listen: no listener of the application's can be there yet.
-    for (const server of serverBindingsOf(fastify) ?? []) if (dynamicTlsOf(server) === tls) deferContinue(server as Parameters<typeof deferContinue>[0])
+    for (const server of serverBindingsOf(fastify) ?? []) {
+      if (dynamicTlsOf(server) !== tls) continue
+      deferContinue(server as Parameters<typeof deferContinue>[0])
+      gateUpgrades(server as Parameters<typeof gateUpgrades>[0], upgradeGate)
+    }
     done()
   })
   if (opts.register !== null) {

@@ -1,7 +1,9 @@
 // The connection-level side of a decision (docs/semantics.md#transport): `100 Continue` is sent
-// only once a request is allowed, and a refused request whose connection would otherwise carry on
+// only once a request is allowed, a refused request whose connection would otherwise carry on
 // (a body still to come, or an Upgrade socket that no HTTP server manages any more) is closed after
-// its answer instead of being drained.
+// its answer instead of being drained, and Upgrade and CONNECT requests that Node hands to
+// listeners of the application's own, outside Fastify, are decided before those listeners see them.
+import { STATUS_CODES } from 'node:http'
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import { constants } from 'node:http2'
 import type { Http2ServerRequest } from 'node:http2'
@@ -12,7 +14,7 @@ interface ContinueRequest { [kAwaitingContinue]?: true }
 interface ServerLike {
   listenerCount (event: string): number
   on (event: string, listener: (...args: any[]) => void): unknown
-  emit (event: string, ...args: unknown[]): boolean
+  emit (event: string | symbol, ...args: any[]): boolean
 }
 
 /**
@@ -62,4 +64,80 @@ function hasBody (raw: IncomingMessage): boolean {
   const headers = raw.headers
   const length = headers['content-length']
   return headers['transfer-encoding'] !== undefined || (length !== undefined && length !== '0')
+}
+
+/** What the upgrade gate needs of the plugin. */
+export interface UpgradeGate {
+  /** Whether Fastify routes the request: its own pipeline then decides it (`@fastify/websocket`). */
+  routed (raw: IncomingMessage): boolean
+  /** The error to answer with, or null to hand the request to the listeners (the service's decision). */
+  decide (raw: IncomingMessage): Error | null | Promise<Error | null>
+}
+
+const kGated = Symbol('fastify-consul-native.upgradeGate')
+
+/**
+ * Node hands an Upgrade request to the server's 'upgrade' listeners and a CONNECT to its 'connect'
+ * listeners, never to Fastify, as soon as any exists; a listener of the application's own (`ws`
+ * attached to the server, a tunnel) would see it without a decision, even from a caller without a
+ * certificate. Once the server has such a listener, its `emit` decides these two events first:
+ * an Upgrade that Fastify routes goes on (the route's own decision follows, in `onRequest`); any
+ * other is decided like a request no route matches and, when refused, answered on its socket,
+ * which is then closed. Other events pass through untouched (docs/semantics.md#transport-upgrades).
+ */
+export function gateUpgrades (server: ServerLike, gate: UpgradeGate): void {
+  const install = (): void => {
+    const gated = server as ServerLike & { [kGated]?: true }
+    if (gated[kGated] === true) return
+    gated[kGated] = true
+    const emit = server.emit
+    server.emit = function gatedEmit (this: ServerLike, event: string | symbol): boolean {
+      // `arguments`, forwarded as given: no array per emitted event.
+      if (event !== 'upgrade' && event !== 'connect') return emit.apply(this, arguments as unknown as Parameters<typeof emit>)
+      const args = Array.prototype.slice.call(arguments) as Parameters<typeof emit>
+      const raw = args[1] as IncomingMessage
+      if (event === 'upgrade' && gate.routed(raw)) return emit.apply(this, args)
+      const pass = (err: Error | null): boolean => {
+        if (err === null) return emit.apply(this, args)
+        refuseOutsideFastify(args[2], err)
+        return true
+      }
+      let outcome: Error | null | Promise<Error | null>
+      try {
+        outcome = gate.decide(raw)
+      /* c8 ignore next 4 */
+      } catch (err) {
+        // The decision does not throw; should a bug make it, refuse rather than crash Node's parser.
+        outcome = err instanceof Error ? err : new Error(String(err))
+      }
+      if (outcome instanceof Promise) {
+        outcome.then(pass, (err: Error) => pass(err))
+        return true
+      }
+      return pass(outcome)
+    }
+  }
+  if (server.listenerCount('upgrade') > 0 || server.listenerCount('connect') > 0) install()
+  server.on('newListener', (event: string | symbol) => { if (event === 'upgrade' || event === 'connect') install() })
+}
+
+/**
+ * Answers a refused Upgrade or CONNECT outside Fastify, as Fastify would have answered it, and
+ * closes its connection: an HTTP/1.1 socket (the listeners' second argument), or an HTTP/2
+ * response (a CONNECT stream).
+ */
+function refuseOutsideFastify (target: unknown, err: Error): void {
+  const status = (err as { statusCode?: number }).statusCode ?? 403
+  const body = JSON.stringify({ statusCode: status, code: (err as { code?: string }).code, error: STATUS_CODES[status], message: err.message })
+  if (typeof (target as { writeHead?: unknown }).writeHead === 'function') {
+    (target as ServerResponse).writeHead(status, { 'content-type': 'application/json; charset=utf-8' }).end(body)
+    return
+  }
+  const socket = target as { end: (chunk: string) => void, destroySoon: () => void, on: (event: 'error', fn: () => void) => void }
+  // Node took its own error listener off this socket when it handed it over; a caller gone while
+  // the decision was made must not turn the write into an uncaught error.
+  socket.on('error', () => {})
+  socket.end(`HTTP/1.1 ${status} ${STATUS_CODES[status] as string}\r\ncontent-type: application/json; charset=utf-8\r\n` +
+    `content-length: ${Buffer.byteLength(body)}\r\nconnection: close\r\n\r\n${body}`)
+  socket.destroySoon()
 }

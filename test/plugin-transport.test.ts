@@ -284,6 +284,85 @@ for (const websocketFirst of [false, true]) {
   })
 }
 
+t.test('Upgrade and CONNECT listeners of the application\'s own, outside Fastify, get only decided requests (docs/semantics.md#transport-upgrades)', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'deny' })
+  await setIntentions(agent, 'api', [{ Name: 'web', Action: 'allow' }])
+  const app: FastifyInstance = Fastify({ https: httpsOptions() }) as unknown as FastifyInstance
+  t.teardown(async () => await app.close())
+  await app.register(consulNative, { service: 'api', agent: { address: agent.address } })
+  app.get('/routed', async () => 'routed')
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  // A raw `ws` server on the Fastify server, added after listen (no @fastify/websocket here).
+  const raw = new WebSocket.Server({ noServer: true })
+  const ran: string[] = []
+  app.server.on('upgrade', (req, socket, head) => {
+    ran.push(`upgrade ${req.url as string}`)
+    if (req.url === '/raw') raw.handleUpgrade(req, socket, head, (ws) => { ws.send('raw') })
+    else socket.destroy()
+  })
+  app.server.on('connect', (_req, socket: import('node:net').Socket) => { ran.push('connect'); socket.end('HTTP/1.1 200 Connection Established\r\n\r\n') })
+  const port = (app.server.address() as { port: number }).port
+  const web = await leafFor(agent, 'web')
+  const billing = await leafFor(agent, 'billing')
+  const anonymous = { ca: await rootPems(agent) }
+  const rawUpgrade = UPGRADE.replace('GET /ws ', 'GET /raw ')
+
+  for (const [name, creds, status] of [['no certificate', anonymous, 401], ['denied', billing, 403]] as const) {
+    const { response, reader } = await http1(t, port, creds, rawUpgrade)
+    t.equal(response.status, status, `${name}: answered before any listener saw the request`)
+    t.equal(JSON.parse(response.body).code, status === 401 ? 'FST_CONSUL_NATIVE_UNAUTHENTICATED' : 'FST_CONSUL_NATIVE_DENIED')
+    await reader.closedByServer()
+  }
+  t.same(ran, [], 'the raw listener never ran for a refused caller')
+
+  const allowed = new WebSocket(`wss://127.0.0.1:${port}/raw`, { ...web, checkServerIdentity: noServerIdentityCheck })
+  const [first] = await once(allowed, 'message') as [Buffer]
+  t.equal(first.toString(), 'raw', 'an allowed caller reaches the raw listener')
+  allowed.close()
+  t.same(ran, ['upgrade /raw'])
+  const routed = await rawSocket(t, port, anonymous)
+  routed.write(UPGRADE.replace('GET /ws ', 'GET /routed '))
+  await once(routed, 'close')
+  t.same(ran, ['upgrade /raw', 'upgrade /routed'], 'an Upgrade to a path Fastify routes goes on to the listeners: Fastify decides it when it is routed there (@fastify/websocket)')
+
+  for (const [name, creds, status] of [['no certificate', anonymous, 401], ['allowed caller', web, 400]] as const) {
+    const { response } = await http1(t, port, creds, 'CONNECT internal.example:443 HTTP/1.1\r\nHost: internal.example:443\r\n\r\n')
+    t.equal(response.status, status, `CONNECT, ${name}: refused (it names no path the mesh could decide)`)
+  }
+  t.same(ran, ['upgrade /raw', 'upgrade /routed'], 'the connect listener never ran')
+})
+
+t.test('outside Fastify too: a decision that waits (mode agent) and an HTTP/2 CONNECT (docs/semantics.md#transport-upgrades)', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'deny' })
+  await setIntentions(agent, 'api', [{ Name: 'web', Action: 'allow' }])
+  const ran: string[] = []
+  const svc = await startService(t, agent, { http2: true, plugin: { mode: 'agent' }, routes: () => {} })
+  const raw = new WebSocket.Server({ noServer: true })
+  svc.app.server.on('upgrade', (req, socket, head) => { raw.handleUpgrade(req, socket, head, (ws) => { ran.push(`upgrade ${req.url as string}`); ws.send('raw') }) })
+  svc.app.server.on('connect', (_req: unknown, res: http2.Http2ServerResponse) => { ran.push('connect'); res.writeHead(200).end() })
+  const web = await leafFor(agent, 'web')
+  const billing = await leafFor(agent, 'billing')
+
+  const { response, reader } = await http1(t, svc.port, billing, UPGRADE.replace('GET /ws ', 'GET /raw '))
+  t.equal(response.status, 403, 'the agent\'s answer refuses it')
+  await reader.closedByServer()
+  const allowed = new WebSocket(`wss://127.0.0.1:${svc.port}/raw`, { ...web, checkServerIdentity: noServerIdentityCheck })
+  const [message] = await once(allowed, 'message') as [Buffer]
+  t.equal(message.toString(), 'raw', 'the agent\'s answer allows it')
+  allowed.close()
+
+  for (const [name, creds, status] of [['no certificate', { ca: await rootPems(agent) }, 401], ['allowed caller', web, 400]] as const) {
+    const session = http2.connect(svc.origin, { ...creds, checkServerIdentity: () => undefined })
+    t.teardown(() => session.close())
+    const stream = session.request({ ':method': 'CONNECT', ':authority': 'internal.example:443' })
+    stream.on('error', () => {})
+    const [headers] = await once(stream, 'response') as [http2.IncomingHttpHeaders]
+    t.equal(headers[':status'], status, `HTTP/2 CONNECT, ${name}: refused`)
+    session.close()
+  }
+  t.same(ran, ['upgrade /raw'], 'only the allowed upgrade reached a listener')
+})
+
 t.test('an encapsulated plugin registered before this one runs its onRequest hooks before the decision (docs/semantics.md#transport-hook-order)', async (t) => {
   const agent = await startAgent(t, { defaultPolicy: 'deny' })
   await setIntentions(agent, 'api', [{ Name: 'web', Action: 'allow' }])
