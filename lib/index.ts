@@ -164,9 +164,10 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
     attachExtraServers(tls, fastify, log)
     // Fastify's extra servers are created at listen: no listener of the application's can be there yet.
     for (const server of serverBindingsOf(fastify) ?? []) {
-      if (dynamicTlsOf(server) !== tls) continue
-      deferContinue(server as Parameters<typeof deferContinue>[0])
-      gateUpgrades(server as Parameters<typeof gateUpgrades>[0], upgradeGate)
+      if (dynamicTlsOf(server) === tls) {
+        deferContinue(server as Parameters<typeof deferContinue>[0])
+        gateUpgrades(server as Parameters<typeof gateUpgrades>[0], upgradeGate)
+      }
     }
     done()
   })

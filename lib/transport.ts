@@ -7,6 +7,7 @@ import { STATUS_CODES } from 'node:http'
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import { constants } from 'node:http2'
 import type { Http2ServerRequest } from 'node:http2'
+import { DeniedError } from './errors'
 
 const kAwaitingContinue = Symbol('fastify-consul-native.awaitingContinue')
 
@@ -102,16 +103,17 @@ export function gateUpgrades (server: ServerLike, gate: UpgradeGate): void {
         refuseOutsideFastify(args[2], err)
         return true
       }
+      // The decision neither throws nor rejects; should a bug make it, refuse rather than crash
+      // Node's parser (a throw here) or leave the socket hanging.
       let outcome: Error | null | Promise<Error | null>
       try {
         outcome = gate.decide(raw)
-      /* c8 ignore next 4 */
+      /* c8 ignore next 3 */
       } catch (err) {
-        // The decision does not throw; should a bug make it, refuse rather than crash Node's parser.
-        outcome = err instanceof Error ? err : new Error(String(err))
+        outcome = Object.assign(new DeniedError(), { cause: err })
       }
       if (outcome instanceof Promise) {
-        outcome.then(pass, (err: Error) => pass(err))
+        outcome.then(pass, /* c8 ignore next */ (err: unknown) => pass(Object.assign(new DeniedError(), { cause: err })))
         return true
       }
       return pass(outcome)
@@ -127,8 +129,9 @@ export function gateUpgrades (server: ServerLike, gate: UpgradeGate): void {
  * response (a CONNECT stream).
  */
 function refuseOutsideFastify (target: unknown, err: Error): void {
-  const status = (err as { statusCode?: number }).statusCode ?? 403
-  const body = JSON.stringify({ statusCode: status, code: (err as { code?: string }).code, error: STATUS_CODES[status], message: err.message })
+  // The enforcer's errors (FST_CONSUL_NATIVE_*) all carry their status.
+  const { statusCode: status, code } = err as Error & { statusCode: number, code: string }
+  const body = JSON.stringify({ statusCode: status, code, error: STATUS_CODES[status], message: err.message })
   if (typeof (target as { writeHead?: unknown }).writeHead === 'function') {
     (target as ServerResponse).writeHead(status, { 'content-type': 'application/json; charset=utf-8' }).end(body)
     return

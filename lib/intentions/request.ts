@@ -206,13 +206,11 @@ function queryOf (url: string): string {
 
 /**
  * Whether an absolute-form target's authority (without userinfo) is the request's host header
- * (HTTP/2: `:authority` when there is no `host`), ignoring ASCII case. A target of another form
- * passes: path normalization has refused those already.
+ * (HTTP/2: `:authority` when there is no `host`), ignoring ASCII case. Only for a target that
+ * path normalization accepted and that does not start with '/': an http(s) absolute form.
  */
 function targetAuthorityIsHost (url: string, rawHeaders: readonly string[]): boolean {
-  const m = /^https?:\/\/([^/?#]*)/i.exec(url)
-  if (m === null) return true
-  const authority = m[1] as string
+  const authority = (/^https?:\/\/([^/?#]*)/i.exec(url) as RegExpExecArray)[1] as string
   const target = authority.slice(authority.lastIndexOf('@') + 1)
   const host = headerValue(rawHeaders, 'host') ?? headerValue(rawHeaders, ':authority')
   return host !== undefined && asciiLower(host) === asciiLower(target)
