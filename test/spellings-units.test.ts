@@ -72,9 +72,13 @@ t.test('RE2 programs are bounded at load (docs/semantics.md#paths-regex-size)', 
   const input = { destination: 'api', intentions: [ixn], defaultAllow: true, protocol: 'http' }
   t.equal(DEFAULT_MAX_REGEX_PROGRAM_SIZE, 1_048_576, 'the bound Consul\'s Envoy bootstrap sets (re2.max_program_size.error_level)')
   t.ok(compilePolicy(input).size === 1, 'by default, what Consul\'s sidecars accept compiles')
+  t.match(compilePolicy(input).warnings, [/PathRegex "\/api\/\.\{0,1000\}\.\{0,1000\}x" compiles to an RE2 program of size \d+: matching it can cost/],
+    'with a warning: re2js is slow on large programs')
+  t.match(compileOverride([{ name: 'web', permissions: [{ Action: 'deny', HTTP: { PathRegex: big } }] } as never]).warnings, [/size \d+: matching it can cost/], 'route overrides too')
   const usual = { ...ixn, Permissions: [{ Action: 'allow', HTTP: { PathRegex: '/users/[a-z0-9-]{1,64}' } }] }
   t.ok(RE2JS.compile('/users/[a-z0-9-]{1,64}').programSize() > 100, 'a usual pattern is above Envoy\'s own default of 100')
   t.ok(compilePolicy({ ...input, intentions: [usual as unknown as Intention] }).size === 1)
+  t.same(compilePolicy({ ...input, intentions: [usual as unknown as Intention] }).warnings, [], 'and no warning')
   const strict = { ...input, maxRegexProgramSize: 100 }
   t.throws(() => compilePolicy(strict), { code: 'FST_CONSUL_NATIVE_INVALID_INTENTIONS', message: /RE2 program of size \d+, above the limit of 100 \(raise it with the maxRegexProgramSize option\)/ })
   t.ok(compilePolicy({ ...input, maxRegexProgramSize: 5000 }).size === 1, 'a bound above the program accepts it')

@@ -255,10 +255,19 @@ function ruleBytes (s: string): string {
 export const DEFAULT_MAX_REGEX_PROGRAM_SIZE = 1_048_576
 
 /**
+ * Above this program size a match can cost re2js tens of microseconds to hundreds of milliseconds
+ * on a long path or header (measured, README "Regex cost"): such a pattern loads, with a warning.
+ */
+export const COSTLY_REGEX_PROGRAM_SIZE = 1_000
+
+/**
  * Compiled patterns shared within one compilation (a compiled RE2 program costs ~5 KiB), and the
  * largest program size that compilation accepts.
  */
 export class RegexCache extends Map<string, RE2JS> {
+  /** One warning per costly pattern compiled (COSTLY_REGEX_PROGRAM_SIZE). */
+  readonly costly: string[] = []
+
   constructor (readonly maxProgramSize: number = DEFAULT_MAX_REGEX_PROGRAM_SIZE) {
     super()
   }
@@ -282,6 +291,11 @@ export function compileRegex (pattern: string, where: string, cache: RegexCache)
   if (size > cache.maxProgramSize) {
     throw new RuleError(`${where} ${JSON.stringify(pattern)} compiles to an RE2 program of size ${size}, above the limit of ` +
       `${cache.maxProgramSize} (raise it with the maxRegexProgramSize option)`)
+  }
+  if (size > COSTLY_REGEX_PROGRAM_SIZE) {
+    cache.costly.push(`${where} ${JSON.stringify(pattern)} compiles to an RE2 program of size ${size}: matching it can ` +
+      'cost from tens of microseconds to hundreds of milliseconds per request on a long path or header ' +
+      `(set maxRegexProgramSize below ${size} to refuse it)`)
   }
   cache.set(pattern, re)
   return re

@@ -574,7 +574,7 @@ export function compilePolicy (input: PolicyInput): CompiledPolicy {
     // A later rule with the same source pattern can never be the first match.
     if (!byName.has(rule.name)) byName.set(rule.name, position)
   }
-  return new CompiledPolicy({ defaultAllow: input.defaultAllow, warnings: warningsFor(counts, protocol), rules, index })
+  return new CompiledPolicy({ defaultAllow: input.defaultAllow, warnings: [...warningsFor(counts, protocol), ...cache.costly], rules, index })
 }
 
 function forDestination (ixn: Intention, dest: ReturnType<typeof parseDestination>): boolean {
@@ -666,7 +666,7 @@ export function compileOverride (sources: readonly RouteSource[], maxRegexProgra
   compiled.sort((a, b) => b.precedence - a.precedence ||
     compareBytes(a.rule.partition, b.rule.partition) || compareBytes(a.rule.namespace, b.rule.namespace) ||
     compareBytes(a.rule.name, b.rule.name))
-  return new CompiledOverride(compiled.map((c) => c.rule), notes)
+  return new CompiledOverride(compiled.map((c) => c.rule), [...notes, ...cache.costly])
 }
 
 function regexLimit (max: number | undefined): number {
