@@ -217,8 +217,10 @@ t.test('an agent cut off from its servers: cached answers between refused blocki
   const failed = log.calls.filter.bind(log.calls)
   watch.start()
   await watch.ready()
+  const lastGood = watch.lastSuccess
   while (watch.failures < 6) await once(log, 'log')
   t.ok(watch.lastError instanceof AgentResponseError, 'the failure stays visible between the cached answers')
+  t.equal(watch.lastSuccess, lastGood, 'a cached answer is no success either')
   t.same(failed((c) => c.event === 'watch-failed' && c.level !== 'debug').map((c) => c.level), ['warn'], 'one line for the whole outage')
   t.equal(failed((c) => c.event === 'watch-recovered').length, 0)
   const retries = failed((c) => c.event === 'watch-failed').map((c) => c.fields.failures)
@@ -229,6 +231,19 @@ t.test('an agent cut off from its servers: cached answers between refused blocki
   while (watch.failures > 0) await once(log, 'log')
   t.equal(watch.lastError, null, 'a blocking poll that succeeds ends the outage')
   t.equal(failed((c) => c.event === 'watch-recovered').length, 1)
+
+  // A 4xx (here a rate limit) is not the agent's cache standing in for its servers: the re-read's
+  // answer is a recovery at once.
+  let limited = true
+  agent.handler = (req) => {
+    if (Number(req.query.get('index') ?? 0) > 0 && limited) { limited = false; return { status: 429, body: 'rate limit exceeded' } }
+    return Number(req.query.get('index') ?? 0) === 0 ? { status: 200, headers: { 'X-Consul-Index': '7' }, body: JSON.stringify({ v: 'cached' }) } : { hang: true }
+  }
+  // The poll in flight ends at its wait (50 ms), and the next one meets the rate limit.
+  while (failed((c) => c.event === 'watch-recovered').length < 2) await once(log, 'log')
+  t.equal(watch.failures, 0)
+  const limitedLines = failed((c) => c.event === 'watch-failed' && (c.obj as { err?: Error } | undefined)?.err?.message.includes('429') === true)
+  t.same(limitedLines.map((c) => c.fields.failures), [1], 'the 429 was one failure, followed at once by the recovery')
 })
 
 t.test('a re-read after a failure that finds a new index or another value is a recovery at once', async (t) => {

@@ -83,8 +83,8 @@ export class BlockingWatch<T> {
   #failures = 0
   /** The next poll re-reads without blocking: set by a failed poll, cleared by any answer. */
   #reread = false
-  /** The last failed poll was answered by the agent, with an error status (not a transport failure). */
-  #refusedByAgent = false
+  /** The last failed poll was answered by the agent with a server error (5xx), not a transport failure. */
+  #serverError = false
   /** The rejection of the value at the current index, kept until a later value is accepted. */
   #rejection: Error | null = null
   /** Key of the failure last logged at warn/error; repeats of it go to debug. */
@@ -195,15 +195,15 @@ export class BlockingWatch<T> {
       return this.#fetchFailed(new AgentInvalidResponseError(`the ${this.name} query`,
         `X-Consul-Index is ${index === null ? 'missing or not an integer' : String(index)}; expected an integer of at least 1`))
     }
-    this.#lastSuccess = new Date()
     const repeated = this.#value !== undefined && index === this.#index && !this.#differs(this.#value, value)
-    if (reread && this.#refusedByAgent && repeated && this.#rejection === null) {
+    if (reread && this.#serverError && repeated && this.#rejection === null) {
       // A Consul agent that cannot reach its servers answers a read without an index from its cache,
       // while its blocking queries fail (500): the last value again proves nothing. The failure stands
-      // (no recovery line, the backoff keeps growing) until a blocking query succeeds or the index
-      // moves. After a transport failure, any answer means the agent is back.
+      // (no recovery line, no new lastSuccess, the backoff keeps growing) until a blocking query
+      // succeeds or the index moves. After a transport failure or a 4xx, any answer is a recovery.
       return 0
     }
+    this.#lastSuccess = new Date()
     this.#failures = 0
     if (index < this.#index) {
       // Snapshot restore or a new cluster: the old index means nothing now; re-read from scratch.
@@ -259,7 +259,7 @@ export class BlockingWatch<T> {
   #fetchFailed (err: Error): number {
     this.#failures++
     this.#reread = true
-    this.#refusedByAgent = agentStatusOf(err) !== null
+    this.#serverError = (agentStatusOf(err) ?? 0) >= 500
     const ceiling = Math.min(this.#backoff.maxMs, this.#backoff.initialMs * 2 ** Math.min(this.#failures - 1, 30))
     const retryInMs = Math.floor(this.#random() * ceiling)
     this.#failed('fetch', err, { failures: this.#failures, retryInMs })
