@@ -3,7 +3,7 @@
 //   → intentions/ (pure decision engine) → enforcement (per-request check) → hooks below.
 import type { EventEmitter } from 'node:events'
 import type { Dispatcher, Response } from 'undici'
-import type { FastifyPluginAsync, HTTPMethods } from 'fastify'
+import type { FastifyPluginAsync } from 'fastify'
 import fp from 'fastify-plugin'
 import type { JWTPayload as JwtPayload } from 'jose'
 import { AgentClient } from './agent/client'
@@ -156,8 +156,19 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
   }
   // Upgrade and CONNECT requests that reach listeners outside Fastify are decided too (docs/semantics.md#transport-upgrades).
   const upgradeGate: UpgradeGate = {
-    routed: (raw) => fastify.findRoute({ method: raw.method as HTTPMethods, url: raw.url as string, constraints: { host: raw.headers.host } }) !== null,
-    decide: (raw) => enforcer.check(unroutedRequest(raw), SERVICE_POLICY)
+    decide: (raw) => {
+      const url = raw.url
+      const found = typeof url === 'string' && url !== '' ? routes.outside(raw.method as string, url, raw.headers.host) : null
+      const request = unroutedRequest(raw, found?.url)
+      const route = found?.policy ?? SERVICE_POLICY
+      // An allowed Upgrade is remembered like one Fastify routes (option recheckUpgrades).
+      const settled = (err: Error | null): Error | null => {
+        if (err === null) upgrades?.trackIfUpgrade(request, route)
+        return err
+      }
+      const outcome = enforcer.check(request, route)
+      return outcome instanceof Promise ? outcome.then(settled) : settled(outcome)
+    }
   }
   gateUpgrades(fastify.server, upgradeGate)
   fastify.addHook('onListen', function consulNativeOnListen (done) {

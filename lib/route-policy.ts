@@ -1,6 +1,7 @@
 // Per-route settings (`config.consulNative`), compiled once when the route is declared so the
 // request path only reads a ready-made policy.
 import type { FastifyRequest, RouteOptions } from 'fastify'
+import FindMyWay from 'find-my-way'
 import { InvalidRouteConfigError } from './errors'
 import { routeConfigReader } from './fastify-internals'
 import { compileOverride } from './intentions/policy'
@@ -36,6 +37,11 @@ const kRoutePolicy = Symbol('fastify-consul-native.routePolicy')
  */
 export class RoutePolicies {
   readonly #router: RouterOptions
+  /**
+   * The routes declared after the plugin, routed as Fastify's router (find-my-way, the same
+   * options) routes them, for requests that never reach Fastify (`outside`).
+   */
+  readonly #mirror: FindMyWay.Instance<FindMyWay.HTTPVersion.V1>
   readonly #configOf = routeConfigReader()
   readonly #late = new WeakMap<object, RoutePolicy>()
   /** Every policy compiled so far, by `'METHOD /url'` (status and explain read it). */
@@ -45,6 +51,7 @@ export class RoutePolicies {
   constructor (router: RouterOptions, fastify: RouteHost) {
     this.#router = router
     this.#fastify = fastify
+    this.#mirror = FindMyWay({ ...router })
   }
 
   /** The `onRoute` hook body: compiles the route's setting once and keeps it in its config. */
@@ -53,6 +60,23 @@ export class RoutePolicies {
     const policy = withPrefixTwin(this.#compileLogged(route.config?.consulNative, name), route, this.#router)
     this.named.set(name, policy)
     route.config = { ...route.config, [kRoutePolicy]: policy } as typeof route.config
+    const routed: OutsideRoute = { url: route.url, policy }
+    try {
+      this.#mirror.on(route.method as FindMyWay.HTTPMethod | FindMyWay.HTTPMethod[], route.url, { constraints: route.constraints ?? {} }, noop, routed)
+    } catch {
+      // A spelling the mirror already holds (Fastify's own HEAD twin of a GET), or a method or
+      // constraint it does not know: such a request outside Fastify gets the service's policy.
+    }
+  }
+
+  /**
+   * The route, and its policy, that Fastify would route `method url` to, for an Upgrade or CONNECT
+   * that Node hands to listeners outside Fastify (docs/semantics.md#transport-upgrades); null for
+   * none, a route declared before the plugin, or a URL the router cannot read.
+   */
+  outside (method: string, url: string, host: string | undefined): OutsideRoute | null {
+    const found = this.#mirror.find(method as FindMyWay.HTTPMethod, url, host === undefined ? {} : { host })
+    return found === null ? null : found.store as OutsideRoute
   }
 
   #compileLogged (value: unknown, name: string): RoutePolicy {
@@ -91,6 +115,11 @@ export class RoutePolicies {
     return policy
   }
 }
+
+/** A route found for a request outside Fastify: its declared URL (for log lines) and its policy. */
+export interface OutsideRoute { readonly url: string, readonly policy: RoutePolicy }
+
+function noop (): void {}
 
 /** What RoutePolicies needs of the Fastify instance and the plugin's options. */
 export interface RouteHost {

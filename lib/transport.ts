@@ -69,9 +69,7 @@ function hasBody (raw: IncomingMessage): boolean {
 
 /** What the upgrade gate needs of the plugin. */
 export interface UpgradeGate {
-  /** Whether Fastify routes the request: its own pipeline then decides it (`@fastify/websocket`). */
-  routed (raw: IncomingMessage): boolean
-  /** The error to answer with, or null to hand the request to the listeners (the service's decision). */
+  /** The error to answer with, or null to hand the request to the listeners. */
   decide (raw: IncomingMessage): Error | null | Promise<Error | null>
 }
 
@@ -81,10 +79,10 @@ const kGated = Symbol('fastify-consul-native.upgradeGate')
  * Node hands an Upgrade request to the server's 'upgrade' listeners and a CONNECT to its 'connect'
  * listeners, never to Fastify, as soon as any exists; a listener of the application's own (`ws`
  * attached to the server, a tunnel) would see it without a decision, even from a caller without a
- * certificate. Once the server has such a listener, its `emit` decides these two events first:
- * an Upgrade that Fastify routes goes on (the route's own decision follows, in `onRequest`); any
- * other is decided like a request no route matches and, when refused, answered on its socket,
- * which is then closed. Other events pass through untouched (docs/semantics.md#transport-upgrades).
+ * certificate. Once the server has such a listener, its `emit` decides these two events first,
+ * with the policy of the route Fastify would route them to (the service's when none); a refused
+ * one is answered on its socket, which is then closed. Other events pass through untouched
+ * (docs/semantics.md#transport-upgrades).
  */
 export function gateUpgrades (server: ServerLike, gate: UpgradeGate): void {
   const install = (): void => {
@@ -97,7 +95,6 @@ export function gateUpgrades (server: ServerLike, gate: UpgradeGate): void {
       if (event !== 'upgrade' && event !== 'connect') return emit.apply(this, arguments as unknown as Parameters<typeof emit>)
       const args = Array.prototype.slice.call(arguments) as Parameters<typeof emit>
       const raw = args[1] as IncomingMessage
-      if (event === 'upgrade' && gate.routed(raw)) return emit.apply(this, args)
       const pass = (err: Error | null): boolean => {
         if (err === null) return emit.apply(this, args)
         refuseOutsideFastify(args[2], err)

@@ -289,16 +289,17 @@ t.test('Upgrade and CONNECT listeners of the application\'s own, outside Fastify
   await setIntentions(agent, 'api', [{ Name: 'web', Action: 'allow' }])
   const app: FastifyInstance = Fastify({ https: httpsOptions() }) as unknown as FastifyInstance
   t.teardown(async () => await app.close())
-  await app.register(consulNative, { service: 'api', agent: { address: agent.address } })
+  await app.register(consulNative, { service: 'api', agent: { address: agent.address }, recheckUpgrades: true })
   app.get('/routed', async () => 'routed')
+  app.get('/files/*', async () => 'file')
+  app.get('/open', { config: { consulNative: false } }, async () => 'open')
   await app.listen({ port: 0, host: '127.0.0.1' })
   // A raw `ws` server on the Fastify server, added after listen (no @fastify/websocket here).
   const raw = new WebSocket.Server({ noServer: true })
   const ran: string[] = []
   app.server.on('upgrade', (req, socket, head) => {
     ran.push(`upgrade ${req.url as string}`)
-    if (req.url === '/raw') raw.handleUpgrade(req, socket, head, (ws) => { ws.send('raw') })
-    else socket.destroy()
+    raw.handleUpgrade(req, socket, head, (ws) => { ws.send('raw') })
   })
   app.server.on('connect', (_req, socket: import('node:net').Socket) => { ran.push('connect'); socket.end('HTTP/1.1 200 Connection Established\r\n\r\n') })
   const port = (app.server.address() as { port: number }).port
@@ -320,16 +321,33 @@ t.test('Upgrade and CONNECT listeners of the application\'s own, outside Fastify
   t.equal(first.toString(), 'raw', 'an allowed caller reaches the raw listener')
   allowed.close()
   t.same(ran, ['upgrade /raw'])
-  const routed = await rawSocket(t, port, anonymous)
-  routed.write(UPGRADE.replace('GET /ws ', 'GET /routed '))
-  await once(routed, 'close')
-  t.same(ran, ['upgrade /raw', 'upgrade /routed'], 'an Upgrade to a path Fastify routes goes on to the listeners: Fastify decides it when it is routed there (@fastify/websocket)')
+
+  // Whatever path: the policy of the route Fastify would route it to, the service's for none.
+  const upgrade = (path: string): string => UPGRADE.replace('GET /ws ', `GET ${path} `)
+  for (const [path, creds, status] of [['/routed', anonymous, 401], ['/files/a', anonymous, 401], ['/raw%ZZ', anonymous, 401],
+    ['/%E0%A4%A', anonymous, 401], ['/routed', billing, 403], ['/raw%ZZ', web, 400]] as const) {
+    const { response } = await http1(t, port, creds, upgrade(path))
+    t.equal(response.status, status, `${path}, ${creds === anonymous ? 'no certificate' : creds === web ? 'web' : 'billing'}: refused`)
+  }
+  t.same(ran, ['upgrade /raw'], 'routed, wildcard and unreadable paths: no listener ran')
+  const open = new WebSocket(`wss://127.0.0.1:${port}/open`, { ...anonymous, checkServerIdentity: noServerIdentityCheck })
+  await once(open, 'message')
+  open.close()
+  t.same(ran, ['upgrade /raw', 'upgrade /open'], 'a route exempt in its config is exempt for Upgrades outside Fastify too')
+
+  // recheckUpgrades covers these connections too.
+  const tracked = new WebSocket(`wss://127.0.0.1:${port}/raw`, { ...web, checkServerIdentity: noServerIdentityCheck })
+  await once(tracked, 'message')
+  const closed = once(tracked, 'close')
+  await setIntentions(agent, 'api', [{ Name: 'web', Action: 'deny' }])
+  const [code] = await closed as [number]
+  t.equal(code, 1006, 'revoking the intention closes it')
 
   for (const [name, creds, status] of [['no certificate', anonymous, 401], ['allowed caller', web, 400]] as const) {
     const { response } = await http1(t, port, creds, 'CONNECT internal.example:443 HTTP/1.1\r\nHost: internal.example:443\r\n\r\n')
     t.equal(response.status, status, `CONNECT, ${name}: refused (it names no path the mesh could decide)`)
   }
-  t.same(ran, ['upgrade /raw', 'upgrade /routed'], 'the connect listener never ran')
+  t.same(ran, ['upgrade /raw', 'upgrade /open', 'upgrade /raw'], 'the connect listener never ran')
 })
 
 t.test('outside Fastify too: a decision that waits (mode agent) and an HTTP/2 CONNECT (docs/semantics.md#transport-upgrades)', async (t) => {
