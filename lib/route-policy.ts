@@ -39,9 +39,11 @@ export class RoutePolicies {
   readonly #router: RouterOptions
   /**
    * The routes declared after the plugin, routed as Fastify's router (find-my-way, the same
-   * options) routes them, for requests that never reach Fastify (`outside`).
+   * options) routes them, for requests that never reach Fastify (`outside`); built on first use,
+   * since only an application with Upgrade or CONNECT listeners of its own needs it.
    */
-  readonly #mirror: FindMyWay.Instance<FindMyWay.HTTPVersion.V1>
+  #mirror: FindMyWay.Instance<FindMyWay.HTTPVersion.V1> | null = null
+  readonly #declared: RouteOptions[] = []
   readonly #configOf = routeConfigReader()
   readonly #late = new WeakMap<object, RoutePolicy>()
   /** Every policy compiled so far, by `'METHOD /url'` (status and explain read it). */
@@ -51,7 +53,6 @@ export class RoutePolicies {
   constructor (router: RouterOptions, fastify: RouteHost) {
     this.#router = router
     this.#fastify = fastify
-    this.#mirror = FindMyWay({ ...router })
   }
 
   /** The `onRoute` hook body: compiles the route's setting once and keeps it in its config. */
@@ -60,13 +61,8 @@ export class RoutePolicies {
     const policy = withPrefixTwin(this.#compileLogged(route.config?.consulNative, name), route, this.#router)
     this.named.set(name, policy)
     route.config = { ...route.config, [kRoutePolicy]: policy } as typeof route.config
-    const routed: OutsideRoute = { url: route.url, policy }
-    try {
-      this.#mirror.on(route.method as FindMyWay.HTTPMethod | FindMyWay.HTTPMethod[], route.url, { constraints: route.constraints ?? {} }, noop, routed)
-    } catch {
-      // A spelling the mirror already holds (Fastify's own HEAD twin of a GET), or a method or
-      // constraint it does not know: such a request outside Fastify gets the service's policy.
-    }
+    this.#declared.push(route)
+    if (this.#mirror !== null) mirrorRoute(this.#mirror, route)
   }
 
   /**
@@ -75,7 +71,12 @@ export class RoutePolicies {
    * none, a route declared before the plugin, or a URL the router cannot read.
    */
   outside (method: string, url: string, host: string | undefined): OutsideRoute | null {
-    const found = this.#mirror.find(method as FindMyWay.HTTPMethod, url, host === undefined ? {} : { host })
+    let mirror = this.#mirror
+    if (mirror === null) {
+      mirror = this.#mirror = FindMyWay({ ...this.#router })
+      for (const route of this.#declared) mirrorRoute(mirror, route)
+    }
+    const found = mirror.find(method as FindMyWay.HTTPMethod, url, host === undefined ? {} : { host })
     return found === null ? null : found.store as OutsideRoute
   }
 
@@ -119,7 +120,19 @@ export class RoutePolicies {
 /** A route found for a request outside Fastify: its declared URL (for log lines) and its policy. */
 export interface OutsideRoute { readonly url: string, readonly policy: RoutePolicy }
 
+// find-my-way wants a handler per route; the copy is only searched, never dispatched through.
+/* c8 ignore next */
 function noop (): void {}
+
+function mirrorRoute (mirror: FindMyWay.Instance<FindMyWay.HTTPVersion.V1>, route: RouteOptions): void {
+  const routed: OutsideRoute = { url: route.url, policy: (route.config as Record<symbol, RoutePolicy>)[kRoutePolicy] as RoutePolicy }
+  try {
+    mirror.on(route.method as FindMyWay.HTTPMethod | FindMyWay.HTTPMethod[], route.url, { constraints: route.constraints ?? {} }, noop, routed)
+  } catch {
+    // A spelling the mirror already holds (Fastify's own HEAD twin of a GET), or a method or
+    // constraint it does not know: such a request outside Fastify gets the service's policy.
+  }
+}
 
 /** What RoutePolicies needs of the Fastify instance and the plugin's options. */
 export interface RouteHost {
