@@ -441,7 +441,8 @@ export function backstopHook (log: EventSink, requestIdLabel: string) {
       return
     }
     logEvent(log, 'error', 'no-decision', { route: request.is404 ? NOT_FOUND_ROUTE : request.routeOptions.url, method: request.method, path: request.url },
-      'no access decision was recorded for this request; denying', undefined, { label: requestIdLabel, id: request.id })
+      decision == null ? 'no access decision was recorded for this request; denying' : 'a request the access decision refused reached body parsing; denying',
+      undefined, { label: requestIdLabel, id: request.id })
     closeRefused(request.raw, reply.raw)
     done(new DeniedError())
   }

@@ -6,7 +6,7 @@ t.test('a request without a recorded decision is denied and logged; one with a d
   const logged: unknown[] = []
   const headersSet: unknown[] = []
   const reply = { raw: { setHeader: (...args: unknown[]) => headersSet.push(args) } }
-  const log = { debug: () => {}, info: () => {}, warn: () => {}, error: (obj: unknown) => logged.push(obj) }
+  const log = { debug: () => {}, info: () => {}, warn: () => {}, error: (obj: object, msg: string) => logged.push({ ...obj, msg }) }
   const backstop = backstopHook(log, 'reqId')
   const request = {
     consulDecision: null as unknown,
@@ -43,6 +43,7 @@ t.test('a request without a recorded decision is denied and logged; one with a d
   backstop(denied as never, reply as never, 'payload', (err, payload) => { outcome = [err, payload] })
   t.match(outcome?.[0], { code: 'FST_CONSUL_NATIVE_DENIED' }, 'a recorded denial that reached body parsing is refused all the same')
   t.equal(logged.length, 4)
+  t.match(logged[3], { consulNative: { event: 'no-decision' }, msg: /the access decision refused reached body parsing/ })
 })
 
 t.test('unauthenticated callers are told apart by the kind of network they call from (docs/semantics.md#log-limits)', async (t) => {
