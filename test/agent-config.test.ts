@@ -175,7 +175,7 @@ t.test('a server name with a port is used without it, as the consul CLI does', a
   t.equal(name('consul.example:8501'), 'consul.example')
   t.equal(name('consul.example'), 'consul.example')
   t.equal(name('[::1]:8501'), '::1')
-  t.equal(name('[::1]'), '[::1]')
+  t.equal(name('[::1]'), '::1', 'brackets dropped: Node checks an IP against the IP SANs')
   t.equal(name('fe80::1'), 'fe80::1', 'a bare IPv6 literal has no port')
 })
 

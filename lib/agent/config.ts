@@ -238,13 +238,15 @@ function readCaPath (dir: string, from: string): Buffer {
   return Buffer.concat(pems)
 }
 
-/** A server name given as host:port, as the consul CLI accepts it, without its port. */
+/**
+ * A server name given as host:port, as the consul CLI accepts it, without its port; a bracketed
+ * IPv6 literal without its brackets (Node verifies an IP name against the certificate's IP SANs).
+ */
 function withoutPort (name: string | undefined): string | undefined {
   if (name === undefined) return undefined
   const colon = name.lastIndexOf(':')
-  // No port: none at all, or an IPv6 literal (bracketed, or bare with more than one colon).
-  if (colon <= name.lastIndexOf(']') || (!name.startsWith('[') && name.indexOf(':') !== colon)) return name
-  const host = name.slice(0, colon)
+  // A port: after the last colon, outside brackets, and not inside a bare IPv6 literal.
+  const host = colon > name.lastIndexOf(']') && (name.startsWith('[') || name.indexOf(':') === colon) ? name.slice(0, colon) : name
   return host.startsWith('[') && host.endsWith(']') ? host.slice(1, -1) : host
 }
 
