@@ -350,6 +350,23 @@ t.test('Upgrade and CONNECT listeners of the application\'s own, outside Fastify
   t.same(ran, ['upgrade /raw', 'upgrade /open', 'upgrade /raw'], 'the connect listener never ran')
 })
 
+t.test('a WebSocket route declared before the plugin: the gate applies the service\'s policy, then the route\'s own decision refuses and closes (docs/semantics.md#transport-upgrades)', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'deny' })
+  await setIntentions(agent, 'api', [{ Name: 'web', Action: 'allow' }])
+  const app: FastifyInstance = Fastify({ https: httpsOptions() }) as unknown as FastifyInstance
+  t.teardown(async () => await app.close())
+  await app.register(websocket)
+  let ran = 0
+  app.get('/early', { websocket: true, config: { consulNative: { sources: [{ name: 'web', action: 'deny' }] } } }, () => { ran++ })
+  await app.register(consulNative, { service: 'api', agent: { address: agent.address } })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const port = (app.server.address() as { port: number }).port
+  const { response, reader } = await http1(t, port, await leafFor(agent, 'web'), UPGRADE.replace('GET /ws ', 'GET /early '))
+  t.equal(response.status, 403, 'the route\'s override refuses it in Fastify')
+  await reader.closedByServer()
+  t.equal(ran, 0, 'the handler never ran, and the socket was closed')
+})
+
 t.test('outside Fastify too: a decision that waits (mode agent) and an HTTP/2 CONNECT (docs/semantics.md#transport-upgrades)', async (t) => {
   const agent = await startAgent(t, { defaultPolicy: 'deny' })
   await setIntentions(agent, 'api', [{ Name: 'web', Action: 'allow' }])
