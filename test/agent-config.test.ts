@@ -200,6 +200,8 @@ t.test('caPath and CONSUL_CAPATH: every PEM file of a directory, recursively; a 
   const junkDir = mkdtempSync(join(dir, 'capath-junk-'))
   writeFileSync(join(junkDir, 'README'), 'not a certificate')
   throwsOption(t, () => resolveAgentConfig({ address: 'https://x:1', caPath: junkDir }, {}), 'agent.caPath', /README in agent.caPath \(".*"\) holds no PEM certificate/)
+  symlinkSync(caDir, join(caDir, 'sub', 'loop'))
+  t.equal(resolveAgentConfig({ address: 'https://x:1', caPath: caDir }, {}).tls?.ca?.toString(), both, 'a link back up the tree is read once')
   const danglingDir = mkdtempSync(join(dir, 'capath-dangling-'))
   symlinkSync(missing, join(danglingDir, 'gone.pem'))
   throwsOption(t, () => resolveAgentConfig({ address: 'https://x:1', caPath: danglingDir }, {}), 'agent.caPath', /cannot read .*gone\.pem in agent.caPath/)

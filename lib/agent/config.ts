@@ -1,7 +1,7 @@
 // How to reach the local Consul agent: explicit options first, then the CONSUL_* variables the
 // consul CLI reads, so one environment configures both. Resolved once, at registration, and every
 // mistake is reported with the option or variable to fix.
-import { readFileSync, readdirSync, statSync } from 'node:fs'
+import { readFileSync, readdirSync, realpathSync, statSync } from 'node:fs'
 import { join } from 'node:path'
 import { InvalidOptionError } from '../errors'
 
@@ -203,14 +203,20 @@ function resolveCa (o: AgentOptions, env: NodeJS.ProcessEnv): string | Buffer | 
   return dir === undefined ? undefined : readCaPath(dir, 'CONSUL_CAPATH')
 }
 
-/** Every file under `dir`, recursively, in name order; each must hold a PEM certificate. */
+/**
+ * Every file under `dir`, recursively, in name order; each must hold a PEM certificate. Symbolic
+ * links are followed (a Kubernetes secret mount is made of them), each directory read once.
+ */
 function readCaPath (dir: string, from: string): Buffer {
   const what = `${from} ("${dir}")`
   const pems: Buffer[] = []
+  const seen = new Set<string>()
   const walk = (path: string): void => {
     let names: string[]
     try {
-      names = statSync(path).isDirectory() ? readdirSync(path).sort() : []
+      const real = realpathSync(path)
+      names = statSync(real).isDirectory() && !seen.has(real) ? readdirSync(real).sort() : []
+      seen.add(real)
     } catch (err) {
       throw new InvalidOptionError('agent.caPath', `cannot read ${what}: ${(err as Error).message}`, { cause: err })
     }
