@@ -408,20 +408,20 @@ let unroutedSerial = 0
 
 /**
  * An Upgrade or CONNECT request that Node hands to listeners outside Fastify, shaped as the
- * enforcer reads a request: the URL of the route Fastify would route it to (undefined: none, a
- * 404 in log lines), and an id of its own (docs/semantics.md#transport-upgrades).
+ * enforcer reads a request: no route (a 404 in log lines), and an id of its own
+ * (docs/semantics.md#transport-upgrades).
  */
-export function unroutedRequest (raw: FastifyRequest['raw'], routeUrl: string | undefined): FastifyRequest {
+export function unroutedRequest (raw: FastifyRequest['raw']): FastifyRequest {
   // An HTTP/2 CONNECT has no :path, so no url: it is decided as an empty target, which no path
   // rule can match (refused as a bad path once the caller is known).
   if (typeof raw.url !== 'string') raw = Object.create(raw, { url: { value: '' } }) as FastifyRequest['raw']
   return {
     raw,
     id: `unrouted-${++unroutedSerial}`,
-    is404: routeUrl === undefined,
+    is404: true,
     method: raw.method,
     url: raw.url,
-    routeOptions: { url: routeUrl },
+    routeOptions: { url: undefined },
     consulSource: null,
     consulDecision: null
   } as unknown as FastifyRequest

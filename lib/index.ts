@@ -156,11 +156,11 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
   }
   // Upgrade and CONNECT requests that reach listeners outside Fastify are decided too (docs/semantics.md#transport-upgrades).
   const upgradeGate: UpgradeGate = {
+    // @fastify/websocket's listener (its `onUpgrade`) sends every Upgrade through Fastify's routing.
+    routesThroughFastify: (listener) => listener.name === 'onUpgrade' && fastify.hasPlugin('@fastify/websocket'),
     decide: (raw) => {
-      const url = raw.url
-      const found = typeof url === 'string' && url !== '' ? routes.outside(raw.method as string, url, raw.headers.host) : null
-      const request = unroutedRequest(raw, found?.url)
-      const route = found?.policy ?? SERVICE_POLICY
+      const request = unroutedRequest(raw)
+      const route = SERVICE_POLICY
       // An allowed Upgrade is remembered like one Fastify routes (option recheckUpgrades).
       const settled = (err: Error | null): Error | null => {
         if (err === null) upgrades?.trackIfUpgrade(request, route)

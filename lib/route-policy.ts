@@ -1,7 +1,6 @@
 // Per-route settings (`config.consulNative`), compiled once when the route is declared so the
 // request path only reads a ready-made policy.
 import type { FastifyRequest, RouteOptions } from 'fastify'
-import FindMyWay from 'find-my-way'
 import { InvalidRouteConfigError } from './errors'
 import { routeConfigReader } from './fastify-internals'
 import { compileOverride } from './intentions/policy'
@@ -37,13 +36,6 @@ const kRoutePolicy = Symbol('fastify-consul-native.routePolicy')
  */
 export class RoutePolicies {
   readonly #router: RouterOptions
-  /**
-   * The routes declared after the plugin, routed as Fastify's router (find-my-way, the same
-   * options) routes them, for requests that never reach Fastify (`outside`); built on first use,
-   * since only an application with Upgrade or CONNECT listeners of its own needs it.
-   */
-  #mirror: FindMyWay.Instance<FindMyWay.HTTPVersion.V1> | null = null
-  readonly #declared: RouteOptions[] = []
   readonly #configOf = routeConfigReader()
   readonly #late = new WeakMap<object, RoutePolicy>()
   /** Every policy compiled so far, by `'METHOD /url'` (status and explain read it). */
@@ -61,23 +53,6 @@ export class RoutePolicies {
     const policy = withPrefixTwin(this.#compileLogged(route.config?.consulNative, name), route, this.#router)
     this.named.set(name, policy)
     route.config = { ...route.config, [kRoutePolicy]: policy } as typeof route.config
-    this.#declared.push(route)
-    if (this.#mirror !== null) mirrorRoute(this.#mirror, route)
-  }
-
-  /**
-   * The route, and its policy, that Fastify would route `method url` to, for an Upgrade or CONNECT
-   * that Node hands to listeners outside Fastify (docs/semantics.md#transport-upgrades); null for
-   * none, a route declared before the plugin, or a URL the router cannot read.
-   */
-  outside (method: string, url: string, host: string | undefined): OutsideRoute | null {
-    let mirror = this.#mirror
-    if (mirror === null) {
-      mirror = this.#mirror = FindMyWay({ ...this.#router })
-      for (const route of this.#declared) mirrorRoute(mirror, route)
-    }
-    const found = mirror.find(method as FindMyWay.HTTPMethod, url, host === undefined ? {} : { host })
-    return found === null ? null : found.store as OutsideRoute
   }
 
   #compileLogged (value: unknown, name: string): RoutePolicy {
@@ -114,23 +89,6 @@ export class RoutePolicies {
     this.#late.set(config, policy)
     this.named.set(name, policy)
     return policy
-  }
-}
-
-/** A route found for a request outside Fastify: its declared URL (for log lines) and its policy. */
-export interface OutsideRoute { readonly url: string, readonly policy: RoutePolicy }
-
-// find-my-way wants a handler per route; the copy is only searched, never dispatched through.
-/* c8 ignore next */
-function noop (): void {}
-
-function mirrorRoute (mirror: FindMyWay.Instance<FindMyWay.HTTPVersion.V1>, route: RouteOptions): void {
-  const routed: OutsideRoute = { url: route.url, policy: (route.config as Record<symbol, RoutePolicy>)[kRoutePolicy] as RoutePolicy }
-  try {
-    mirror.on(route.method as FindMyWay.HTTPMethod | FindMyWay.HTTPMethod[], route.url, { constraints: route.constraints ?? {} }, noop, routed)
-  } catch {
-    // A spelling the mirror already holds (Fastify's own HEAD twin of a GET), or a method or
-    // constraint it does not know: such a request outside Fastify gets the service's policy.
   }
 }
 

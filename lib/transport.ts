@@ -14,6 +14,7 @@ const kAwaitingContinue = Symbol('fastify-consul-native.awaitingContinue')
 interface ContinueRequest { [kAwaitingContinue]?: true }
 interface ServerLike {
   listenerCount (event: string): number
+  listeners (event: string): Function[]
   on (event: string, listener: (...args: any[]) => void): unknown
   emit (event: string | symbol, ...args: any[]): boolean
 }
@@ -69,6 +70,8 @@ function hasBody (raw: IncomingMessage): boolean {
 
 /** What the upgrade gate needs of the plugin. */
 export interface UpgradeGate {
+  /** Whether a listener hands what it gets to Fastify's routing (`@fastify/websocket`'s does). */
+  routesThroughFastify (listener: Function): boolean
   /** The error to answer with, or null to hand the request to the listeners. */
   decide (raw: IncomingMessage): Error | null | Promise<Error | null>
 }
@@ -80,7 +83,8 @@ const kGated = Symbol('fastify-consul-native.upgradeGate')
  * listeners, never to Fastify, as soon as any exists; a listener of the application's own (`ws`
  * attached to the server, a tunnel) would see it without a decision, even from a caller without a
  * certificate. Once the server has such a listener, its `emit` decides these two events first,
- * with the policy of the route Fastify would route them to (the service's when none); a refused
+ * unless every listener routes them through Fastify (where `onRequest` decides): with the service's
+ * policy, as a request no route matches, since no route's handler is what answers it. A refused
  * one is answered on its socket, which is then closed. Other events pass through untouched
  * (docs/semantics.md#transport-upgrades).
  */
@@ -93,6 +97,7 @@ export function gateUpgrades (server: ServerLike, gate: UpgradeGate): void {
     server.emit = function gatedEmit (this: ServerLike, event: string | symbol): boolean {
       // `arguments`, forwarded as given: no array per emitted event.
       if (event !== 'upgrade' && event !== 'connect') return emit.apply(this, arguments as unknown as Parameters<typeof emit>)
+      if (server.listeners(event).every((listener) => gate.routesThroughFastify(listener))) return emit.apply(this, arguments as unknown as Parameters<typeof emit>)
       const args = Array.prototype.slice.call(arguments) as Parameters<typeof emit>
       const raw = args[1] as IncomingMessage
       const pass = (err: Error | null): boolean => {

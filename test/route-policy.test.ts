@@ -1,6 +1,6 @@
 // Route-level config compiles once, in any of the key spellings users write, or fails naming the route.
 import t from 'tap'
-import { compileRoutePolicy, EXEMPT_POLICY, RoutePolicies, SERVICE_POLICY } from '../lib/route-policy'
+import { compileRoutePolicy, EXEMPT_POLICY, SERVICE_POLICY } from '../lib/route-policy'
 import { decideOverride } from '../lib/intentions/policy'
 import type { CompiledOverride } from '../lib/intentions/policy'
 
@@ -76,22 +76,4 @@ t.test('a route\'s enforcement, alone or with sources (docs/semantics.md#rollout
   t.equal(both.enforcement, 'shadow')
   t.equal(decideOverride(both.override as CompiledOverride, caller('web'), request('GET', '/a'))?.allow, true)
   t.equal(compileRoutePolicy({ sources: [{ name: 'web', action: 'allow' }] }, 'GET /a').enforcement, null, 'sources alone: the plugin option applies')
-})
-
-t.test('outside(): the route Fastify would route a request to, for Upgrades outside Fastify (docs/semantics.md#transport-upgrades)', async (t) => {
-  const router = { ignoreTrailingSlash: true, ignoreDuplicateSlashes: false, caseSensitive: true, useSemicolonDelimiter: false }
-  const routes = new RoutePolicies(router, { hasRoute: () => false, log: { debug: () => {}, info: () => {}, warn: () => {}, error: () => {} } })
-  const declare = (method: string | string[], url: string, config: Record<string, unknown> = {}, constraints?: Record<string, unknown>): void => {
-    routes.compile({ method, url, config, constraints, handler: () => {} } as never)
-  }
-  declare('GET', '/open', { consulNative: false })
-  declare(['GET', 'POST'], '/items/:id')
-  t.same(routes.outside('GET', '/open/', undefined), { url: '/open', policy: EXEMPT_POLICY }, 'with the router\'s own options (a trailing slash)')
-  t.same(routes.outside('POST', '/items/7?x=1', 'api'), { url: '/items/:id', policy: SERVICE_POLICY })
-  t.equal(routes.outside('GET', '/nothing', undefined), null)
-  t.equal(routes.outside('GET', '/open%ZZ', undefined), null, 'a URL the router cannot read')
-  declare('GET', '/late', { consulNative: false })
-  t.same(routes.outside('GET', '/late', undefined), { url: '/late', policy: EXEMPT_POLICY }, 'a route declared after the first lookup')
-  declare('GET', '/custom', {}, { tenant: 'a' })
-  t.equal(routes.outside('GET', '/custom', undefined), null, 'a constraint the copy does not know: the service\'s policy applies')
 })
