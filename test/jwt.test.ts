@@ -288,6 +288,31 @@ t.test('verified tokens are remembered per connection only while provably still 
   t.same((none as Exclude<typeof none, Promise<unknown>>).failures, { p: 'no token in the request', q: 'no jwt-provider config entry of this name' })
 })
 
+t.test('a key set refreshed while a signature is checked: the token is checked again on the next request (docs/semantics.md#jwt-cache)', async (t) => {
+  const issuer = await newIssuer('ES256')
+  const config = compileProvider({ Name: 'p', Issuer: 'https://idp.test', JSONWebKeySet: { Local: { JWKS: b64(jwks(issuer)) } } }, 'x')
+  const real = newKeySet('p', config.keySet, silent, () => {})
+  await real.ready()
+  // A refresh (the cache timer, or another request's unknown kid) lands after the key was picked,
+  // before the check ends: the generation moves on, and with it, possibly, the key.
+  let generation = 1
+  const keys = Object.create(real, {
+    generation: { get: () => generation },
+    getKey: {
+      value: async (...args: Parameters<typeof real.getKey>) => {
+        const key = await real.getKey(...args)
+        generation++
+        return key
+      }
+    }
+  }) as typeof real
+  const active = { config, keys }
+  const auth = new JwtAuthenticator({ get: () => active } as unknown as JwtProviders, silent)
+  const request = { rawHeaders: ['authorization', `Bearer ${await issuer.sign()}`], url: '/', connection: {} }
+  t.ok((await auth.tokensFor(request, ['p'], Date.now())).payload('p'), 'verified against the keys it began with')
+  t.ok(auth.tokensFor(request, ['p'], Date.now()) instanceof Promise, 'not remembered under the newer generation: checked again')
+})
+
 t.test('remote key sets: status, size, trust, asynchronous first fetch, refetch on an unknown key', async (t) => {
   const issuer = await newIssuer('ES256')
   const agent = await startDevAgent()

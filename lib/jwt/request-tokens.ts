@@ -134,6 +134,9 @@ export class JwtAuthenticator {
         tokens.accept(active, found, cached.payload)
         continue
       }
+      // The key set as it was when the check began: a refresh that lands while the signature is
+      // checked (a removed key) must make the next request check again, not find it remembered.
+      const generation = active.keys.generation
       ;(pending ??= []).push(verifyToken(found.token, active, nowMs).then((result) => {
         if (!result.ok) {
           tokens.reject(name, result.reason, active, found)
@@ -141,7 +144,7 @@ export class JwtAuthenticator {
         }
         tokens.accept(active, found, result.payload)
         this.#remember(request.connection, name, {
-          token: found.token, provider: active, generation: active.keys.generation, payload: result.payload, expMs: result.expMs, nbfMs: result.nbfMs
+          token: found.token, provider: active, generation, payload: result.payload, expMs: result.expMs, nbfMs: result.nbfMs
         })
       }))
     }
