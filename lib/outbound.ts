@@ -101,23 +101,44 @@ export function checkPeerIdentity (expected: ExpectedPeer, cert: Pick<PeerCertif
 }
 
 /**
- * The instances of a `/v1/health/connect` answer, reduced to where to dial them: `Service.Address`,
- * falling back to `Node.Address`, at `Service.Port`. An entry without both is a malformed answer.
+ * Where to dial an instance. `gatewayDatacenter`: set for a terminating gateway, which picks the
+ * service by the SNI naming it in that datacenter (`serviceSni`).
  */
-export function parseHealthConnect (body: unknown, path: string): Array<{ origin: string, id: string }> {
+export interface Instance { readonly origin: string, readonly id: string, readonly gatewayDatacenter: string | null }
+
+/**
+ * The instances of a `/v1/health/connect` answer, reduced to where to dial them: `Service.Address`,
+ * falling back to `Node.Address`, at `Service.Port`. An entry that cannot be dialled over TCP (one
+ * registered with a `SocketPath` and no port, or a malformed one) is left out, not the whole
+ * answer: one such instance must not hide the others. A terminating gateway's entry (Consul lists
+ * those linked to the service) gets the SNI naming the service, in the gateway's datacenter.
+ */
+export function parseHealthConnect (body: unknown, path: string): Instance[] {
   if (!Array.isArray(body)) throw new AgentInvalidResponseError(path, 'expected an array')
-  return body.map((entry: { Node?: { Address?: unknown }, Service?: { ID?: unknown, Address?: unknown, Port?: unknown } } | null) => {
+  const instances: Instance[] = []
+  for (const entry of body as Array<{ Node?: { Address?: unknown, Datacenter?: unknown }, Service?: { ID?: unknown, Kind?: unknown, Address?: unknown, Port?: unknown } } | null>) {
     const svc = entry?.Service
     const address = svc?.Address !== '' && svc?.Address !== undefined ? svc.Address : entry?.Node?.Address
     const port = svc?.Port
-    if (typeof address !== 'string' || address === '' || !Number.isInteger(port) || (port as number) <= 0 || (port as number) > 65535) {
-      throw new AgentInvalidResponseError(path, 'an instance has no usable address or port')
+    if (typeof address !== 'string' || address === '' || !Number.isInteger(port) || (port as number) <= 0 || (port as number) > 65535) continue
+    let gatewayDatacenter: string | null = null
+    if (svc?.Kind === 'terminating-gateway') {
+      const dc = entry?.Node?.Datacenter
+      if (typeof dc !== 'string' || dc === '') continue
+      gatewayDatacenter = dc
     }
-    return { origin: `https://${address.includes(':') ? `[${address}]` : address}:${port as number}`, id: String(svc?.ID) }
-  })
+    instances.push({ origin: `https://${address.includes(':') ? `[${address}]` : address}:${port as number}`, id: String(svc?.ID), gatewayDatacenter })
+  }
+  return instances
 }
 
-type Instance = ReturnType<typeof parseHealthConnect>[number]
+/** Consul's ServiceSNI (agent/connect/sni.go), without subsets. */
+export function serviceSni (peer: ExpectedPeer, datacenter: string): string {
+  const partition = peer.partition ?? DEFAULT_SCOPE
+  return partition === DEFAULT_SCOPE
+    ? `${peer.service}.${peer.namespace}.${datacenter}.internal.${peer.trustDomain}`
+    : `${peer.service}.${peer.namespace}.${partition}.${datacenter}.internal-v1.${peer.trustDomain}`
+}
 
 /** Checks the per-call limits of fetch(): whole milliseconds; 0 disables the undici ones. */
 function callLimits (headersTimeout: unknown, bodyTimeout: unknown, timeout: unknown): OutboundTimeouts {
@@ -438,7 +459,7 @@ class ServiceDispatcher extends Dispatcher {
     const instance = pickFrom[this.#next++ % pickFrom.length] as Instance
     // Whether it may be resent is worked out only if its connection fails (failedEarly).
     const attempt = attemptOf(this.#attempts, handler, opts, instance, exclude !== null, list.length)
-    this.#poolFor(instance.origin, material as TlsMaterial).dispatch({ ...opts, origin: instance.origin }, attempt)
+    this.#poolFor(instance, material as TlsMaterial).dispatch({ ...opts, origin: instance.origin }, attempt)
   }
 
   /** The dispatcher's side of its attempts, one object for all of them. */
@@ -468,7 +489,8 @@ class ServiceDispatcher extends Dispatcher {
     return healthy.length > 0 ? healthy : list
   }
 
-  #poolFor (origin: string, material: TlsMaterial): Pool {
+  #poolFor (instance: Instance, material: TlsMaterial): Pool {
+    const origin = instance.origin
     let pool = this.#pools.get(origin)
     if (pool === undefined) {
       const expected = { service: this.#service, namespace: this.#namespace, partition: this.#partition, trustDomain: material.trustDomain }
@@ -480,6 +502,10 @@ class ServiceDispatcher extends Dispatcher {
           ca: [...material.rootPems],
           minVersion: 'TLSv1.2',
           rejectUnauthorized: true,
+          // Node checks the server's identity only on a full handshake: a resumed session would
+          // skip checkPeerIdentity, so none is resumed (mesh connections are kept alive anyway).
+          maxCachedSessions: 0,
+          ...(instance.gatewayDatacenter === null ? null : { servername: serviceSni(expected, instance.gatewayDatacenter) }),
           checkServerIdentity: (_host: string, cert: PeerCertificate) => checkPeerIdentity(expected, cert)
         }
       })
