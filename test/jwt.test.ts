@@ -234,11 +234,49 @@ t.test('the verifier: algorithms, claims, and reasons without the token', async 
   for (const [token, reason] of reasons) t.same(await verifyToken(token, active, now), { ok: false, reason }, reason)
   t.match(await verifyToken(await es.sign({ exp: s - 9, nbf: s + 9 }), active, now), { ok: true, expMs: (s - 9) * 1000, nbfMs: (s + 9) * 1000 }, 'within the skew')
   t.match(await verifyToken(await es.sign({ exp: undefined }), active, now), { ok: true, expMs: null, nbfMs: null })
-  const twin = compileProvider({ Name: 'p', Issuer: 'https://idp.test', JSONWebKeySet: { Local: { JWKS: b64({ keys: [{ ...es.jwk, kid: undefined }, { ...es.jwk, kid: undefined }] }) } } }, 'x')
-  const twinKeys = newKeySet('p', twin.keySet, silent, () => {})
-  await twinKeys.ready()
-  t.same(await verifyToken(await es.sign({}, { kid: undefined }), { config: twin, keys: twinKeys }, now),
-    { ok: false, reason: 'several keys of the key set match the token (no kid)' })
+})
+
+t.test('key selection as Envoy does it: several candidate keys are each tried; a key without kid fits any kid (docs/semantics.md#jwt-verification)', async (t) => {
+  const [a, b, rsa] = await Promise.all([newIssuer('ES256'), newIssuer('ES256'), newIssuer('RS256')])
+  const provider = async (keys: object[]): Promise<Parameters<typeof verifyToken>[1]> => {
+    const config = compileProvider({ Name: 'p', Issuer: 'https://idp.test', JSONWebKeySet: { Local: { JWKS: b64({ keys }) } } }, 'x')
+    const set = newKeySet('p', config.keySet, silent, () => {})
+    await set.ready()
+    return { config, keys: set }
+  }
+  const now = Date.now()
+  const rotation = await provider([{ ...a.jwk, kid: 'k' }, { ...b.jwk, kid: 'k' }])
+  t.match(await verifyToken(await b.sign({}, { kid: 'k' }), rotation, now), { ok: true }, 'two keys share a kid during a rotation: the second one verifies')
+  t.match(await verifyToken(await a.sign({}, { kid: undefined }), rotation, now), { ok: true }, 'no kid: every key is a candidate')
+  t.same(await verifyToken(await rsa.sign({}, { kid: undefined, alg: 'RS256' }), await provider([{ ...a.jwk, kid: undefined }, { ...b.jwk, kid: undefined }]), now),
+    { ok: false, reason: 'no key of the key set matches the token' }, 'no candidate of the token\'s key type')
+  const other = await newIssuer('ES256')
+  t.same(await verifyToken(await other.sign({}, { kid: 'k' }), rotation, now), { ok: false, reason: 'bad signature' }, 'no candidate verifies it')
+  const kidless = await provider([{ ...a.jwk, kid: undefined }, { ...rsa.jwk }])
+  t.match(await verifyToken(await a.sign({}, { kid: 'anything' }), kidless, now), { ok: true }, 'a key without kid fits a token with any kid')
+  t.same(await verifyToken(await other.sign({}, { kid: 'anything' }), kidless, now), { ok: false, reason: 'bad signature' })
+  t.same(await verifyToken(await rsa.sign({}, { kid: undefined }), await provider([{ ...a.jwk, kid: undefined }]), now),
+    { ok: false, reason: 'no key of the key set matches the token' }, 'nor a token of another key type without kid')
+})
+
+t.test('audiences compared as Envoy compares them: without http(s):// and a trailing slash', async (t) => {
+  const issuer = await newIssuer('ES256')
+  const active = async (audiences: string[]): Promise<Parameters<typeof verifyToken>[1]> => {
+    const config = compileProvider({ Name: 'p', Issuer: 'https://idp.test', Audiences: audiences, JSONWebKeySet: { Local: { JWKS: b64(jwks(issuer)) } } }, 'x')
+    const keys = newKeySet('p', config.keySet, silent, () => {})
+    await keys.ready()
+    return { config, keys }
+  }
+  const now = Date.now()
+  const https = await active(['https://api.example.com'])
+  for (const aud of ['https://api.example.com/', 'http://api.example.com', 'api.example.com', ['x', 'api.example.com/'], [7, 'https://api.example.com']]) {
+    t.match(await verifyToken(await issuer.sign({ aud }), https, now), { ok: true }, JSON.stringify(aud))
+  }
+  for (const aud of ['https://api.example.com.evil', 'api.example', [7], undefined, 'https://API.example.com']) {
+    t.same(await verifyToken(await issuer.sign({ aud }), https, now), { ok: false, reason: 'aud is not among the provider\'s Audiences' }, JSON.stringify(aud))
+  }
+  t.match(await verifyToken(await issuer.sign({ aud: 'https://api.example.com' }), await active(['api.example.com/']), now), { ok: true })
+  t.match(await verifyToken(await issuer.sign({ aud: 'whatever' }), await active([]), now), { ok: true }, 'no Audiences: aud is not checked')
 })
 
 t.test('verified tokens are remembered per connection only while provably still valid', async (t) => {

@@ -5,7 +5,7 @@
 import { readFileSync } from 'node:fs'
 import { readFile } from 'node:fs/promises'
 import type { FastifyBaseLogger } from 'fastify'
-import { createLocalJWKSet } from 'jose'
+import { createLocalJWKSet, errors } from 'jose'
 import type { JSONWebKeySet, JWTVerifyGetKey } from 'jose'
 import { Agent, request } from 'undici'
 import { logEvent } from '../log'
@@ -54,7 +54,22 @@ function parseJwks (text: string): { set: JWTVerifyGetKey, count: number } {
     throw new Error('the key set has no "keys" array')
   }
   const jwks = doc as JSONWebKeySet
-  return { set: createLocalJWKSet(jwks), count: jwks.keys.length }
+  // Envoy tries a key without a `kid` for any token: such keys are also looked up on their own,
+  // for a token whose `kid` no key carries.
+  const withoutKid = jwks.keys.filter((jwk) => jwk === null || typeof jwk !== 'object' || jwk.kid === undefined)
+  const anyKid = withoutKid.length === 0 ? null : createLocalJWKSet({ keys: withoutKid })
+  const byKid = createLocalJWKSet(jwks)
+  const set: JWTVerifyGetKey = anyKid === null
+    ? byKid
+    : async (header, token) => {
+      try {
+        return await byKid(header, token)
+      } catch (err) {
+        if (!(err instanceof errors.JWKSNoMatchingKey) || header.kid === undefined) throw err
+        return await anyKid({ ...header, kid: undefined }, token)
+      }
+    }
+  return { set, count: jwks.keys.length }
 }
 
 abstract class BaseKeySet implements KeySet {

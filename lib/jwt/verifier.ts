@@ -24,15 +24,21 @@ export type Verification =
 
 export async function verifyToken (token: string, provider: ActiveProvider, nowMs: number): Promise<Verification> {
   const config = provider.config
+  const options = { algorithms: ALGORITHMS as string[], clockTolerance: config.clockSkewSeconds, currentDate: new Date(nowMs) }
   try {
-    const { payload } = await jwtVerify(token, provider.keys.getKey, {
-      algorithms: ALGORITHMS as string[],
-      audience: config.audiences.length > 0 ? config.audiences as string[] : undefined,
-      clockTolerance: config.clockSkewSeconds,
-      currentDate: new Date(nowMs)
-    })
+    let payload: JWTPayload
+    try {
+      payload = (await jwtVerify(token, provider.keys.getKey, options)).payload
+    } catch (err) {
+      // Several keys fit (a kid shared during a rotation, or no kid): Envoy tries each of them.
+      if (!(err instanceof errors.JWKSMultipleMatchingKeys)) throw err
+      payload = await verifyWithAny(token, err as unknown as AsyncIterable<Parameters<typeof jwtVerify>[1]>, options)
+    }
     // Exact equality, also for an empty Issuer (docs/semantics.md#jwt-verification).
     if (payload.iss !== config.issuer) return { ok: false, reason: 'iss is not the provider\'s Issuer' }
+    if (config.audiences.length > 0 && !audienceAllowed(payload.aud, config.audiences)) {
+      return { ok: false, reason: 'aud is not among the provider\'s Audiences' }
+    }
     return {
       ok: true,
       payload: Object.freeze(payload),
@@ -44,16 +50,43 @@ export async function verifyToken (token: string, provider: ActiveProvider, nowM
   }
 }
 
+/** The first candidate key the token verifies with; the last failure when none does. */
+async function verifyWithAny (token: string, candidates: AsyncIterable<Parameters<typeof jwtVerify>[1]>, options: Parameters<typeof jwtVerify>[2]): Promise<JWTPayload> {
+  let failure: unknown = new errors.JWSSignatureVerificationFailed()
+  for await (const key of candidates) {
+    try {
+      return (await jwtVerify(token, key, options)).payload
+    } catch (err) {
+      failure = err
+    }
+  }
+  throw failure
+}
+
+/**
+ * Envoy's audience check (jwt_verify_lib CheckAudience): one of the token's audiences equals one
+ * of the provider's, both compared without an `http://` or `https://` in front and a `/` at the end.
+ */
+function audienceAllowed (aud: unknown, audiences: readonly string[]): boolean {
+  const tokenAudiences = typeof aud === 'string' ? [aud] : Array.isArray(aud) ? aud.filter((a): a is string => typeof a === 'string') : []
+  const allowed = new Set(audiences.map(sanitizeAudience))
+  return tokenAudiences.some((a) => allowed.has(sanitizeAudience(a)))
+}
+
+function sanitizeAudience (aud: string): string {
+  const start = aud.startsWith('http://') ? 7 : aud.startsWith('https://') ? 8 : 0
+  const end = aud.endsWith('/') && aud.length > start ? aud.length - 1 : aud.length
+  return aud.slice(start, end)
+}
+
 function reasonOf (err: unknown): string {
   if (err instanceof errors.JWTExpired) return 'token expired'
   if (err instanceof errors.JWTClaimValidationFailed) {
     if (err.claim === 'nbf') return 'token not yet valid (nbf)'
-    if (err.claim === 'aud') return 'aud is not among the provider\'s Audiences'
     return `claim ${err.claim} is invalid`
   }
   if (err instanceof errors.JWSSignatureVerificationFailed) return 'bad signature'
   if (err instanceof errors.JWKSNoMatchingKey) return 'no key of the key set matches the token'
-  if (err instanceof errors.JWKSMultipleMatchingKeys) return 'several keys of the key set match the token (no kid)'
   if (err instanceof errors.JOSEAlgNotAllowed) return 'algorithm not allowed'
   if (err instanceof KeySetUnavailableError) return `key set unavailable: ${err.message}`
   if (err instanceof errors.JWSInvalid || err instanceof errors.JWTInvalid) return 'malformed token'
