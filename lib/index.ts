@@ -173,7 +173,8 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
   gateUpgrades(fastify.server, upgradeGate)
   fastify.addHook('onListen', function consulNativeOnListen (done) {
     attachExtraServers(tls, fastify, log)
-    // Fastify's extra servers are created at listen: no listener of the application's can be there yet.
+    // Fastify's extra servers are created at listen: no listener of the application's can be there
+    // yet, but Fastify's own forwarder of Upgrades to the main server is, and is gated like one.
     for (const server of serverBindingsOf(fastify) ?? []) {
       if (dynamicTlsOf(server) === tls) {
         deferContinue(server as Parameters<typeof deferContinue>[0])

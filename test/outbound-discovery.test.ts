@@ -27,8 +27,8 @@ async function callerAs (t: Tap, agent: DevAgent, address = agent.address): Prom
 }
 
 /** An HTTPS server answering `{ who }`, recording the SNI of each connection. */
-async function server (t: Tap, opts: https.ServerOptions & { who: string }, port = 0): Promise<{ port: number, sni: Array<string | false>, close: () => Promise<void> }> {
-  const sni: Array<string | false> = []
+async function server (t: Tap, opts: https.ServerOptions & { who: string }, port = 0): Promise<{ port: number, sni: Array<string | false | null>, close: () => Promise<void> }> {
+  const sni: Array<string | false | null> = []
   const s = https.createServer(opts, (_req, res) => res.end(JSON.stringify({ who: opts.who })))
   s.on('secureConnection', (socket: TLSSocket) => sni.push(socket.servername))
   await new Promise<void>((resolve) => s.listen(port, '127.0.0.1', resolve))
