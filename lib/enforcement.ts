@@ -200,8 +200,26 @@ export class Enforcer {
     const peer = this.#tls.identities.peer(raw, now)
     request.consulSource = peer.identity
     const tokens = this.#tokens(request, route, peer, now)
-    if (tokens instanceof Promise) return tokens.then((t) => this.#decide(request, route, peer, t))
-    return this.#decide(request, route, peer, tokens)
+    // The candidate's own providers, verified apart: the live decision and what the handler sees
+    // never depend on the candidate (docs/semantics.md#rollout-candidate).
+    const extra = this.#candidate === null ? null : this.#candidateTokens(request, route, peer, now)
+    if (tokens instanceof Promise || extra instanceof Promise) {
+      return Promise.all([tokens, extra]).then(([t, e]) => this.#decide(request, route, peer, t, e))
+    }
+    return this.#decide(request, route, peer, tokens, extra)
+  }
+
+  /** Tokens for the providers only the candidate asks for this caller: null when there are none. */
+  #candidateTokens (request: FastifyRequest, route: RoutePolicy, peer: PeerIdentity, now: number): RequestTokens | null | Promise<RequestTokens> {
+    const candidate = this.#candidate as Candidate
+    if (candidate.policy === null) return null
+    const service = this.#candidateService
+    service.policy = candidate.policy
+    const live = jwtProvidersNeeded(this.#service, route, peer.identity)
+    const extra = jwtProvidersNeeded(service, route, peer.identity).filter((name) => !live.includes(name))
+    if (extra.length === 0) return null
+    const raw = request.raw
+    return this.#sync.jwt.tokensFor({ rawHeaders: raw.rawHeaders, url: raw.url as string, connection: connectionOf(raw) }, extra, now)
   }
 
   /**
@@ -230,7 +248,8 @@ export class Enforcer {
     return { caller: peer.identity, method: raw.method as string, url: raw.url as string, rawHeaders: raw.rawHeaders, jwt: tokens, callerRules: peer.rules }
   }
 
-  #decide (request: FastifyRequest, route: RoutePolicy, peer: PeerIdentity, tokens: RequestTokens | null): Error | null | Promise<Error | null> {
+  #decide (request: FastifyRequest, route: RoutePolicy, peer: PeerIdentity, tokens: RequestTokens | null,
+    candidateTokens: RequestTokens | null = null): Error | null | Promise<Error | null> {
     // An asynchronous verification may end after an update: decide with what is in force now.
     const view = this.#viewOf(request, peer, tokens)
     const verdict = decideRequest(this.#service, route, view, this.#verdict)
@@ -238,7 +257,7 @@ export class Enforcer {
     // The candidate is decided only where the intentions decide: exemption, identity and
     // normalization do not depend on them (docs/semantics.md#rollout-candidate).
     if (candidate !== null && candidate.policy !== null && (verdict.outcome === 'allow' || verdict.outcome === 'deny')) {
-      this.#compare(request, peer, candidate, route, view, verdict)
+      this.#compare(request, peer, candidate, route, view, verdict, candidateTokens)
     }
     if (verdict.dropUnderscoreHeaders) dropUnderscoreHeaders(request.raw)
     const outcome = verdict.outcome
@@ -250,12 +269,15 @@ export class Enforcer {
   }
 
   /** Decides the request again against the candidate; counts and logs a disagreement. */
-  #compare (request: FastifyRequest, peer: PeerIdentity, candidate: Candidate, route: RoutePolicy, view: RequestView, live: RequestVerdict): void {
+  #compare (request: FastifyRequest, peer: PeerIdentity, candidate: Candidate, route: RoutePolicy, view: RequestView, live: RequestVerdict,
+    extra: RequestTokens | null): void {
     const service = this.#candidateService
     service.policy = candidate.policy as NonNullable<Candidate['policy']>
     service.normalization = this.#service.normalization
+    const liveTokens = view.jwt ?? null
+    const jwt = extra === null ? liveTokens : { payload: (name: string) => extra.payload(name) ?? liveTokens?.payload(name) ?? null }
     // The caller's memo is the live policy's: the candidate looks its rule up.
-    const mine = decideRequest(service, route, { ...view, callerRules: null }, this.#candidateVerdict).decision
+    const mine = decideRequest(service, route, { ...view, callerRules: null, jwt }, this.#candidateVerdict).decision
     const theirs = live.decision
     if (mine.allow === theirs.allow) return
     if (theirs.allow) candidate.disagreements.allowDeny++
@@ -296,10 +318,12 @@ export class Enforcer {
   #redecide (request: FastifyRequest, route: RoutePolicy, peer: PeerIdentity, tokens: RequestTokens | null): boolean | Promise<boolean> {
     const view = this.#viewOf(request, peer, tokens)
     const outcome = decideRequest(this.#service, route, view, this.#verdict).outcome
+    // Shadow enforcement keeps serving what it would deny, open connections included.
+    const shadow = (route.enforcement ?? this.#enforcement) === 'shadow'
     if (outcome === 'ask-agent') {
-      return (this.#authorize as AgentAuthorizer).decide(request, peer.identity as ServiceIdentity).then((decision) => decision.allow)
+      return (this.#authorize as AgentAuthorizer).decide(request, peer.identity as ServiceIdentity).then((decision) => decision.allow || shadow)
     }
-    return outcome === 'allow' || outcome === 'exempt'
+    return outcome === 'allow' || outcome === 'exempt' || (shadow && (outcome === 'deny' || outcome === 'unauthenticated'))
   }
 
   /** The one place an outcome becomes a counter, a log line and an error. */
@@ -320,6 +344,9 @@ export class Enforcer {
       effect = SHADOW_EFFECTS[outcome]
       decision = shadowed(decision)
       limiter = this.#shadowDenials
+      // Served, so read as an allowed request is: the caller's own forwarding header and the
+      // token headers that are not forwarded are removed (docs/semantics.md#jwt-forwarding).
+      if (tokens !== null) applyTokens(request, tokens)
     }
     request.consulDecision = decision
     this.counters[effect.counter]++

@@ -51,7 +51,8 @@ export class RoutePolicies {
   compile (route: RouteOptions): void {
     const name = `${String(route.method)} ${route.url}`
     const policy = withPrefixTwin(this.#compileLogged(route.config?.consulNative, name), route, this.#router)
-    this.named.set(name, policy)
+    // One entry per method, as status() and explain() name a route: 'GET /url'.
+    for (const method of Array.isArray(route.method) ? route.method : [route.method]) this.named.set(`${method} ${route.url}`, policy)
     route.config = { ...route.config, [kRoutePolicy]: policy } as typeof route.config
   }
 

@@ -1,6 +1,7 @@
 // Candidate intentions on live traffic (docs/semantics.md#rollout-candidate): every request is
 // also decided against the candidate; disagreements are counted and logged; responses never change.
 import t from 'tap'
+import { localProvider, newIssuer } from './helpers/jwt'
 import { once } from 'node:events'
 import { mkdtemp, rm, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
@@ -108,8 +109,13 @@ t.test('fastify.consulNative.explain(): live and candidate, with a route\'s over
     routes: (app) => {
       app.get('/ops', { config: { consulNative: { sources: [{ name: 'web', action: 'deny' }] } } }, async () => 'ops')
       app.get('/public/x', async () => 'x')
+      app.route({ method: ['GET', 'POST'], url: '/multi', config: { consulNative: { sources: [{ name: 'web', action: 'deny' }] } }, handler: async () => 'm' })
     }
   })
+  for (const method of ['GET', 'POST']) {
+    t.match(svc.app.consulNative.explain({ source: 'web', method, path: '/multi', route: '/multi' }), { allow: false, trace: [{ step: 'route', route: `${method} /multi` }] },
+      `a route with several methods is named once per method: ${method} /multi`)
+  }
   const explained = svc.app.consulNative.explain({ source: 'web', method: 'GET', path: '/private' })
   t.match(explained, { allow: true, decidedBy: { intention: 'intention default/web => default/api (precedence 9)', permission: null } })
   t.match(explained.candidate, { allow: false, reason: /no permission matched, default policy \(deny\)/ })
@@ -142,4 +148,26 @@ t.test('candidate disagreement lines are limited like denials; the counter stays
   t.equal(lines.length, 2)
   t.match(lines[1], { consulNative: { route: '(not found)', path: '/nowhere', suppressed: 2 } })
   t.equal(svc.app.consulNative.status().candidate?.disagreements, 4)
+})
+
+t.test('a candidate asking for a JWT the live intentions do not: its provider is verified for it, apart (docs/semantics.md#rollout-candidate)', async (t) => {
+  const okta = await newIssuer('ES256')
+  const agent = await startAgent(t, { defaultPolicy: 'deny' })
+  await setProtocol(agent, 'api', 'http')
+  t.equal((await agentCall(agent, 'PUT', '/v1/config', localProvider('okta', [okta]))).status, 200)
+  await setIntentions(agent, 'api', [{ Name: 'web', Action: 'allow' }])
+  const candidate = {
+    Kind: 'service-intentions',
+    Name: 'api',
+    Sources: [{ Name: 'web', Permissions: [{ Action: 'allow', HTTP: { PathPrefix: '/' }, JWT: { Providers: [{ Name: 'okta' }] } }] }]
+  }
+  const svc = await startService(t, agent, { plugin: { candidate }, routes: (app) => { app.get('/*', async (request) => ({ auth: request.headers.authorization ?? null, jwt: request.consulJwt })) } })
+  const web = mtlsClient(t, await leafFor(agent, 'web'))
+  const token = await okta.sign({})
+  const res = await get(web, `${svc.origin}/x`, { headers: { authorization: `Bearer ${token}` } })
+  t.equal(res.status, 200)
+  t.same(res.body, { auth: `Bearer ${token}`, jwt: null }, 'what the handler sees follows the live intentions only')
+  t.equal(svc.app.consulNative.status().candidate?.disagreements, 0, 'a valid token satisfies the candidate: no disagreement')
+  await get(web, `${svc.origin}/y`)
+  t.equal(svc.app.consulNative.status().candidate?.disagreements, 1, 'without one, the candidate denies')
 })

@@ -2,6 +2,12 @@
 // enforce mode, would-be 401/403 served, recorded in request.consulDecision, logs and counters;
 // 400s of the request normalization never shadowed; per-route settings win; status and health.
 import t from 'tap'
+import { once } from 'node:events'
+import Fastify from 'fastify'
+import websocket from '@fastify/websocket'
+import WebSocket from 'ws'
+import consulNative, { httpsOptions } from '../lib/index'
+import { localProvider, newIssuer } from './helpers/jwt'
 import fc from 'fast-check'
 import type { FastifyInstance } from 'fastify'
 import type { Dispatcher } from 'undici'
@@ -216,4 +222,53 @@ t.test('mode agent: the agent\'s denials are shadowed the same way', async (t) =
   t.equal(denied.status, 200)
   t.match(denied.body.decision, { allow: false, reason: /^agent authorize: Matched L4 intention/, enforced: false })
   t.same(Object.keys((await get(web, `${svc.origin}/x`)).body.decision), ['allow', 'reason'], 'an allow is not marked')
+})
+
+t.test('shadow keeps serving open WebSockets through recheckUpgrades, the unauthenticated ones too (docs/semantics.md#rollout-shadow)', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'deny' })
+  await setIntentions(agent, 'api', [{ Name: 'ops', Action: 'allow' }])
+  const logs = logLines()
+  const app = Fastify({ https: httpsOptions(), logger: { level: 'info', stream: logs.stream } }) as unknown as FastifyInstance
+  t.teardown(async () => await app.close())
+  await app.register(consulNative, { service: 'api', agent: { address: agent.address }, recheckUpgrades: true, enforcement: 'shadow' })
+  await app.register(websocket)
+  app.get('/ws', { websocket: true }, (socket: WebSocket) => { socket.on('message', (m: Buffer) => socket.send(`echo ${m.toString()}`)) })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const port = (app.server.address() as { port: number }).port
+  const open = async (creds: object): Promise<{ closed: () => boolean }> => {
+    const ws = new WebSocket(`wss://127.0.0.1:${port}/ws`, { ...creds, checkServerIdentity: (() => undefined) as unknown as () => boolean })
+    t.teardown(() => ws.terminate())
+    await once(ws, 'open')
+    let closed = false
+    ws.on('close', () => { closed = true })
+    return { closed: () => closed }
+  }
+  const web = await open(await leafFor(agent, 'web'))
+  const anonymous = await open({ ca: await rootPems(agent) })
+  const updated = once(app.consulNative.events, 'intentions')
+  await setIntentions(agent, 'api', [{ Name: 'ops', Action: 'deny' }])
+  await updated
+  await new Promise((resolve) => setTimeout(resolve, 200))
+  t.equal(web.closed(), false, 'a would-be denial stays served')
+  t.equal(anonymous.closed(), false, 'so does a caller without a certificate')
+  t.same(logs.lines.filter((l) => ['upgrade-revoked', 'upgrade-recheck-failed'].includes(l.consulNative?.event)), [], 'nothing revoked, nothing failed')
+})
+
+t.test('shadow-served requests read tokens as allowed ones do: a caller cannot forge the forwarding header (docs/semantics.md#jwt-forwarding)', async (t) => {
+  const okta = await newIssuer('ES256')
+  const agent = await startAgent(t, { defaultPolicy: 'deny' })
+  await setProtocol(agent, 'api', 'http')
+  t.equal((await agentCall(agent, 'PUT', '/v1/config', localProvider('okta', [okta], { Forwarding: { HeaderName: 'X-JWT-Payload' } }))).status, 200)
+  await setIntentions(agent, 'api', [{ Name: 'web', Permissions: [{ Action: 'allow', HTTP: { PathPrefix: '/' }, JWT: { Providers: [{ Name: 'okta' }] } }] }])
+  const svc = await startService(t, agent, {
+    plugin: { enforcement: 'shadow' },
+    routes: (app) => { app.get('/*', async (request) => ({ payload: request.headers['x-jwt-payload'] ?? null, auth: request.headers.authorization ?? null, enforced: request.consulDecision?.enforced })) }
+  })
+  const web = mtlsClient(t, await leafFor(agent, 'web'))
+  const forged = Buffer.from('{"role":"admin"}').toString('base64url')
+  const res = await get(web, `${svc.origin}/x`, { headers: { 'x-jwt-payload': forged, authorization: 'Bearer not-a-token' } })
+  t.equal(res.status, 200, 'served')
+  t.equal(res.body.enforced, false, 'as a shadowed denial')
+  t.equal(res.body.payload, null, 'the caller\'s own forwarding header is removed')
+  t.equal(res.body.auth, null, 'and the token header that is not forwarded')
 })
