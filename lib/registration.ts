@@ -61,6 +61,8 @@ export interface ResolvedRegistration {
 export interface ServiceRegistrationOptions {
   /** Wait of each anti-entropy poll. Default: the check interval, at least 1 s. */
   antiEntropyWaitMs?: number
+  /** Delay before a restore that follows another one, doubling each time. Default 1 min → 30 min. */
+  restoreBackoff?: { initialMs: number, maxMs: number }
 }
 
 export interface RegistrationState {
@@ -88,6 +90,9 @@ const FALLBACK_ADDRESS = '127.0.0.1'
 const MAX_DURATION_US = 365 * 24 * 3_600_000_000
 const MIN_ANTI_ENTROPY_WAIT_MS = 1_000
 const BACKOFF = { initialMs: 200, maxMs: 30_000 }
+// An agent that removes the instance again and again (its reaper, once the check stayed critical
+// for DeregisterCriticalServiceAfter) is not fought every cycle: restores space out.
+const RESTORE_BACKOFF = { initialMs: 60_000, maxMs: 30 * 60_000 }
 const ID = /^[^\s/\p{Cc}]+$/u
 const HOST = /^[^\s/\p{Cc}[\]]+$/u
 // validateMetadata in Consul's agent/structs: keys, sizes, and the reserved prefix.
@@ -153,7 +158,8 @@ const FIELDS: Record<keyof RegisterOptions, Validator> = {
     for (const [key, value] of entries) {
       if (!META_KEY.test(key)) fail(`${name}.${key}`, 'keys must be 1 to 128 letters, digits, "_" or "-"')
       if (key.startsWith('consul-')) fail(`${name}.${key}`, 'the "consul-" prefix is reserved by Consul')
-      if (typeof value !== 'string' || value.length > MAX_META_VALUE) fail(`${name}.${key}`, `must be a string of at most ${MAX_META_VALUE} characters, got ${shown(value)}`)
+      // Consul counts bytes (Go's len of a UTF-8 string).
+      if (typeof value !== 'string' || Buffer.byteLength(value) > MAX_META_VALUE) fail(`${name}.${key}`, `must be a string of at most ${MAX_META_VALUE} bytes (UTF-8), got ${shown(value)}`)
     }
     return Object.fromEntries(entries)
   },
@@ -284,6 +290,7 @@ export class ServiceRegistration {
   readonly #registration: ResolvedRegistration
   readonly #log: FastifyBaseLogger
   readonly #waitMs: number
+  readonly #restoreBackoff: { initialMs: number, maxMs: number }
   readonly #stop = new AbortController()
   readonly #state: RegistrationState = { registered: false, lastRegistered: null, restored: 0, lastError: null }
   /** Per loop, the cause last logged at warn/error; repeats go to debug. */
@@ -302,6 +309,7 @@ export class ServiceRegistration {
     this.#registration = registration
     this.#log = log
     this.#waitMs = clampWait(opts.antiEntropyWaitMs ?? Math.max(MIN_ANTI_ENTROPY_WAIT_MS, registration.intervalMs))
+    this.#restoreBackoff = opts.restoreBackoff ?? RESTORE_BACKOFF
   }
 
   /** The instance ID registered. */
@@ -400,18 +408,28 @@ export class ServiceRegistration {
     const waitMs = this.#waitMs
     let hash: string | null = null
     let failures = 0
+    /** Restores since the agent last held the instance through a whole blocking poll. */
+    let restores = 0
     while (!signal.aborted) {
       let delayMs = 0
       try {
+        const blocking = hash !== null
         const res: AgentResponse<unknown> = await this.#client.request('GET', path, {
-          signal, allow404: true, blocking: hash === null ? undefined : { hash, waitMs }, scoped: AGENT_SCOPES
+          signal, allow404: true, blocking: blocking ? { hash: hash as string, waitMs } : undefined, scoped: AGENT_SCOPES
         })
         hash = res.contentHash
         if (res.status === 404) {
-          await this.#restore(signal)
-        } else if (hash === null) {
+          if (restores > 0) {
+            const backoff = this.#restoreBackoff
+            await sleep(Math.min(backoff.maxMs, backoff.initialMs * 2 ** Math.min(restores - 1, 30)), undefined, { signal, ref: false }).catch(noop)
+            if (signal.aborted) return
+          }
+          await this.#restore(restores > 0)
+          restores++
+        } else {
+          if (blocking) restores = 0
           // No hash to block on: poll at the wait instead of spinning.
-          delayMs = waitMs
+          if (hash === null) delayMs = waitMs
         }
         failures = 0
         this.#recovered('anti-entropy')
@@ -426,14 +444,19 @@ export class ServiceRegistration {
     }
   }
 
-  async #restore (signal: AbortSignal): Promise<void> {
+  /**
+   * Registers again. Not cancelled by stop(): an aborted PUT may still land on the agent, after the
+   * deregistration; deregister() waits for it instead (docs/semantics.md#registration-close).
+   */
+  async #restore (again: boolean): Promise<void> {
     const lost = this.#everRegistered
     this.#state.registered = false
-    await this.#put(signal)
+    await this.#put(undefined)
     const r = this.#registration
     if (lost) {
       this.#state.restored++
-      logEvent(this.#log, 'warn', 'registration-restored', { serviceId: r.id }, `the agent had lost service ${r.id}; registered it again`)
+      // Once per streak at warn: an agent that keeps removing it is said once (then debug).
+      logEvent(this.#log, again ? 'debug' : 'warn', 'registration-restored', { serviceId: r.id }, `the agent had lost service ${r.id}; registered it again`)
     } else {
       logEvent(this.#log, 'info', 'registered', { serviceId: r.id }, `registered service ${r.service} as ${r.id}`)
     }

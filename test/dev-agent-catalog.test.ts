@@ -368,6 +368,7 @@ t.test('registration rules and messages', async (tt) => {
   meta('k'.repeat(129), 'x', 'Key is too long (limit: 128 characters)')
   meta('consul-x', 'x', "Key prefix 'consul-' is reserved for internal use")
   meta('big', 'v'.repeat(513), 'Value is too long (limit: 512 characters)')
+  meta('wide', 'é'.repeat(257), 'Value is too long (limit: 512 characters)')
 
   invalid({ Connect: { Native: true } },
     'Validation failed: 1 error occurred:\n\t* Port or SocketPath must be set for a Connect native service.\n\n')

@@ -1,4 +1,6 @@
 import t from 'tap'
+import http from 'node:http'
+import { request as undiciRequest } from 'undici'
 import { once } from 'node:events'
 import net from 'node:net'
 import type { AddressInfo } from 'node:net'
@@ -100,7 +102,8 @@ t.test('validateRegisterOption: invalid values fail with the option named', asyn
     [{ meta: { 'bad key': 'v' } }, /register\.meta\.bad key: keys must be 1 to 128 letters/],
     [{ meta: { ['k'.repeat(129)]: 'v' } }, /register\.meta\.k+: keys must be/],
     [{ meta: { 'consul-x': 'v' } }, /register\.meta\.consul-x: the "consul-" prefix is reserved/],
-    [{ meta: { k: 1 } }, /register\.meta\.k: must be a string of at most 512 characters, got 1/],
+    [{ meta: { k: 1 } }, /register\.meta\.k: must be a string of at most 512 bytes \(UTF-8\), got 1/],
+    [{ meta: { note: 'é'.repeat(257) } }, /register\.meta\.note: must be a string of at most 512 bytes/],
     [{ meta: { k: 'x'.repeat(513) } }, /register\.meta\.k: must be a string/],
     [{ meta: Object.fromEntries(Array.from({ length: 65 }, (_, i) => [`k${i}`, 'v'])) }, /register\.meta: may hold at most 64 pairs, got 65/],
     [{ check: true }, /register\.check: must be 'https', 'tcp', 'ttl' or false, got true/],
@@ -366,6 +369,68 @@ t.test('anti-entropy: a registration deregistered behind its back comes back', a
   const service = await call(agent, 'GET', `/v1/agent/service/${reg.id}`)
   t.match(service.body, { ID: reg.id, Connect: { Native: true } })
   await registration.deregister()
+})
+
+t.test('anti-entropy: an agent that keeps removing the instance (its reaper) is not fought every cycle', async (t) => {
+  const agent = await startAgent(t)
+  const client = clientFor(t, agent.address)
+  const logs = new Logs()
+  const reg = buildRegistration('api', { check: 'tcp', checkInterval: '1s' }, { address: '127.0.0.1', port: 9 }, null)
+  const registration = new ServiceRegistration(client, reg, logs.logger, { antiEntropyWaitMs: 60_000, restoreBackoff: { initialMs: 150, maxMs: 300 } })
+  await registration.register()
+  const blocking = client.next('request', isBlocking)
+  registration.start()
+  await blocking
+  const restoredAfter: number[] = []
+  for (let i = 0; i < 4; i++) {
+    const restored = logs.waitFor('registration-restored', i === 0 ? 'warn' : 'debug', () => logs.events('registration-restored').length === i + 1)
+    const start = performance.now()
+    await call(agent, 'PUT', `/v1/agent/service/deregister/${reg.id}`)
+    await restored
+    restoredAfter.push(performance.now() - start)
+  }
+  t.ok(restoredAfter[0] as number < 140, `the first loss is restored at once (${Math.round(restoredAfter[0] as number)} ms)`)
+  for (const ms of restoredAfter.slice(1)) t.ok(ms >= 140, `the next ones wait (${Math.round(ms)} ms)`)
+  t.equal(logs.events('registration-restored', 'warn').length, 1, 'said once at warn')
+  t.equal(logs.events('registration-restored', 'debug').length, 3, 'then at debug')
+  t.match(registration.state, { registered: true, restored: 4 })
+  await registration.deregister()
+})
+
+t.test('close during a restore: the deregistration waits for the restore\'s answer, so it lands last', async (t) => {
+  const agent = await startAgent(t)
+  // A proxy that hands a re-registration to the agent late, whether or not the client still
+  // waits: the agent acts on a request whose client went away.
+  let registers = 0
+  let restoreArrived!: () => void
+  const arrived = new Promise<void>((resolve) => { restoreArrived = resolve })
+  const proxy = http.createServer((req, res) => {
+    const chunks: Buffer[] = []
+    req.on('data', (c: Buffer) => chunks.push(c))
+    req.on('end', () => {
+      const late = req.method === 'PUT' && (req.url as string).startsWith('/v1/agent/service/register') && ++registers > 1
+      if (late) restoreArrived()
+      setTimeout(() => {
+        undiciRequest(`${agent.address}${req.url as string}`, { method: req.method as 'PUT', body: chunks.length === 0 ? undefined : Buffer.concat(chunks) }).then(async (up) => {
+          const body = Buffer.from(await up.body.arrayBuffer())
+          const hash = up.headers['x-consul-contenthash']
+          if (!res.destroyed) res.writeHead(up.statusCode, hash === undefined ? {} : { 'x-consul-contenthash': String(hash) }).end(body)
+        }, () => res.destroy())
+      }, late ? 300 : 0)
+    })
+  })
+  await new Promise<void>((resolve) => proxy.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => { proxy.closeAllConnections(); proxy.close() })
+  const reg = buildRegistration('api', { check: false }, { address: '127.0.0.1', port: 9 }, null)
+  const registration = new ServiceRegistration(clientFor(t, `http://127.0.0.1:${(proxy.address() as AddressInfo).port}`), reg, new Logs().logger, { antiEntropyWaitMs: 1000 })
+  await registration.register()
+  registration.start()
+  await new Promise((resolve) => setTimeout(resolve, 100))
+  t.equal((await call(agent, 'PUT', `/v1/agent/service/deregister/${reg.id}`)).status, 200, 'the agent loses it')
+  await arrived
+  await registration.deregister()
+  await new Promise((resolve) => setTimeout(resolve, 500))
+  t.same(Object.keys((await call(agent, 'GET', '/v1/agent/services')).body as object), [], 'nothing registered after close')
 })
 
 t.test('anti-entropy: the agent restarts without its state', async (t) => {

@@ -600,9 +600,9 @@ function validateMeta (kind: string, meta: Record<string, string>): string | und
     let problem: string | undefined
     if (key === '') problem = 'Key cannot be blank'
     else if (!/^[a-zA-Z0-9_-]+$/.test(key)) problem = 'Key contains invalid characters'
-    else if (key.length > 128) problem = 'Key is too long (limit: 128 characters)'
+    else if (Buffer.byteLength(key) > 128) problem = 'Key is too long (limit: 128 characters)'
     else if (key.startsWith('consul-') && !(kind === 'mesh-gateway' && key === 'consul-wan-federation')) problem = "Key prefix 'consul-' is reserved for internal use"
-    else if (value.length > 512) problem = 'Value is too long (limit: 512 characters)'
+    else if (Buffer.byteLength(value) > 512) problem = 'Value is too long (limit: 512 characters)'
     if (problem !== undefined) return `Couldn't load metadata pair ('${key}', '${value}'): ${problem}`
   }
   return undefined
