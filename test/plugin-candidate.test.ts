@@ -171,3 +171,34 @@ t.test('a candidate asking for a JWT the live intentions do not: its provider is
   await get(web, `${svc.origin}/y`)
   t.equal(svc.app.consulNative.status().candidate?.disagreements, 1, 'without one, the candidate denies')
 })
+
+t.test('a candidate asking for another provider than the live intentions: each decision reads its own (docs/semantics.md#rollout-candidate)', async (t) => {
+  const okta = await newIssuer('ES256')
+  const auth0 = await newIssuer('ES256')
+  const agent = await startAgent(t, { defaultPolicy: 'deny' })
+  await setProtocol(agent, 'api', 'http')
+  for (const [name, issuer] of [['okta', okta], ['auth0', auth0]] as const) {
+    t.equal((await agentCall(agent, 'PUT', '/v1/config', localProvider(name, [issuer]))).status, 200)
+  }
+  const withJwt = (provider: string): object => ({ Name: 'web', Permissions: [{ Action: 'allow', HTTP: { PathPrefix: '/' }, JWT: { Providers: [{ Name: provider }] } }] })
+  await setIntentions(agent, 'api', [withJwt('okta')])
+  const svc = await startService(t, agent, {
+    plugin: { candidate: { Kind: 'service-intentions', Name: 'api', Sources: [withJwt('auth0')] } },
+    routes: (app) => { app.get('/*', async () => 'ok') }
+  })
+  const web = mtlsClient(t, await leafFor(agent, 'web'))
+  t.equal((await get(web, `${svc.origin}/x`, { headers: { authorization: `Bearer ${await okta.sign({})}` } })).status, 200, 'live: okta verified')
+  t.equal(svc.app.consulNative.status().candidate?.disagreements, 1, 'the candidate asks for auth0, which an okta token is not')
+})
+
+t.test('a candidate that never loaded: requests are decided by the live intentions alone', async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'plugin-candidate-'))
+  t.teardown(async () => await rm(dir, { recursive: true, force: true }))
+  const agent = await startAgent(t, { defaultPolicy: 'deny' })
+  await setIntentions(agent, 'api', [{ Name: 'web', Action: 'allow' }])
+  const svc = await startService(t, agent, { plugin: { candidate: join(dir, 'missing.json') } })
+  t.match(svc.app.consulNative.status().candidate, { loaded: false, disagreements: 0 })
+  const web = mtlsClient(t, await leafFor(agent, 'web'))
+  t.equal((await get(web, `${svc.origin}/`)).status, 200)
+  t.equal(svc.app.consulNative.status().candidate?.disagreements, 0, 'nothing to compare with')
+})

@@ -394,7 +394,11 @@ t.test('anti-entropy: an agent that keeps removing the instance (its reaper) is 
   t.equal(logs.events('registration-restored', 'warn').length, 1, 'said once at warn')
   t.equal(logs.events('registration-restored', 'debug').length, 3, 'then at debug')
   t.match(registration.state, { registered: true, restored: 4 })
+  // Lost again, and closed while waiting to restore: the wait ends, nothing is restored.
+  await call(agent, 'PUT', `/v1/agent/service/deregister/${reg.id}`)
+  await new Promise((resolve) => setTimeout(resolve, 50))
   await registration.deregister()
+  t.equal(logs.events('registration-restored').length, 4, 'no restore once closing')
 })
 
 t.test('close during a restore: the deregistration waits for the restore\'s answer, so it lands last', async (t) => {
