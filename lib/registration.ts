@@ -408,28 +408,30 @@ export class ServiceRegistration {
     const waitMs = this.#waitMs
     let hash: string | null = null
     let failures = 0
-    /** Restores since the agent last held the instance through a whole blocking poll. */
+    /** Restores in the current streak: each within twice the longest backoff of the one before. */
     let restores = 0
+    let lastRestoreAt = -Infinity
     while (!signal.aborted) {
       let delayMs = 0
       try {
-        const blocking = hash !== null
         const res: AgentResponse<unknown> = await this.#client.request('GET', path, {
-          signal, allow404: true, blocking: blocking ? { hash: hash as string, waitMs } : undefined, scoped: AGENT_SCOPES
+          signal, allow404: true, blocking: hash === null ? undefined : { hash, waitMs }, scoped: AGENT_SCOPES
         })
         hash = res.contentHash
         if (res.status === 404) {
+          const backoff = this.#restoreBackoff
+          // A loss long after the last restore (an agent restarted) starts a new streak.
+          if (performance.now() - lastRestoreAt > 2 * backoff.maxMs) restores = 0
           if (restores > 0) {
-            const backoff = this.#restoreBackoff
             await sleep(Math.min(backoff.maxMs, backoff.initialMs * 2 ** Math.min(restores - 1, 30)), undefined, { signal, ref: false }).catch(noop)
             if (signal.aborted) return
           }
           await this.#restore(restores > 0)
           restores++
-        } else {
-          if (blocking) restores = 0
+          lastRestoreAt = performance.now()
+        } else if (hash === null) {
           // No hash to block on: poll at the wait instead of spinning.
-          if (hash === null) delayMs = waitMs
+          delayMs = waitMs
         }
         failures = 0
         this.#recovered('anti-entropy')

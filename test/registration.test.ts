@@ -394,11 +394,18 @@ t.test('anti-entropy: an agent that keeps removing the instance (its reaper) is 
   t.equal(logs.events('registration-restored', 'warn').length, 1, 'said once at warn')
   t.equal(logs.events('registration-restored', 'debug').length, 3, 'then at debug')
   t.match(registration.state, { registered: true, restored: 4 })
+  // Long after (twice the longest wait), a loss is a new streak: restored at once, said at warn.
+  await new Promise((resolve) => setTimeout(resolve, 700))
+  const fresh = logs.waitFor('registration-restored', 'warn', () => logs.events('registration-restored').length === 5)
+  const start = performance.now()
+  await call(agent, 'PUT', `/v1/agent/service/deregister/${reg.id}`)
+  await fresh
+  t.ok(performance.now() - start < 140, 'restored at once')
   // Lost again, and closed while waiting to restore: the wait ends, nothing is restored.
   await call(agent, 'PUT', `/v1/agent/service/deregister/${reg.id}`)
   await new Promise((resolve) => setTimeout(resolve, 50))
   await registration.deregister()
-  t.equal(logs.events('registration-restored').length, 4, 'no restore once closing')
+  t.equal(logs.events('registration-restored').length, 5, 'no restore once closing')
 })
 
 t.test('close during a restore: the deregistration waits for the restore\'s answer, so it lands last', async (t) => {
