@@ -58,7 +58,7 @@ export interface PolicyInput {
   defaultAllow: boolean
   /** The service protocol: only 'http', 'http2' and 'grpc' evaluate L7 permissions (docs/semantics.md#protocol). */
   protocol: string
-  /** The largest RE2 program accepted (docs/semantics.md#paths-regex-size); default 100, as Envoy. */
+  /** The largest RE2 program accepted (docs/semantics.md#paths-regex-size); default 1,048,576, as Consul sets it for Envoy. */
   maxRegexProgramSize?: number
 }
 
