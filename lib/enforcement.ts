@@ -13,7 +13,7 @@ import type { PeerIdentity, ServiceIdentity } from './identity'
 import type { Decision } from './intentions/policy'
 import type { RouterOptions } from './intentions/path'
 import { decideRequest, jwtProvidersNeeded, newVerdict } from './intentions/request'
-import type { RequestOutcome, RequestVerdict, RequestView, ServiceRules } from './intentions/request'
+import type { RequestOutcome, RequestView, ServiceRules } from './intentions/request'
 import type { RequestTokens } from './jwt/request-tokens'
 import { setRequestTokens } from './request-slots'
 import type { Enforcement } from './options'
@@ -200,12 +200,10 @@ export class Enforcer {
     const peer = this.#tls.identities.peer(raw, now)
     request.consulSource = peer.identity
     const tokens = this.#tokens(request, route, peer, now)
-    // The candidate's own providers, verified apart: the live decision and what the handler sees
-    // never depend on the candidate (docs/semantics.md#rollout-candidate).
+    // The candidate's own providers, verified apart: the live decision, what the handler sees and
+    // when it answers never depend on the candidate (docs/semantics.md#rollout-candidate).
     const extra = this.#candidate === null ? null : this.#candidateTokens(request, route, peer, now)
-    if (tokens instanceof Promise || extra instanceof Promise) {
-      return Promise.all([tokens, extra]).then(([t, e]) => this.#decide(request, route, peer, t, e))
-    }
+    if (tokens instanceof Promise) return tokens.then((t) => this.#decide(request, route, peer, t, extra))
     return this.#decide(request, route, peer, tokens, extra)
   }
 
@@ -249,7 +247,7 @@ export class Enforcer {
   }
 
   #decide (request: FastifyRequest, route: RoutePolicy, peer: PeerIdentity, tokens: RequestTokens | null,
-    candidateTokens: RequestTokens | null = null): Error | null | Promise<Error | null> {
+    candidateTokens: RequestTokens | null | Promise<RequestTokens> = null): Error | null | Promise<Error | null> {
     // An asynchronous verification may end after an update: decide with what is in force now.
     const view = this.#viewOf(request, peer, tokens)
     const verdict = decideRequest(this.#service, route, view, this.#verdict)
@@ -257,7 +255,14 @@ export class Enforcer {
     // The candidate is decided only where the intentions decide: exemption, identity and
     // normalization do not depend on them (docs/semantics.md#rollout-candidate).
     if (candidate !== null && candidate.policy !== null && (verdict.outcome === 'allow' || verdict.outcome === 'deny')) {
-      this.#compare(request, peer, candidate, route, view, verdict, candidateTokens)
+      const liveDecision = verdict.decision
+      // Tokens only the candidate needs are still being verified: compared once they are in, never
+      // holding up the live answer.
+      if (candidateTokens instanceof Promise) {
+        candidateTokens.then((extra) => { this.#compare(request, peer, candidate, route, view, liveDecision, extra) }, ignoreFailure)
+      } else {
+        this.#compare(request, peer, candidate, route, view, liveDecision, candidateTokens)
+      }
     }
     if (verdict.dropUnderscoreHeaders) dropUnderscoreHeaders(request.raw)
     const outcome = verdict.outcome
@@ -269,7 +274,7 @@ export class Enforcer {
   }
 
   /** Decides the request again against the candidate; counts and logs a disagreement. */
-  #compare (request: FastifyRequest, peer: PeerIdentity, candidate: Candidate, route: RoutePolicy, view: RequestView, live: RequestVerdict,
+  #compare (request: FastifyRequest, peer: PeerIdentity, candidate: Candidate, route: RoutePolicy, view: RequestView, theirs: Decision,
     extra: RequestTokens | null): void {
     const service = this.#candidateService
     service.policy = candidate.policy as NonNullable<Candidate['policy']>
@@ -278,7 +283,6 @@ export class Enforcer {
     const jwt = extra === null ? liveTokens : { payload: (name: string) => extra.payload(name) ?? liveTokens?.payload(name) ?? null }
     // The caller's memo is the live policy's: the candidate looks its rule up.
     const mine = decideRequest(service, route, { ...view, callerRules: null, jwt }, this.#candidateVerdict).decision
-    const theirs = live.decision
     if (mine.allow === theirs.allow) return
     if (theirs.allow) candidate.disagreements.allowDeny++
     else candidate.disagreements.denyAllow++
@@ -430,6 +434,11 @@ export function enforceHook (enforcer: Enforcer, routes: RoutePolicies, upgrades
     else settle(request, reply, route, outcome, done)
   }
 }
+
+// tokensFor settles with reasons and never rejects; should a bug make it, the candidate's comparison
+// is skipped rather than the process crashed by an unhandled rejection.
+/* c8 ignore next */
+function ignoreFailure (): void {}
 
 let unroutedSerial = 0
 

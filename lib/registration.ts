@@ -419,6 +419,7 @@ export class ServiceRegistration {
         })
         hash = res.contentHash
         if (res.status === 404) {
+          this.#state.registered = false
           const backoff = this.#restoreBackoff
           // A loss long after the last restore (an agent restarted) starts a new streak.
           if (performance.now() - lastRestoreAt > 2 * backoff.maxMs) restores = 0

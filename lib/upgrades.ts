@@ -34,8 +34,9 @@ export class UpgradeTracker {
     let closed = 0
     for (const [socket, { request, route }] of [...this.#open]) {
       if (await redecide(request, route)) continue
-      // Only a non-exempt route can become refused, and it was allowed for a verified caller.
-      const source = (request.consulSource as ServiceIdentity).uri
+      // No identity: a caller shadow mode served unauthenticated, now refused with a 400 (its
+      // certificate verifies after a roots change, and a header is rejected).
+      const source = (request.consulSource as ServiceIdentity | null)?.uri ?? null
       logEvent(this.#log, 'info', 'upgrade-revoked', { source, path: request.raw.url }, 'closing an upgraded connection that is no longer allowed')
       this.#open.delete(socket)
       socket.destroy()

@@ -404,6 +404,7 @@ t.test('anti-entropy: an agent that keeps removing the instance (its reaper) is 
   // Lost again, and closed while waiting to restore: the wait ends, nothing is restored.
   await call(agent, 'PUT', `/v1/agent/service/deregister/${reg.id}`)
   await new Promise((resolve) => setTimeout(resolve, 50))
+  t.equal(registration.state.registered, false, 'while waiting to restore, status says it is not registered')
   await registration.deregister()
   t.equal(logs.events('registration-restored').length, 5, 'no restore once closing')
 })
