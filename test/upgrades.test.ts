@@ -10,7 +10,10 @@ t.test('a refused connection is closed and logged, with or without a caller iden
   const log = { info: (obj: Record<string, unknown>) => logged.push(obj), debug: () => {}, warn: () => {}, error: () => {} } as unknown as FastifyBaseLogger
   const tracker = new UpgradeTracker(log)
   const open = (source: { uri: string } | null): EventEmitter & { destroyed: boolean } => {
-    const socket = Object.assign(new EventEmitter(), { destroyed: false, destroy () { this.destroyed = true; this.emit('close') } })
+    const socket: EventEmitter & { destroyed: boolean, destroy: () => void } = Object.assign(new EventEmitter(), {
+      destroyed: false,
+      destroy: () => { socket.destroyed = true; socket.emit('close') }
+    })
     tracker.trackIfUpgrade({ raw: { upgrade: true, socket, url: '/ws' }, consulSource: source } as unknown as FastifyRequest, SERVICE_POLICY)
     return socket
   }
