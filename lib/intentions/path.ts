@@ -112,6 +112,15 @@ function pathStart (url: string): number {
   return m === null ? -1 : m[0].length
 }
 
+/**
+ * The authority of an http(s) absolute-form target, without user info, as `pathStart` delimits it;
+ * for a target `canonicalPath` accepted and that does not start with '/'.
+ */
+export function targetAuthority (url: string): string {
+  const authority = url.slice(url.indexOf('//') + 2, pathStart(url))
+  return authority.slice(authority.lastIndexOf('@') + 1)
+}
+
 /** The path of an origin-form or http(s) absolute-form request target, without query/fragment. */
 function pathPart (url: string): string | null {
   const start = pathStart(url)

@@ -12,7 +12,7 @@
 import type { RequestNormalization } from '../agent/wire'
 import { headerAmbiguity } from './headers'
 import { asciiLower, headerValue } from './matchers'
-import { canonicalPath, isPlainTarget, routedIfOther, routerPaths } from './path'
+import { canonicalPath, isPlainTarget, routedIfOther, routerPaths, targetAuthority } from './path'
 import type { RouterOptions } from './path'
 import type { JwtTokens } from './jwt'
 import { decideOverrideSpellings, decideSpellings, jwtProvidersFor } from './policy'
@@ -210,10 +210,8 @@ function queryOf (url: string): string {
  * path normalization accepted and that does not start with '/': an http(s) absolute form.
  */
 function targetAuthorityIsHost (url: string, rawHeaders: readonly string[]): boolean {
-  const authority = (/^https?:\/\/([^/?#]*)/i.exec(url) as RegExpExecArray)[1] as string
-  const target = authority.slice(authority.lastIndexOf('@') + 1)
   const host = headerValue(rawHeaders, 'host') ?? headerValue(rawHeaders, ':authority')
-  return host !== undefined && asciiLower(host) === asciiLower(target)
+  return host !== undefined && asciiLower(host) === asciiLower(targetAuthority(url))
 }
 
 function hasUnderscoreName (rawHeaders: readonly string[]): boolean {
