@@ -214,10 +214,7 @@ export class Enforcer {
     const service = this.#candidateService
     service.policy = candidate.policy
     const live = jwtProvidersNeeded(this.#service, route, peer.identity)
-    const extra = jwtProvidersNeeded(service, route, peer.identity).filter((name) => !live.includes(name))
-    if (extra.length === 0) return null
-    const raw = request.raw
-    return this.#sync.jwt.tokensFor({ rawHeaders: raw.rawHeaders, url: raw.url as string, connection: connectionOf(raw) }, extra, now)
+    return this.#verify(request, jwtProvidersNeeded(service, route, peer.identity).filter((name) => !live.includes(name)), now)
   }
 
   /**
@@ -227,7 +224,11 @@ export class Enforcer {
   #tokens (request: FastifyRequest, route: RoutePolicy, peer: PeerIdentity, now: number): RequestTokens | null | Promise<RequestTokens> {
     const service = this.#service
     service.policy = this.#sync.policy
-    const providers = jwtProvidersNeeded(service, route, peer.identity)
+    return this.#verify(request, jwtProvidersNeeded(service, route, peer.identity), now)
+  }
+
+  /** The request's tokens for `providers`: null when there are none. */
+  #verify (request: FastifyRequest, providers: readonly string[], now: number): RequestTokens | null | Promise<RequestTokens> {
     if (providers.length === 0) return null
     const raw = request.raw
     return this.#sync.jwt.tokensFor({ rawHeaders: raw.rawHeaders, url: raw.url as string, connection: connectionOf(raw) }, providers, now)
