@@ -424,7 +424,7 @@ export class ServiceRegistration {
           // A loss long after the last restore (an agent restarted) starts a new streak.
           if (performance.now() - lastRestoreAt > 2 * backoff.maxMs) restores = 0
           if (restores > 0) {
-            await sleep(Math.min(backoff.maxMs, backoff.initialMs * 2 ** Math.min(restores - 1, 30)), undefined, { signal, ref: false }).catch(noop)
+            await sleep(backoffCeiling(restores, backoff), undefined, { signal, ref: false }).catch(noop)
             if (signal.aborted) return
           }
           await this.#restore(restores > 0)
@@ -515,8 +515,12 @@ function operatorLevel (err: unknown): 'error' | 'warn' {
 
 /** Full-jitter exponential backoff, capped at `maxMs`. */
 function retryIn (failures: number, maxMs: number): number {
-  const ceiling = Math.min(maxMs, BACKOFF.initialMs * 2 ** Math.min(failures - 1, 30))
-  return Math.max(1, Math.floor(Math.random() * ceiling))
+  return Math.max(1, Math.floor(Math.random() * backoffCeiling(failures, { initialMs: BACKOFF.initialMs, maxMs })))
+}
+
+/** `initialMs` doubled for each attempt after the first, capped at `maxMs`. */
+function backoffCeiling (attempt: number, backoff: { initialMs: number, maxMs: number }): number {
+  return Math.min(backoff.maxMs, backoff.initialMs * 2 ** Math.min(attempt - 1, 30))
 }
 
 /** What the plugin's `register` option needs to register the instance it runs in. */
