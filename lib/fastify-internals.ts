@@ -2,6 +2,7 @@
 // instance is the root one, router options (where Fastify 5 keeps them), the extra servers Fastify
 // opens when listening on `localhost`, the route config of a request without the allocating
 // `request.routeOptions` getter, and a listen() that does more once the server listens.
+import type { Server } from 'node:net'
 import type { RouterOptions } from './intentions/path'
 
 /**
@@ -88,6 +89,45 @@ export function routeConfigReader (): (request: { routeOptions: { config: object
     }
     return request.routeOptions.config as Record<string | symbol, unknown>
   }
+}
+
+/**
+ * For a `listen()` that began before the plugin loaded (`register()` not awaited), so that
+ * `extendListen` came too late: the server's next `listen()` call holds its `'listening'` event
+ * until `beforeListening` settles. Fastify's listen() (both forms) waits for that event, so it
+ * resolves only after `beforeListening`; a rejection closes the server and becomes the `'error'`
+ * that rejects it, then `onFailed` runs. `skip()` true at that call: extendListen handles it.
+ * Both wrappers are in place only from the plugin's load until the first 'listening' event.
+ */
+export function holdListening (server: Server, skip: () => boolean, beforeListening: () => Promise<void>,
+  onFailed: (err: Error) => void): void {
+  const ownListen = Object.hasOwn(server, 'listen')
+  const listen = server.listen
+  server.listen = function (this: Server, ...args: unknown[]) {
+    if (ownListen) server.listen = listen
+    else delete (server as Partial<Server>).listen
+    if (!skip()) holdNextListening(server, beforeListening, onFailed)
+    return (listen as (...a: unknown[]) => Server).apply(this, args)
+  } as Server['listen']
+}
+
+function holdNextListening (server: Server, beforeListening: () => Promise<void>, onFailed: (err: Error) => void): void {
+  const emit = server.emit as (this: Server, event: string | symbol, ...args: unknown[]) => boolean
+  let held = false
+  const hold = function (this: Server, event: string | symbol, ...args: unknown[]): boolean {
+    if (held || event !== 'listening') return emit.call(this, event, ...args)
+    held = true
+    // Restored unless wrapped again meanwhile (the upgrade gate): then this stays a pass-through.
+    if (server.emit === hold) server.emit = emit as Server['emit']
+    beforeListening().then(() => { emit.call(server, 'listening') }, (err: Error) => {
+      server.close()
+      // Fastify listens for 'error' until 'listening'; without a listener an 'error' would throw.
+      if (server.listenerCount('error') > 0) emit.call(server, 'error', err)
+      onFailed(err)
+    })
+    return true
+  }
+  server.emit = hold as Server['emit']
 }
 
 /**

@@ -11,7 +11,7 @@ import type { FastifyBaseLogger, FastifyInstance } from 'fastify'
 import type { AgentClient, AgentResponse } from './agent/client'
 import { agentStatusOf, clampWait } from './agent/client'
 import { InvalidOptionError, RegisterFailedError } from './errors'
-import { extendListen } from './fastify-internals'
+import { extendListen, holdListening } from './fastify-internals'
 import { logEvent } from './log'
 import type { ConsulSync } from './sync'
 import { formatDurationUs, parseDurationUs } from './go-duration'
@@ -540,24 +540,27 @@ export interface RegistrationWiring {
  */
 export function registerOnListen (fastify: FastifyInstance, wiring: RegistrationWiring): void {
   const { client, sync, service, options, healthUrl, log } = wiring
-  let viaListen = false
   const registerInstance = async (): Promise<void> => {
     const { address, port } = fastify.server.address() as AddressInfo
     const registration = new ServiceRegistration(client, buildRegistration(service, options, { address, port }, healthUrl), log)
     // Known before the PUT is sent, so that a close() meanwhile deregisters it (docs/semantics.md#registration-close).
     sync.registration = registration
-    await registration.register()
+    try {
+      await registration.register()
+    } catch (err) {
+      logEvent(log, 'error', 'register-failed', null, 'could not register the instance: listen() fails', err as Error)
+      throw err
+    }
     registration.start()
   }
-  // Fastify's onListen hook cannot fail listen(), so listen() itself is extended...
+  // Fastify's onListen hook cannot fail listen(), so listen() itself is extended (register() awaited
+  // before listen())...
+  let viaListen = false
   extendListen(fastify, registerInstance, () => { viaListen = true })
-  // ...which only works when register() was awaited before listen() was called. Otherwise the
-  // instance is registered here, and a refusal can only be logged.
-  fastify.addHook('onListen', async function consulNativeRegisterLate () {
-    if (viaListen) return
-    await registerInstance().catch((err: Error) => {
-      logEvent(log, 'error', 'register-failed', null, 'could not register the instance (await register() before listen() to make listen() fail instead)', err)
-    })
+  // ...or, for a listen() already running when the plugin loads, the server's 'listening' event
+  // waits for the registration, whose refusal becomes the error listen() rejects with.
+  holdListening(fastify.server, () => viaListen, registerInstance, () => {
+    fastify.close().catch(/* c8 ignore next -- the app's own onClose hooks failing: nothing more to do */ () => {})
   })
   fastify.addHook('preClose', async function consulNativeDeregister () {
     await sync.registration?.deregister()

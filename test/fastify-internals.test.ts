@@ -1,7 +1,8 @@
 // What the plugin reads from Fastify's internals, checked against the installed Fastify.
 import t from 'tap'
+import net from 'node:net'
 import Fastify from 'fastify'
-import { isRootInstance, requestIdLabelOf, routeConfigReader, routerOptionsOf, serverBindingsOf } from '../lib/fastify-internals'
+import { holdListening, isRootInstance, requestIdLabelOf, routeConfigReader, routerOptionsOf, serverBindingsOf } from '../lib/fastify-internals'
 
 t.test('router options are read where Fastify 5 keeps them, with Fastify\'s defaults', async (t) => {
   t.same(routerOptionsOf(Fastify()), { ignoreTrailingSlash: false, ignoreDuplicateSlashes: false, caseSensitive: true, useSemicolonDelimiter: false })
@@ -47,4 +48,46 @@ t.test('request id label: Fastify\'s own, reqId when this Fastify does not say (
   t.equal(requestIdLabelOf(Fastify()), 'reqId')
   t.equal(requestIdLabelOf({ initialConfig: {} }), 'reqId')
   t.equal(requestIdLabelOf({ initialConfig: { requestIdLogLabel: 'rid' } }), 'rid')
+})
+
+t.test('holdListening: an own listen() is put back; a wrapper added over the hold is passed through; no error listener, no throw', async (t) => {
+  const server = net.createServer()
+  const ownListen = function (this: net.Server, ...args: unknown[]): net.Server {
+    return (net.Server.prototype.listen as (...a: unknown[]) => net.Server).apply(this, args)
+  }
+  server.listen = ownListen as net.Server['listen']
+  let release: (err?: Error) => void = () => {}
+  const failed: Error[] = []
+  holdListening(server, () => false, async () => await new Promise<void>((resolve, reject) => { release = (err) => err === undefined ? resolve() : reject(err) }),
+    (err) => failed.push(err))
+  const listened = new Promise<void>((resolve) => server.once('listening', resolve))
+  // Another wrapper over the hold (as the upgrade gate adds one): the hold stays, as a pass-through.
+  const held = server.emit
+  const seen: Array<string | symbol> = []
+  server.emit = function (this: net.Server, event: string | symbol, ...args: unknown[]): boolean {
+    seen.push(event)
+    return (held as (...a: unknown[]) => boolean).call(this, event, ...args)
+  } as net.Server['emit']
+  server.listen(0, '127.0.0.1')
+  t.equal(server.listen, ownListen, 'the own listen() is back')
+  await new Promise((resolve) => setTimeout(resolve, 20))
+  t.equal(server.listening, true)
+  let heard = false
+  listened.then(() => { heard = true }, () => {})
+  await new Promise((resolve) => setTimeout(resolve, 20))
+  t.equal(heard, false, '\'listening\' is held')
+  server.emit('meanwhile')
+  release()
+  await listened
+  server.emit('custom')
+  t.same(seen, ['listening', 'meanwhile', 'custom'], 'other events go through the hold')
+  await new Promise((resolve) => server.close(resolve))
+
+  // Refused, without an 'error' listener: the server is closed and nothing throws.
+  const bare = net.createServer()
+  holdListening(bare, () => false, async () => { throw new Error('refused') }, (err) => failed.push(err))
+  bare.listen(0, '127.0.0.1')
+  await new Promise((resolve) => bare.once('close', resolve))
+  t.match(failed, [{ message: 'refused' }])
+  t.equal(bare.listening, false)
 })

@@ -139,20 +139,20 @@ t.test('without register, nothing is registered', async (t) => {
   t.equal(svc.app.consulNative.status().registration, null)
 })
 
-t.test('register() not awaited before listen(): the instance is registered all the same; a refusal is logged', async (t) => {
+t.test('register() not awaited before listen(): the instance is registered all the same, and a refusal fails listen()', async (t) => {
   const agent = await startAgent(t, { defaultPolicy: 'allow' })
   const app = Fastify({ https: httpsOptions() })
   t.teardown(async () => await app.close())
   app.register(consulNative, { service: 'api', agent: { address: agent.address }, register: { check: 'tcp' } })
   await app.listen({ port: 0, host: '127.0.0.1' })
-  await waitOnAgent(agent, '/v1/health/connect/api', (body) => Array.isArray(body) && body.length === 1)
-  t.pass('registered from the onListen hook')
+  t.equal(app.consulNative.status().registration?.registered, true, 'registered before listen() resolved')
+  t.equal((await agentCall(agent, 'GET', '/v1/health/connect/api')).body.length, 1)
 
-  // An agent that refuses registrations: a proxy in front of the dev agent answers 500 to them.
+  // An agent that refuses registrations: a proxy in front of the dev agent answers 400 to them.
   const refusing = http.createServer((req, res) => {
     if (req.method === 'PUT' && req.url?.startsWith('/v1/agent/service/register') === true) {
-      res.statusCode = 500
-      res.end('registrations are refused here')
+      res.statusCode = 400
+      res.end('Invalid check: registrations are refused here')
       return
     }
     const upstream = http.request(`${agent.address}${req.url as string}`, { method: req.method, headers: req.headers }, (answer) => {
@@ -163,24 +163,20 @@ t.test('register() not awaited before listen(): the instance is registered all t
   })
   await new Promise<void>((resolve) => refusing.listen(0, '127.0.0.1', resolve))
   t.teardown(async () => { refusing.closeAllConnections(); await new Promise((resolve) => refusing.close(resolve)) })
-  const lines: Array<{ consulNative?: { event?: string }, err?: { message?: string } }> = []
-  const logged = new Promise<void>((resolve) => {
-    const failing = Fastify({
-      https: httpsOptions(),
-      logger: {
-        level: 'error',
-        stream: {
-          write: (line: string) => {
-            lines.push(JSON.parse(line))
-            if (lines.at(-1)?.consulNative?.event === 'register-failed') resolve()
-          }
-        }
-      }
-    })
-    t.teardown(async () => await failing.close())
-    failing.register(consulNative, { service: 'api', agent: { address: `http://127.0.0.1:${(refusing.address() as { port: number }).port}` }, register: { check: 'tcp' } })
-    failing.listen({ port: 0, host: '127.0.0.1' }).catch(() => {})
-  })
-  await logged
-  t.match(lines.find((line) => line.consulNative?.event === 'register-failed')?.err?.message, /registrations are refused here/)
+  const refusingAddress = `http://127.0.0.1:${(refusing.address() as { port: number }).port}`
+  const lines: Array<{ consulNative?: { event?: string }, err?: { code?: string } }> = []
+  const failing = Fastify({ https: httpsOptions(), logger: { level: 'error', stream: { write: (line: string) => { lines.push(JSON.parse(line)) } } } })
+  t.teardown(async () => await failing.close())
+  failing.register(consulNative, { service: 'api', agent: { address: refusingAddress }, register: { check: 'tcp' } })
+  await t.rejects(failing.listen({ port: 0, host: '127.0.0.1' }), { code: 'FST_CONSUL_NATIVE_REGISTER_FAILED', message: /registrations are refused here/ })
+  t.equal(failing.server.listening, false, 'the server is closed again')
+  t.match(lines.filter((line) => line.consulNative?.event === 'register-failed'), [{ err: { code: 'FST_CONSUL_NATIVE_REGISTER_FAILED' } }], 'logged once')
+
+  // The callback form, likewise.
+  const failingCallback = Fastify({ https: httpsOptions() })
+  t.teardown(async () => await failingCallback.close())
+  failingCallback.register(consulNative, { service: 'api', agent: { address: refusingAddress }, register: { check: 'tcp' } })
+  const err = await new Promise<Error | null>((resolve) => { failingCallback.listen({ port: 0, host: '127.0.0.1' }, (e) => resolve(e)) })
+  t.match(err, { code: 'FST_CONSUL_NATIVE_REGISTER_FAILED' })
+  t.equal(failingCallback.server.listening, false)
 })
