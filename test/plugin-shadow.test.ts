@@ -65,6 +65,8 @@ t.test('shadow serves would-be denials and records them; enforce answers them', 
   // The mesh normalization's 400 is never shadowed: enforce mode would not route the spelling.
   const bad = await get(web, `${svc.origin}/open/%00`)
   t.equal(bad.status, 400)
+  // Nor for a caller without a certificate: the normalization is checked before the identity.
+  t.equal((await get(anonymous, `${svc.origin}/open/%00`)).status, 400, 'no certificate: 400, not a served 401')
 
   const shadowLines = logs.lines.filter((l) => l.consulNative?.event?.startsWith('shadow-'))
   t.match(shadowLines, [
@@ -81,7 +83,7 @@ t.test('shadow serves would-be denials and records them; enforce answers them', 
   t.equal(count('shadow_unauthenticated'), 1)
   t.equal(count('denied'), 1)
   t.equal(count('unauthenticated'), 1)
-  t.equal(count('rejected'), 1)
+  t.equal(count('rejected'), 2)
   t.match(svc.app.consulNative.prometheus(), 'consul_native_requests_total{outcome="shadow_denied"} 2\n')
 
   t.same(svc.app.consulNative.status().enforcement, { mode: 'shadow', routes: { 'GET /strict': 'enforce', 'HEAD /strict': 'enforce' } })

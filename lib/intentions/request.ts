@@ -105,8 +105,8 @@ export function newVerdict (): RequestVerdict {
 }
 
 /**
- * Decides one request and writes the verdict into `out` (returned). Order: exemption, identity,
- * path normalization (400), header names (400), then the route override and the service's
+ * Decides one request and writes the verdict into `out` (returned). Order: exemption, path
+ * normalization (400), header names (400), identity (401), then the route override and the service's
  * intentions on the canonical path, where every other spelling the router treats alike can only
  * add a denial, and the path the router dispatched on must be allowed in its own right. A header
  * they read ambiguously (repeated, or HTTP/2 host vs :authority) makes it 400 whatever they decided.
@@ -115,9 +115,8 @@ export function decideRequest (service: ServiceRules, route: RouteRules, request
   trace: DecisionTrace | null = null): RequestVerdict {
   out.dropUnderscoreHeaders = false
   if (route.exempt) return settle(out, 'exempt', EXEMPT_DECISION)
-  const caller = request.caller
-  if (caller === null) return settle(out, 'unauthenticated', UNAUTHENTICATED_DECISION)
-
+  // The request normalization comes first, for every caller: a spelling the mesh refuses is never
+  // served, not even by shadow enforcement to a caller without a certificate (docs/semantics.md#rollout-shadow).
   const url = request.url
   const normalization = service.normalization
   const path = canonicalPath(url, normalization)
@@ -133,6 +132,8 @@ export function decideRequest (service: ServiceRules, route: RouteRules, request
     rawHeaders = withoutUnderscoreNames(rawHeaders)
     out.dropUnderscoreHeaders = true
   }
+  const caller = request.caller
+  if (caller === null) return settle(out, 'unauthenticated', UNAUTHENTICATED_DECISION)
 
   // A ':path' header matcher sees the normalized path with the query, as Envoy's RBAC does; never a
   // fragment (Envoy refuses or strips one before RBAC).
