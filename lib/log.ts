@@ -44,7 +44,7 @@ export const LOG_EVENTS = {
   'watch-recovered': ['watch', 'index'],
   'listener-failed': ['watch', 'listenerEvent', 'err'],
   // What the watches feed
-  'tls-rotated': ['serial', 'validBefore', 'roots', 'activeRootId'],
+  'tls-rotated': ['serial', 'validBefore', 'previousSerial', 'previousValidBefore', 'roots', 'activeRootId'],
   'policy-updated': ['count', 'index', 'protocol'],
   'intention-unsupported': ['reason'],
   'default-policy-unknown': ['reason', 'header'],

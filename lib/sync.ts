@@ -72,6 +72,8 @@ export class ConsulSync {
   readonly #watches: ReadonlyArray<BlockingWatch<unknown>>
   // The values in force (a watch sets its own value only after `accept` returns).
   #currentLeaf: LeafCertificate | undefined = undefined
+  /** The leaf last put in force, for the rotation log line. */
+  #installedLeaf: LeafCertificate | null = null
   #currentRoots: TrustBundle | undefined = undefined
   readonly #tlsReady: Promise<void>
   readonly #tlsInstalled: () => void
@@ -277,7 +279,6 @@ export class ConsulSync {
       this.#currentRoots = roots
       return
     }
-    const previous = this.#tls.material
     this.#tls.update({
       certPem: leaf.chainPem,
       keyPem: leaf.keyPem,
@@ -287,8 +288,17 @@ export class ConsulSync {
     })
     this.#currentLeaf = leaf
     this.#currentRoots = roots
-    if (previous !== null) {
-      logEvent(this.#log, 'info', 'tls-rotated', { serial: leaf.serial, validBefore: leaf.validBefore, roots: roots.rootPems.length, activeRootId: roots.activeRootId }, 'TLS material updated')
+    const before = this.#installedLeaf
+    this.#installedLeaf = leaf
+    if (before !== null) {
+      logEvent(this.#log, 'info', 'tls-rotated', {
+        serial: leaf.serial,
+        validBefore: leaf.validBefore,
+        previousSerial: before.serial,
+        previousValidBefore: before.validBefore,
+        roots: roots.rootPems.length,
+        activeRootId: roots.activeRootId
+      }, 'TLS material updated')
     }
     this.#tlsInstalled()
     this.#emit('tls', this.status())

@@ -185,7 +185,14 @@ t.test('a leaf whose key does not match its certificate is rejected; the previou
   t.equal(h.tls.material?.keyPem, f.leaf2.PrivateKeyPEM)
   const rotated = h.logger.events('tls-rotated')
   t.equal(rotated.length, 1)
-  t.match(rotated[0]?.obj.consulNative, { serial: f.leaf2.SerialNumber, validBefore: f.leaf2.ValidBefore, roots: 1, activeRootId: f.roots.ActiveRootID })
+  t.match(rotated[0]?.obj.consulNative, {
+    serial: f.leaf2.SerialNumber,
+    validBefore: f.leaf2.ValidBefore,
+    previousSerial: f.leaf.SerialNumber,
+    previousValidBefore: f.leaf.ValidBefore,
+    roots: 1,
+    activeRootId: f.roots.ActiveRootID
+  }, 'the old and the new serial and expiry')
   t.equal(h.sync.status().watches.leaf?.lastError, null, 'the accepted leaf clears the rejection')
 })
 
