@@ -23,6 +23,8 @@ export interface OutboundOptions {
   datacenter?: string
   /** Only instances whose checks all pass (`?passing`). Default true. */
   passingOnly?: boolean
+  /** The same as `passingOnly` (its spelling in the outbound issue); giving both with different values is an error. */
+  passing?: boolean
   /**
    * Namespace of the target (Consul Enterprise): sent as `ns` in discovery, and required in the
    * peer's SPIFFE ID. Default: the plugin's `namespace`; when neither is set, nothing is sent and
@@ -138,6 +140,15 @@ export function serviceSni (peer: ExpectedPeer, datacenter: string): string {
   return partition === DEFAULT_SCOPE
     ? `${peer.service}.${peer.namespace}.${datacenter}.internal.${peer.trustDomain}`
     : `${peer.service}.${peer.namespace}.${partition}.${datacenter}.internal-v1.${peer.trustDomain}`
+}
+
+/** `passingOnly`, or its alias `passing`; true unless one of them says false. */
+function passingOnly (opts: OutboundOptions): boolean {
+  const { passingOnly, passing } = opts
+  if (passingOnly !== undefined && passing !== undefined && passingOnly !== passing) {
+    throw new InvalidOptionError('passing', `and passingOnly (the same option) disagree: ${String(passing)} and ${String(passingOnly)}`)
+  }
+  return passingOnly ?? passing ?? true
 }
 
 /** Checks the per-call limits of fetch(): whole milliseconds; 0 disables the undici ones. */
@@ -544,7 +555,7 @@ class ServiceDispatcher extends Dispatcher {
   }
 }
 
-type ResolvedTarget = Required<Pick<OutboundOptions, 'passingOnly'>> & OutboundOptions
+type ResolvedTarget = Required<Pick<OutboundOptions, 'passingOnly'>> & Omit<OutboundOptions, 'passing'>
 
 /** Calls other mesh services over mTLS: `dispatcher(service)` for any undici API, `fetch(service, path)`. */
 export class ServiceCaller {
@@ -569,7 +580,7 @@ export class ServiceCaller {
     if (this.#closed) throw new undiciErrors.ClientClosedError()
     const resolved: ResolvedTarget = {
       datacenter: opts.datacenter,
-      passingOnly: opts.passingOnly ?? true,
+      passingOnly: passingOnly(opts),
       namespace: opts.namespace ?? this.#deps.namespace,
       partition: opts.partition ?? this.#deps.partition
     }
@@ -592,9 +603,9 @@ export class ServiceCaller {
    * OutboundTimeoutError when `timeout` or `headersTimeout` expires (docs/semantics.md#outbound-timeouts).
    */
   async fetch (service: string, path: string, init: OutboundFetchInit = {}): Promise<Response> {
-    const { datacenter, passingOnly, namespace, partition, headersTimeout, bodyTimeout, timeout, ...rest } = init
+    const { datacenter, passingOnly, passing, namespace, partition, headersTimeout, bodyTimeout, timeout, ...rest } = init
     const limits = callLimits(headersTimeout, bodyTimeout, timeout)
-    const target = this.dispatcher(service, { datacenter, passingOnly, namespace, partition })
+    const target = this.dispatcher(service, { datacenter, passingOnly, passing, namespace, partition })
     let signal = rest.signal
     let dispatcher: Dispatcher = target
     let call: CallLimits | null = null

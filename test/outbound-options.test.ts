@@ -245,10 +245,25 @@ t.test('namespace and partition: sent in discovery and required in the peer iden
 t.test('the README\'s table of outbound options matches the types', async (t) => {
   // The compiler rejects a key missing from, or not in, the two interfaces.
   const keys: Record<keyof OutboundOptions | keyof OutboundTimeouts, true> = {
-    datacenter: true, passingOnly: true, namespace: true, partition: true, headersTimeout: true, bodyTimeout: true, timeout: true
+    datacenter: true, passingOnly: true, passing: true, namespace: true, partition: true, headersTimeout: true, bodyTimeout: true, timeout: true
   }
   const readme = readFileSync(join(__dirname, '..', 'README.md'), 'utf8')
   const table = readme.slice(readme.indexOf('Options of `fetch(service, path, init)`')).split('\n\n')[1] as string
   const documented = [...table.matchAll(/^\| `(\w+)` \|/gm)].map((m) => m[1])
   t.same(documented.sort(), Object.keys(keys).sort())
+})
+
+t.test('passing (the issue\'s spelling of passingOnly): false reaches an instance whose check is critical', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'allow' })
+  const instance = await startInstance(t, agent, 'api-critical', await material(agent, 'api'))
+  // A TTL check starts critical: the instance is not passing.
+  const res = await agentCall(agent, 'PUT', '/v1/agent/service/register',
+    { ID: 'api-critical', Name: 'api', Address: '127.0.0.1', Port: instance.port, Connect: { Native: true }, Check: { TTL: '30s' } })
+  t.equal(res.status, 200)
+  const { caller } = await startCaller(t, agent)
+  await t.rejects(caller.fetch('api', '/port'), { code: 'FST_CONSUL_NATIVE_NO_INSTANCES' }, 'passing instances only by default')
+  t.equal(await idOf(caller, { passing: false }), 'api-critical')
+  t.equal(caller.dispatcher('api', { passing: false }), caller.dispatcher('api', { passingOnly: false }), 'one target, whichever spelling')
+  t.equal(caller.dispatcher('api', { passing: true, passingOnly: true }), caller.dispatcher('api'))
+  t.throws(() => caller.dispatcher('api', { passing: false, passingOnly: true }), InvalidOptionError, 'the two spellings disagree')
 })
