@@ -121,6 +121,11 @@ t.test('provider entries: Consul\'s validation and defaults', async (t) => {
   t.same([p.issuer, p.audiences, p.locations, p.forwardHeader, p.clockSkewSeconds], ['', [], DEFAULT_LOCATIONS, null, 30])
   t.equal(compileProvider({ ...local, ClockSkewSeconds: -5 }, 'x').clockSkewSeconds, 0)
   t.same(compileProvider({ Name: 'p', JSONWebKeySet: { Local: { Filename: '/etc/jwks.json' } } }, 'x').keySet, { kind: 'file', filename: '/etc/jwks.json' })
+  // Wrapped as `base64` prints it: Go's decoder (Consul's) skips the line breaks.
+  const wrapped = b64({ keys: [{ kty: 'oct', k: 'x'.repeat(120) }] }).replace(/.{76}/g, '$&\r\n')
+  t.ok(wrapped.includes('\n'))
+  t.same(compileProvider({ Name: 'p', JSONWebKeySet: { Local: { JWKS: wrapped } } }, 'x').keySet,
+    { kind: 'inline', jwks: JSON.stringify({ keys: [{ kty: 'oct', k: 'x'.repeat(120) }] }) })
   const r = compileProvider(remote({ CacheDuration: 90e9, RetryPolicy: { NumRetries: 2.7, RetryPolicyBackOff: { BaseInterval: '250ms' } } }), 'x').keySet
   t.match(r, { kind: 'remote', cacheMs: 90_000, timeoutMs: 5000, retries: 2, backoffBaseMs: 250, backoffMaxMs: 2500, fetchAsynchronously: false, trustedCa: null })
   t.match(compileProvider(remote({}), 'x').keySet, { cacheMs: DEFAULT_CACHE_MS, backoffBaseMs: 1000, backoffMaxMs: 10_000 })

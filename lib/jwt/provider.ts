@@ -129,8 +129,10 @@ export function compileProvider (entry: unknown, at: string): JwtProviderConfig 
     const filename = str(local, 'Filename', lp)
     if (!exactlyOne(inline !== '', filename !== '')) fail('must specify exactly one of String or filename for local keyset')
     if (inline !== '') {
-      if (!/^[A-Za-z0-9+/]*={0,2}$/.test(inline) || inline.length % 4 !== 0) fail('JWKS must be valid base64 encoded string')
-      keySet = { kind: 'inline', jwks: Buffer.from(inline, 'base64').toString('utf8') }
+      // Go's base64 decoder, which Consul validates with, skips line breaks (`base64` wraps at 76).
+      const compact = inline.replace(/[\r\n]/g, '')
+      if (!/^[A-Za-z0-9+/]*={0,2}$/.test(compact) || compact.length % 4 !== 0) fail('JWKS must be valid base64 encoded string')
+      keySet = { kind: 'inline', jwks: Buffer.from(compact, 'base64').toString('utf8') }
     } else {
       keySet = { kind: 'file', filename }
     }

@@ -7,7 +7,7 @@ import type { JWTPayload } from 'jose'
 import type { ActiveProvider } from './provider'
 import { KeySetUnavailableError } from './key-sets'
 
-/** The asymmetric algorithms Envoy's jwt_authn accepts; `none` and HMAC never verify. */
+/** The algorithms the plugin verifies: Envoy's asymmetric ones. `none` never verifies; nor does HMAC (HS*), which Envoy would accept (docs/semantics.md#jwt-envoy). */
 export const ALGORITHMS: readonly string[] = Object.freeze([
   'RS256', 'RS384', 'RS512', 'PS256', 'PS384', 'PS512', 'ES256', 'ES384', 'ES512', 'EdDSA', 'Ed25519'
 ])
