@@ -10,7 +10,9 @@ import type { Candidate } from './candidate'
 import { BadHeaderError, BadPathError, DeniedError, UnauthenticatedError } from './errors'
 import { connectionOf } from './identity'
 import type { PeerIdentity, ServiceIdentity } from './identity'
+import { failedJwtRequirement } from './intentions/policy'
 import type { Decision } from './intentions/policy'
+import { requirementFailures } from './intentions/jwt'
 import type { RouterOptions } from './intentions/path'
 import { decideRequest, jwtProvidersNeeded, newVerdict } from './intentions/request'
 import type { RequestOutcome, RequestView, ServiceRules } from './intentions/request'
@@ -342,6 +344,7 @@ export class Enforcer {
     }
     let effect = EFFECTS[outcome]
     let limiter = this.#denials
+    const decided = decision
     if (tokens !== null && outcome === 'allow') applyTokens(request, tokens)
     // Shadow enforcement serves would-be 403s and 401s; a 400 of the request normalization is
     // never shadowed (docs/semantics.md#rollout-shadow).
@@ -364,12 +367,12 @@ export class Enforcer {
     const routeName = request.is404 ? NOT_FOUND_ROUTE : request.routeOptions.url as string
     const caller = peer.identity === null ? `unauthenticated/${addressClass(request.raw.socket.remoteAddress)}` : peer.identity.uri
     const suppressed = limiter.admit(`${event} ${caller} ${routeName}`, Date.now())
-    if (suppressed !== SUPPRESS) this.#write(request, peer, decision, effect, 'info', event, suppressed, tokens)
+    if (suppressed !== SUPPRESS) this.#write(request, peer, decision, effect, 'info', event, suppressed, tokens === null ? null : jwtLogField(decided, tokens))
     return effect.error === null ? null : effect.error()
   }
 
   #write (request: FastifyRequest, peer: PeerIdentity, decision: Decision, effect: OutcomeEffect, level: 'debug' | 'info',
-    event: LogEvent, suppressed: number, tokens: RequestTokens | null): void {
+    event: LogEvent, suppressed: number, jwt: Record<string, string> | null): void {
     const raw = request.raw
     const fields = {
       source: peer.identity === null ? null : peer.identity.uri,
@@ -380,10 +383,20 @@ export class Enforcer {
       reason: peer.identity === null ? peer.reason : decision.reason,
       ...(suppressed > 0 ? { suppressed } : null),
       // Which provider failed and why; never the token (docs/semantics.md#jwt-match).
-      ...(tokens !== null && Object.keys(tokens.failures).length > 0 ? { jwt: tokens.failures } : null)
+      ...(jwt !== null ? { jwt } : null)
     }
     logEvent(this.#log, level, event, fields, effect.message, undefined, { label: this.#requestIdLabel, id: request.id })
   }
+}
+
+/**
+ * The log's `jwt` field: why each provider failed, for the tokens that did not verify and, when
+ * `decision` reports a failed requirement, for its providers' claims too; null when there is nothing to say.
+ */
+function jwtLogField (decision: Decision, tokens: RequestTokens): Record<string, string> | null {
+  const requirement = failedJwtRequirement(decision)
+  const field = requirement === undefined ? tokens.failures : { ...tokens.failures, ...requirementFailures(requirement, tokens, tokens.failures) }
+  return Object.keys(field).length > 0 ? field : null
 }
 
 /**

@@ -12,7 +12,7 @@ import t from 'tap'
 import type { Test } from 'tap'
 import { SignJWT } from 'jose'
 import type { FastifyBaseLogger } from 'fastify'
-import { claimMatches, compileJwtRequirement, jwtSatisfied, providerNames } from '../lib/intentions/jwt'
+import { claimMatches, compileJwtRequirement, jwtSatisfied, providerNames, requirementFailures } from '../lib/intentions/jwt'
 import { compileOverride, compilePolicy, jwtProvidersFor } from '../lib/intentions/policy'
 import { findToken, DEFAULT_LOCATIONS } from '../lib/jwt/locations'
 import type { TokenLocation } from '../lib/jwt/locations'
@@ -62,6 +62,11 @@ t.test('claims: nested keys, exact strings, arrays by membership (docs/semantics
   t.equal(jwtSatisfied(requirement, null), false, 'no tokens looked at')
   t.equal(jwtSatisfied(requirement, { payload: (n) => (n === 'a' ? { role: 'user' } : null) }), false, 'claim fails, other provider absent')
   t.equal(jwtSatisfied(requirement, { payload: (n) => (n === 'b' ? {} : null) }), true, 'providers are alternatives')
+  // What the log says of each provider of a failed requirement: never a value.
+  t.same(requirementFailures(requirement, { payload: (n) => (n === 'a' ? { role: 'user' } : null) }, {}),
+    { a: 'claim "role" does not match VerifyClaims', b: 'no verified token' })
+  t.same(requirementFailures(requirement, { payload: () => ({ role: 'admin' }) }, { b: 'token expired' }), { b: 'token expired' },
+    'a provider whose claims hold is not named')
 })
 
 t.test('the providers a caller\'s deciding rule needs', async (t) => {

@@ -83,11 +83,34 @@ export function jwtSatisfied (requirement: JwtRequirement, tokens: JwtTokens | n
 }
 
 function claimsMatch (payload: Readonly<Record<string, unknown>>, claims: readonly JwtClaimCheck[]): boolean {
+  return firstFailedClaim(payload, claims) === null
+}
+
+function firstFailedClaim (payload: Readonly<Record<string, unknown>>, claims: readonly JwtClaimCheck[]): JwtClaimCheck | null {
   for (let i = 0; i < claims.length; i++) {
     const c = claims[i] as JwtClaimCheck
-    if (!claimMatches(payload, c.path, c.value)) return false
+    if (!claimMatches(payload, c.path, c.value)) return c
   }
-  return true
+  return null
+}
+
+/**
+ * Why each provider of a failed requirement did not satisfy it, for the log: `failures` (why a
+ * token did not verify) where it says, else which claim did not match. Never a token or a value.
+ */
+export function requirementFailures (requirement: JwtRequirement, tokens: JwtTokens, failures: Readonly<Record<string, string>>): Record<string, string> {
+  const out: Record<string, string> = {}
+  for (const p of requirement.providers) {
+    const failure = failures[p.name]
+    const payload = tokens.payload(p.name)
+    if (failure !== undefined) out[p.name] = failure
+    else if (payload === null) out[p.name] = 'no verified token'
+    else {
+      const claim = firstFailedClaim(payload, p.claims)
+      if (claim !== null) out[p.name] = `claim ${JSON.stringify(claim.path.join('.'))} does not match VerifyClaims`
+    }
+  }
+  return out
 }
 
 /**

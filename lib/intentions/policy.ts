@@ -135,17 +135,27 @@ function fixedRule (label: string, partition: string, namespace: string, name: s
     noMatchDeny: fixed,
     noMatchAlone: fixed,
     jwt,
-    jwtFailed: jwtFailureOf(label, ': '),
+    jwtFailed: jwtFailureOf(label, ': ', jwt),
     jwtProviders: jwtProvidersOf(jwt, [])
   }
 }
 
-function jwtFailureOf (head: string, sep: string): JwtFailure {
-  return Object.freeze({
+/** The requirement behind each "JWT requirement not met" decision, for the log line that says which provider failed. */
+const FAILED_REQUIREMENTS = new WeakMap<Decision, JwtRequirement>()
+
+/** The JWT requirement whose failure `d` reports, or undefined when `d` is not such a decision. */
+export function failedJwtRequirement (d: Decision): JwtRequirement | undefined {
+  return FAILED_REQUIREMENTS.get(d)
+}
+
+function jwtFailureOf (head: string, sep: string, jwt: JwtRequirement | null): JwtFailure {
+  const failure = Object.freeze({
     allow: decision(true, `${head}${sep}JWT requirement not met, default policy (allow)`),
     deny: decision(false, `${head}${sep}JWT requirement not met, default policy (deny)`),
     alone: decision(false, `${head}${sep}JWT requirement not met (deny)`)
   })
+  if (jwt !== null) for (const d of [failure.allow, failure.deny, failure.alone]) FAILED_REQUIREMENTS.set(d, jwt)
+  return failure
 }
 
 function jwtProvidersOf (jwt: JwtRequirement | null, permissions: readonly Permission[]): readonly string[] {
@@ -459,7 +469,7 @@ function compilePermissions (perms: readonly unknown[], where: string, strict: b
     out.push({
       matcher,
       jwt,
-      jwtFailed: jwt === null ? null : jwtFailureOf(`${head}, permission ${i + 1}`, ': '),
+      jwtFailed: jwt === null ? null : jwtFailureOf(`${head}, permission ${i + 1}`, ': ', jwt),
       decision: decision(allow, reason),
       altDecision: allow ? null : decision(false, `${reason} for another spelling of the path that reaches the same route`)
     })
@@ -480,7 +490,7 @@ function l7Rule (partition: string, namespace: string, name: string, fixed: Deci
     noMatchDeny: decision(false, `${head}${sep}no permission matched, default policy (deny)`),
     noMatchAlone: decision(false, `${head}${sep}no permission matched (deny)`),
     jwt,
-    jwtFailed: jwtFailureOf(head, sep),
+    jwtFailed: jwtFailureOf(head, sep, jwt),
     jwtProviders: fixed === null ? jwtProvidersOf(jwt, permissions) : NO_PROVIDERS
   }
 }
