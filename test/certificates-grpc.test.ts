@@ -23,6 +23,7 @@ import { GrpcCertificateSource } from '../lib/certificates/consul-grpc'
 import type { CertificateSink, LeafCertificate, TrustBundle } from '../lib/certificates/source'
 import { recordingLogger } from './helpers/stub-agent'
 import { startTcpProxy } from './helpers/tcp-proxy'
+import { startProxy } from './helpers/agent-proxy'
 
 async function startGrpcService (t: Tap, httpAddress: string, certificates: ConsulNativeOptions['certificates'], extra: Partial<ConsulNativeOptions> = {}): Promise<{ app: FastifyInstance, port: number, origin: string }> {
   const app = Fastify({ https: httpsOptions() }) as unknown as FastifyInstance
@@ -362,4 +363,30 @@ t.test('a datacenter that cannot be read is a leaf failure, retried until it can
   t.match(failures[0]?.message, /Certificate source consul-grpc leaf: Consul agent answered GET \/v1\/agent\/self with 403/)
   t.equal(lookups, 2)
   t.equal(logger.events('certificate-source-recovered').length, 1, 'recovery logged')
+})
+
+t.test('a token without agent:read (a consul-k8s service identity): the datacenter comes from the servers of /v1/health/service/consul', async (t) => {
+  const agent = await startAgent(t, { grpcPort: 0, defaultPolicy: 'allow', datacenter: 'dc7' })
+  const proxy = await startProxy(t, agent.address)
+  let servers = true
+  proxy.answer = (call) => {
+    if (call.url.startsWith('/v1/agent/self')) return { status: 403, body: 'Permission denied: token with AccessorID \'x\' lacks permission \'agent:read\' on "server-1"' }
+    if (call.url.startsWith('/v1/health/service/consul') && !servers) return { status: 200, body: '[]' }
+    return null
+  }
+  const svc = await startGrpcService(t, proxy.address, { source: 'consul-grpc', address: agent.grpcAddress as string, plaintext: true })
+  t.equal(svc.app.consulNative.status().leaf?.uri, `spiffe://${agent.trustDomain}/ns/default/dc/dc7/svc/api`)
+  t.ok(proxy.calls.some((call) => call.url.startsWith('/v1/health/service/consul')))
+
+  // No server in the answer: the start fails, and says what to set.
+  servers = false
+  const app = Fastify({ https: httpsOptions() })
+  t.teardown(async () => await app.close())
+  app.register(consulNative, {
+    service: 'api',
+    agent: { address: proxy.address },
+    readyTimeout: 1000,
+    certificates: { source: 'consul-grpc', address: agent.grpcAddress as string, plaintext: true }
+  })
+  await t.rejects(async () => await app.ready(), { code: 'FST_CONSUL_NATIVE_NOT_READY', message: /set the datacenter option/ })
 })

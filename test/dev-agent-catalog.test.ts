@@ -774,6 +774,23 @@ t.test('health/connect selection, order and the passing filter', async (tt) => {
   tt.equal(a.Service.Service, 'API')
 })
 
+t.test('health/service: every instance of the name; consul is the agent\'s own node, as a server', async (tt) => {
+  const { catalog } = harness(tt)
+  catalog.register({ Name: 'api', ID: 'plain', Port: 80 }, false)
+  catalog.register(native('api', 'native-crit', { Check: { TTL: '1h', Status: 'critical' } }), false)
+  catalog.register({ Kind: 'connect-proxy', Name: 'api-sidecar-proxy', ID: 'proxy', Port: 21000, Proxy: { DestinationServiceName: 'api' } }, false)
+  const ids = (name: string, passing: boolean): string[] => (catalog.healthService(name, passing) as Any[]).map((e) => e.Service.ID)
+  tt.same(ids('api', false), ['native-crit', 'plain'], 'by name, Connect-native or not; a proxy is its own service')
+  tt.same(ids('API', true), ['plain'])
+  const [server, ...others] = catalog.healthService('Consul', true) as Any[]
+  tt.same(others, [])
+  tt.match(server, {
+    Node: { Node: 'vm', Datacenter: 'dc1' },
+    Service: { ID: 'consul', Service: 'consul', Port: 8300, Tags: [], Connect: {} },
+    Checks: [{ CheckID: 'serfHealth', Status: 'passing' }]
+  })
+})
+
 t.test('proxy registrations render like Consul', async (tt) => {
   const { catalog } = harness(tt)
   catalog.register({

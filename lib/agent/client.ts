@@ -12,7 +12,7 @@ import { agentThread } from './worker-transport'
 import type { Exchanger } from './worker-transport'
 import type { ConnectAuthorizeResponse, IndexedCARoots, Intention, IssuedCert } from './wire'
 import {
-  parseAgentSelf, parseAuthorize, parseCARoots, parseConfigEntry, parseIntentionMatch, parseIssuedCert
+  parseAgentSelf, parseAuthorize, parseCARoots, parseConfigEntry, parseIntentionMatch, parseIssuedCert, parseServersDatacenter
 } from './parse'
 import type { AgentSelfView, ConfigEntryKind, ConfigEntryViews, ShapeError } from './parse'
 import { AgentInvalidResponseError, AgentResponseError, AgentUnreachableError, InvalidOptionError } from '../errors'
@@ -278,6 +278,21 @@ export class AgentClient {
   async agentSelf (signal?: AbortSignal): Promise<AgentResponse<AgentSelfView>> {
     const path = '/v1/agent/self'
     return withBody(await this.request('GET', path, { signal }), path, parseAgentSelf)
+  }
+
+  /**
+   * The datacenter of the agent or server at `address`: from `/v1/agent/self`, or, for a token
+   * without `agent:read` (a service identity's, as consul-k8s' login gives), from the servers
+   * of `/v1/health/service/consul` (`service:read` and `node:read`).
+   */
+  async datacenter (signal?: AbortSignal): Promise<string> {
+    try {
+      return (await this.agentSelf(signal)).body.datacenter
+    } catch (err) {
+      if (agentStatusOf(err) !== 403) throw err
+      const path = '/v1/health/service/consul'
+      return withBody(await this.request('GET', path, { signal }), path, parseServersDatacenter).body
+    }
   }
 
   /** `POST /v1/agent/connect/authorize`: the agent's L4 decision, for cross-checks only (it treats L7 as deny). */

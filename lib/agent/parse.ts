@@ -325,6 +325,17 @@ export function parseAgentSelf (body: unknown): AgentSelfView {
   }
 }
 
+/**
+ * The datacenter of the servers in a `/v1/health/service/consul` answer (Consul's own service, on
+ * every server of the datacenter queried): the first instance's `Node.Datacenter`.
+ */
+export function parseServersDatacenter (body: unknown): string {
+  const list = array(body, '')
+  if (list.length === 0) throw new ShapeError('', 'no instance of the consul service (a server): cannot tell the datacenter; set the datacenter option')
+  const node = object(object(list[0], '[0]').Node, '[0].Node')
+  return nonEmptyString(node, 'Datacenter', '[0].Node')
+}
+
 /** Consul validates these at start-up, so any other value means we misread the body: fail rather than guess. */
 function policy (o: Obj, key: string, at: string): 'allow' | 'deny' | null {
   const v = optionalEnum(o, key, ['', 'allow', 'deny'] as const, at)

@@ -20,7 +20,7 @@ export function createCertificateSource (opts: ResolvedOptions, client: AgentCli
         partition: opts.partition,
         token,
         // docs/semantics.md#consul-grpc: the server's own datacenter, from the HTTP API at agent.address.
-        datacenter: async () => configured ?? (await client.agentSelf()).body.datacenter
+        datacenter: async () => configured ?? await client.datacenter()
       }, log)
     }
     default: return new AgentCertificateSource(client, opts.service, opts.blockingWait, log)

@@ -49,6 +49,8 @@ export function unknownServiceMessage (id: string): string {
 
 type Obj = Record<string, unknown>
 
+/** The Consul version the dev agent emulates: current enough for Contains/IgnoreCase and request normalization. */
+export const CONSUL_VERSION = '1.20.1'
 // ---------------------------------------------------------------------------------------------
 // Decoding like Consul's: encoding/json with DisallowUnknownFields (lib/json.go), whose field
 // matching is case-insensitive, and the UnmarshalJSON methods of the structs, which add
@@ -916,12 +918,40 @@ export class DevCatalog {
    */
   healthConnect (name: string, passingOnly: boolean): object[] {
     const wanted = name.toLowerCase()
+    return this.#health(passingOnly, (d) => (d.Kind === 'connect-proxy' ? str(d.Proxy.DestinationServiceName) : d.Native ? d.Service : undefined)?.toLowerCase() === wanted)
+  }
+
+  /**
+   * GET /v1/health/service/:name: every instance named `name`. `consul`, the service every
+   * Consul server runs, is the agent's own node (the dev agent is its datacenter's one server).
+   */
+  healthService (name: string, passingOnly: boolean): object[] {
+    const wanted = name.toLowerCase()
+    const found = this.#health(passingOnly, (d) => d.Service.toLowerCase() === wanted)
+    if (wanted !== 'consul') return found
+    const server = {
+      ID: 'consul',
+      Service: 'consul',
+      Tags: [],
+      Address: '',
+      Meta: { raft_version: '3', serf_protocol_current: '2', serf_protocol_max: '5', serf_protocol_min: '1', version: CONSUL_VERSION },
+      Port: 8300,
+      Weights: { Passing: 1, Warning: 1 },
+      EnableTagOverride: false,
+      Proxy: renderProxy({}, false),
+      Connect: {},
+      CreateIndex: this.#nodeIndex,
+      ModifyIndex: this.#nodeIndex
+    }
+    return [{ Node: this.#node(), Service: server, Checks: [this.#serfHealth()] }, ...found]
+  }
+
+  #health (passingOnly: boolean, selected: (d: ServiceDef) => boolean): object[] {
     const out: object[] = []
     const states = [...this.#services.values()].sort((a, b) => byText(a.def.ID.toLowerCase(), b.def.ID.toLowerCase()))
     for (const state of states) {
       const d = state.def
-      const target = d.Kind === 'connect-proxy' ? str(d.Proxy.DestinationServiceName) : d.Native ? d.Service : undefined
-      if (target?.toLowerCase() !== wanted) continue
+      if (!selected(d)) continue
       const checks = [this.#serfHealth(), ...[...this.#checks.values()].filter((c) => c.serviceId === d.ID).map((c) => this.#renderCheck(c))]
       checks.sort((a, b) => byText(str(a.CheckID).toLowerCase(), str(b.CheckID).toLowerCase()))
       if (passingOnly && checks.some((c) => c.Status !== 'passing')) continue

@@ -9,7 +9,7 @@ import type { IndexedCARoots, IssuedCert } from '../agent/wire'
 import { authorize, parseAuthorizeRequest } from './authorize'
 import { ChangeHub, block, formatGoDuration, indexReady, parseBlockingParams, parseGoDurationNs, queryTimeout } from './blocking'
 import { DevCertificateAuthority } from './ca'
-import { DevCatalog, unknownServiceMessage } from './catalog'
+import { CONSUL_VERSION, DevCatalog, unknownServiceMessage } from './catalog'
 import { ConfigEntryStore, JWT_PROVIDER, MESH, PROXY_DEFAULTS, SERVICE_DEFAULTS, SERVICE_INTENTIONS, decodeConfigEntry, goQuote } from './config-entries'
 import { pathUnescape } from './go'
 import { DevAgentHttpError } from './http-error'
@@ -58,8 +58,6 @@ const MAX_BODY_BYTES = 32 * 1024 * 1024
 const CLOSE_GRACE_MS = 1000
 const ANONYMOUS_ACCESSOR = '00000000-0000-0000-0000-000000000002'
 const LEVEL: Record<Privilege, number> = { read: 1, write: 2, manage: 3 }
-// The agent this emulates: current enough for Contains/IgnoreCase and request normalization.
-const CONSUL_VERSION = '1.20.1'
 const DEFAULT_INTERMEDIATE_TTL = '8760h'
 const DEFAULT_ROTATION_PERIOD = '2160h'
 const HOUR_NS = 3_600_000_000_000n
@@ -447,7 +445,8 @@ export class DevAgentServer {
       r('/v1/connect/intentions/check', ['GET'], (ctx) => this.#intentionCheck(ctx)),
       r('/v1/config', ['PUT'], async (ctx) => await this.#configApply(ctx)),
       r('/v1/config/', ['GET', 'DELETE'], async (ctx) => ctx.method === 'GET' ? await this.#configGet(ctx) : this.#configDelete(ctx)),
-      r('/v1/health/connect/', ['GET'], async (ctx) => await this.#healthConnect(ctx))
+      r('/v1/health/connect/', ['GET'], async (ctx) => await this.#health(ctx, true)),
+      r('/v1/health/service/', ['GET'], async (ctx) => await this.#health(ctx, false))
     ]
   }
 
@@ -1022,7 +1021,8 @@ export class DevAgentServer {
     return {}
   }
 
-  async #healthConnect (ctx: Ctx): Promise<Reply> {
+  /** GET /v1/health/connect/:service (`connect`) or /v1/health/service/:service. */
+  async #health (ctx: Ctx, connect: boolean): Promise<Reply> {
     const service = ctx.rest
     if (service === '') throw new DevAgentHttpError(400, 'Missing service name')
     this.#rejectEnterprise(ctx)
@@ -1045,7 +1045,7 @@ export class DevAgentServer {
       signal: ctx.signal,
       run: () => ({
         index: this.catalog.healthIndex(),
-        value: this.catalog.healthConnect(service, passing).filter((node) => {
+        value: (connect ? this.catalog.healthConnect(service, passing) : this.catalog.healthService(service, passing)).filter((node) => {
           const serviceTags: unknown[] = [(node as { Service: { Tags: unknown } }).Service.Tags].flat()
           return tags.every((tag) => serviceTags.includes(tag))
         })

@@ -25,6 +25,8 @@ export class AgentProxy extends EventEmitter {
   holdAnswer: ((call: ProxiedCall) => Promise<void> | undefined) | null = null
   /** The URL forwarded to the agent (e.g. without Enterprise parameters a CE agent refuses). */
   rewrite: ((url: string) => string) | null = null
+  /** Answers a call itself instead of the agent (e.g. a real server's 403 for a token it does not show). */
+  answer: ((call: ProxiedCall) => { status: number, body: string } | null) | null = null
   readonly #server: http.Server
   readonly #upstream = new Agent({ pipelining: 1 })
   readonly #responses = new Map<ProxiedCall, http.ServerResponse>()
@@ -41,6 +43,13 @@ export class AgentProxy extends EventEmitter {
       const chunks: Buffer[] = []
       req.on('data', (c: Buffer) => chunks.push(c))
       req.on('end', () => {
+        const own = this.answer?.(call) ?? null
+        if (own !== null) {
+          call.status = own.status
+          this.inflight.delete(call)
+          res.writeHead(own.status, { 'content-type': 'text/plain; charset=utf-8' }).end(own.body)
+          return
+        }
         const headers = { ...req.headers }
         delete headers.host
         delete headers.connection
