@@ -261,6 +261,25 @@ t.test('FileCertificateSource on its own: trust domain rules, chains, repeats an
   const named = await run({ dir: spiffe, trustDomain: agent.trustDomain })
   t.equal(named.updates.length, 1, 'trustDomain names the trust bundle')
 
+  // A CA bundle without a self-signed root (an intermediate only, as Vault's issuing_ca): refused
+  // at once, since TLS would refuse every caller with it.
+  const intermediate = await agent.ca.issueCertificate({ ca: true, commonName: 'intermediate' })
+  await writeFile(files.caFile, intermediate.certPem)
+  const partial = await run(files)
+  t.match(partial.failures[0], { part: 'roots', error: { message: /no self-signed root certificate/ } })
+  await writeFile(files.caFile, rootsPem(agent))
+
+  // A leaf whose NotBefore is still ahead: refused, then installed from the same bytes once valid.
+  const uri = `spiffe://${agent.trustDomain}/ns/default/dc/dc1/svc/api`
+  const early = await agent.ca.issueCertificate({ uris: [uri], notBefore: new Date(Math.ceil((Date.now() + 1500) / 1000) * 1000) })
+  await writeFile(files.certFile, early.certPem)
+  await writeFile(files.keyFile, early.privateKeyPem)
+  const waiting = await run({ ...files, pollInterval: 50 })
+  t.match(waiting.failures[0]?.error.message, /is not valid now/)
+  while (waiting.updates.length === 0) await new Promise((resolve) => setTimeout(resolve, 50))
+  t.equal(waiting.updates[0]?.leaf?.uri, uri, 'installed once valid, the files unchanged')
+  t.equal(waiting.logger.events('certificate-files-rejected').length, 1, 'the wait is logged once')
+
   const noUri = await agent.ca.issueCertificate({ dnsNames: ['api.example'] })
   await writeFile(files.certFile, noUri.certPem)
   await writeFile(files.keyFile, noUri.privateKeyPem)

@@ -25,7 +25,11 @@ const CSI_FILES = { chain: 'tls.crt', key: 'tls.key', ca: 'ca.crt' }
 const SETTLE_MS = 25
 
 /** A problem with one read (FST_CONSUL_NATIVE_CERTIFICATE_SOURCE), tagged with the part it concerns. */
-type FilesError = InstanceType<typeof CertificateSourceError> & { readonly part: SourcePart }
+type FilesError = InstanceType<typeof CertificateSourceError> & {
+  readonly part: SourcePart
+  /** The leaf's NotBefore is ahead: the same files may be accepted later. */
+  notYetValid?: boolean
+}
 
 function filesError (part: SourcePart, message: string, options?: ErrorOptions): FilesError {
   return Object.assign(new CertificateSourceError('files', message, options), { part })
@@ -143,7 +147,10 @@ export class FileCertificateSource implements CertificateSource {
       snapshot = this.#parse(contents)
       sink.update({ leaf: snapshot.leaf, trust: snapshot.trust })
     } catch (err) {
-      this.#failed(isFilesError(err) ? err : filesError('leaf', `rejected by TLS: ${(err as Error).message}`, { cause: err }), key)
+      const error = isFilesError(err) ? err : filesError('leaf', `rejected by TLS: ${(err as Error).message}`, { cause: err })
+      // A leaf whose NotBefore is still ahead (an issuer that does not backdate, a clock behind)
+      // becomes valid with the same bytes: those are looked at again on the next read.
+      this.#failed(error, error.notYetValid === true ? null : key)
       return
     }
     this.#lastKey = key
@@ -181,12 +188,18 @@ export class FileCertificateSource implements CertificateSource {
     const roots = pemBlocks(caPem).filter((block) => block.type === 'CERTIFICATE').map((block) => block.pem)
     if (roots.length === 0) throw filesError('roots', 'CA bundle: no CERTIFICATE block')
     const rootCerts = roots.map((pem) => new X509Certificate(pem))
+    // OpenSSL ends every chain at a self-signed certificate: with none, no caller would verify.
+    if (!rootCerts.some(isSelfSigned)) {
+      throw filesError('roots', 'CA bundle: no self-signed root certificate (write the whole chain up to the root, e.g. Vault\'s ca_chain rather than issuing_ca)')
+    }
     const chain = pemBlocks(leaf.chainPem).map((block) => new X509Certificate(block.pem))
     const intermediates = chain.slice(1)
     const now = Date.now()
     const active = rootCerts.find((root) => chainsToCurrentRoots(chain[0] as X509Certificate, intermediates, [root], now))
     if (active === undefined) {
-      throw filesError('leaf', `the leaf (serial ${leaf.serial}, valid ${leaf.validAfter} to ${leaf.validBefore}) is not valid now or does not chain to the CA bundle`)
+      const error = filesError('leaf', `the leaf (serial ${leaf.serial}, valid ${leaf.validAfter} to ${leaf.validBefore}) is not valid now or does not chain to the CA bundle`)
+      error.notYetValid = Date.parse(leaf.validAfter) > now
+      throw error
     }
     return {
       leaf,
@@ -249,6 +262,10 @@ export class FileCertificateSource implements CertificateSource {
 /** The authority of a `spiffe://` URI (leafFromPem guarantees the scheme), lower-cased. */
 function domainOf (uri: string): string {
   return new URL(uri).host.toLowerCase()
+}
+
+function isSelfSigned (cert: X509Certificate): boolean {
+  return cert.checkIssued(cert) && cert.verify(cert.publicKey)
 }
 
 function isFilesError (err: unknown): err is FilesError {
