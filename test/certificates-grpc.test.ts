@@ -12,7 +12,7 @@ import type { FastifyInstance } from 'fastify'
 import * as grpc from '@grpc/grpc-js'
 import consulNative, { httpsOptions } from '../lib/index'
 import type { ConsulNativeOptions } from '../lib/index'
-import { renewalDelay, resolveGrpcTarget } from '../lib/certificates/consul-grpc'
+import { failureCause, renewalDelay, resolveGrpcTarget } from '../lib/certificates/consul-grpc'
 import { resolveOptions } from '../lib/options'
 import type { DevAgent } from '../lib/dev-agent/index'
 import { defaultRoutes, get, mtlsClient, setIntentions, setProtocol, startAgent, waitForStatus } from './helpers/mesh'
@@ -389,4 +389,13 @@ t.test('a token without agent:read (a consul-k8s service identity): the datacent
     certificates: { source: 'consul-grpc', address: agent.grpcAddress as string, plaintext: true }
   })
   await t.rejects(async () => await app.ready(), { code: 'FST_CONSUL_NATIVE_NOT_READY', message: /set the datacenter option/ })
+})
+
+t.test('failures are logged once per cause: the dates grpc-js puts in a dropped connection\'s message do not make a new cause', async (t) => {
+  const at = (iso: string): string => `Certificate source consul-grpc roots: 14 UNAVAILABLE: Failed to connect (${iso})`
+  t.equal(failureCause(at('2026-12-07T15:00:00.000Z')), failureCause(at('2026-12-07T15:00:01.250Z')))
+  t.equal(failureCause(at('2026-12-07T15:00:00.000Z')), 'Certificate source consul-grpc roots: 14 UNAVAILABLE: Failed to connect')
+  t.not(failureCause('14 UNAVAILABLE: No connection established'), failureCause('7 PERMISSION_DENIED: Permission denied'))
+  t.equal(failureCause('4 DEADLINE_EXCEEDED: Deadline exceeded after 10.002s,name resolution: 0.001s,remote_addr=127.0.0.1:8503'),
+    failureCause('4 DEADLINE_EXCEEDED: Deadline exceeded after 10.013s,remote_addr=127.0.0.1:8503'))
 })

@@ -302,10 +302,11 @@ export class GrpcCertificateSource implements CertificateSource {
     const health = part === 'roots' ? this.#roots : this.#leaf
     health.failed(err)
     const fields = { source: 'consul-grpc', part, address: this.#target.address, failures: health.failures, serial: this.#current?.serial ?? null }
-    if (this.#logged[part] === err.message) {
+    const cause = failureCause(err.message)
+    if (this.#logged[part] === cause) {
       logEvent(this.#log, 'debug', 'certificate-source-failed', fields, 'gRPC certificate source failed again', err)
     } else {
-      this.#logged[part] = err.message
+      this.#logged[part] = cause
       logEvent(this.#log, 'warn', 'certificate-source-failed', fields, `${err.message}; keeping the last good ${part === 'roots' ? 'roots' : 'leaf'}`, err)
     }
     ;(this.#sink as CertificateSink).failure(part, err)
@@ -319,6 +320,15 @@ export class GrpcCertificateSource implements CertificateSource {
       logEvent(this.#log, 'info', 'certificate-source-recovered', { source: 'consul-grpc', part }, 'gRPC certificate source recovered')
     }
   }
+}
+
+/**
+ * A failure's message without what changes from one attempt to the next for the same cause:
+ * grpc-js dates a connection the server dropped (`Failed to connect (2026-12-07T15:00:00.000Z)`)
+ * and times a missed deadline (`Deadline exceeded after 10.002s,name resolution: 0.001s,...`).
+ */
+export function failureCause (message: string): string {
+  return message.replace(/ ?\(\d{4}-\d\d-\d\dT[\d:.]+Z\)/g, '').replace(/Deadline exceeded after .*$/s, 'Deadline exceeded')
 }
 
 function trustOf (message: WatchRootsResponse): TrustBundle {
