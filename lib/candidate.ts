@@ -7,7 +7,7 @@ import { unwatchFile, watchFile } from 'node:fs'
 import type { FastifyBaseLogger } from 'fastify'
 import { parseIntention } from './agent/parse'
 import type { Intention, IntentionPermission } from './agent/wire'
-import { compilePolicy } from './intentions/policy'
+import { checkPermissionsAsWritten, compilePolicy, isHttpLike } from './intentions/policy'
 import type { CompiledPolicy } from './intentions/policy'
 import { logEvent } from './log'
 
@@ -92,6 +92,18 @@ export function candidateIntentions (raw: unknown, service: string): { destinati
     if (l7 && action !== '') throw new CandidateError(`${at}.Action must be omitted if Permissions are specified`)
     if (!l7 && action !== 'allow' && action !== 'deny') throw new CandidateError(`${at}.Action must be set to 'allow' or 'deny'`)
     const peer = optionalString(src, 'Peer', at)
+    // What `consul config write` refuses, before the compiler, which trusts validated input.
+    if (peer !== '' && optionalString(src, 'Partition', at) !== '') throw new CandidateError(`${at}: Peer and Partition cannot both be set`)
+    const type = optionalString(src, 'Type', at)
+    if (type !== '' && type !== 'consul') throw new CandidateError(`${at}.Type must be set to 'consul'`)
+    if (l7 && destination === '*') throw new CandidateError(`${at}.Permissions cannot be specified on intentions with wildcarded destinations`)
+    if (l7) {
+      try {
+        checkPermissionsAsWritten(permissions as unknown[], `${at}.Permissions`)
+      } catch (err) {
+        throw new CandidateError((err as Error).message)
+      }
+    }
     const key = `${peer}\u0000${optionalString(src, 'Partition', at)}\u0000${namespace}\u0000${name}`
     if (seen.has(key)) throw new CandidateError(`${at} defines ${JSON.stringify(name)} more than once`)
     seen.add(key)
@@ -123,10 +135,12 @@ export function candidateIntentions (raw: unknown, service: string): { destinati
   return { destination, intentions }
 }
 
-/** Consul stores methods upper-cased (docs/semantics.md#methods). */
+/** Consul stores methods upper-cased (docs/semantics.md#methods); `perm` passed checkPermissionsAsWritten. */
 function upperMethods (perm: unknown): unknown {
-  if (!isObject(perm) || !isObject(perm.HTTP) || !Array.isArray(perm.HTTP.Methods)) return perm
-  return { ...perm, HTTP: { ...perm.HTTP, Methods: perm.HTTP.Methods.map((m: unknown) => typeof m === 'string' ? m.toUpperCase() : m) } }
+  const checked = perm as { HTTP: { Methods?: string[] | null } }
+  const methods = checked.HTTP.Methods
+  if (!Array.isArray(methods)) return perm
+  return { ...checked, HTTP: { ...checked.HTTP, Methods: methods.map((m) => m.toUpperCase()) } }
 }
 
 /** What the live side supplies to compile a candidate against. */
@@ -143,6 +157,10 @@ export interface LiveInputs {
  * entry are replaced, those of the other entry (`*` or this service) stay.
  */
 export function compileCandidate (service: string, candidate: { destination: string, intentions: Intention[] }, live: LiveInputs): CompiledPolicy {
+  // Consul refuses L7 permissions for a service whose protocol is not HTTP-like.
+  if (candidate.destination !== '*' && !isHttpLike(live.protocol) && candidate.intentions.some((ixn) => (ixn.Permissions?.length ?? 0) > 0)) {
+    throw new CandidateError(`service ${JSON.stringify(service)} has protocol ${JSON.stringify(live.protocol)}, which is incompatible with L7 intentions permissions`)
+  }
   const kept = live.intentions.filter((ixn) => ixn.DestinationName !== candidate.destination)
   return compilePolicy({ destination: service, intentions: [...kept, ...candidate.intentions], defaultAllow: live.defaultAllow, protocol: live.protocol, maxRegexProgramSize: live.maxRegexProgramSize })
 }

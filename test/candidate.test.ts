@@ -63,8 +63,23 @@ t.test('a bad entry is refused with what to fix', async (t) => {
     t.throws(() => candidateIntentions(value, 'api'), message, JSON.stringify(value))
     try { candidateIntentions(value, 'api') } catch (err) { t.ok(err instanceof CandidateError) }
   }
-  // Permissions are shape-checked as the agent's answers are.
-  t.throws(() => candidateIntentions({ Kind: 'service-intentions', Name: 'api', Sources: [{ Name: 'web', Permissions: [{ Action: 'allow', HTTP: 'x' }] }] }, 'api'), /Sources\[0\].Permissions\[0\].HTTP: expected an object/)
+  // Permissions are checked as Consul checks a written entry (the agent's answers, only for their shape).
+  t.throws(() => candidateIntentions({ Kind: 'service-intentions', Name: 'api', Sources: [{ Name: 'web', Permissions: [{ Action: 'allow', HTTP: 'x' }] }] }, 'api'), /Sources\[0\].Permissions\[0\].HTTP must be an object/)
+  const written: Array<[unknown, RegExp]> = [
+    [{ Action: 'allow' }, /Sources\[0\].Permissions\[0\].HTTP is required/],
+    [{ Action: 'allow', HTTP: {} }, /must set at least one of PathExact, PathPrefix, PathRegex, Methods, Header/],
+    [{ Action: 'allow', HTTP: { PathPrefix: 'v1' } }, /PathPrefix must start with "\/"/],
+    [{ Action: 'allow', HTTP: { Methods: ['FETCH'] } }, /"FETCH" is not one of/]
+  ]
+  for (const [perm, message] of written) {
+    t.throws(() => candidateIntentions(entry([{ Name: 'web', Permissions: [perm] }]), 'api'), message, JSON.stringify(perm))
+  }
+  t.throws(() => candidateIntentions(entry([{ Name: 'web', Permissions: [{ Action: 'allow', HTTP: { PathPrefix: '/' } }] }], { Name: '*' }), 'api'),
+    /Permissions cannot be specified on intentions with wildcarded destinations/)
+  t.throws(() => candidateIntentions(entry([{ Name: 'web', Peer: 'east', Partition: 'p', Action: 'allow' }]), 'api'), /Peer and Partition cannot both be set/)
+  t.throws(() => candidateIntentions(entry([{ Name: 'web', Type: 'bogus', Action: 'allow' }]), 'api'), /Type must be set to 'consul'/)
+  t.equal(candidateIntentions(entry([{ Name: 'web', Type: 'consul', Action: 'allow' }]), 'api').intentions.length, 1)
+  t.throws(() => candidateIntentions(entry([{ Name: 'web', Action: 'allow' }], { JWT: 'okta' }), 'api'), /JWT/, 'the rest is shape-checked as the agent\'s answers are')
   t.throws(() => candidateIntentions({ Kind: 'service-intentions', Name: 'api', Sources: [{ Name: 'web', Permissions: ['x'] }] }, 'api'), /Sources\[0\]/)
   t.throws(() => candidateIntentions({ Kind: 'service-intentions', Name: 'api', Sources: [{ Name: 'web', Permissions: [{ Action: 'allow', HTTP: { Methods: ['get', 5] } }] }] }, 'api'), /Methods/)
 })
@@ -81,10 +96,14 @@ t.test('compiled with the live list: the candidate replaces its own entry only',
   t.equal(decide(policy, caller('web'), req('GET', '/no')).reason, 'intention default/web => default/api (precedence 9): no permission matched, default policy (deny)')
   t.equal(decide(policy, caller('billing'), req('GET', '/ok')).allow, false, 'the wildcard-destination entry stays')
   t.equal(decide(policy, caller('cron'), req('GET', '/ok')).allow, true)
-  const onTcp = compileCandidate('api', candidate, { ...live, protocol: 'tcp' })
-  t.equal(decide(onTcp, caller('web'), req('GET', '/ok/1')).allow, false, 'the live protocol applies')
-  t.throws(() => compileCandidate('api', candidateIntentions({ Kind: 'service-intentions', Name: 'api', Sources: [{ Name: 'web', Permissions: [{ Action: 'allow', HTTP: { PathRegex: '(' } }] }] }, 'api'), live),
-    { code: 'FST_CONSUL_NATIVE_INVALID_INTENTIONS' })
+  t.throws(() => compileCandidate('api', candidate, { ...live, protocol: 'tcp' }),
+    { message: 'service "api" has protocol "tcp", which is incompatible with L7 intentions permissions' }, 'refused as Consul refuses it on a tcp service')
+  const l4 = candidateIntentions({ Kind: 'service-intentions', Name: 'api', Sources: [{ Name: 'web', Action: 'allow' }] }, 'api')
+  t.equal(decide(compileCandidate('api', l4, { ...live, protocol: 'tcp' }), caller('web'), req('GET', '/ok/1')).allow, true, 'L4 on tcp is fine')
+  t.throws(() => candidateIntentions({ Kind: 'service-intentions', Name: 'api', Sources: [{ Name: 'web', Permissions: [{ Action: 'allow', HTTP: { PathRegex: '(' } }] }] }, 'api'),
+    /PathRegex "\(" is not a valid RE2 regular expression/, 'a bad regex is refused with the entry')
+  t.throws(() => compileCandidate('api', { destination: 'api', intentions: [{ ...ixn('web', 'api', 9, 'allow'), Action: undefined, Permissions: [{ Action: 'allow', HTTP: { PathRegex: '(' } }] }] as never }, live),
+    { code: 'FST_CONSUL_NATIVE_INVALID_INTENTIONS' }, 'and by the compiler')
 })
 
 t.test('a file candidate is re-read on change; a bad file keeps the last good one', async (t) => {

@@ -80,11 +80,12 @@ t.test('a candidate file: loaded after start, re-read on change, status and even
   const file = join(dir, 'api.json')
   await writeFile(file, JSON.stringify(CANDIDATE))
   const agent = await startAgent(t, { defaultPolicy: 'deny' })
+  await setProtocol(agent, 'api', 'http')
   await setIntentions(agent, 'api', [{ Name: 'web', Action: 'allow' }])
   const svc = await startService(t, agent, { plugin: { candidate: file, enforcement: 'shadow' } })
   t.match(svc.app.consulNative.status().candidate, { source: file, loaded: true, count: 2 })
   const web = mtlsClient(t, await leafFor(agent, 'web'))
-  t.equal((await get(web, `${svc.origin}/admin`)).status, 200, 'protocol tcp: the L7 candidate denies web, the response does not change')
+  t.equal((await get(web, `${svc.origin}/admin`)).status, 200, 'the L7 candidate denies web, the response does not change')
   t.equal(svc.app.consulNative.status().candidate?.disagreements, 1)
 
   const changed = once(svc.app.consulNative.events, 'candidate')
@@ -94,10 +95,18 @@ t.test('a candidate file: loaded after start, re-read on change, status and even
 
   // A listener that throws is logged; the watcher keeps going.
   const again = once(svc.app.consulNative.events, 'candidate')
-  svc.app.consulNative.events.on('candidate', () => { throw new Error('listener bug') })
+  const buggy = (): void => { throw new Error('listener bug') }
+  svc.app.consulNative.events.on('candidate', buggy)
   await writeFile(file, JSON.stringify(CANDIDATE))
   await again
   t.match(svc.app.consulNative.status().candidate, { loaded: true, lastError: null })
+  svc.app.consulNative.events.off('candidate', buggy)
+
+  // On a tcp service Consul refuses L7 permissions; so does the candidate, keeping the last good one.
+  const tcp = once(svc.app.consulNative.events, 'candidate')
+  await setProtocol(agent, 'api', 'tcp')
+  const [onTcp] = await tcp
+  t.match(onTcp.candidate, { loaded: true, lastError: 'service "api" has protocol "tcp", which is incompatible with L7 intentions permissions' })
 })
 
 t.test('fastify.consulNative.explain(): live and candidate, with a route\'s overrides', async (t) => {

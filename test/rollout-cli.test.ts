@@ -153,7 +153,7 @@ t.test('errors: one line and exit status 2', async (t) => {
     [['verify', '--service', 'nope', cases], /^fastify-consul-native verify: unknown service "nope": no instance is registered/],
     [['verify', '--service', 'api', '--candidate', notJson, cases], /candidate .*bad.json is not JSON/],
     [['verify', '--service', 'api', '--candidate', await write('cand.json', { Kind: 'service-intentions', Name: 'web', Sources: [] }), cases], /Name must be this service/],
-    [['verify', '--service', 'api', '--candidate', await write('cand2.json', { Kind: 'service-intentions', Name: 'api', Sources: [{ Name: 'web', Permissions: [{ Action: 'allow', HTTP: { PathRegex: '(' } }] }] }), cases], /candidate .*cannot be enforced/],
+    [['verify', '--service', 'api', '--candidate', await write('cand2.json', { Kind: 'service-intentions', Name: 'api', Sources: [{ Name: 'web', Permissions: [{ Action: 'allow', HTTP: { PathRegex: '(' } }] }] }), cases], /candidate .*cand2\.json: .*PathRegex "\(" is not a valid RE2 regular expression/],
     [['explain', '--service', 'api', 'GET', '/'], /explain needs --source \(see --help\)\n$/],
     [['explain', '--service', 'api', '--source', 'web', 'GET'], /a method and a path/],
     [['explain', '--source', 'web', 'GET', '/'], /--service is required/],

@@ -74,6 +74,11 @@ export interface RouteSource {
 }
 
 const HTTP_LIKE = new Set(['http', 'http2', 'grpc'])
+
+/** Whether L7 rules apply on `protocol` (docs/semantics.md#protocol). */
+export function isHttpLike (protocol: string): boolean {
+  return HTTP_LIKE.has(protocol.toLowerCase())
+}
 const PERMISSION_KEYS = new Set(['Action', 'HTTP', 'JWT'])
 const SOURCE_KEYS = new Set(['name', 'namespace', 'partition', 'action', 'permissions', 'jwt'])
 const NO_PROVIDERS: readonly string[] = Object.freeze([])
@@ -556,7 +561,7 @@ function parseDestination (destination: string): { partition: string | null, nam
 export function compilePolicy (input: PolicyInput): CompiledPolicy {
   const dest = parseDestination(input.destination)
   const protocol = input.protocol
-  const http = HTTP_LIKE.has(protocol.toLowerCase())
+  const http = isHttpLike(protocol)
 
   const counts: Counts = { peer: 0, sameness: 0, jwtOnTcp: 0, destination: 0, l7OnTcp: 0, lowercase: [], pathNotes: [] }
   const kept: Intention[] = []
@@ -624,6 +629,15 @@ function checkName (v: unknown, where: string, required: boolean, wildcard: bool
     throw new RuleError(wildcard ? `${where} must be "*" or contain no "*"` : `${where} cannot contain "*"`)
   }
   return v
+}
+
+/**
+ * Checks a `Permissions` list as Consul does when the entry holding it is written (what data from
+ * the agent, validated already, is spared): `HTTP` required and not empty, paths starting with
+ * '/', known methods once each. Throws a RuleError saying what is wrong.
+ */
+export function checkPermissionsAsWritten (permissions: readonly unknown[], where: string, maxRegexProgramSize?: number): void {
+  compilePermissions(permissions, where, true, where, new RegexCache(regexLimit(maxRegexProgramSize)))
 }
 
 /**
