@@ -37,12 +37,16 @@ export interface Explanation {
   trace: TraceStep[]
 }
 
-/** Parses `source`; throws FST_CONSUL_NATIVE_INVALID_OPTION with what is wrong. */
-export function parseSource (source: unknown): CallerIdentity {
+/**
+ * Parses `source`; throws FST_CONSUL_NATIVE_INVALID_OPTION with what is wrong. Null: a SPIFFE ID
+ * of another trust domain than `trustDomain` (when known), which no request could carry verified.
+ */
+export function parseSource (source: unknown, trustDomain: string | null = null): CallerIdentity | null {
   if (typeof source !== 'string' || source === '') throw new InvalidOptionError('explain.source', 'must be a service name or a SPIFFE ID')
   if (source.startsWith('spiffe://')) {
     const id = parseSpiffeId(source)
     if (id?.kind !== 'service') throw new InvalidOptionError('explain.source', `${JSON.stringify(source)} is not a Consul service SPIFFE ID`)
+    if (trustDomain !== null && id.trustDomain !== trustDomain.toLowerCase()) return null
     return { partition: id.partition, namespace: id.namespace, service: id.service }
   }
   const parts = source.split('/')
@@ -85,11 +89,13 @@ class Recorder implements DecisionTrace {
 
 /**
  * Decides `input` with `service` and `route` exactly as the request hook would (the caller is
- * taken as verified), and returns the decision with its trace.
+ * taken as verified, unless its SPIFFE ID is of another trust domain than `trustDomain`), and
+ * returns the decision with its trace.
  */
-export function explainRequest (service: ServiceRules, route: RouteRules, routeName: string | null, input: ExplainInput): Explanation {
+export function explainRequest (service: ServiceRules, route: RouteRules, routeName: string | null, input: ExplainInput,
+  trustDomain: string | null = null): Explanation {
   if (input === null || typeof input !== 'object') throw new InvalidOptionError('explain', 'takes { source, method, path, headers?, route? }')
-  const caller = parseSource(input.source)
+  const caller = parseSource(input.source, trustDomain)
   if (typeof input.method !== 'string' || input.method === '') throw new InvalidOptionError('explain.method', 'must be an HTTP method such as "GET"')
   if (typeof input.path !== 'string' || input.path === '') throw new InvalidOptionError('explain.path', 'must be a request path such as "/admin"')
   const rawHeaders = rawHeadersOf(input.headers)

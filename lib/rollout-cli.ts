@@ -133,19 +133,21 @@ function headersOf (lines: readonly string[]): Record<string, string[]> {
 // The CLI cannot see the app's router options: Fastify's defaults.
 const DEFAULT_ROUTER: RouterOptions = { caseSensitive: true, ignoreTrailingSlash: false, ignoreDuplicateSlashes: false, useSemicolonDelimiter: false }
 
-interface Live { rules: ServiceRules, intentions: Intention[], defaultAllow: boolean, protocol: string, normalization: RequestNormalization | null }
+interface Live { rules: ServiceRules, intentions: Intention[], defaultAllow: boolean, protocol: string, normalization: RequestNormalization | null, trustDomain: string }
 
 /** Reads what the plugin's sync would hold for `service`; an unknown service is an error. */
 async function loadLive (parsed: Parsed, env: NodeJS.ProcessEnv): Promise<Live> {
   const client = new AgentClient(resolveAgentConfig(parsed.agent, env), { datacenter: parsed.datacenter, namespace: parsed.namespace, partition: parsed.partition })
   try {
     const service = parsed.service
-    const [intentions, serviceDefaults, proxyDefaults, mesh, instances] = await Promise.all([
+    const [intentions, serviceDefaults, proxyDefaults, mesh, instances, roots] = await Promise.all([
       client.intentionsMatch(service),
       client.configEntry('service-defaults', service),
       client.configEntry('proxy-defaults', 'global'),
       client.configEntry('mesh', 'mesh'),
-      client.request<unknown[]>('GET', `/v1/health/connect/${encodeURIComponent(service)}`)
+      client.request<unknown[]>('GET', `/v1/health/connect/${encodeURIComponent(service)}`),
+      // A SPIFFE ID of another trust domain is explained as the plugin would treat it: unauthenticated.
+      client.roots()
     ])
     // Known: registered in the mesh, or named by its own intentions or service-defaults.
     const known = (Array.isArray(instances.body) && instances.body.length > 0) || serviceDefaults.body !== null ||
@@ -155,7 +157,7 @@ async function loadLive (parsed: Parsed, env: NodeJS.ProcessEnv): Promise<Live> 
     const protocol = protocolOf(serviceDefaults.body, proxyDefaults.body)
     const normalization = mesh.body?.requestNormalization ?? null
     const policy = compilePolicy({ destination: service, intentions: intentions.body, defaultAllow, protocol })
-    return { rules: { policy, normalization, router: DEFAULT_ROUTER, agentDecides: false }, intentions: intentions.body, defaultAllow, protocol, normalization }
+    return { rules: { policy, normalization, router: DEFAULT_ROUTER, agentDecides: false }, intentions: intentions.body, defaultAllow, protocol, normalization, trustDomain: roots.body.TrustDomain }
   } finally {
     await client.close()
   }
@@ -206,9 +208,9 @@ function readCases (raw: unknown, file: string): Case[] {
 }
 
 /** One decision, explained; an invalid input is a command error. */
-function explainWith (rules: ServiceRules, input: ExplainInput): Explanation {
+function explainWith (rules: ServiceRules, input: ExplainInput, trustDomain: string): Explanation {
   try {
-    return explainRequest(rules, SERVICE_POLICY, null, input)
+    return explainRequest(rules, SERVICE_POLICY, null, input, trustDomain)
   } catch (err) {
     throw new CommandError((err as Error).message)
   }
@@ -239,10 +241,12 @@ async function explainCommand (parsed: Parsed, io: RolloutIO): Promise<number> {
   const input: ExplainInput = { source: parsed.source as string, method: parsed.positional[0] as string, path: parsed.positional[1] as string, headers: headersOf(parsed.headers) }
   const live = await loadLive(parsed, io.env)
   const candidate = await candidateRules(parsed, live)
-  const liveExplained = explainWith(live.rules, input)
-  const candidateExplained = candidate === null ? null : explainWith(candidate, input)
+  const liveExplained = explainWith(live.rules, input, live.trustDomain)
+  const candidateExplained = candidate === null ? null : explainWith(candidate, input, live.trustDomain)
   if (parsed.json) {
-    io.stdout.write(JSON.stringify({ service: parsed.service, request: input, live: liveExplained, ...(candidateExplained === null ? {} : { candidate: candidateExplained }) }, null, 2) + '\n')
+    // The live explanation at the top, in the shape of fastify.consulNative.explain(), and under `live` too.
+    const json = { ...liveExplained, service: parsed.service, request: input, live: liveExplained, ...(candidateExplained === null ? {} : { candidate: candidateExplained }) }
+    io.stdout.write(JSON.stringify(json, null, 2) + '\n')
     return 0
   }
   let out = `${parsed.service} <- ${input.source}: ${input.method} ${input.path}\n`
@@ -262,7 +266,7 @@ async function verifyCommand (parsed: Parsed, io: RolloutIO): Promise<number> {
   const rules = (await candidateRules(parsed, live)) ?? live.rules
   const failures: Array<{ index: number, case: Case, got: Explanation }> = []
   cases.forEach((c, i) => {
-    const got = explainWith(rules, c)
+    const got = explainWith(rules, c, live.trustDomain)
     if ((got.allow ? 'allow' : 'deny') !== c.expect) failures.push({ index: i + 1, case: c, got })
   })
   const against = parsed.candidate === null ? 'live intentions' : `candidate ${parsed.candidate}`

@@ -72,9 +72,10 @@ export class Rollout {
     }
     const sync = this.#sync
     const live = { policy: sync.policy, normalization: sync.normalization, router: policy.router ?? this.#router, agentDecides: false }
-    const explanation: Explanation & { candidate?: Explanation } = explainRequest(live, policy, routeName, input)
+    const trustDomain = sync.status().trustDomain
+    const explanation: Explanation & { candidate?: Explanation } = explainRequest(live, policy, routeName, input, trustDomain)
     const candidate = this.candidate?.policy ?? null
-    if (candidate !== null) explanation.candidate = explainRequest({ ...live, policy: candidate }, policy, routeName, input)
+    if (candidate !== null) explanation.candidate = explainRequest({ ...live, policy: candidate }, policy, routeName, input, trustDomain)
     return explanation
   }
 }

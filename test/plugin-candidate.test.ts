@@ -128,6 +128,10 @@ t.test('fastify.consulNative.explain(): live and candidate, with a route\'s over
   const explained = svc.app.consulNative.explain({ source: 'web', method: 'GET', path: '/private' })
   t.match(explained, { allow: true, decidedBy: { intention: 'intention default/web => default/api (precedence 9)', permission: null } })
   t.match(explained.candidate, { allow: false, reason: /no permission matched, default policy \(deny\)/ })
+  const spiffe = (td: string): string => `spiffe://${td}/ns/default/dc/dc1/svc/web`
+  t.match(svc.app.consulNative.explain({ source: spiffe(agent.trustDomain), method: 'GET', path: '/private' }), { allow: true, outcome: 'allow' })
+  t.match(svc.app.consulNative.explain({ source: spiffe('other.consul'), method: 'GET', path: '/private' }), { allow: false, outcome: 'unauthenticated', candidate: { outcome: 'unauthenticated' } },
+    'an ID of another trust domain is explained as the request would be treated')
   const viaRoute = svc.app.consulNative.explain({ source: 'web', method: 'GET', path: '/ops', route: '/ops' })
   t.match(viaRoute, { allow: false, reason: 'route override sources[0] web deny', trace: [{ step: 'route', route: 'GET /ops', exempt: false, overrides: 1 }] })
   t.match(svc.app.consulNative.explain({ source: 'web', method: 'GET', path: '/health', route: '/health' }), { outcome: 'exempt' })

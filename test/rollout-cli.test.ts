@@ -63,11 +63,18 @@ t.test('explain: the decision and its trace, for a person and as JSON, live and 
   t.match((await run(agent, 'explain', '--service', 'api', '--source', 'web', 'GET', '/a%00')).out, 'REJECT (400)')
   t.match((await run(agent, 'explain', '--service', 'api', '--source', 'web', 'POST', '/admin')).out, 'permission 1 (deny) on /admin: matches')
 
-  const json = await run(agent, 'explain', '--service', 'api', '--source', 'spiffe://x.consul/ns/default/dc/dc1/svc/web', 'GET', '/admin', '--json')
+  const id = `spiffe://${agent.trustDomain}/ns/default/dc/dc1/svc/web`
+  const json = await run(agent, 'explain', '--service', 'api', '--source', id, 'GET', '/admin', '--json')
   const parsed = JSON.parse(json.out)
-  t.same(parsed.request, { source: 'spiffe://x.consul/ns/default/dc/dc1/svc/web', method: 'GET', path: '/admin', headers: {} })
+  t.same(parsed.request, { source: id, method: 'GET', path: '/admin', headers: {} })
   t.match(parsed.live, { allow: false, outcome: 'deny', decidedBy: { intention: WEB, permission: 1, defaultPolicy: false } })
+  t.same({ allow: parsed.allow, reason: parsed.reason, outcome: parsed.outcome, decidedBy: parsed.decidedBy, trace: parsed.trace },
+    { allow: parsed.live.allow, reason: parsed.live.reason, outcome: parsed.live.outcome, decidedBy: parsed.live.decidedBy, trace: parsed.live.trace },
+    'the live explanation is at the top too, as explain() returns it')
   t.notOk('candidate' in parsed)
+  // Another trust domain: no request could carry that identity verified.
+  const foreign = JSON.parse((await run(agent, 'explain', '--service', 'api', '--source', 'spiffe://x.consul/ns/default/dc/dc1/svc/web', 'GET', '/admin', '--json')).out)
+  t.match(foreign, { allow: false, outcome: 'unauthenticated', decidedBy: null })
 
   const file = join(dir, 'candidate.json')
   await writeFile(file, JSON.stringify(CANDIDATE))
