@@ -247,9 +247,13 @@ t.test('leaf certificates', async (t) => {
   const cached = await call(agent, 'GET', '/v1/agent/connect/ca/leaf/web')
   t.equal(cached.json.SerialNumber, leaf.SerialNumber, 'cached')
   t.same([cached.headers['x-cache'], cached.headers.age], ['HIT', '0'])
-  const otherDc = await call(agent, 'GET', '/v1/agent/connect/ca/leaf/web?dc=dc2')
-  t.match(otherDc.json.ServiceURI, /\/dc\/dc2\/svc\/web$/, 'minted for ?dc')
-  t.not(otherDc.json.SerialNumber, leaf.SerialNumber, 'cached per datacenter')
+  // Another datacenter is signed by its own servers, which a lone agent cannot reach.
+  for (const path of ['/v1/agent/connect/ca/leaf/web?dc=dc2', '/v1/agent/connect/ca/roots?dc=dc2', '/v1/connect/intentions/match?by=destination&name=web&dc=dc2',
+    '/v1/config/mesh/mesh?dc=dc2', '/v1/health/connect/web?dc=dc2', '/v1/health/service/web?dc=dc2']) {
+    t.same(await call(agent, 'GET', path).then((r) => [r.status, r.text]), [500, 'No path to datacenter'], path)
+  }
+  t.equal((await call(agent, 'GET', '/v1/agent/connect/ca/leaf/web?dc=dc1')).json.SerialNumber, leaf.SerialNumber, 'its own datacenter by name')
+  t.equal((await call(agent, 'GET', '/v1/agent/services?dc=dc2')).status, 200, 'the agent\'s own endpoints ignore dc')
   t.same(await call(agent, 'GET', '/v1/agent/connect/ca/leaf/').then((r) => [r.status, r.text]), [400, 'Missing service name'])
 
   // Concurrent first requests share one issuance.

@@ -403,6 +403,12 @@ export class DevAgentServer {
     const allow = ['OPTIONS', ...route.methods].join(',')
     if (method === 'OPTIONS') return { headers: { Allow: allow } }
     if (!route.methods.includes(method)) return { status: 405, text: `method ${method} not allowed`, headers: { Allow: allow } }
+    // What the servers answer goes to the datacenter asked for, which a lone agent has no path to
+    // (agent/consul/rpc.go, structs.ErrNoDCPath); the agent's own endpoints ignore `dc`.
+    const dc = query.get('dc') ?? ''
+    if (dc !== '' && dc !== this.#cfg.datacenter && (!path.startsWith('/v1/agent/') || path.startsWith('/v1/agent/connect/ca/'))) {
+      return { status: 500, text: 'No path to datacenter' }
+    }
     const bearer = /^bearer\s+(\S+)/i.exec(req.headers.authorization ?? '')
     const headerToken = req.headers['x-consul-token']
     const token = (query.get('token') ?? '') !== ''
@@ -640,8 +646,7 @@ export class DevAgentServer {
     const { index, waitMs } = parseBlockingParams(ctx.query)
     const timeoutMs = waitMs === undefined || waitMs <= 0 ? LEAF_DEFAULT_WAIT_MS : Math.min(waitMs, MAX_TIMER_MS)
     this.#require(ctx, 'service', 'write', service)
-    const datacenter = (ctx.query.get('dc') ?? '') === '' ? this.#cfg.datacenter : ctx.query.get('dc') as string
-    const leaf = this.#leafState(service, datacenter)
+    const leaf = this.#leafState(service, this.#cfg.datacenter)
     let miss = false
     const result = await block({
       hub: this.hub,
