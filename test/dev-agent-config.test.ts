@@ -374,12 +374,23 @@ t.test('other kinds', async (t) => {
     TransparentProxy: { MeshDestinationsOnly: true },
     AllowEnablingPermissiveMutualTLS: true,
     TLS: { Incoming: { TLSMinVersion: 'TLSv1_2', CipherSuites: ['A'] }, Outgoing: {} },
-    HTTP: { SanitizeXForwardedClientCert: false, Incoming: { RequestNormalization: { MergeSlashes: true, PathWithEscapedSlashesAction: 'UNESCAPE_AND_FORWARD', HeadersWithUnderscoresAction: 'REJECT_REQUEST' } } },
+    // agent/structs has no omitempty on these four (api/ does): false and "" are sent.
+    HTTP: { SanitizeXForwardedClientCert: false, Incoming: { RequestNormalization: { InsecureDisablePathNormalization: false, MergeSlashes: true, PathWithEscapedSlashesAction: 'UNESCAPE_AND_FORWARD', HeadersWithUnderscoresAction: 'REJECT_REQUEST' } } },
     Peering: { PeerThroughMeshGateways: true },
     Meta: { m: 'n' },
     CreateIndex: mesh.CreateIndex,
     ModifyIndex: mesh.ModifyIndex
   })
+  await call(agent, 'PUT', '/v1/config', { Kind: 'mesh', HTTP: { Incoming: { RequestNormalization: {} } }, Peering: {} })
+  const zero = (await call(agent, 'GET', '/v1/config/mesh/mesh')).json
+  t.same(zero, {
+    Kind: 'mesh',
+    TransparentProxy: { MeshDestinationsOnly: false },
+    HTTP: { SanitizeXForwardedClientCert: false, Incoming: { RequestNormalization: { InsecureDisablePathNormalization: false, MergeSlashes: false, PathWithEscapedSlashesAction: '', HeadersWithUnderscoresAction: '' } } },
+    Peering: { PeerThroughMeshGateways: false },
+    CreateIndex: zero.CreateIndex,
+    ModifyIndex: zero.ModifyIndex
+  }, 'empty settings are sent as their zero values')
   await call(agent, 'PUT', '/v1/config', { Kind: 'mesh', HTTP: { SanitizeXForwardedClientCert: true, Incoming: {} } })
   t.same((await call(agent, 'GET', '/v1/config/mesh/mesh')).json.HTTP, { SanitizeXForwardedClientCert: true, Incoming: {} })
   await call(agent, 'PUT', '/v1/config', { Kind: 'mesh', HTTP: {} })

@@ -738,18 +738,22 @@ function renderMesh (e: Obj): Json {
     const incoming = sub(http, 'Incoming')
     if (incoming !== null) {
       const normalization = sub(incoming, 'RequestNormalization')
+      // The server's structs have no omitempty on these: false and "" are sent.
       rendered.Incoming = normalization === null
         ? {}
         : {
-            RequestNormalization: renderStruct(normalization, [
-              'InsecureDisablePathNormalization', 'MergeSlashes', 'PathWithEscapedSlashesAction', 'HeadersWithUnderscoresAction'
-            ])
+            RequestNormalization: {
+              InsecureDisablePathNormalization: b(normalization, 'InsecureDisablePathNormalization'),
+              MergeSlashes: b(normalization, 'MergeSlashes'),
+              PathWithEscapedSlashesAction: s(normalization, 'PathWithEscapedSlashesAction'),
+              HeadersWithUnderscoresAction: s(normalization, 'HeadersWithUnderscoresAction')
+            }
           }
     }
     out.HTTP = rendered
   }
   const peering = sub(e, 'Peering')
-  if (peering !== null) out.Peering = renderStruct(peering, ['PeerThroughMeshGateways'])
+  if (peering !== null) out.Peering = { PeerThroughMeshGateways: b(peering, 'PeerThroughMeshGateways') }
   put(out, 'Meta', e.Meta, Object.keys(smap(e, 'Meta')).length > 0)
   return out
 }
