@@ -117,10 +117,14 @@ t.test('options and startup', async (t) => {
 
 t.test('routing, methods and common headers', async (t) => {
   const agent = await agentFor(t)
+  // Unknown paths reach Consul's Index handler, outside the endpoint wrapper: its text, no Consul headers.
   const missing = await call(agent, 'GET', '/v1/nope')
-  t.same([missing.status, missing.text], [404, ''])
-  t.equal(missing.headers['x-consul-default-acl-policy'], 'allow', 'on every response')
-  t.equal(missing.headers.vary, 'Accept-Encoding')
+  t.same([missing.status, missing.text], [404, 'Invalid URL path: not a recognized HTTP API endpoint\n'])
+  t.equal(missing.headers['x-consul-default-acl-policy'], undefined)
+  t.equal((await call(agent, 'GET', '/nope')).text, 'Invalid URL path: if attempting to use the HTTP API, ensure the path starts with \'/v1/\'\n')
+  const known = await call(agent, 'GET', '/v1/agent/connect/ca/roots')
+  t.equal(known.headers['x-consul-default-acl-policy'], 'allow', 'on every wrapped response')
+  t.equal(known.headers.vary, 'Accept-Encoding')
 
   const wrong = await call(agent, 'POST', '/v1/agent/connect/ca/roots')
   t.same([wrong.status, wrong.text, wrong.headers.allow], [405, 'method POST not allowed', 'OPTIONS,GET'])
@@ -673,6 +677,8 @@ t.test('ACL tokens', async (t) => {
   t.equal((await call(agent, 'GET', '/v1/agent/connect/ca/leaf/web', { headers: as('w') })).status, 200)
   t.equal((await call(agent, 'GET', '/v1/agent/connect/ca/leaf/web?token=w')).status, 200, '?token')
   t.equal((await call(agent, 'GET', '/v1/agent/connect/ca/leaf/web', { headers: { Authorization: 'bearer w' } })).status, 200, 'Authorization: Bearer, any case')
+  t.equal((await call(agent, 'GET', '/v1/agent/connect/ca/leaf/web', { headers: { Authorization: 'Bearer  w extra' } })).status, 200, 'the first word after the scheme')
+  t.equal((await call(agent, 'GET', '/v1/agent/connect/ca/leaf/web', { headers: { Authorization: 'Bearer\tw' } })).status, 403, 'the scheme ends at a space, as Consul splits it')
   t.equal((await call(agent, 'GET', '/v1/agent/connect/ca/leaf/web?token=r', { headers: as('w') })).status, 403, '?token comes first')
   t.equal((await call(agent, 'GET', '/v1/agent/self', { headers: as('r') })).status, 200)
 

@@ -73,6 +73,8 @@ interface Reply {
   /** Raw body with its own content type (`?pem` roots). */
   raw?: { body: string, contentType: string }
   headers?: Record<string, string>
+  /** Answered outside Consul's endpoint wrapper (its Index handler): no Consul headers. */
+  unwrapped?: boolean
 }
 
 interface Ctx {
@@ -363,12 +365,14 @@ export class DevAgentServer {
     // Drain what the handler did not read, so a keep-alive connection stays usable.
     req.resume()
     if (res.destroyed) return
-    const headers: Record<string, string> = {
-      Vary: 'Accept-Encoding',
-      // On every response: the agent's acl.default_policy (not default_intention_policy).
-      'X-Consul-Default-Acl-Policy': this.#cfg.acl.defaultPolicy,
-      ...reply.headers
-    }
+    const headers: Record<string, string> = reply.unwrapped === true
+      ? {}
+      : {
+          Vary: 'Accept-Encoding',
+          // On every wrapped response: the agent's acl.default_policy (not default_intention_policy).
+          'X-Consul-Default-Acl-Policy': this.#cfg.acl.defaultPolicy,
+          ...reply.headers
+        }
     let body = ''
     if (reply.json !== undefined) {
       headers['Content-Type'] = 'application/json'
@@ -398,7 +402,13 @@ export class DevAgentServer {
         .filter((r) => r.prefix && path.startsWith(r.path))
         .sort((x, y) => y.path.length - x.path.length)[0]
     }
-    if (route === undefined) return { status: 404 }
+    // Consul's Index handler, which every unknown path reaches (agent/http.go).
+    if (route === undefined) {
+      const text = path.includes('/v1/')
+        ? 'Invalid URL path: not a recognized HTTP API endpoint\n'
+        : 'Invalid URL path: if attempting to use the HTTP API, ensure the path starts with \'/v1/\'\n'
+      return { status: 404, text, unwrapped: true }
+    }
     const method = req.method as string
     const allow = ['OPTIONS', ...route.methods].join(',')
     if (method === 'OPTIONS') return { headers: { Allow: allow } }
@@ -409,11 +419,12 @@ export class DevAgentServer {
     if (dc !== '' && dc !== this.#cfg.datacenter && (!path.startsWith('/v1/agent/') || path.startsWith('/v1/agent/connect/ca/'))) {
       return { status: 500, text: 'No path to datacenter' }
     }
-    const bearer = /^bearer\s+(\S+)/i.exec(req.headers.authorization ?? '')
+    // parseTokenFromHeaders: split on ' ', the scheme compared ignoring case, the first word of the rest.
+    const bearer = /^bearer (.*)$/is.exec(req.headers.authorization ?? '')?.[1]?.trim().split(' ')[0]
     const headerToken = req.headers['x-consul-token']
     const token = (query.get('token') ?? '') !== ''
       ? query.get('token') as string
-      : typeof headerToken === 'string' && headerToken !== '' ? headerToken : bearer?.[1]
+      : typeof headerToken === 'string' && headerToken !== '' ? headerToken : bearer
     const ctx: Ctx = {
       method,
       path,
