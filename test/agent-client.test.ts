@@ -216,6 +216,15 @@ t.test('agent/self and authorize', async (t) => {
   })
   t.same((await client.agentSelf()).body,
     { datacenter: 'dc1', version: '1.20.1', defaultIntentionPolicy: 'deny', aclDefaultPolicy: 'allow', aclsEnabled: true })
+  t.equal(await client.datacenter(), 'dc1')
+  // Without agent:read, the servers of Consul's own service say; another failure is not looked past.
+  agent.handler = (req) => req.path === '/v1/agent/self'
+    ? text(403, 'Permission denied: token lacks permission \'agent:read\'')
+    : json([{ Node: { Node: 'server-1', Datacenter: 'east' }, Service: { ID: 'consul' }, Checks: [] }])
+  t.equal(await client.datacenter(), 'east')
+  t.equal(agent.requests.at(-1)?.path, '/v1/health/service/consul')
+  agent.handler = () => text(500, 'rpc error: No cluster leader')
+  t.match((await rejection(client.datacenter())).message, /500: rpc error: No cluster leader/)
 
   const bodies = capturedAuthorizeBodies()
   t.equal(bodies.length, 3)
