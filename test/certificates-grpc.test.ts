@@ -399,3 +399,22 @@ t.test('failures are logged once per cause: the dates grpc-js puts in a dropped 
   t.equal(failureCause('4 DEADLINE_EXCEEDED: Deadline exceeded after 10.002s,name resolution: 0.001s,remote_addr=127.0.0.1:8503'),
     failureCause('4 DEADLINE_EXCEEDED: Deadline exceeded after 10.013s,remote_addr=127.0.0.1:8503'))
 })
+
+t.test('a new signing key under the same active root (a secondary datacenter\'s new intermediate) signs a new leaf; the same roots again do not', async (t) => {
+  const fake = await startFakeConnectCA(t)
+  const source = new GrpcCertificateSource({ address: fake.address, plaintext: true, ca: null, servername: undefined },
+    { service: 'api', namespace: undefined, partition: undefined, token: null, datacenter: async () => 'dc1', random: () => 0.5 }, recordingLogger().log)
+  t.teardown(() => source.stop())
+  const leaves: LeafCertificate[] = []
+  await new Promise<void>((resolve) => {
+    source.start({ update: (change) => { if (change.leaf !== undefined) { leaves.push(change.leaf); resolve() } }, failure: () => undefined })
+  })
+  t.equal(fake.calls.sign, 1)
+  const message = fake.rootsMessage()
+  // The same roots again, then the active root with another signing key: one Sign, for the key.
+  fake.push(message)
+  fake.push({ ...message, roots: message.roots.map((root) => root.id === message.activeRootId ? { ...root, signingKeyId: 'aa:bb:cc' } : root) })
+  await nthCall(fake, 'sign', 2)
+  while (leaves.length < 2) await new Promise((resolve) => setImmediate(resolve))
+  t.equal(fake.calls.sign, 2, 'one Sign for the two messages: the repeat renews nothing')
+})

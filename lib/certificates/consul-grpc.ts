@@ -131,6 +131,8 @@ export class GrpcCertificateSource implements CertificateSource {
   #stopped = false
   #call: grpc.ClientReadableStream<WatchRootsResponse> | null = null
   #trust: TrustBundle | null = null
+  /** The active root's `signing_key_id` in the last roots message. */
+  #signingKeyId = ''
   #current: LeafCertificate | null = null
   #datacenter: string | null = null
   #signing = false
@@ -210,10 +212,15 @@ export class GrpcCertificateSource implements CertificateSource {
       return
     }
     const previous = this.#trust
+    const previousSigningKey = this.#signingKeyId
     this.#trust = trust
+    // Consul's agents renew when the active root's signing key changes too: a secondary
+    // datacenter renews its intermediate under the same root (leafcert, activeRootHasKey).
+    this.#signingKeyId = message.roots.find((root) => root.id === message.activeRootId)?.signingKeyId ?? ''
     this.#recovered('roots')
-    // docs/semantics.md#grpc-leaf-renewal: a new active root (or trust domain) signs a new leaf at once.
-    if (previous === null || previous.activeRootId !== trust.activeRootId || previous.trustDomain !== trust.trustDomain) this.#renewNow()
+    // docs/semantics.md#grpc-leaf-renewal: a new active root, signing key or trust domain signs a new leaf at once.
+    if (previous === null || previous.activeRootId !== trust.activeRootId || previous.trustDomain !== trust.trustDomain ||
+      previousSigningKey !== this.#signingKeyId) this.#renewNow()
   }
 
   // -------------------------------------------------------------------------------------------
