@@ -97,7 +97,7 @@ export function routeConfigReader (): (request: { routeOptions: { config: object
  * until `beforeListening` settles. Fastify's listen() (both forms) waits for that event, so it
  * resolves only after `beforeListening`; a rejection closes the server and becomes the `'error'`
  * that rejects it, then `onFailed` runs. `skip()` true at that call: extendListen handles it.
- * Both wrappers are in place only from the plugin's load until the first 'listening' event.
+ * Both wrappers are in place only from the plugin's load until the first 'listening' or 'error' event.
  */
 export function holdListening (server: Server, skip: () => boolean, beforeListening: () => Promise<void>,
   onFailed: (err: Error) => void): void {
@@ -115,10 +115,12 @@ function holdNextListening (server: Server, beforeListening: () => Promise<void>
   const emit = server.emit as (this: Server, event: string | symbol, ...args: unknown[]) => boolean
   let held = false
   const hold = function (this: Server, event: string | symbol, ...args: unknown[]): boolean {
-    if (held || event !== 'listening') return emit.call(this, event, ...args)
+    if (held || (event !== 'listening' && event !== 'error')) return emit.call(this, event, ...args)
     held = true
     // Restored unless wrapped again meanwhile (the upgrade gate): then this stays a pass-through.
     if (server.emit === hold) server.emit = emit as Server['emit']
+    // listen() failed (EADDRINUSE, ...): nothing to hold, and a retry goes through extendListen.
+    if (event === 'error') return emit.call(this, event, ...args)
     beforeListening().then(() => { emit.call(server, 'listening') }, (err: Error) => {
       server.close()
       // Fastify listens for 'error' until 'listening'; without a listener an 'error' would throw.

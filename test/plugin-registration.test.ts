@@ -3,6 +3,7 @@
 import t from 'tap'
 import { spawn } from 'node:child_process'
 import http from 'node:http'
+import net from 'node:net'
 import path from 'node:path'
 import Fastify from 'fastify'
 import consulNative, { httpsOptions } from '../lib/index'
@@ -179,4 +180,22 @@ t.test('register() not awaited before listen(): the instance is registered all t
   const err = await new Promise<Error | null>((resolve) => { failingCallback.listen({ port: 0, host: '127.0.0.1' }, (e) => resolve(e)) })
   t.match(err, { code: 'FST_CONSUL_NATIVE_REGISTER_FAILED' })
   t.equal(failingCallback.server.listening, false)
+})
+
+t.test('listen() that fails (EADDRINUSE), then again: registered once, and nothing is left after close()', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'allow' })
+  const busy = net.createServer()
+  await new Promise<void>((resolve) => busy.listen(0, '127.0.0.1', resolve))
+  t.teardown(() => busy.close())
+  const app = Fastify({ https: httpsOptions() })
+  t.teardown(async () => await app.close())
+  app.register(consulNative, { service: 'api', agent: { address: agent.address }, register: { check: 'tcp' } })
+  await t.rejects(app.listen({ port: (busy.address() as net.AddressInfo).port, host: '127.0.0.1' }), { code: 'EADDRINUSE' })
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const registrations = (): number => agent.requestLog.filter((entry) => entry.method === 'PUT' && entry.path === '/v1/agent/service/register').length
+  t.equal(registrations(), 1, 'one registration')
+  t.equal(app.consulNative.status().registration?.registered, true)
+  await app.close()
+  t.same((await agentCall(agent, 'GET', '/v1/agent/services')).body, {}, 'nothing registered after close()')
+  t.equal(registrations(), 1)
 })

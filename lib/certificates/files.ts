@@ -27,7 +27,7 @@ const SETTLE_MS = 25
 /** A problem with one read (FST_CONSUL_NATIVE_CERTIFICATE_SOURCE), tagged with the part it concerns. */
 type FilesError = InstanceType<typeof CertificateSourceError> & {
   readonly part: SourcePart
-  /** The leaf's NotBefore is ahead: the same files may be accepted later. */
+  /** A NotBefore in the leaf's chain is ahead: the same files may be accepted later. */
   notYetValid?: boolean
 }
 
@@ -198,7 +198,7 @@ export class FileCertificateSource implements CertificateSource {
     const active = rootCerts.find((root) => chainsToCurrentRoots(chain[0] as X509Certificate, intermediates, [root], now))
     if (active === undefined) {
       const error = filesError('leaf', `the leaf (serial ${leaf.serial}, valid ${leaf.validAfter} to ${leaf.validBefore}) is not valid now or does not chain to the CA bundle`)
-      error.notYetValid = Date.parse(leaf.validAfter) > now
+      error.notYetValid = chain.some((cert) => Date.parse(cert.validFrom) > now)
       throw error
     }
     return {
