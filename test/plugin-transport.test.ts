@@ -126,8 +126,10 @@ t.test('a fragment or an absolute-form target cannot read differently to the rul
     (await http1(t, svc.port, web, `GET ${target} HTTP/1.1\r\nHost: ${host}\r\nConnection: close\r\n\r\n`)).response.status
 
   t.equal(await status('/admin', 'a'), 403)
-  t.equal(await status('/admin#x', 'a'), 403, 'the router drops the fragment; so does :path')
-  t.equal(await status('/admin#x?q', 'a'), 403, 'a ? inside the fragment is no query')
+  // Fastify's router would hand what follows a '#' to the query parser: refused, as by Envoy.
+  t.equal(await status('/admin#x', 'a'), 400, 'a fragment is refused')
+  t.equal(await status('/admin#x?q', 'a'), 400)
+  t.equal(await status('/#&admin=1', 'a'), 400, 'also where it would have been read as a query')
   t.equal(await status('http://foo.bad.com/', 'good.com'), 400, 'absolute form naming another authority than Host')
   t.equal(await status('http://good.com/', 'good.com'), 200, 'the same authority: served')
   t.equal(await status('http://foo.bad.com/', 'foo.bad.com'), 403, 'and the rule reads it')

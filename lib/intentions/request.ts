@@ -81,6 +81,7 @@ const EXEMPT_DECISION: Decision = Object.freeze({ allow: true, reason: 'route ex
 const UNAUTHENTICATED_DECISION: Decision = Object.freeze({ allow: false, reason: 'unauthenticated' })
 const BAD_PATH_DECISION: Decision = Object.freeze({ allow: false, reason: 'path rejected by the mesh request normalization' })
 const BAD_HEADER_DECISION: Decision = Object.freeze({ allow: false, reason: 'header name with an underscore rejected by the mesh request normalization' })
+const FRAGMENT_DECISION: Decision = Object.freeze({ allow: false, reason: 'request target with a fragment (#) rejected, as by the mesh' })
 const TARGET_AUTHORITY_DECISION: Decision = Object.freeze({ allow: false, reason: 'absolute-form request target names another authority than the host header' })
 const ASK_AGENT_DECISION: Decision = Object.freeze({ allow: false, reason: 'awaiting the agent\'s authorize answer' })
 const AGENT_JWT_DECISION: Decision = Object.freeze({ allow: false, reason: 'the caller\'s intention requires a JWT, which mode \'agent\' cannot enforce (deny)' })
@@ -118,6 +119,9 @@ export function decideRequest (service: ServiceRules, route: RouteRules, request
   // The request normalization comes first, for every caller: a spelling the mesh refuses is never
   // served, not even by shadow enforcement to a caller without a certificate (docs/semantics.md#rollout-shadow).
   const url = request.url
+  // A fragment is never sent: Envoy refuses a target with one (400), while Fastify's router would
+  // hand everything after the '#' to the query parser, where no `:path` matcher saw it.
+  if (url.indexOf('#') !== -1) return settle(out, 'bad-path', FRAGMENT_DECISION)
   const normalization = service.normalization
   const path = canonicalPath(url, normalization)
   if (path === null) return settle(out, 'bad-path', BAD_PATH_DECISION)
@@ -135,12 +139,11 @@ export function decideRequest (service: ServiceRules, route: RouteRules, request
   const caller = request.caller
   if (caller === null) return settle(out, 'unauthenticated', UNAUTHENTICATED_DECISION)
 
-  // A ':path' header matcher sees the normalized path with the query, as Envoy's RBAC does; never a
-  // fragment (Envoy refuses or strips one before RBAC).
+  // A ':path' header matcher sees the normalized path with the query, as Envoy's RBAC does.
   const urlIsPath = isPathOf(url, path)
   // A new object, not a reused one: storing this request's strings into a long-lived object
   // costs a write barrier each, more than the young allocation.
-  const facts: MutableFacts = { method: request.method, path, url: urlIsPath && url.indexOf('#', path.length) === -1 ? url : path + queryOf(url), rawHeaders, jwt: request.jwt ?? null }
+  const facts: MutableFacts = { method: request.method, path, url: urlIsPath ? url : path + queryOf(url), rawHeaders, jwt: request.jwt ?? null }
   headerAmbiguity.reason = null
   let decision = service.agentDecides && route.override === null
     ? null
@@ -190,19 +193,16 @@ function settle (out: RequestVerdict, outcome: RequestOutcome, decision: Decisio
   return out
 }
 
-/** `url` is `path`, possibly followed by a query or fragment. */
+/** `url` is `path`, possibly followed by a query (a target with a fragment was refused before). */
 function isPathOf (url: string, path: string): boolean {
   if (url.length === path.length) return url === path
-  const next = url.charCodeAt(path.length)
-  return (next === 63 || next === 35) && url.startsWith(path)
+  return url.charCodeAt(path.length) === 63 && url.startsWith(path)
 }
 
-/** The query of `url` with its '?', without a fragment; '' when there is none. */
+/** The query of `url` with its '?'; '' when there is none. */
 function queryOf (url: string): string {
-  const hash = url.indexOf('#')
   const q = url.indexOf('?')
-  if (q === -1 || (hash !== -1 && hash < q)) return ''
-  return hash === -1 ? url.slice(q) : url.slice(q, hash)
+  return q === -1 ? '' : url.slice(q)
 }
 
 /**
