@@ -2,6 +2,7 @@
 // instance is the root one, router options (where Fastify 5 keeps them), the extra servers Fastify
 // opens when listening on `localhost`, the route config of a request without the allocating
 // `request.routeOptions` getter, and a listen() that does more once the server listens.
+import { readFileSync } from 'node:fs'
 import type { Server } from 'node:net'
 import type { RouterOptions } from './intentions/path'
 
@@ -156,5 +157,33 @@ export function extendListen (fastify: { listen: unknown, close: () => PromiseLi
     if (callback === null) return listening
     listening.then((address) => callback(null, address), (err: Error) => callback(err))
     return undefined
+  }
+}
+
+/**
+ * A test for @fastify/websocket's own 'upgrade' listener, which sends every Upgrade through
+ * Fastify's routing: its source text is found in that package's entry module (read once, on the
+ * first `onUpgrade` seen). A name is no proof (any function can be called `onUpgrade`); a listener
+ * that cannot be recognised (the package bundled, or not resolvable from here) counts as foreign,
+ * which only gates more.
+ */
+export function fastifyWebsocketListenerTest (resolve: (id: string) => string = require.resolve): (listener: Function) => boolean {
+  let source: string | null | undefined
+  const known = new WeakMap<Function, boolean>()
+  return (listener) => {
+    if (listener.name !== 'onUpgrade') return false
+    let isOurs = known.get(listener)
+    if (isOurs === undefined) {
+      if (source === undefined) {
+        try {
+          source = readFileSync(resolve('@fastify/websocket'), 'utf8')
+        } catch {
+          source = null
+        }
+      }
+      isOurs = source !== null && source.includes(Function.prototype.toString.call(listener))
+      known.set(listener, isOurs)
+    }
+    return isOurs
   }
 }

@@ -13,7 +13,7 @@ import { AgentAuthorizer, backstopHook, Enforcer, enforceHook, unroutedRequest }
 import type { ConsulDecision } from './enforcement'
 import { NotHttpsError, NotRootError } from './errors'
 import type { ExplainInput, Explanation } from './explain'
-import { isRootInstance, requestIdLabelOf, routerOptionsOf, serverBindingsOf } from './fastify-internals'
+import { fastifyWebsocketListenerTest, isRootInstance, requestIdLabelOf, routerOptionsOf, serverBindingsOf } from './fastify-internals'
 import { addHealthRoute } from './health'
 import type { ServiceIdentity } from './identity'
 import { metricFamilies, prometheusText } from './metrics'
@@ -155,9 +155,10 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
     logEvent(log, 'warn', 'check-continue-taken', null, 'the server already has a \'checkContinue\' listener: it, not the access decision, decides when a body is read')
   }
   // Upgrade and CONNECT requests that reach listeners outside Fastify are decided too (docs/semantics.md#transport-upgrades).
+  const isFastifyWebsocketListener = fastifyWebsocketListenerTest()
   const upgradeGate: UpgradeGate = {
     // @fastify/websocket's listener (its `onUpgrade`) sends every Upgrade through Fastify's routing.
-    routesThroughFastify: (listener) => listener.name === 'onUpgrade' && fastify.hasPlugin('@fastify/websocket'),
+    routesThroughFastify: (listener) => fastify.hasPlugin('@fastify/websocket') && isFastifyWebsocketListener(listener),
     decide: (raw) => {
       const request = unroutedRequest(raw)
       const route = SERVICE_POLICY

@@ -2,7 +2,8 @@
 import t from 'tap'
 import net from 'node:net'
 import Fastify from 'fastify'
-import { holdListening, isRootInstance, requestIdLabelOf, routeConfigReader, routerOptionsOf, serverBindingsOf } from '../lib/fastify-internals'
+import websocket from '@fastify/websocket'
+import { fastifyWebsocketListenerTest, holdListening, isRootInstance, requestIdLabelOf, routeConfigReader, routerOptionsOf, serverBindingsOf } from '../lib/fastify-internals'
 
 t.test('router options are read where Fastify 5 keeps them, with Fastify\'s defaults', async (t) => {
   t.same(routerOptionsOf(Fastify()), { ignoreTrailingSlash: false, ignoreDuplicateSlashes: false, caseSensitive: true, useSemicolonDelimiter: false })
@@ -91,4 +92,21 @@ t.test('holdListening: an own listen() is put back; a wrapper added over the hol
   await new Promise((resolve) => bare.once('close', resolve))
   t.match(failed, [{ message: 'refused' }])
   t.equal(bare.listening, false)
+})
+
+t.test('@fastify/websocket\'s upgrade listener is recognised by its source, not by its name', async (t) => {
+  const app = Fastify()
+  await app.register(websocket)
+  await app.ready()
+  t.teardown(async () => await app.close())
+  const [theirs] = app.server.listeners('upgrade') as Function[]
+  const isTheirs = fastifyWebsocketListenerTest()
+  t.equal(isTheirs(theirs as Function), true)
+  t.equal(isTheirs(theirs as Function), true, 'remembered')
+  function onUpgrade (): void {}
+  t.equal(isTheirs(onUpgrade), false, 'a function of the same name is not theirs')
+  t.equal(isTheirs(function tunnel () {}), false)
+  const unresolvable = fastifyWebsocketListenerTest(() => { throw new Error('Cannot find module') })
+  t.equal(unresolvable(theirs as Function), false, 'not found: treated as foreign')
+  t.equal(unresolvable(onUpgrade), false)
 })

@@ -369,6 +369,20 @@ t.test('with @fastify/websocket the only Upgrade listener, Fastify decides: a ro
   t.equal(ran, 0, 'the handler never ran, and the socket was closed')
 })
 
+t.test('a listener of the application\'s named onUpgrade, beside @fastify/websocket\'s, is gated all the same', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'deny' })
+  await setIntentions(agent, 'api', [{ Name: 'web', Action: 'allow' }])
+  const { app, port } = await websocketService(t, agent.address, true)
+  let ran = 0
+  app.server.on('upgrade', function onUpgrade (_req: unknown, socket: { end: (text: string) => void }) {
+    ran++
+    socket.end('HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\nSECRET')
+  })
+  const { response } = await http1(t, port, { ca: await rootPems(agent) }, 'GET /tunnel HTTP/1.1\r\nHost: api\r\nConnection: Upgrade\r\nUpgrade: x\r\n\r\n')
+  t.equal(response.status, 401, 'no certificate: refused before any listener')
+  t.equal(ran, 0)
+})
+
 t.test('outside Fastify too: a decision that waits (mode agent) and an HTTP/2 CONNECT (docs/semantics.md#transport-upgrades)', async (t) => {
   const agent = await startAgent(t, { defaultPolicy: 'deny' })
   await setIntentions(agent, 'api', [{ Name: 'web', Action: 'allow' }])
