@@ -233,7 +233,9 @@ export class Enforcer {
   #verify (request: FastifyRequest, providers: readonly string[], now: number): RequestTokens | null | Promise<RequestTokens> {
     if (providers.length === 0) return null
     const raw = request.raw
-    return this.#sync.jwt.tokensFor({ rawHeaders: raw.rawHeaders, url: raw.url as string, connection: connectionOf(raw) }, providers, now)
+    // A query token is looked for in the target as sent, as Envoy would (Fastify's rewriteUrl may change it).
+    const url = (raw as { originalUrl?: string }).originalUrl ?? raw.url as string
+    return this.#sync.jwt.tokensFor({ rawHeaders: raw.rawHeaders, url, connection: connectionOf(raw) }, providers, now)
   }
 
   /**
@@ -246,7 +248,17 @@ export class Enforcer {
     const service = this.#service
     service.policy = this.#sync.policy
     service.normalization = this.#sync.normalization
-    return { caller: peer.identity, method: raw.method as string, url: raw.url as string, rawHeaders: raw.rawHeaders, jwt: tokens, callerRules: peer.rules }
+    // Set by Fastify's rewriteUrl only: then the target as sent decides (docs/semantics.md#paths-rewrite).
+    const original = (raw as { originalUrl?: string }).originalUrl
+    return {
+      caller: peer.identity,
+      method: raw.method as string,
+      url: original ?? raw.url as string,
+      routedUrl: original === undefined ? null : raw.url,
+      rawHeaders: raw.rawHeaders,
+      jwt: tokens,
+      callerRules: peer.rules
+    }
   }
 
   #decide (request: FastifyRequest, route: RoutePolicy, peer: PeerIdentity, tokens: RequestTokens | null,

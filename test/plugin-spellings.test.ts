@@ -10,7 +10,7 @@ import type { FastifyInstance, FastifyServerOptions } from 'fastify'
 import consulNative, { httpsOptions } from '../lib/index'
 import type { ConsulNativeOptions, RouteConsulNativeConfig } from '../lib/index'
 import type { DevAgent } from '../lib/dev-agent/index'
-import { get, leafFor, mtlsClient, setIntentions, setProtocol, startAgent } from './helpers/mesh'
+import { get, leafFor, mtlsClient, setIntentions, setProtocol, startAgent, startService } from './helpers/mesh'
 import type { Credentials } from './helpers/mesh'
 
 const PATH_RULES = [
@@ -247,4 +247,38 @@ t.test('class 6 in a route override: compared percent-encoded, and warned about 
   await expectBoth(t, svc, creds, '/cafe', 200, 'the override\'s allow')
   const warning = lines.find((line) => line.consulNative?.event === 'route-path-rule')
   t.match(warning?.msg, /route GET \/\*: sources\[0\], permission 1: PathPrefix "\/café" is compared as "\/caf%C3%A9"/)
+})
+
+t.test('Fastify\'s rewriteUrl: the target as sent decides, and the rewritten one can only add a denial (docs/semantics.md#paths-rewrite)', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'deny' })
+  await setProtocol(agent, 'api', 'http')
+  await setIntentions(agent, 'api', [{
+    Name: 'web',
+    Permissions: [
+      { Action: 'deny', HTTP: { PathPrefix: '/api/v1/admin' } },
+      { Action: 'deny', HTTP: { PathPrefix: '/internal' } },
+      { Action: 'allow', HTTP: { PathPrefix: '/api/' } }
+    ]
+  }])
+  const ran: string[] = []
+  const svc = await startService(t, agent, {
+    fastify: {
+      rewriteUrl: (req) => {
+        const url = req.url as string
+        if (url === '/fragment') return '/items#x'
+        if (url === '/bad') return '/items%00'
+        return url.startsWith('/api/v1/') ? url.slice(7) : url
+      }
+    },
+    routes: (app) => {
+      for (const path of ['/admin/users', '/internal/x', '/items']) app.get(path, async (request) => { ran.push(request.url); return 'ok' })
+    }
+  })
+  const web = mtlsClient(t, await leafFor(agent, 'web'))
+  t.equal((await get(web, `${svc.origin}/api/v1/items`)).status, 200, 'allowed as sent (/api/...), though routed as /items')
+  t.equal((await get(web, `${svc.origin}/api/v1/admin/users`)).status, 403, 'denied as sent')
+  t.equal((await get(web, `${svc.origin}/api/v1/internal/x`)).status, 403, 'denied as rewritten')
+  t.equal((await get(web, `${svc.origin}/fragment`)).status, 400, 'a rewritten target with a fragment is refused')
+  t.equal((await get(web, `${svc.origin}/bad`)).status, 400, 'and one the normalization refuses')
+  t.same(ran, ['/items'], 'only the allowed handler ran')
 })

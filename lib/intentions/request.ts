@@ -51,6 +51,11 @@ export interface RequestView {
   method: string
   /** The raw request target (path and query, as sent). */
   url: string
+  /**
+   * The target the router dispatched on, when the application rewrote it (Fastify's `rewriteUrl`);
+   * absent or null otherwise. The target as sent decides; this one can only add a denial.
+   */
+  routedUrl?: string | null
   /** Node's `req.rawHeaders`: [name, value, name, value, ...]. */
   rawHeaders: readonly string[]
   /**
@@ -145,9 +150,18 @@ export function decideRequest (service: ServiceRules, route: RouteRules, request
   // costs a write barrier each, more than the young allocation.
   const facts: MutableFacts = { method: request.method, path, url: urlIsPath ? url : path + queryOf(url), rawHeaders, jwt: request.jwt ?? null }
   headerAmbiguity.reason = null
+  // Fastify's rewriteUrl: the mesh decides the target as sent (as Envoy sees it); what the router
+  // dispatched on instead is one more spelling, which can only add a denial (docs/semantics.md#paths-rewrite).
+  const routedUrl = request.routedUrl
+  let rewritten: readonly string[] | null = null
+  if (routedUrl !== undefined && routedUrl !== null && routedUrl !== url) {
+    const routedPath = routedUrl.indexOf('#') === -1 ? canonicalPath(routedUrl, normalization) : null
+    if (routedPath === null) return settle(out, 'bad-path', BAD_PATH_DECISION)
+    rewritten = [routedPath, ...routerPaths(routedPath, route.router ?? service.router, routedUrl)]
+  }
   let decision = service.agentDecides && route.override === null
     ? null
-    : decideLocally(service, route, caller, facts, url, urlIsPath, request.callerRules ?? null, trace)
+    : decideLocally(service, route, caller, facts, url, urlIsPath, request.callerRules ?? null, trace, rewritten)
   // Mode 'agent': the agent decides what no override did, unless the caller's intention requires a
   // JWT, which its authorize endpoint ignores: that denies (docs/semantics.md#agent-mode).
   if (decision === null && jwtProvidersFor(service.policy, null, caller).length > 0) decision = AGENT_JWT_DECISION
@@ -165,12 +179,13 @@ export function decideRequest (service: ServiceRules, route: RouteRules, request
  * only the route override decides here, by the same rules; null: no override source matched.
  */
 function decideLocally (service: ServiceRules, route: RouteRules, caller: CallerIdentity, req: MutableFacts, url: string,
-  urlIsPath: boolean, callerRules: RuleMemo | null, trace: DecisionTrace | null): Decision | null {
+  urlIsPath: boolean, callerRules: RuleMemo | null, trace: DecisionTrace | null, rewritten: readonly string[] | null): Decision | null {
   const router = route.router ?? service.router
   const path = req.path
   const agent = service.agentDecides
   const plainTarget = isPlainTarget(path, urlIsPath)
-  const alternatePaths = routerPaths(path, router, url, urlIsPath, plainTarget)
+  const spellings = routerPaths(path, router, url, urlIsPath, plainTarget)
+  const alternatePaths = rewritten === null ? spellings : [...spellings, ...rewritten]
   let decision = agent
     ? decideOverrideSpellings(route.override as CompiledOverride, caller, req, alternatePaths, service.policy, trace)
     : decideSpellings(service.policy, route.override, caller, req, alternatePaths, trace, callerRules)
