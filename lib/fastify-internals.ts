@@ -187,3 +187,37 @@ export function fastifyWebsocketListenerTest (resolve: (id: string) => string = 
     return isOurs
   }
 }
+
+const ROUTER_HANDLERS = ['defaultRoute', 'onBadUrl', 'onMaxParamLength'] as const
+
+/**
+ * The router callbacks the application replaced (`routerOptions.defaultRoute`, `onBadUrl`,
+ * `onMaxParamLength`). Fastify's own `defaultRoute` sends an unmatched request to its 404
+ * handling, where the hooks run; a replacement answers the raw request with no hook at all.
+ * Fastify's own are recognised by their source text in a loaded copy of Fastify's entry module
+ * (`sources`: those texts); when none can be read, nothing is reported.
+ */
+export function replacedRouterHandlers (fastify: object, sources: readonly string[] = loadedFastifySources()): string[] {
+  const router = (privateValue(fastify, 'fastify.options') as { routerOptions?: Record<string, unknown> } | undefined)?.routerOptions
+  if (router === undefined || router === null || typeof router !== 'object' || sources.length === 0) return []
+  return ROUTER_HANDLERS.filter((key) => {
+    const handler = router[key]
+    if (typeof handler !== 'function') return false
+    const text = Function.prototype.toString.call(handler)
+    return !sources.some((source) => source.includes(text))
+  })
+}
+
+/** The source of every copy of Fastify's entry module this process loaded. */
+function loadedFastifySources (): string[] {
+  const out: string[] = []
+  for (const file of Object.keys(require.cache)) {
+    if (!/[\\/]fastify[\\/]fastify\.js$/.test(file)) continue
+    try {
+      out.push(readFileSync(file, 'utf8'))
+    } catch {
+      // A cache entry without a readable file: it says nothing.
+    }
+  }
+  return out
+}

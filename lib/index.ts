@@ -11,9 +11,9 @@ import { resolveAgentConfig, resolveAgentWorker } from './agent/config'
 import { createCertificateSource } from './certificates/index'
 import { AgentAuthorizer, backstopHook, Enforcer, enforceHook, unroutedRequest } from './enforcement'
 import type { ConsulDecision } from './enforcement'
-import { NotHttpsError, NotRootError } from './errors'
+import { InvalidOptionError, NotHttpsError, NotRootError } from './errors'
 import type { ExplainInput, Explanation } from './explain'
-import { fastifyWebsocketListenerTest, isRootInstance, requestIdLabelOf, routerOptionsOf, serverBindingsOf } from './fastify-internals'
+import { fastifyWebsocketListenerTest, isRootInstance, replacedRouterHandlers, requestIdLabelOf, routerOptionsOf, serverBindingsOf } from './fastify-internals'
 import { addHealthRoute } from './health'
 import type { ServiceIdentity } from './identity'
 import { metricFamilies, prometheusText } from './metrics'
@@ -90,6 +90,11 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
   const tls = dynamicTlsOf(fastify.server)
   if (tls === null) throw new NotHttpsError()
   if (!isRootInstance(fastify)) throw new NotRootError()
+  // Replaced router callbacks answer requests before any hook: the plugin could not decide them.
+  const replaced = replacedRouterHandlers(fastify)
+  if (replaced.includes('defaultRoute')) {
+    throw new InvalidOptionError('routerOptions.defaultRoute', 'answers unmatched requests with no hook, so no caller could be checked there; use setNotFoundHandler, whose handler the plugin protects')
+  }
 
   const log = pluginLogger(fastify.log)
   const requestIdLabel = requestIdLabelOf(fastify)
@@ -101,6 +106,10 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
     worker: resolveAgentWorker(opts.agent)
   })
   const sync = new ConsulSync(opts, client, tls, log, createCertificateSource(opts, client, agentConfig.token, process.env, log))
+  for (const option of replaced) {
+    logEvent(log, 'warn', 'router-callback-unchecked', { option: `routerOptions.${option}` },
+      `routerOptions.${option} answers malformed request targets with no hook: what it sends is not checked against intentions`)
+  }
   const router = routerOptionsOf(fastify)
   if (!router.caseSensitive) {
     logEvent(log, 'warn', 'case-insensitive-router', null, 'caseSensitive is false: write intention paths in lower case, as every case spelling is checked in lower case')

@@ -34,6 +34,7 @@ export const LOG_EVENTS = {
   'upgrade-recheck-failed': ['err'],
   // Plugin setup and Fastify
   'case-insensitive-router': [],
+  'router-callback-unchecked': ['option'],
   'server-bindings-unknown': [],
   'check-continue-taken': [],
   // Agent watches (leaf, roots, intentions, config entries, outbound discovery)

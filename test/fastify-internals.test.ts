@@ -3,7 +3,7 @@ import t from 'tap'
 import net from 'node:net'
 import Fastify from 'fastify'
 import websocket from '@fastify/websocket'
-import { fastifyWebsocketListenerTest, holdListening, isRootInstance, requestIdLabelOf, routeConfigReader, routerOptionsOf, serverBindingsOf } from '../lib/fastify-internals'
+import { fastifyWebsocketListenerTest, holdListening, isRootInstance, replacedRouterHandlers, requestIdLabelOf, routeConfigReader, routerOptionsOf, serverBindingsOf } from '../lib/fastify-internals'
 
 t.test('router options are read where Fastify 5 keeps them, with Fastify\'s defaults', async (t) => {
   t.same(routerOptionsOf(Fastify()), { ignoreTrailingSlash: false, ignoreDuplicateSlashes: false, caseSensitive: true, useSemicolonDelimiter: false })
@@ -109,4 +109,12 @@ t.test('@fastify/websocket\'s upgrade listener is recognised by its source, not 
   const unresolvable = fastifyWebsocketListenerTest(() => { throw new Error('Cannot find module') })
   t.equal(unresolvable(theirs as Function), false, 'not found: treated as foreign')
   t.equal(unresolvable(onUpgrade), false)
+})
+
+t.test('router callbacks the application replaced are told from Fastify\'s own by their source', async (t) => {
+  t.same(replacedRouterHandlers(Fastify()), [], 'Fastify\'s own')
+  const custom = Fastify({ routerOptions: { defaultRoute: (_req: unknown, res: { end: () => void }) => { res.end() }, onBadUrl: () => {} } } as never)
+  t.same(replacedRouterHandlers(custom), ['defaultRoute', 'onBadUrl'])
+  t.same(replacedRouterHandlers(custom, []), [], 'no Fastify source to compare with: nothing reported')
+  t.same(replacedRouterHandlers({}), [], 'another Fastify layout: nothing reported')
 })

@@ -188,6 +188,24 @@ t.test('datacenter is sent when set; namespace and partition only when set (a CE
   }
 })
 
+t.test('router callbacks that answer with no hook: a replaced defaultRoute fails register(); onBadUrl is warned about', async (t) => {
+  const agent = await startAgent(t)
+  const fallback = Fastify({ https: httpsOptions(), routerOptions: { defaultRoute: (_req: unknown, res: { end: (text: string) => void }) => { res.end('fallback') } } } as never)
+  t.teardown(async () => await fallback.close())
+  fallback.register(consulNative, { service: 'api', agent: { address: agent.address } })
+  await t.rejects(async () => { await fallback.ready() }, { code: 'FST_CONSUL_NATIVE_INVALID_OPTION', message: /routerOptions\.defaultRoute.*setNotFoundHandler/ })
+
+  const lines: Array<{ consulNative?: { event?: string, option?: string } }> = []
+  const badUrl = Fastify({
+    https: httpsOptions(),
+    routerOptions: { onBadUrl: (_path: string, _req: unknown, res: { end: () => void }) => { res.end() } },
+    logger: { level: 'warn', stream: { write: (line: string) => { lines.push(JSON.parse(line)) } } }
+  } as never)
+  t.teardown(async () => await badUrl.close())
+  await badUrl.register(consulNative, { service: 'api', agent: { address: agent.address } })
+  t.match(lines.filter((line) => line.consulNative?.event === 'router-callback-unchecked'), [{ consulNative: { option: 'routerOptions.onBadUrl' } }])
+})
+
 t.test('registering inside an encapsulated plugin fails with FST_CONSUL_NATIVE_NOT_ROOT', async (t) => {
   const agent = await startAgent(t)
   const app = Fastify({ https: httpsOptions() })
