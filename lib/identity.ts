@@ -108,7 +108,9 @@ export class IdentityResolver {
     if (trust === null) return noIdentity('no CA roots loaded yet', epoch)
     if (typeof socket.getPeerX509Certificate !== 'function') return noIdentity('not a TLS connection', epoch)
     if (socket.authorized !== true) {
-      return noIdentity(`client certificate not verified: ${String(socket.authorizationError ?? 'none presented')}`, epoch)
+      // Node reports a client that sent no certificate as unverified too (UNABLE_TO_GET_ISSUER_CERT).
+      if (socket.getPeerX509Certificate() === undefined) return noIdentity('no client certificate', epoch)
+      return noIdentity(`client certificate not verified: ${String(socket.authorizationError ?? 'no reason given')}`, epoch)
     }
     // A leaf already shown to chain to the current roots needs nothing more: this connection
     // proved it holds the leaf's key (in its handshake, or in the one its session resumes).

@@ -4,6 +4,7 @@
 // under Fastify's label, and are not silenced by a route's logLevel: a denial is a security fact.
 // LOG_EVENTS lists every event with its fields: the README's table is checked against it, and
 // logEvent() accepts no other event and no other field.
+import type { EventEmitter } from 'node:events'
 import type { FastifyBaseLogger } from 'fastify'
 
 export const PLUGIN_NAME = 'fastify-consul-native'
@@ -100,4 +101,19 @@ export function logEvent<E extends LogEvent> (sink: EventSink, level: LogLevel, 
   if (err !== undefined) line.err = err
   if (request !== undefined) line[request.label] = request.id
   sink[level](line, `${PLUGIN_NAME}: ${message}`)
+}
+
+/**
+ * Emits `event` to each listener in turn, each in its own try: one that throws is logged
+ * (`listener-failed`) and the listeners after it still run, which EventEmitter#emit would not do.
+ */
+export function emitToEach (emitter: EventEmitter, event: string, payload: unknown, sink: EventSink): void {
+  // rawListeners: a once() listener is called through its wrapper, which removes it.
+  for (const listener of emitter.rawListeners(event) as Array<(payload: unknown) => void>) {
+    try {
+      listener.call(emitter, payload)
+    } catch (err) {
+      logEvent(sink, 'error', 'listener-failed', { listenerEvent: event }, 'an event listener threw', err as Error)
+    }
+  }
 }

@@ -5,7 +5,7 @@ import type { FastifyBaseLogger } from 'fastify'
 import { Candidate } from './candidate'
 import { InvalidOptionError } from './errors'
 import { explainRequest } from './explain'
-import { logEvent } from './log'
+import { emitToEach } from './log'
 import type { ExplainInput, Explanation } from './explain'
 import type { RouterOptions } from './intentions/path'
 import type { ResolvedOptions } from './options'
@@ -29,11 +29,7 @@ export class Rollout {
       ? null
       : new Candidate(opts.service, opts.candidate, log, () => sync.liveInputs, () => {
         // A throwing listener must not reach the file watcher's callback (it would crash the process).
-        try {
-          sync.events.emit('candidate', sync.status())
-        } catch (err) {
-          logEvent(log, 'error', 'listener-failed', { listenerEvent: 'candidate' }, 'an event listener threw', err)
-        }
+        emitToEach(sync.events, 'candidate', sync.status(), log)
       })
     const candidate = this.candidate
     if (candidate !== null) sync.events.on('intentions', () => candidate.relive())

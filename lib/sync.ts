@@ -19,7 +19,7 @@ import { JwtAuthenticator } from './jwt/request-tokens'
 import type { Enforcement, ResolvedOptions } from './options'
 import type { RegistrationState, ServiceRegistration } from './registration'
 import type { DynamicTls } from './tls'
-import { logEvent } from './log'
+import { emitToEach, logEvent } from './log'
 
 /** Snapshot returned by `fastify.consulNative.status()`. */
 export interface ConsulNativeStatus {
@@ -361,11 +361,7 @@ export class ConsulSync {
   }
 
   #emit (event: string, payload: unknown): void {
-    try {
-      this.events.emit(event, payload)
-    } catch (err) {
-      logEvent(this.#log, 'error', 'listener-failed', { listenerEvent: event }, 'an event listener threw', err)
-    }
+    emitToEach(this.events, event, payload, this.#log)
   }
 
   /** Logs loudly when the leaf nears expiry while the agent cannot renew it (run every minute). */

@@ -69,7 +69,8 @@ t.test('IdentityResolver: connection rules, caching, expiry and roots changes', 
 
   t.match(resolver.peer({ socket: {} as never }, now).reason, /not a TLS connection/)
   t.match(resolver.peer(fakeSocket({ authorized: false, error: 'UNABLE_TO_GET_ISSUER_CERT', cert: leaf }), now).reason, /not verified: UNABLE_TO_GET_ISSUER_CERT/)
-  t.match(resolver.peer(fakeSocket({ authorized: false }), now).reason, /none presented/)
+  t.match(resolver.peer(fakeSocket({ authorized: false }), now).reason, /^no client certificate$/, 'Node reports a missing certificate as unverified too')
+  t.match(resolver.peer(fakeSocket({ authorized: false, cert: leaf }), now).reason, /not verified: no reason given/)
   t.match(resolver.peer(fakeSocket({ authorized: true }), now).reason, /no client certificate/, 'resumed TLS 1.3 session without a certificate')
 
   // Connections that were not seen connecting (or predate the roots) have their chain checked.

@@ -730,9 +730,16 @@ t.test('a throwing event listener is logged and the update stays in force', asyn
   const h = harness(t)
   serve(h.agent, f, { intentions: [intention('web')], intentionsIndex: 10 })
   h.sync.events.on('intentions', () => { throw new Error('listener bug') })
+  const after: number[] = []
+  h.sync.events.on('intentions', () => { after.push(1) })
+  let once = 0
+  h.sync.events.once('intentions', () => { once++ })
   await h.sync.start()
   t.equal(h.sync.status().intentions?.index, 10)
   t.match(h.logger.events('listener-failed')[0], { level: 'error', obj: { consulNative: { listenerEvent: 'intentions' } } })
+  t.ok(after.length > 0, 'the listeners after it still ran')
+  t.equal(once, 1, 'a once() listener ran once')
+  t.equal(h.sync.events.listenerCount('intentions'), 3, 'and was removed (the harness\'s own and the two above stay)')
   t.same(h.emitted.errors, [], 'not reported as a rejected update')
 })
 
