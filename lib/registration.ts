@@ -411,18 +411,29 @@ export class ServiceRegistration {
     /** Restores in the current streak: each within twice the longest backoff of the one before. */
     let restores = 0
     let lastRestoreAt = -Infinity
+    /** The last look went unanswered (the agent was down or failing). */
+    let unanswered = false
     while (!signal.aborted) {
       let delayMs = 0
       try {
-        const res: AgentResponse<unknown> = await this.#client.request('GET', path, {
-          signal, allow404: true, blocking: hash === null ? undefined : { hash, waitMs }, scoped: AGENT_SCOPES
-        })
+        let res: AgentResponse<unknown>
+        try {
+          res = await this.#client.request('GET', path, {
+            signal, allow404: true, blocking: hash === null ? undefined : { hash, waitMs }, scoped: AGENT_SCOPES
+          })
+        } catch (err) {
+          unanswered = true
+          throw err
+        }
+        const afterOutage = unanswered
+        unanswered = false
         hash = res.contentHash
         if (res.status === 404) {
           this.#state.registered = false
           const backoff = this.#restoreBackoff
-          // A loss long after the last restore (an agent restarted) starts a new streak.
-          if (performance.now() - lastRestoreAt > 2 * backoff.maxMs) restores = 0
+          // A loss long after the last restore, or found once the agent answers again (it restarted
+          // without its state), is no reaper at work: a new streak, restored at once.
+          if (afterOutage || performance.now() - lastRestoreAt > 2 * backoff.maxMs) restores = 0
           if (restores > 0) {
             await sleep(backoffCeiling(restores, backoff), undefined, { signal, ref: false }).catch(noop)
             if (signal.aborted) return

@@ -13,6 +13,7 @@ import { buildRegistration, ServiceRegistration, validateRegisterOption } from '
 import type { RegisterOptions, RegistrationSystem, ResolvedRegistration } from '../lib/registration'
 import { call, clientFor, healthServer, ids, Logs, startAgent, waitForConnect } from './helpers/registration'
 import type { SpiedRequest } from './helpers/registration'
+import { startProxy } from './helpers/agent-proxy'
 
 // The registration's timers are unref()'d (an app's server keeps the process alive); the test must.
 const keepAlive = setInterval(() => {}, 1000)
@@ -407,6 +408,31 @@ t.test('anti-entropy: an agent that keeps removing the instance (its reaper) is 
   t.equal(registration.state.registered, false, 'while waiting to restore, status says it is not registered')
   await registration.deregister()
   t.equal(logs.events('registration-restored').length, 5, 'no restore once closing')
+})
+
+t.test('anti-entropy: a loss right after the agent was unreachable (a restart) starts a new streak, restored at once', async (t) => {
+  const agent = await startAgent(t)
+  const proxy = await startProxy(t, agent.address)
+  const client = clientFor(t, proxy.address)
+  const logs = new Logs()
+  const reg = buildRegistration('api', { check: 'tcp', checkInterval: '1s' }, { address: '127.0.0.1', port: 9 }, null)
+  const registration = new ServiceRegistration(client, reg, logs.logger, { antiEntropyWaitMs: 200, restoreBackoff: { initialMs: 60_000, maxMs: 120_000 } })
+  await registration.register()
+  registration.start()
+  // A first loss: restored at once, said at warn; a streak begins.
+  const first = logs.waitFor('registration-restored', 'warn')
+  await call(agent, 'PUT', `/v1/agent/service/deregister/${reg.id}`)
+  await first
+  // The agent goes away (its answers fail), and comes back without the instance.
+  proxy.answer = (c) => c.method === 'GET' && c.url.startsWith('/v1/agent/service/') ? { status: 500, body: 'agent restarting' } : null
+  await logs.waitFor('registration-check-failed', 'warn')
+  t.match(registration.state, { lastError: /agent restarting/ })
+  await call(agent, 'PUT', `/v1/agent/service/deregister/${reg.id}`)
+  const again = logs.waitFor('registration-restored', 'warn', () => logs.events('registration-restored').length === 2)
+  proxy.answer = null
+  await again
+  t.match(registration.state, { registered: true, restored: 2, lastError: null }, 'restored without the streak\'s minute of waiting')
+  await registration.deregister()
 })
 
 t.test('close during a restore: the deregistration waits for the restore\'s answer, so it lands last', async (t) => {
