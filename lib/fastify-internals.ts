@@ -174,13 +174,7 @@ export function fastifyWebsocketListenerTest (resolve: (id: string) => string = 
     if (listener.name !== 'onUpgrade') return false
     let isOurs = known.get(listener)
     if (isOurs === undefined) {
-      if (source === undefined) {
-        try {
-          source = readFileSync(resolve('@fastify/websocket'), 'utf8')
-        } catch {
-          source = null
-        }
-      }
+      source ??= sourceOf('@fastify/websocket', resolve)
       isOurs = source !== null && source.includes(Function.prototype.toString.call(listener))
       known.set(listener, isOurs)
     }
@@ -212,12 +206,17 @@ export function replacedRouterHandlers (fastify: object, sources: readonly strin
 function loadedFastifySources (): string[] {
   const out: string[] = []
   for (const file of Object.keys(require.cache)) {
-    if (!/[\\/]fastify[\\/]fastify\.js$/.test(file)) continue
-    try {
-      out.push(readFileSync(file, 'utf8'))
-    } catch {
-      // A cache entry without a readable file: it says nothing.
-    }
+    const source = /[\\/]fastify[\\/]fastify\.js$/.test(file) ? sourceOf(file, (path) => path) : null
+    if (source !== null) out.push(source)
   }
   return out
+}
+
+/** The text of module `id`, or null when it cannot be resolved or read (it then proves nothing). */
+function sourceOf (id: string, resolve: (id: string) => string): string | null {
+  try {
+    return readFileSync(resolve(id), 'utf8')
+  } catch {
+    return null
+  }
 }

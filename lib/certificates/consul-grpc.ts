@@ -10,7 +10,7 @@ import * as grpc from '@grpc/grpc-js'
 import { CertificateSourceError, InvalidOptionError } from '../errors'
 import { serviceSpiffeId } from '../spiffe'
 import { connectCA } from './connectca'
-import type { ConnectCAClient, ConnectCAClientConstructor, WatchRootsResponse } from './connectca'
+import type { CARootMessage, ConnectCAClient, ConnectCAClientConstructor, WatchRootsResponse } from './connectca'
 import { createCsr } from './csr'
 import type { ConsulGrpcCertificatesOptions } from './options'
 import { leafFromPem } from './source'
@@ -216,7 +216,7 @@ export class GrpcCertificateSource implements CertificateSource {
     this.#trust = trust
     // Consul's agents renew when the active root's signing key changes too: a secondary
     // datacenter renews its intermediate under the same root (leafcert, activeRootHasKey).
-    this.#signingKeyId = message.roots.find((root) => root.id === message.activeRootId)?.signingKeyId ?? ''
+    this.#signingKeyId = (message.roots.find((root) => root.id === message.activeRootId) as CARootMessage).signingKeyId // trustOf checked it is there
     this.#recovered('roots')
     // docs/semantics.md#grpc-leaf-renewal: a new active root, signing key or trust domain signs a new leaf at once.
     if (previous === null || previous.activeRootId !== trust.activeRootId || previous.trustDomain !== trust.trustDomain ||
