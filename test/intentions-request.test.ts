@@ -137,6 +137,19 @@ t.test('a header matcher on :path sees the normalized path with the query', asyn
   }
 })
 
+t.test('a :path matcher reads every spelling the router treats alike, with the query', async (t) => {
+  const p = compilePolicy({
+    destination: 'api',
+    defaultAllow: true,
+    protocol: 'http',
+    intentions: [ixn('web', 'api', 9, [deny({ Header: [{ Name: ':path', Prefix: '/secret' }] }), deny({ Header: [{ Name: ':path', Contains: 'role=admin' }] })])]
+  })
+  const caseless = service(null, { policy: p, router: { ...ROUTER, caseSensitive: false, ignoreDuplicateSlashes: true } })
+  for (const url of ['/secret', '/SECRET', '//secret', '/Secret?x=1']) t.same(decided(caseless, SERVICE, view(url))[0], 'deny', url)
+  t.same(decided(caseless, SERVICE, view('/ITEMS?role=admin'))[0], 'deny', 'the query goes with each spelling')
+  t.same(decided(caseless, SERVICE, view('/ITEMS?role=user'))[0], 'allow')
+})
+
 t.test('a fragment cannot get past a :path matcher (docs/semantics.md#transport-headers)', async (t) => {
   const p = compilePolicy({
     destination: 'api',

@@ -257,6 +257,7 @@ t.test('Fastify\'s rewriteUrl: the target as sent decides, and the rewritten one
     Permissions: [
       { Action: 'deny', HTTP: { PathPrefix: '/api/v1/admin' } },
       { Action: 'deny', HTTP: { PathPrefix: '/internal' } },
+      { Action: 'deny', HTTP: { Header: [{ Name: ':path', Prefix: '/secret' }] } },
       { Action: 'allow', HTTP: { PathPrefix: '/api/' } }
     ]
   }])
@@ -267,17 +268,19 @@ t.test('Fastify\'s rewriteUrl: the target as sent decides, and the rewritten one
         const url = req.url as string
         if (url === '/fragment') return '/items#x'
         if (url === '/bad') return '/items%00'
+        if (url.startsWith('/api/pub/')) return url.slice(8)
         return url.startsWith('/api/v1/') ? url.slice(7) : url
       }
     },
     routes: (app) => {
-      for (const path of ['/admin/users', '/internal/x', '/items']) app.get(path, async (request) => { ran.push(request.url); return 'ok' })
+      for (const path of ['/admin/users', '/internal/x', '/items', '/secret']) app.get(path, async (request) => { ran.push(request.url); return 'ok' })
     }
   })
   const web = mtlsClient(t, await leafFor(agent, 'web'))
   t.equal((await get(web, `${svc.origin}/api/v1/items`)).status, 200, 'allowed as sent (/api/...), though routed as /items')
   t.equal((await get(web, `${svc.origin}/api/v1/admin/users`)).status, 403, 'denied as sent')
   t.equal((await get(web, `${svc.origin}/api/v1/internal/x`)).status, 403, 'denied as rewritten')
+  t.equal((await get(web, `${svc.origin}/api/pub/secret`)).status, 403, 'a :path matcher reads the rewritten spelling too')
   t.equal((await get(web, `${svc.origin}/fragment`)).status, 400, 'a rewritten target with a fragment is refused')
   t.equal((await get(web, `${svc.origin}/bad`)).status, 400, 'and one the normalization refuses')
   t.same(ran, ['/items'], 'only the allowed handler ran')

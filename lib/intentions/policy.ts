@@ -322,7 +322,10 @@ function jwtFailure (f: JwtFailure, defaultAllow: boolean | null): Decision {
 
 /** A denial that `path` (an alternate spelling) gets from a deny permission of `rule`, or null. */
 function alternateDenial (rule: Rule, req: RequestFacts, path: string, trace: DecisionTrace | null): Decision | null {
-  const i = firstMatch(rule, req, path, trace)
+  // A ':path' header matcher reads this spelling too, with the request's query (a canonical path
+  // holds no '?'); allocated only here, for the spellings other than the canonical one.
+  const q = req.url.indexOf('?')
+  const i = firstMatch(rule, req, path, trace, q === -1 ? path : path + req.url.slice(q))
   if (i === -1) return null
   const p = rule.permissions[i]
   // A deny that needs a token applies only with one (docs/semantics.md#jwt-match).
@@ -330,11 +333,11 @@ function alternateDenial (rule: Rule, req: RequestFacts, path: string, trace: De
 }
 
 /** The position of the first permission of `rule` whose HTTP part matches the request on `path`, or -1. */
-function firstMatch (rule: Rule, req: RequestFacts, path: string, trace: DecisionTrace | null): number {
+function firstMatch (rule: Rule, req: RequestFacts, path: string, trace: DecisionTrace | null, url: string = req.url): number {
   const perms = rule.permissions
   for (let i = 0; i < perms.length; i++) {
     const p = perms[i]
-    const miss = p.matcher.mismatch(req.method, path, req.url, req.rawHeaders)
+    const miss = p.matcher.mismatch(req.method, path, url, req.rawHeaders)
     if (trace !== null) tracePermission(trace, rule, i, path, miss, req)
     if (miss === MATCHED) return i
   }
