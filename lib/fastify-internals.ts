@@ -167,15 +167,21 @@ export function extendListen (fastify: { listen: unknown, close: () => PromiseLi
  * that cannot be recognised (the package bundled, or not resolvable from here) counts as foreign,
  * which only gates more.
  */
-export function fastifyWebsocketListenerTest (resolve: (id: string) => string = require.resolve): (listener: Function) => boolean {
-  let source: string | null | undefined
+export function fastifyWebsocketListenerTest (resolve: (id: string) => string = require.resolve,
+  loaded: () => string[] = () => loadedSources(/[\\/]@fastify[\\/]websocket[\\/]index\.js$/)): (listener: Function) => boolean {
+  let sources: string[] | undefined
   const known = new WeakMap<Function, boolean>()
   return (listener) => {
     if (listener.name !== 'onUpgrade') return false
     let isOurs = known.get(listener)
     if (isOurs === undefined) {
-      source ??= sourceOf('@fastify/websocket', resolve)
-      isOurs = source !== null && source.includes(Function.prototype.toString.call(listener))
+      // Every copy this process loaded (the application's may not be the one resolved from here).
+      if (sources === undefined) {
+        const resolved = sourceOf('@fastify/websocket', resolve)
+        sources = resolved === null ? loaded() : [resolved, ...loaded()]
+      }
+      const text = Function.prototype.toString.call(listener)
+      isOurs = sources.some((source) => source.includes(text))
       known.set(listener, isOurs)
     }
     return isOurs
@@ -204,9 +210,14 @@ export function replacedRouterHandlers (fastify: object, sources: readonly strin
 
 /** The source of every copy of Fastify's entry module this process loaded. */
 function loadedFastifySources (): string[] {
+  return loadedSources(/[\\/]fastify[\\/]fastify\.js$/)
+}
+
+/** The source of every module this process loaded whose file name matches `file`. */
+function loadedSources (file: RegExp): string[] {
   const out: string[] = []
-  for (const file of Object.keys(require.cache)) {
-    const source = /[\\/]fastify[\\/]fastify\.js$/.test(file) ? sourceOf(file, (path) => path) : null
+  for (const path of Object.keys(require.cache)) {
+    const source = file.test(path) ? sourceOf(path, (id) => id) : null
     if (source !== null) out.push(source)
   }
   return out

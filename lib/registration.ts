@@ -411,7 +411,7 @@ export class ServiceRegistration {
     /** Restores in the current streak: each within twice the longest backoff of the one before. */
     let restores = 0
     let lastRestoreAt = -Infinity
-    /** The last look went unanswered (the agent was down or failing). */
+    /** The last look got no answer (the agent was down). */
     let unanswered = false
     while (!signal.aborted) {
       let delayMs = 0
@@ -422,7 +422,9 @@ export class ServiceRegistration {
             signal, allow404: true, blocking: hash === null ? undefined : { hash, waitMs }, scoped: AGENT_SCOPES
           })
         } catch (err) {
-          unanswered = true
+          // No answer at all (refused, reset, timed out), as while an agent restarts; an agent
+          // answering with an error status is up.
+          unanswered = agentStatusOf(err) === null
           throw err
         }
         const afterOutage = unanswered

@@ -106,9 +106,11 @@ t.test('@fastify/websocket\'s upgrade listener is recognised by its source, not 
   function onUpgrade (): void {}
   t.equal(isTheirs(onUpgrade), false, 'a function of the same name is not theirs')
   t.equal(isTheirs(function tunnel () {}), false)
-  const unresolvable = fastifyWebsocketListenerTest(() => { throw new Error('Cannot find module') })
-  t.equal(unresolvable(theirs as Function), false, 'not found: treated as foreign')
-  t.equal(unresolvable(onUpgrade), false)
+  const notResolvedHere = fastifyWebsocketListenerTest(() => { throw new Error('Cannot find module') })
+  t.equal(notResolvedHere(theirs as Function), true, 'not resolvable from the plugin: the copy the application loaded is read')
+  t.equal(notResolvedHere(onUpgrade), false)
+  const nowhere = fastifyWebsocketListenerTest(() => { throw new Error('Cannot find module') }, () => [])
+  t.equal(nowhere(theirs as Function), false, 'no source anywhere (bundled): treated as foreign')
 })
 
 t.test('router callbacks the application replaced are told from Fastify\'s own by their source', async (t) => {

@@ -410,7 +410,7 @@ t.test('anti-entropy: an agent that keeps removing the instance (its reaper) is 
   t.equal(logs.events('registration-restored').length, 5, 'no restore once closing')
 })
 
-t.test('anti-entropy: a loss right after the agent was unreachable (a restart) starts a new streak, restored at once', async (t) => {
+t.test('anti-entropy: a loss after the agent answered with an error keeps the streak (the agent was up)', async (t) => {
   const agent = await startAgent(t)
   const proxy = await startProxy(t, agent.address)
   const client = clientFor(t, proxy.address)
@@ -423,10 +423,37 @@ t.test('anti-entropy: a loss right after the agent was unreachable (a restart) s
   const first = logs.waitFor('registration-restored', 'warn')
   await call(agent, 'PUT', `/v1/agent/service/deregister/${reg.id}`)
   await first
-  // The agent goes away (its answers fail), and comes back without the instance.
-  proxy.answer = (c) => c.method === 'GET' && c.url.startsWith('/v1/agent/service/') ? { status: 500, body: 'agent restarting' } : null
+  // An agent that answers with an error is up: a loss after that is still the reaper's streak.
+  proxy.answer = (c) => c.method === 'GET' && c.url.startsWith('/v1/agent/service/') ? { status: 500, body: 'rpc error' } : null
   await logs.waitFor('registration-check-failed', 'warn')
-  t.match(registration.state, { lastError: /agent restarting/ })
+  proxy.answer = null
+  const lost = new Promise<void>((resolve) => {
+    proxy.on('answered', (c: { method: string, url: string, status: number | null }) => { if (c.method === 'GET' && c.url.startsWith('/v1/agent/service/') && c.status === 404) resolve() })
+  })
+  await call(agent, 'PUT', `/v1/agent/service/deregister/${reg.id}`)
+  await lost
+  // Restored at once it would be within milliseconds; the streak waits a minute.
+  await new Promise((resolve) => setTimeout(resolve, 300))
+  t.equal(logs.events('registration-restored').length, 1, 'not restored at once: the streak waits')
+  t.equal(registration.state.registered, false)
+  await registration.deregister()
+})
+
+t.test('anti-entropy: a loss found once an unreachable agent answers again (a restart) is restored at once', async (t) => {
+  const agent = await startAgent(t)
+  const proxy = await startProxy(t, agent.address)
+  const client = clientFor(t, proxy.address)
+  const logs = new Logs()
+  const reg = buildRegistration('api', { check: 'tcp', checkInterval: '1s' }, { address: '127.0.0.1', port: 9 }, null)
+  const registration = new ServiceRegistration(client, reg, logs.logger, { antiEntropyWaitMs: 200, restoreBackoff: { initialMs: 60_000, maxMs: 120_000 } })
+  await registration.register()
+  registration.start()
+  const first = logs.waitFor('registration-restored', 'warn')
+  await call(agent, 'PUT', `/v1/agent/service/deregister/${reg.id}`)
+  await first
+  // The agent goes away (no answer at all), and comes back without the instance.
+  proxy.answer = (c) => c.method === 'GET' && c.url.startsWith('/v1/agent/service/') ? 'drop' : null
+  await logs.waitFor('registration-check-failed', 'warn')
   await call(agent, 'PUT', `/v1/agent/service/deregister/${reg.id}`)
   const again = logs.waitFor('registration-restored', 'warn', () => logs.events('registration-restored').length === 2)
   proxy.answer = null

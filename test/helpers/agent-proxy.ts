@@ -25,8 +25,11 @@ export class AgentProxy extends EventEmitter {
   holdAnswer: ((call: ProxiedCall) => Promise<void> | undefined) | null = null
   /** The URL forwarded to the agent (e.g. without Enterprise parameters a CE agent refuses). */
   rewrite: ((url: string) => string) | null = null
-  /** Answers a call itself instead of the agent (e.g. a real server's 403 for a token it does not show). */
-  answer: ((call: ProxiedCall) => { status: number, body: string } | null) | null = null
+  /**
+   * Answers a call itself instead of the agent (e.g. a real server's 403 for a token it does not
+   * show), or with `'drop'` closes the connection unanswered (an agent restarting).
+   */
+  answer: ((call: ProxiedCall) => { status: number, body: string } | 'drop' | null) | null = null
   readonly #server: http.Server
   readonly #upstream = new Agent({ pipelining: 1 })
   readonly #responses = new Map<ProxiedCall, http.ServerResponse>()
@@ -44,6 +47,11 @@ export class AgentProxy extends EventEmitter {
       req.on('data', (c: Buffer) => chunks.push(c))
       req.on('end', () => {
         const own = this.answer?.(call) ?? null
+        if (own === 'drop') {
+          this.inflight.delete(call)
+          res.socket?.destroy()
+          return
+        }
         if (own !== null) {
           call.status = own.status
           this.inflight.delete(call)
