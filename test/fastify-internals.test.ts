@@ -119,4 +119,5 @@ t.test('router callbacks the application replaced are told from Fastify\'s own b
   t.same(replacedRouterHandlers(custom), ['defaultRoute', 'onBadUrl'])
   t.same(replacedRouterHandlers(custom, []), [], 'no Fastify source to compare with: nothing reported')
   t.same(replacedRouterHandlers({}), [], 'another Fastify layout: nothing reported')
+  t.same(replacedRouterHandlers({ [Symbol('fastify.options')]: { routerOptions: { defaultRoute: 'not a function' } } }, ['x']), [], 'only functions are compared')
 })
