@@ -1,7 +1,8 @@
 // What the plugin reads from (or does to) Fastify beyond its public API, in one place: whether an
 // instance is the root one, router options (where Fastify 5 keeps them), the extra servers Fastify
 // opens when listening on `localhost`, the route config of a request without the allocating
-// `request.routeOptions` getter, and a listen() that does more once the server listens.
+// `request.routeOptions` getter, a listen() that does more once the server listens, and which
+// router callbacks and upgrade listeners are Fastify's or @fastify/websocket's own.
 import { readFileSync } from 'node:fs'
 import type { Server } from 'node:net'
 import type { RouterOptions } from './intentions/path'
@@ -162,10 +163,10 @@ export function extendListen (fastify: { listen: unknown, close: () => PromiseLi
 
 /**
  * A test for @fastify/websocket's own 'upgrade' listener, which sends every Upgrade through
- * Fastify's routing: its source text is found in that package's entry module (read once, on the
- * first `onUpgrade` seen). A name is no proof (any function can be called `onUpgrade`); a listener
- * that cannot be recognised (the package bundled, or not resolvable from here) counts as foreign,
- * which only gates more.
+ * Fastify's routing: its source text is found in that package's entry module, as resolved from
+ * here or as any copy the process loaded (read once, on the first `onUpgrade` seen). A name is no
+ * proof (any function can be called `onUpgrade`); a listener that cannot be recognised (the
+ * package bundled) counts as foreign, which only gates more.
  */
 export function fastifyWebsocketListenerTest (resolve: (id: string) => string = require.resolve,
   loaded: () => string[] = () => loadedSources(/[\\/]@fastify[\\/]websocket[\\/]index\.js$/)): (listener: Function) => boolean {
