@@ -124,12 +124,13 @@ export function decideRequest (service: ServiceRules, route: RouteRules, request
   // The request normalization comes first, for every caller: a spelling the mesh refuses is never
   // served, not even by shadow enforcement to a caller without a certificate (docs/semantics.md#rollout-shadow).
   const url = request.url
-  // A fragment is never sent: Envoy refuses a target with one (400), while Fastify's router would
-  // hand everything after the '#' to the query parser, where no `:path` matcher saw it.
-  if (url.indexOf('#') !== -1) return settle(out, 'bad-path', FRAGMENT_DECISION)
   const normalization = service.normalization
   const path = canonicalPath(url, normalization)
   if (path === null) return settle(out, 'bad-path', BAD_PATH_DECISION)
+  // A fragment is never sent: Envoy refuses a target with one (400), while Fastify's router would
+  // hand everything after the '#' to the query parser, where no `:path` matcher saw it. The path
+  // ends at a '?' or '#': a target that is its own canonical path has neither, and is not scanned.
+  if (url !== path && url.indexOf('#') !== -1) return settle(out, 'bad-path', FRAGMENT_DECISION)
   let rawHeaders = request.rawHeaders
   // An absolute-form target carries its own authority, which Envoy puts in place of Host before
   // RBAC, while the application reads Host: unless the two agree, 400 (docs/semantics.md#transport-headers).
