@@ -19,6 +19,7 @@ import type { RequestOutcome, RequestView, ServiceRules } from './intentions/req
 import type { RequestTokens } from './jwt/request-tokens'
 import { setRequestTokens } from './request-slots'
 import type { Enforcement } from './options'
+import { SERVICE_POLICY } from './route-policy'
 import type { RoutePolicies, RoutePolicy } from './route-policy'
 import type { ConsulSync } from './sync'
 import type { DynamicTls } from './tls'
@@ -454,7 +455,11 @@ export function enforceHook (enforcer: Enforcer, routes: RoutePolicies, upgrades
     done(err)
   }
   return function consulNativeOnRequest (request, reply, done) {
-    const route = routes.of(request)
+    let route = routes.of(request)
+    // An Upgrade to a route that is no WebSocket route still reaches the app's WebSocket server
+    // (@fastify/websocket hands it every Upgrade, then closes it): the route's exemption does not
+    // cover that, the service's policy decides (docs/semantics.md#transport-upgrades).
+    if (route.exempt && route.websocket !== true && request.raw.headers.upgrade !== undefined) route = SERVICE_POLICY
     const outcome = enforcer.check(request, route)
     if (outcome instanceof Promise) outcome.then((err) => { settle(request, reply, route, err, done) }, done)
     else settle(request, reply, route, outcome, done)

@@ -20,6 +20,8 @@ export interface RoutePolicy {
   readonly router?: RouterOptions
   /** The route's own `enforcement`; null: the plugin's option applies. */
   readonly enforcement: Enforcement | null
+  /** An exempt `@fastify/websocket` route (`websocket: true`, declared after the plugin): its exemption covers its Upgrades. */
+  readonly websocket?: true
 }
 
 /** Routes without `config.consulNative` (and 404s): the service's intentions decide. */
@@ -50,7 +52,8 @@ export class RoutePolicies {
   /** The `onRoute` hook body: compiles the route's setting once and keeps it in its config. */
   compile (route: RouteOptions): void {
     const name = `${String(route.method)} ${route.url}`
-    const policy = withPrefixTwin(this.#compileLogged(route.config?.consulNative, name), route, this.#router)
+    let policy = withPrefixTwin(this.#compileLogged(route.config?.consulNative, name), route, this.#router)
+    if ((route as { websocket?: unknown }).websocket === true && policy.exempt) policy = Object.freeze({ ...policy, websocket: true as const })
     // One entry per method, as status() and explain() name a route: 'GET /url'.
     for (const method of Array.isArray(route.method) ? route.method : [route.method]) this.named.set(`${method} ${route.url}`, policy)
     route.config = { ...route.config, [kRoutePolicy]: policy } as typeof route.config

@@ -247,6 +247,7 @@ async function websocketService (t: Tap, agentAddress: string, websocketFirst: b
   }
   app.get('/ws', { websocket: true }, echo)
   app.get('/ws-open', { websocket: true, config: { consulNative: false } }, echo)
+  app.get('/plain-open', { config: { consulNative: false } }, async () => 'open')
   await app.listen({ port: 0, host: '127.0.0.1' })
   return { app, port: (app.server.address() as { port: number }).port }
 }
@@ -273,6 +274,19 @@ for (const websocketFirst of [false, true]) {
         t.pass(`${name} #${i + 1}: the server closed the socket`)
       }
     }
+
+    // A route's exemption covers its own handler, not @fastify/websocket's server, which every
+    // Upgrade reaches: an Upgrade to an exempt route that is no WebSocket route is the service's.
+    const seen: string[] = []
+    app.websocketServer.on('connection', (_socket: unknown, req: { url?: string }) => { seen.push(req.url as string) })
+    for (const path of ['/health', '/plain-open']) {
+      const { response } = await http1(t, port, anonymous, UPGRADE.replace('GET /ws ', `GET ${path} `))
+      t.equal(response.status, 401, `Upgrade to the exempt ${path}, no certificate: refused`)
+    }
+    const open = new WebSocket(`wss://127.0.0.1:${port}/ws-open`, { ...anonymous, checkServerIdentity: noServerIdentityCheck })
+    await once(open, 'open')
+    open.close()
+    t.same(seen, ['/ws-open'], 'only the exempt WebSocket route reached the WebSocket server')
 
     const ws = new WebSocket(`wss://127.0.0.1:${port}/ws`, { ...web, checkServerIdentity: noServerIdentityCheck })
     await once(ws, 'open')
