@@ -232,3 +232,27 @@ function sourceOf (id: string, resolve: (id: string) => string): string | null {
     return null
   }
 }
+
+/**
+ * Makes this app's `reply.callNotFound()` (which moves a request to the 404 handler, running only
+ * that handler's `preHandler` hooks, no `onRequest`) run `check` first: the 404 handler runs only
+ * if it answers null, else the reply is sent that error. A reply decoration of that name replaces
+ * Fastify's method for this app only (decorating also keeps Fastify from handing its routes the
+ * shared, undecorated Reply class); false when Fastify's method is not found (another version).
+ */
+export function guardCallNotFound (fastify: { decorateReply: (name: string, fn: unknown) => unknown }, check: (reply: { request: unknown }) => Error | null | Promise<Error | null>): boolean {
+  const reply = privateValue(fastify, 'fastify.Reply') as { prototype: Record<string, unknown> } | undefined
+  const callNotFound = reply?.prototype.callNotFound
+  if (typeof callNotFound !== 'function') return false
+  fastify.decorateReply('callNotFound', function guardedCallNotFound (this: { request: unknown, send: (err: Error) => unknown }) {
+    const go = (err: Error | null): void => {
+      if (err === null) callNotFound.call(this)
+      else this.send(err)
+    }
+    const outcome = check(this)
+    if (outcome instanceof Promise) outcome.then(go, /* c8 ignore next -- check never rejects; a bug is refused, not crashed */ (err: Error) => { this.send(err) })
+    else go(outcome)
+    return this
+  })
+  return true
+}

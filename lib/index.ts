@@ -3,7 +3,7 @@
 //   → intentions/ (pure decision engine) → enforcement (per-request check) → hooks below.
 import type { EventEmitter } from 'node:events'
 import type { Dispatcher, Response } from 'undici'
-import type { FastifyPluginAsync } from 'fastify'
+import type { FastifyPluginAsync, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
 import type { JWTPayload as JwtPayload } from 'jose'
 import { AgentClient } from './agent/client'
@@ -13,7 +13,7 @@ import { AgentAuthorizer, backstopHook, Enforcer, enforceHook, unroutedRequest }
 import type { ConsulDecision } from './enforcement'
 import { InvalidOptionError, NotHttpsError, NotRootError } from './errors'
 import type { ExplainInput, Explanation } from './explain'
-import { fastifyWebsocketListenerTest, isRootInstance, replacedRouterHandlers, requestIdLabelOf, routerOptionsOf, serverBindingsOf } from './fastify-internals'
+import { fastifyWebsocketListenerTest, guardCallNotFound, isRootInstance, replacedRouterHandlers, requestIdLabelOf, routerOptionsOf, serverBindingsOf } from './fastify-internals'
 import { addHealthRoute } from './health'
 import type { ServiceIdentity } from './identity'
 import { metricFamilies, prometheusText } from './metrics'
@@ -158,6 +158,9 @@ const consulNativePlugin: FastifyPluginAsync<ConsulNativeOptions> = async (fasti
     sync.events.on('tls', recheck)
   }
   fastify.addHook('onRequest', enforceHook(enforcer, routes, upgrades))
+  // reply.callNotFound() moves a request to the 404 handler past every onRequest hook: decided again
+  // there, as a request no route matches (docs/semantics.md#transport-hook-order).
+  guardCallNotFound(fastify, (reply) => enforcer.check(reply.request as FastifyRequest, SERVICE_POLICY))
   fastify.addHook('preParsing', backstopHook(log, requestIdLabel))
   // `100 Continue` only after the decision (docs/semantics.md#transport-continue).
   if (!deferContinue(fastify.server)) {

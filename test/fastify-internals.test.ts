@@ -3,7 +3,7 @@ import t from 'tap'
 import net from 'node:net'
 import Fastify from 'fastify'
 import websocket from '@fastify/websocket'
-import { fastifyWebsocketListenerTest, holdListening, isRootInstance, replacedRouterHandlers, requestIdLabelOf, routeConfigReader, routerOptionsOf, serverBindingsOf } from '../lib/fastify-internals'
+import { fastifyWebsocketListenerTest, guardCallNotFound, holdListening, isRootInstance, replacedRouterHandlers, requestIdLabelOf, routeConfigReader, routerOptionsOf, serverBindingsOf } from '../lib/fastify-internals'
 
 t.test('router options are read where Fastify 5 keeps them, with Fastify\'s defaults', async (t) => {
   t.same(routerOptionsOf(Fastify()), { ignoreTrailingSlash: false, ignoreDuplicateSlashes: false, caseSensitive: true, useSemicolonDelimiter: false })
@@ -120,4 +120,19 @@ t.test('router callbacks the application replaced are told from Fastify\'s own b
   t.same(replacedRouterHandlers(custom, []), [], 'no Fastify source to compare with: nothing reported')
   t.same(replacedRouterHandlers({}), [], 'another Fastify layout: nothing reported')
   t.same(replacedRouterHandlers({ [Symbol('fastify.options')]: { routerOptions: { defaultRoute: 'not a function' } } }, ['x']), [], 'only functions are compared')
+})
+
+t.test('guardCallNotFound: a check that answers later, and a Fastify without the Reply slot', async (t) => {
+  t.equal(guardCallNotFound({ decorateReply: () => undefined }, () => null), false, 'not found: nothing decorated')
+  const app = Fastify()
+  let refuse = true
+  t.equal(guardCallNotFound(app, async () => refuse ? Object.assign(new Error('refused'), { statusCode: 403 }) : null), true)
+  app.setNotFoundHandler(async () => 'not found handler')
+  app.get('/x', (_request, reply) => { reply.callNotFound() })
+  const refused = await app.inject('/x')
+  t.equal(refused.statusCode, 403)
+  refuse = false
+  const passed = await app.inject('/x')
+  t.same([passed.statusCode, passed.body], [404, 'not found handler'])
+  await app.close()
 })

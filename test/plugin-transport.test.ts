@@ -11,7 +11,7 @@ import websocket from '@fastify/websocket'
 import WebSocket from 'ws'
 import consulNative, { httpsOptions } from '../lib/index'
 import type { ConsulNativeOptions } from '../lib/index'
-import { leafFor, rootPems, setIntentions, setProtocol, startAgent, startService } from './helpers/mesh'
+import { get, leafFor, mtlsClient, rootPems, setIntentions, setProtocol, startAgent, startService } from './helpers/mesh'
 import type { Credentials, Tap } from './helpers/mesh'
 import { http1, http2Raw, Http1Reader, rawSocket } from './helpers/raw-http'
 
@@ -507,4 +507,43 @@ t.test('without recheckUpgrades an allowed WebSocket outlives the revocation of 
   await setIntentions(agent, 'api', [{ Name: 'web', Action: 'deny' }])
   await updated
   t.equal(await web.echo('after'), 'echo after', 'still open: decided once, at the upgrade')
+})
+
+t.test('reply.callNotFound() moves a request to the 404 handler: decided again there, as a request no route matches (docs/semantics.md#transport-hook-order)', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'deny' })
+  await setIntentions(agent, 'api', [{ Name: 'web', Action: 'allow' }])
+  const ran: string[] = []
+  const app: FastifyInstance = Fastify({ https: httpsOptions() }) as unknown as FastifyInstance
+  t.teardown(async () => await app.close())
+  // An application hook before the plugin that sends unknown tenants to the 404 handler.
+  app.addHook('onRequest', async (request, reply) => { if (request.url.startsWith('/t/unknown')) reply.callNotFound() })
+  await app.register(consulNative, { service: 'api', agent: { address: agent.address } })
+  app.setNotFoundHandler({ preHandler: async () => { ran.push('404 preHandler') } }, async () => ({ notFoundHandler: true }))
+  // An exempt route that falls back to the 404 handler (as @fastify/static does for a missing file).
+  app.get('/public/*', { config: { consulNative: false } }, (_request, reply) => { reply.callNotFound() })
+  app.get('/t/*', async () => 'tenant')
+  await app.listen({ port: 0, host: '127.0.0.1' })
+  const origin = `https://127.0.0.1:${(app.server.address() as { port: number }).port}`
+  const anonymous = mtlsClient(t, { ca: await rootPems(agent) })
+  const web = mtlsClient(t, await leafFor(agent, 'web'))
+  t.equal((await get(anonymous, `${origin}/public/missing`)).status, 401, 'no certificate: the exempt route\'s fallback is refused')
+  t.equal((await get(anonymous, `${origin}/t/unknown`)).status, 401, 'from a hook before the plugin too')
+  t.same(ran, [], 'the 404 handler never ran for them')
+  const allowed = await get(web, `${origin}/public/missing`)
+  t.same([allowed.status, allowed.body], [200, { notFoundHandler: true }], 'an allowed caller gets the 404 handler')
+
+  // An error handler that hides refusals as 404s.
+  const hiding: FastifyInstance = Fastify({ https: httpsOptions() }) as unknown as FastifyInstance
+  t.teardown(async () => await hiding.close())
+  await hiding.register(consulNative, { service: 'api', agent: { address: agent.address } })
+  hiding.setNotFoundHandler(async () => { ran.push('hiding 404'); return { notFoundHandler: true } })
+  hiding.setErrorHandler((err: { statusCode?: number }, _request, reply) => {
+    if (err.statusCode === 401 || err.statusCode === 403) reply.callNotFound()
+    else reply.send(err)
+  })
+  hiding.get('/admin', async () => 'admin')
+  await hiding.listen({ port: 0, host: '127.0.0.1' })
+  const refused = await get(anonymous, `https://127.0.0.1:${(hiding.server.address() as { port: number }).port}/admin`)
+  t.not(refused.status, 200, `an error handler hiding the 401: still refused (${refused.status})`)
+  t.notOk(ran.includes('hiding 404'), 'and the 404 handler never ran')
 })
