@@ -14,6 +14,8 @@ import type { RegisterOptions, RegistrationSystem, ResolvedRegistration } from '
 import { call, clientFor, healthServer, ids, Logs, startAgent, waitForConnect } from './helpers/registration'
 import type { SpiedRequest } from './helpers/registration'
 import { startProxy } from './helpers/agent-proxy'
+import type { AgentProxy, Tap } from './helpers/agent-proxy'
+import type { DevAgent } from '../lib/dev-agent/index'
 
 // The registration's timers are unref()'d (an app's server keeps the process alive); the test must.
 const keepAlive = setInterval(() => {}, 1000)
@@ -410,7 +412,11 @@ t.test('anti-entropy: an agent that keeps removing the instance (its reaper) is 
   t.equal(logs.events('registration-restored').length, 5, 'no restore once closing')
 })
 
-t.test('anti-entropy: a loss after the agent answered with an error keeps the streak (the agent was up)', async (t) => {
+/**
+ * A registration behind a proxy, whose first loss was restored (at once, at warn): a restore
+ * streak has begun, and the next one in it would wait a minute.
+ */
+async function restoredOnce (t: Tap): Promise<{ agent: DevAgent, proxy: AgentProxy, logs: Logs, reg: ResolvedRegistration, registration: ServiceRegistration }> {
   const agent = await startAgent(t)
   const proxy = await startProxy(t, agent.address)
   const client = clientFor(t, proxy.address)
@@ -419,10 +425,14 @@ t.test('anti-entropy: a loss after the agent answered with an error keeps the st
   const registration = new ServiceRegistration(client, reg, logs.logger, { antiEntropyWaitMs: 200, restoreBackoff: { initialMs: 60_000, maxMs: 120_000 } })
   await registration.register()
   registration.start()
-  // A first loss: restored at once, said at warn; a streak begins.
   const first = logs.waitFor('registration-restored', 'warn')
   await call(agent, 'PUT', `/v1/agent/service/deregister/${reg.id}`)
   await first
+  return { agent, proxy, logs, reg, registration }
+}
+
+t.test('anti-entropy: a loss after the agent answered with an error keeps the streak (the agent was up)', async (t) => {
+  const { agent, proxy, logs, reg, registration } = await restoredOnce(t)
   // An agent that answers with an error is up: a loss after that is still the reaper's streak.
   proxy.answer = (c) => c.method === 'GET' && c.url.startsWith('/v1/agent/service/') ? { status: 500, body: 'rpc error' } : null
   await logs.waitFor('registration-check-failed', 'warn')
@@ -440,17 +450,7 @@ t.test('anti-entropy: a loss after the agent answered with an error keeps the st
 })
 
 t.test('anti-entropy: a loss found once an unreachable agent answers again (a restart) is restored at once', async (t) => {
-  const agent = await startAgent(t)
-  const proxy = await startProxy(t, agent.address)
-  const client = clientFor(t, proxy.address)
-  const logs = new Logs()
-  const reg = buildRegistration('api', { check: 'tcp', checkInterval: '1s' }, { address: '127.0.0.1', port: 9 }, null)
-  const registration = new ServiceRegistration(client, reg, logs.logger, { antiEntropyWaitMs: 200, restoreBackoff: { initialMs: 60_000, maxMs: 120_000 } })
-  await registration.register()
-  registration.start()
-  const first = logs.waitFor('registration-restored', 'warn')
-  await call(agent, 'PUT', `/v1/agent/service/deregister/${reg.id}`)
-  await first
+  const { agent, proxy, logs, reg, registration } = await restoredOnce(t)
   // The agent goes away (no answer at all), and comes back without the instance.
   proxy.answer = (c) => c.method === 'GET' && c.url.startsWith('/v1/agent/service/') ? 'drop' : null
   await logs.waitFor('registration-check-failed', 'warn')
