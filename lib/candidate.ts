@@ -93,7 +93,8 @@ export function candidateIntentions (raw: unknown, service: string): { destinati
     if (!l7 && action !== 'allow' && action !== 'deny') throw new CandidateError(`${at}.Action must be set to 'allow' or 'deny'`)
     const peer = optionalString(src, 'Peer', at)
     // What `consul config write` refuses, before the compiler, which trusts validated input.
-    if (peer !== '' && optionalString(src, 'Partition', at) !== '') throw new CandidateError(`${at}: Peer and Partition cannot both be set`)
+    const partition = optionalString(src, 'Partition', at)
+    if (peer !== '' && partition !== '') throw new CandidateError(`${at}: Peer and Partition cannot both be set`)
     const type = optionalString(src, 'Type', at)
     if (type !== '' && type !== 'consul') throw new CandidateError(`${at}.Type must be set to 'consul'`)
     if (l7 && destination === '*') throw new CandidateError(`${at}.Permissions cannot be specified on intentions with wildcarded destinations`)
@@ -104,14 +105,14 @@ export function candidateIntentions (raw: unknown, service: string): { destinati
         throw new CandidateError((err as Error).message)
       }
     }
-    const key = `${peer}\u0000${optionalString(src, 'Partition', at)}\u0000${namespace}\u0000${name}`
+    const key = `${peer}\u0000${partition}\u0000${namespace}\u0000${name}`
     if (seen.has(key)) throw new CandidateError(`${at} defines ${JSON.stringify(name)} more than once`)
     seen.add(key)
     const exactness = (destination === '*' ? 3 : 0) + (namespace === '*' ? 2 : name === '*' ? 1 : 0)
     const ixn: Record<string, unknown> = {
       SourceName: name,
       SourceNS: namespace,
-      SourcePartition: optionalString(src, 'Partition', at),
+      SourcePartition: partition,
       SourcePeer: peer,
       SourceSamenessGroup: optionalString(src, 'SamenessGroup', at),
       DestinationName: destination,
