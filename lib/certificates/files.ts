@@ -148,7 +148,7 @@ export class FileCertificateSource implements CertificateSource {
       sink.update({ leaf: snapshot.leaf, trust: snapshot.trust })
     } catch (err) {
       const error = isFilesError(err) ? err : filesError('leaf', `rejected by TLS: ${(err as Error).message}`, { cause: err })
-      // A leaf whose NotBefore is still ahead (an issuer that does not backdate, a clock behind)
+      // A chain whose NotBefore is still ahead (an issuer that does not backdate, a clock behind)
       // becomes valid with the same bytes: those are looked at again on the next read.
       this.#failed(error, error.notYetValid === true ? null : key)
       return
