@@ -233,7 +233,9 @@ export function referenceRequest (input: PolicyInput, sources: readonly RouteSou
   const d = verdict(rule, req, http, input.protocol, input.defaultAllow)
   if (!d.allow || rule.permissions === undefined || rule.permissions.length === 0 || !jwtHolds(rule.jwt, req)) return d
   for (const alt of alternates) {
-    const n = firstPermission(rule, req, alt)
+    // A :path matcher reads the alternate spelling with the request's query.
+    const query = req.url.includes('?') ? req.url.slice(req.url.indexOf('?')) : ''
+    const n = firstPermission(rule, { ...req, url: alt + query }, alt)
     if (n > 0 && rule.permissions[n - 1].Action === 'deny' && jwtHolds(rule.permissions[n - 1].JWT, req)) {
       return { allow: false, reason: `${rule.head}, permission ${n} (deny) for another spelling of the path that reaches the same route` }
     }
