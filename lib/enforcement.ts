@@ -235,8 +235,7 @@ export class Enforcer {
     if (providers.length === 0) return null
     const raw = request.raw
     // A query token is looked for in the target as sent, as Envoy would (Fastify's rewriteUrl may change it).
-    const url = (raw as { originalUrl?: string }).originalUrl ?? raw.url as string
-    return this.#sync.jwt.tokensFor({ rawHeaders: raw.rawHeaders, url, connection: connectionOf(raw) }, providers, now)
+    return this.#sync.jwt.tokensFor({ rawHeaders: raw.rawHeaders, url: targetAsSent(raw) ?? raw.url as string, connection: connectionOf(raw) }, providers, now)
   }
 
   /**
@@ -250,7 +249,7 @@ export class Enforcer {
     service.policy = this.#sync.policy
     service.normalization = this.#sync.normalization
     // Set by Fastify's rewriteUrl only: then the target as sent decides (docs/semantics.md#paths-rewrite).
-    const original = (raw as { originalUrl?: string }).originalUrl
+    const original = targetAsSent(raw)
     return {
       caller: peer.identity,
       method: raw.method as string,
@@ -400,6 +399,11 @@ export class Enforcer {
     }
     logEvent(this.#log, level, event, fields, effect.message, undefined, { label: this.#requestIdLabel, id: request.id })
   }
+}
+
+/** The target as the client sent it, when Fastify's `rewriteUrl` changed `raw.url`; else undefined. */
+function targetAsSent (raw: FastifyRequest['raw']): string | undefined {
+  return (raw as { originalUrl?: string }).originalUrl
 }
 
 /**
