@@ -16,8 +16,11 @@ export function isRootInstance (fastify: object): boolean {
 }
 
 /** The key under which Fastify's request logger writes the request id (`requestIdLogLabel`). */
-export function requestIdLabelOf (fastify: { readonly initialConfig: object }): string {
-  const label = (fastify.initialConfig as { requestIdLogLabel?: unknown }).requestIdLogLabel
+export function requestIdLabelOf (fastify: object & { readonly initialConfig: object }): string {
+  // Fastify 5.12 moved the label to its log controller (option `logController`; built from the
+  // deprecated top-level option otherwise), which its request logger reads: so does the plugin.
+  const controller = privateValue(fastify, 'fastify.logController') as { requestIdLogLabel?: unknown } | undefined
+  const label = controller?.requestIdLogLabel ?? (fastify.initialConfig as { requestIdLogLabel?: unknown }).requestIdLogLabel
   return typeof label === 'string' && label !== '' ? label : 'reqId'
 }
 

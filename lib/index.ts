@@ -5,7 +5,6 @@ import type { EventEmitter } from 'node:events'
 import type { Dispatcher, Response } from 'undici'
 import type { FastifyPluginAsync, FastifyRequest } from 'fastify'
 import fp from 'fastify-plugin'
-import type { JWTPayload as JwtPayload } from 'jose'
 import { AgentClient } from './agent/client'
 import { resolveAgentConfig, resolveAgentWorker } from './agent/config'
 import { createCertificateSource } from './certificates/index'
@@ -34,13 +33,31 @@ import type { UpgradeGate } from './transport'
 import { UpgradeTracker } from './upgrades'
 import { logEvent, pluginLogger } from './log'
 
+/**
+ * A verified JWT's payload (claims by name), as jose returns it. Declared here: jose is an ES
+ * module only, and a CommonJS declaration file naming its types fails a consumer's type check
+ * under moduleResolution node16.
+ */
+export interface JwtPayload {
+  iss?: string
+  sub?: string
+  aud?: string | string[]
+  jti?: string
+  nbf?: number
+  exp?: number
+  iat?: number
+  [claim: string]: unknown
+}
+
 export interface ConsulNativeDecorator {
   /** Leaf, roots, intentions and per-watch sync state; `ready` once everything is loaded. */
   status (): ConsulNativeStatus
   /**
-   * `'tls'` after new certificates or roots are installed and `'intentions'` after a policy or
-   * normalization update, both with `status()`; `'sync-error'` with `{ watch, error }` when a poll
-   * to the agent fails or an update is rejected (the last good state stays in force).
+   * `'tls'` after new certificates or roots are installed, `'intentions'` after a policy or
+   * normalization update and `'candidate'` after a candidate is loaded or rejected, each with
+   * `status()`; `'sync-error'` with `{ watch, error }` when a poll to the agent fails or an update
+   * is rejected (the last good state stays in force); `'jwks'` with `{ provider, keys, error }`
+   * after each load or fetch of a JWT provider's key set.
    */
   readonly events: EventEmitter
   /** Request outcomes, sync failures, readiness and leaf expiry, as Prometheus metric families. */

@@ -26,6 +26,13 @@ function throwsOption (tt: tap.Test, fn: () => unknown, name: string, text: stri
   }
 }
 
+t.test('an unknown key is refused, not left to a variable or the default', async (t) => {
+  throwsOption(t, () => resolveAgentConfig({ adress: 'consul:8500' } as never, {}), 'agent.adress', /is not an option \(known: address, token, .*worker\)/)
+  throwsOption(t, () => resolveAgentConfig({ address: 'consul:8500', tlsServername: 'x' } as never, {}), 'agent.tlsServername', 'is not an option')
+  t.equal(resolveAgentConfig({ address: 'https://consul:8501', token: 't', tlsServerName: 'consul', insecureSkipVerify: false, worker: true }, {}).origin,
+    'https://consul:8501', 'documented keys pass')
+})
+
 t.test('defaults to plain HTTP on 127.0.0.1:8500 with no token', async (t) => {
   t.same(resolveAgentConfig(undefined, {}), {
     origin: 'http://127.0.0.1:8500', socketPath: null, tls: null, token: null, display: 'http://127.0.0.1:8500'

@@ -221,6 +221,6 @@ t.test('the plugin with agent.worker: no agent request leaves the main thread', 
 t.test('agent.worker must be a boolean', async (t) => {
   const app = Fastify({ https: httpsOptions() })
   await t.rejects((async () => { await app.register(consulNative, { service: 'api', agent: { worker: 'yes' } } as never) })(),
-    { code: 'FST_CONSUL_NATIVE_INVALID_OPTION', message: /agent\.worker: must be true or false, got yes/ })
+    { code: 'FST_CONSUL_NATIVE_INVALID_OPTION', message: /agent\.worker: must be true or false, got "yes"/ })
   await app.close()
 })

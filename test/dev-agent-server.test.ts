@@ -73,6 +73,9 @@ t.test('options and startup', async (t) => {
   await t.rejects(startDevAgent({ leafTTL: Number.NaN }), { message: /leafTTL/ })
   await t.rejects(startDevAgent({ leafTTL: 'soon' }), { message: 'Invalid dev agent option leafTTL: must be a positive Go duration such as "72h", got "soon"' })
   await t.rejects(startDevAgent({ leafTTL: '-1h' }), { message: /leafTTL/ })
+  // Backdated by a minute as Consul's are: a shorter lifetime would issue leaves already expired.
+  await t.rejects(startDevAgent({ leafTTL: 4000 }), { message: 'Invalid dev agent option leafTTL: must be longer than 1m, got 4s: a leaf is valid from one minute before it is issued (as Consul\'s are), so it would be expired already' })
+  await t.rejects(startDevAgent({ leafTTL: '1m' }), { message: /leafTTL: must be longer than 1m, got 1m/ })
   await t.rejects(startDevAgent({ leafTTL: true as unknown as string }), { message: /leafTTL/ })
   await t.rejects(startDevAgent({ defaultPolicy: 'maybe' as 'allow' }), { message: 'Invalid dev agent option defaultPolicy: must be "allow" or "deny"' })
   await t.rejects(startDevAgent({ acl: { defaultPolicy: 'x' as 'allow' } }), { message: /acl.defaultPolicy/ })

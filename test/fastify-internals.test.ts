@@ -1,7 +1,7 @@
 // What the plugin reads from Fastify's internals, checked against the installed Fastify.
 import t from 'tap'
 import net from 'node:net'
-import Fastify from 'fastify'
+import Fastify, { LogController } from 'fastify'
 import websocket from '@fastify/websocket'
 import { fastifyWebsocketListenerTest, guardCallNotFound, holdListening, isRootInstance, replacedRouterHandlers, requestIdLabelOf, routeConfigReader, routerOptionsOf, serverBindingsOf } from '../lib/fastify-internals'
 
@@ -49,6 +49,10 @@ t.test('request id label: Fastify\'s own, reqId when this Fastify does not say (
   t.equal(requestIdLabelOf(Fastify()), 'reqId')
   t.equal(requestIdLabelOf({ initialConfig: {} }), 'reqId')
   t.equal(requestIdLabelOf({ initialConfig: { requestIdLogLabel: 'rid' } }), 'rid')
+  // Fastify 5.12's log controller holds the label its request logger writes; initialConfig keeps the default.
+  const controlled = Fastify({ logController: new LogController({ requestIdLogLabel: 'traceId' }) })
+  t.equal(controlled.initialConfig.requestIdLogLabel, 'reqId', 'initialConfig does not say')
+  t.equal(requestIdLabelOf(controlled), 'traceId')
 })
 
 t.test('holdListening: an own listen() is put back; a wrapper added over the hold is passed through; no error listener, no throw', async (t) => {

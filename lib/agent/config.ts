@@ -58,11 +58,17 @@ const DEFAULT_ADDRESS = '127.0.0.1:8500'
 /** Where a value came from, so an error names the thing the user actually wrote. */
 interface Source { value: string, from: string }
 
+const AGENT_OPTION_NAMES: ReadonlySet<string> = new Set(['address', 'token', 'tokenFile', 'ca', 'caFile', 'caPath', 'cert', 'certFile', 'key', 'keyFile',
+  'tlsServerName', 'insecureSkipVerify', 'worker'])
+
 export function resolveAgentConfig (opts: AgentOptions | undefined, env: NodeJS.ProcessEnv): AgentConfig {
   if (opts !== undefined && (opts === null || typeof opts !== 'object' || Array.isArray(opts))) {
     throw new InvalidOptionError('agent', 'must be an object')
   }
   const o: AgentOptions = opts ?? {}
+  // A misspelt key would otherwise fall back to a CONSUL_* variable or the default without a word.
+  const unknown = Object.keys(o).find((key) => !AGENT_OPTION_NAMES.has(key))
+  if (unknown !== undefined) throw new InvalidOptionError(`agent.${unknown}`, `is not an option (known: ${[...AGENT_OPTION_NAMES].join(', ')})`)
 
   const address = pickString(o, 'address', env, 'CONSUL_HTTP_ADDR') ??
     { value: DEFAULT_ADDRESS, from: 'default' }
@@ -260,7 +266,7 @@ function withoutPort (name: string | undefined): string | undefined {
 export function resolveAgentWorker (opts: AgentOptions | undefined): boolean {
   const value = opts?.worker
   if (value === undefined) return false
-  if (typeof value !== 'boolean') throw new InvalidOptionError('agent.worker', `must be true or false, got ${String(value)}`)
+  if (typeof value !== 'boolean') throw new InvalidOptionError('agent.worker', `must be true or false, got ${JSON.stringify(value)}`)
   return value
 }
 

@@ -9,7 +9,8 @@ import { rolloutMain } from '../rollout-cli'
 export const USAGE = `Usage: fastify-consul-native dev-agent [options]
        fastify-consul-native explain|verify ... (see fastify-consul-native explain --help)
 
-Runs an embedded Consul dev agent (HTTP API only) until interrupted.
+Runs an embedded Consul dev agent (its HTTP API, and with --grpc-port the gRPC CA service)
+until interrupted.
 
 Options:
   --port <n>                 TCP port (default 8500, 0 for any free port)
@@ -19,7 +20,7 @@ Options:
   --datacenter <name>        datacenter (default dc1)
   --node-name <name>         node name (default: this host's name)
   --default-policy <policy>  default_intention_policy: allow or deny (default: unset, which allows)
-  --leaf-ttl <duration>      leaf certificate TTL as a Go duration (default 72h)
+  --leaf-ttl <duration>      leaf certificate TTL as a Go duration, longer than 1m (default 72h)
   -h, --help                 show this help
 `
 

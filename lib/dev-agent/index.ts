@@ -92,15 +92,24 @@ function policy (value: unknown, option: string): Policy | undefined {
   return value as Policy
 }
 
+/** Leaves are valid from a minute before they are issued, as Consul's are: a lifetime must outlast that. */
+const LEAF_BACKDATE_MS = 60_000
+
 function leafTTL (value: unknown): { ms: number, text: string } {
   if (value === undefined) return { ms: 72 * 3_600_000, text: '72h' }
+  let ttl: { ms: number, text: string }
   if (typeof value === 'number') {
     if (!Number.isFinite(value) || value <= 0) fail('leafTTL', 'must be a positive number of milliseconds')
-    return { ms: value, text: formatGoDuration(value) }
+    ttl = { ms: value, text: formatGoDuration(value) }
+  } else {
+    const ms = typeof value === 'string' ? parseGoDuration(value) : null
+    if (ms === null || ms <= 0) fail('leafTTL', `must be a positive Go duration such as "72h", got ${JSON.stringify(value)}`)
+    ttl = { ms, text: value as string }
   }
-  const ms = typeof value === 'string' ? parseGoDuration(value) : null
-  if (ms === null || ms <= 0) fail('leafTTL', `must be a positive Go duration such as "72h", got ${JSON.stringify(value)}`)
-  return { ms, text: value as string }
+  if (ttl.ms <= LEAF_BACKDATE_MS) {
+    fail('leafTTL', `must be longer than 1m, got ${ttl.text}: a leaf is valid from one minute before it is issued (as Consul's are), so it would be expired already`)
+  }
+  return ttl
 }
 
 /** Starts a dev agent listening on `host:port`. */

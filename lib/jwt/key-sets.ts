@@ -20,13 +20,21 @@ export interface KeySetEvent {
 }
 export type KeySetEvents = (event: KeySetEvent) => void
 
+/**
+ * jose's key lookup for jwtVerify (its `JWTVerifyGetKey`), described without naming jose: jose is an
+ * ES module only, and a CommonJS declaration file that imports its types fails a consumer's type
+ * check under moduleResolution node16 (TS1541). It is only ever handed back to jose
+ * (lib/jwt/verifier.ts), as jose's type.
+ */
+export type KeyLookup = (...args: never[]) => unknown
+
 export interface KeySet {
   /** Changes whenever the keys do. */
   readonly generation: number
   /** Why no key is usable, or null. */
   readonly error: string | null
   /** For jose's jwtVerify. Throws when no key set is loaded. */
-  readonly getKey: JWTVerifyGetKey
+  readonly getKey: KeyLookup
   /** Settles after the first load (local), or the first fetch and its retries (remote, `FetchAsynchronously: false`). */
   ready (): Promise<void>
   stop (): void

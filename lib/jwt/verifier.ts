@@ -3,7 +3,7 @@
 // `iss` equal to the issuer (docs/semantics.md#jwt-verification). Returns a reason instead of
 // throwing; reasons never contain the token.
 import { errors, jwtVerify } from 'jose'
-import type { JWTPayload } from 'jose'
+import type { JWTPayload, JWTVerifyGetKey } from 'jose'
 import type { ActiveProvider } from './provider'
 import { KeySetUnavailableError } from './key-sets'
 
@@ -28,7 +28,8 @@ export async function verifyToken (token: string, provider: ActiveProvider, nowM
   try {
     let payload: JWTPayload
     try {
-      payload = (await jwtVerify(token, provider.keys.getKey, options)).payload
+      // The key set's lookup is jose's own (lib/jwt/key-sets.ts says why its type is not named there).
+      payload = (await jwtVerify(token, provider.keys.getKey as JWTVerifyGetKey, options)).payload
     } catch (err) {
       // Several keys fit (a kid shared during a rotation, or no kid): Envoy tries each of them.
       if (!(err instanceof errors.JWKSMultipleMatchingKeys)) throw err
