@@ -4,6 +4,7 @@
 // last good state.
 import { EventEmitter } from 'node:events'
 import type { FastifyBaseLogger } from 'fastify'
+import { agentStatusOf } from './agent/client'
 import type { AgentClient } from './agent/client'
 import type { ConfigEntryViews } from './agent/parse'
 import { BlockingWatch } from './agent/watch'
@@ -386,17 +387,45 @@ export class ConsulSync {
  */
 export async function agentDefaultPolicy (client: AgentClient, signal?: AbortSignal, onSelfError?: (err: Error) => void):
 Promise<{ allow: boolean, error: Error | null, header: 'allow' | 'deny' | null }> {
-  try {
-    const self = await client.agentSelf(signal)
-    return { allow: (self.body.defaultIntentionPolicy ?? self.body.aclDefaultPolicy ?? self.defaultAclPolicy) === 'allow', error: null, header: self.defaultAclPolicy }
-  } catch (err) {
-    // Known before the header lookup, which may hang: a readyTimeout then names this failure.
-    onSelfError?.(err as Error)
-    if (signal?.aborted === true) throw err
-    const header = await client.roots({ signal }).then((res) => res.defaultAclPolicy, () => null)
-    return { allow: header === 'allow', error: err as Error, header }
+  for (let delay = DEFAULT_POLICY_RETRY_MS; ; delay = Math.min(delay * 2, DEFAULT_POLICY_RETRY_MAX_MS)) {
+    try {
+      const self = await client.agentSelf(signal)
+      return { allow: (self.body.defaultIntentionPolicy ?? self.body.aclDefaultPolicy ?? self.defaultAclPolicy) === 'allow', error: null, header: self.defaultAclPolicy }
+    } catch (err) {
+      // Known before the next attempt, which may hang: a readyTimeout then names this failure.
+      onSelfError?.(err as Error)
+      if (signal?.aborted === true) throw err
+      // Only a refusal (a token without agent:read) is an answer: the ACL default of another answer's
+      // header stands in. Anything else (an agent restarting, a 5xx, a bad body) is asked again
+      // until it answers or the start times out: taking the header then would fail open for good
+      // wherever the agent's own setting is deny but its ACL default is allow (ACLs off).
+      if (agentStatusOf(err) === 403) return await aclDefaultFromHeader(client, err as Error, signal)
+      // Without a deadline to end the asking (the explain and verify commands), the failure is theirs.
+      if (signal === undefined) throw err
+      await sleep(delay, signal)
+      if (signal.aborted) throw err
+    }
   }
 }
+
+/** The ACL default policy header of an answer, for a token that may not read agent/self; asked again while no answer comes. */
+async function aclDefaultFromHeader (client: AgentClient, selfError: Error, signal: AbortSignal | undefined):
+Promise<{ allow: boolean, error: Error, header: 'allow' | 'deny' | null }> {
+  for (let delay = DEFAULT_POLICY_RETRY_MS; ; delay = Math.min(delay * 2, DEFAULT_POLICY_RETRY_MAX_MS)) {
+    try {
+      const header = (await client.roots({ signal })).defaultAclPolicy
+      return { allow: header === 'allow', error: selfError, header }
+    } catch (err) {
+      if (signal === undefined || signal.aborted) throw err
+      await sleep(delay, signal)
+      if (signal.aborted) throw err
+    }
+  }
+}
+
+/** Retries of the default policy's read at start: from this, doubling, up to the maximum. */
+const DEFAULT_POLICY_RETRY_MS = 250
+const DEFAULT_POLICY_RETRY_MAX_MS = 4_000
 
 async function sleep (ms: number, signal: AbortSignal | undefined): Promise<void> {
   await new Promise<void>((resolve) => {

@@ -6,6 +6,7 @@ import type { Test } from 'tap'
 import { once } from 'node:events'
 import type { ServiceDefaultsView, ProxyDefaultsView, MeshView, AgentSelfView } from '../lib/agent/parse'
 import type { IndexedCARoots, Intention, IssuedCert } from '../lib/agent/wire'
+import { withAgentStatus } from '../lib/agent/client'
 import { DevCertificateAuthority } from '../lib/dev-agent/ca'
 import { decide } from '../lib/intentions/policy'
 import type { CompiledPolicy } from '../lib/intentions/policy'
@@ -417,9 +418,11 @@ t.test("defaultPolicy 'agent' is resolved from the agent before any watch starts
     })
   }
 
+  const refusal = (): Error => withAgentStatus(new Error('Consul agent answered GET /v1/agent/self with 403: Permission denied'), 403)
+
   t.test('agentSelf refused (403): deny, with a warning', async (t) => {
     const h = harness(t, { defaultPolicy: 'agent' })
-    h.agent.agentSelf = async () => { throw new Error('Consul agent answered GET /v1/agent/self with 403: Permission denied') }
+    h.agent.agentSelf = async () => { throw refusal() }
     serve(h.agent, f)
     await h.sync.start()
     t.equal(h.sync.status().intentions?.defaultAllow, false)
@@ -433,7 +436,7 @@ t.test("defaultPolicy 'agent' is resolved from the agent before any watch starts
   for (const header of ['allow', 'deny', null] as const) {
     t.test(`agentSelf refused: the header of another answer decides (${String(header)})`, async (t) => {
       const h = harness(t, { defaultPolicy: 'agent' })
-      h.agent.agentSelf = async () => { throw new Error('Consul agent answered GET /v1/agent/self with 403: Permission denied') }
+      h.agent.agentSelf = async () => { throw refusal() }
       serve(h.agent, f)
       h.agent.roots.defaultAclPolicy = header
       await h.sync.start()
@@ -442,19 +445,54 @@ t.test("defaultPolicy 'agent' is resolved from the agent before any watch starts
     })
   }
 
-  t.test('agentSelf refused and the header lookup failing too: deny', async (t) => {
+  t.test('agentSelf refused and the header lookup failing once: asked again, the header decides', async (t) => {
     const h = harness(t, { defaultPolicy: 'agent' })
-    h.agent.agentSelf = async () => { throw new Error('refused') }
+    h.agent.agentSelf = async () => { throw refusal() }
     serve(h.agent, f)
-    h.agent.roots.defaultAclPolicy = 'allow'
+    h.agent.roots.defaultAclPolicy = 'deny'
     // The first roots call is the header lookup (no watch has started yet): it fails.
     const endpoint = h.agent.roots as unknown as { handle: (q: unknown) => Promise<unknown> }
     const handle = endpoint.handle.bind(endpoint)
     let calls = 0
     endpoint.handle = async (q) => (++calls === 1 ? await Promise.reject(new Error('connect ECONNREFUSED')) : await handle(q))
     await h.sync.start()
-    t.equal(h.sync.status().intentions?.defaultAllow, false, 'the allow header of later answers is not used')
-    t.match(h.logger.events('default-policy-unknown')[0], { obj: { consulNative: { header: null } } })
+    t.equal(h.sync.status().intentions?.defaultAllow, false)
+    t.match(h.logger.events('default-policy-unknown')[0], { obj: { consulNative: { header: 'deny' } } })
+  })
+
+  // An agent restarting, or answering 5xx, is asked again: taking the ACL default header instead
+  // would allow by default for good where the agent's own setting is deny and ACLs are off.
+  for (const [what, failure] of [
+    ['a 500', () => withAgentStatus(new Error('Consul agent answered GET /v1/agent/self with 500: rpc error'), 500)],
+    ['no answer', () => new Error('connect ECONNREFUSED 127.0.0.1:8500')]
+  ] as const) {
+    t.test(`agentSelf failing with ${what} is asked again, never replaced by the header`, async (t) => {
+      const h = harness(t, { defaultPolicy: 'agent' })
+      let calls = 0
+      h.agent.agentSelf = async () => {
+        if (++calls <= 2) throw failure()
+        return response(self('deny', null), null, 'allow')
+      }
+      serve(h.agent, f)
+      h.agent.roots.defaultAclPolicy = 'allow'
+      await h.sync.start()
+      t.equal(calls, 3, 'asked until it answered')
+      t.equal(h.sync.status().intentions?.defaultAllow, false, 'the agent\'s deny, not the allow header')
+      t.equal(allows(h.sync.policy, 'unknown'), false)
+      t.same(h.logger.events('default-policy-unknown'), [], 'it was known in the end')
+    })
+  }
+
+  t.test('agentSelf failing until readyTimeout: not ready, naming the failure', async (t) => {
+    const h = harness(t, { defaultPolicy: 'agent', readyTimeout: 400 })
+    const failure = withAgentStatus(new Error('Consul agent answered GET /v1/agent/self with 503: No cluster leader'), 503)
+    h.agent.agentSelf = async () => { throw failure }
+    serve(h.agent, f)
+    h.agent.roots.defaultAclPolicy = 'allow'
+    const err = await h.sync.start().then(() => null, (e: unknown) => e as Error & { code?: string })
+    t.equal(err?.code, 'FST_CONSUL_NATIVE_NOT_READY')
+    t.equal(err?.message, `Consul agent not ready after 400ms: agent/self (default intention policy): ${failure.message}`)
+    t.ok(h.agent.requests.filter((request) => request === 'agentSelf').length >= 2, 'asked more than once')
   })
 
   t.test('readyTimeout while agentSelf has not answered names it', async (t) => {
@@ -480,7 +518,7 @@ t.test("defaultPolicy 'agent' is resolved from the agent before any watch starts
 
   t.test('readyTimeout after agentSelf failed and the header lookup hangs names the failure', async (t) => {
     const h = harness(t, { defaultPolicy: 'agent', readyTimeout: 50 })
-    const refused = new Error('Consul agent answered GET /v1/agent/self with 403: Permission denied')
+    const refused = refusal()
     h.agent.agentSelf = async () => { throw refused }
     const err = await h.sync.start().then(() => null, (e: unknown) => e as Error & { code?: string })
     t.equal(err?.message, `Consul agent not ready after 50ms: agent/self (default intention policy): ${refused.message}`)

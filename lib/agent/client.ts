@@ -93,6 +93,12 @@ const CONFIG_ENTRY_SCOPES: Record<ConfigEntryKind, readonly ScopeParam[]> = {
 
 const agentStatusKey = Symbol('consul-native.agentStatus')
 
+/** Records on `err` the HTTP status the agent answered with (what agentStatusOf reads). */
+export function withAgentStatus<E extends Error> (err: E, status: number): E {
+  Object.defineProperty(err, agentStatusKey, { value: status })
+  return err
+}
+
 /** The HTTP status the agent answered, for an error thrown by AgentClient for a non-2xx answer. */
 export function agentStatusOf (err: unknown): number | null {
   const status = (err as { [agentStatusKey]?: unknown } | null)?.[agentStatusKey]
@@ -203,9 +209,7 @@ export class AgentClient {
     const status = res.status
     const ok = status >= 200 && status < 300
     if (!ok && !(status === 404 && opts.allow404 === true)) {
-      const err = new AgentResponseError(method, path, status, errorText(res.text))
-      Object.defineProperty(err, agentStatusKey, { value: status })
-      throw err
+      throw withAgentStatus(new AgentResponseError(method, path, status, errorText(res.text)), status)
     }
     const meta = responseMeta(status, res.headers)
     if (!ok) return { ...meta, body: null as T }
