@@ -47,6 +47,7 @@ export const LOG_EVENTS = {
   'listener-failed': ['watch', 'listenerEvent', 'err'],
   // What the watches feed
   'tls-rotated': ['serial', 'validBefore', 'previousSerial', 'previousValidBefore', 'roots', 'activeRootId'],
+  'leaf-held': ['serial', 'reason'],
   'policy-updated': ['count', 'index', 'protocol'],
   'intention-unsupported': ['reason'],
   'default-policy-unknown': ['reason', 'header'],

@@ -10,6 +10,8 @@ import type { ConfigEntryViews } from './agent/parse'
 import { BlockingWatch } from './agent/watch'
 import type { Intention, RequestNormalization } from './agent/wire'
 import { AgentCertificateSource } from './certificates/agent'
+import { checkLeaf, checkTrustBundle, leafHold } from './certificates/checks'
+import type { LeafHold } from './certificates/checks'
 import type { CertificateSink, CertificateSource, LeafCertificate, SourcePart, TrustBundle } from './certificates/source'
 import { NotReadyError } from './errors'
 import { compilePolicy } from './intentions/policy'
@@ -76,6 +78,14 @@ export class ConsulSync {
   /** The leaf last put in force, for the rotation log line. */
   #installedLeaf: LeafCertificate | null = null
   #currentRoots: TrustBundle | undefined = undefined
+  /**
+   * A new leaf not in force yet (see #offer), the timer that looks at it again, and, once said, why
+   * it waits (or why it was dropped): status() shows that until a later leaf is offered.
+   */
+  #heldLeaf: LeafCertificate | null = null
+  #holdTimer: NodeJS.Timeout | null = null
+  #heldReported: LeafCertificate | null = null
+  #heldReason: string | null = null
   readonly #tlsReady: Promise<void>
   readonly #tlsInstalled: () => void
   #currentIntentions: Intention[] = []
@@ -221,7 +231,7 @@ export class ConsulSync {
     this.#defaultAllow = await this.#resolveDefaultPolicy()
     this.#defaultPolicyKnown = true
     const sink: CertificateSink = {
-      update: (change) => this.#installTls(change.leaf ?? this.#currentLeaf, change.trust ?? this.#currentRoots),
+      update: (change) => { this.#offer(change) },
       failure: (part: SourcePart, error) => this.#failed(part, error)
     }
     this.#source.start(sink)
@@ -243,6 +253,7 @@ export class ConsulSync {
     for (const watch of this.#watches) watch.stop()
     this.#providers.stop()
     if (this.#expiryTimer !== null) clearInterval(this.#expiryTimer)
+    this.#release()
   }
 
   status (): ConsulNativeStatus {
@@ -250,7 +261,9 @@ export class ConsulSync {
     const roots = this.#currentRoots
     const watches: ConsulNativeStatus['watches'] = {}
     for (const [name, health] of Object.entries(this.#source.health())) {
-      watches[name] = { lastSuccess: health.lastSuccess?.toISOString() ?? null, lastError: health.lastError?.message ?? null, failures: health.failures }
+      // A held leaf is the leaf part's problem while it waits (said once the wait is long enough to matter).
+      const held = name === 'leaf' ? this.#heldReason : null
+      watches[name] = { lastSuccess: health.lastSuccess?.toISOString() ?? null, lastError: health.lastError?.message ?? held, failures: health.failures }
     }
     for (const watch of this.#watches) {
       watches[watch.name] = {
@@ -274,12 +287,88 @@ export class ConsulSync {
     }
   }
 
-  #installTls (leaf: LeafCertificate | undefined, roots: TrustBundle | undefined): void {
-    if (leaf === undefined || roots === undefined) {
-      this.#currentLeaf = leaf
+  /**
+   * New material from the certificate source. Unusable (an expired leaf, roots contradicting
+   * themselves): thrown, so the source rejects it and the last good stays. A leaf that cannot be
+   * served yet (valid later, or not signed by the roots in force) is held back and put in force
+   * once it can: when it becomes valid, or with the roots that sign it (docs/semantics.md#last-good).
+   */
+  #offer (change: { leaf?: LeafCertificate, trust?: TrustBundle }): void {
+    const now = Date.now()
+    if (change.trust !== undefined) checkTrustBundle(change.trust)
+    if (change.leaf !== undefined) {
+      checkLeaf(change.leaf, now)
+      this.#release()
+      this.#heldLeaf = change.leaf
+    }
+    const roots = change.trust ?? this.#currentRoots
+    const held = this.#heldLeaf
+    if (roots === undefined) {
+      // The start, before any roots: reported by status(), checked and put in force with the roots.
+      if (held !== null) this.#currentLeaf = held
+      return
+    }
+    let leaf = this.#currentLeaf
+    if (held !== null) {
+      const hold = leafHold(held, roots, now)
+      if (hold === null) {
+        leaf = held
+        this.#release()
+      } else {
+        this.#hold(held, hold, now)
+        leaf = this.#installedLeaf ?? undefined
+      }
+    }
+    if (leaf === undefined) {
       this.#currentRoots = roots
       return
     }
+    // A held leaf alone changes nothing in force.
+    if (leaf === this.#installedLeaf && roots === this.#currentRoots) return
+    this.#installTls(leaf, roots)
+  }
+
+  /** Waits for `leaf` to become servable: offered again once valid; reported if it still waits after a while. */
+  #hold (leaf: LeafCertificate, hold: LeafHold, now: number): void {
+    if (this.#holdTimer !== null) clearTimeout(this.#holdTimer)
+    const until = hold.kind === 'not-yet-valid' ? hold.until : Infinity
+    this.#holdTimer = setTimeout(() => {
+      this.#holdTimer = null
+      if (this.#heldLeaf !== leaf || this.#stopped) return
+      if (Date.now() < until) {
+        this.#reportHeld(leaf, hold.reason)
+        // Not valid yet: looked at again when it is. Not signed: looked at again with the next roots.
+        if (until !== Infinity) this.#hold(leaf, hold, Date.now())
+        return
+      }
+      try {
+        this.#offer({})
+      } catch (err) {
+        // The TLS stack refused it after all: dropped, and said.
+        this.#release()
+        this.#reportHeld(leaf, (err as Error).message)
+      }
+    }, Math.max(0, Math.min(until - now + 1, syncTimings.heldLeafReportMs))).unref()
+  }
+
+  /** Said once per held leaf: it is not in force, and why. */
+  #reportHeld (leaf: LeafCertificate, reason: string): void {
+    if (this.#heldReported === leaf) return
+    this.#heldReported = leaf
+    this.#heldReason = reason
+    logEvent(this.#log, 'warn', 'leaf-held', { serial: leaf.serial, reason }, `new leaf not in force, keeping the last good one: ${reason}`)
+    this.#failed('leaf', new Error(reason))
+  }
+
+  /** Forgets the held leaf (put in force, or replaced by a newer one). */
+  #release (): void {
+    if (this.#holdTimer !== null) clearTimeout(this.#holdTimer)
+    this.#holdTimer = null
+    this.#heldLeaf = null
+    this.#heldReason = null
+  }
+
+  #installTls (leaf: LeafCertificate, roots: TrustBundle): void {
     this.#tls.update({
       certPem: leaf.chainPem,
       keyPem: leaf.keyPem,
@@ -348,7 +437,10 @@ export class ConsulSync {
   #notReady (timeoutMs: number): Error {
     if (!this.#defaultPolicyKnown) {
       const cause = this.#defaultPolicyError
-      return new NotReadyError(timeoutMs, `agent/self (default intention policy): ${cause?.message ?? 'no answer yet'}`, { cause: cause ?? undefined })
+      // Everything else waits for it: named too, so that the message lists all that is missing.
+      const waiting = ['leaf', 'roots', ...this.#watches.map((watch) => watch.name)].join(', ')
+      return new NotReadyError(timeoutMs, `agent/self (default intention policy): ${cause?.message ?? 'no answer yet'}; waiting for it: ${waiting}`,
+        { cause: cause ?? undefined })
     }
     const health = this.#source.health()
     const missing: Array<{ name: string, lastError: Error | null }> = [
@@ -422,6 +514,12 @@ Promise<{ allow: boolean, error: Error, header: 'allow' | 'deny' | null }> {
     }
   }
 }
+
+/**
+ * A held leaf still waiting after `heldLeafReportMs` is reported (a CA rotation's leaf normally
+ * waits for its roots for less). An object, so that tests can shorten it.
+ */
+export const syncTimings = { heldLeafReportMs: 10_000 }
 
 /** Retries of the default policy's read at start: from this, doubling, up to the maximum. */
 const DEFAULT_POLICY_RETRY_MS = 250

@@ -258,10 +258,15 @@ t.test('readyTimeout may exceed 8 s when Fastify\'s pluginTimeout is off', async
 })
 
 t.test('the health route answers 503 while the leaf is not valid', async (t) => {
-  // A leaf TTL under the one-minute back-dating gives leaves that are already expired.
-  const agent = await startAgent(t, { defaultPolicy: 'allow', leafTTL: '30s' })
+  // Back-dated by a minute, a leaf of 61.5 s is valid for about 1.5 s after it is issued; with the
+  // agent gone, nothing renews it.
+  const agent = await startAgent(t, { defaultPolicy: 'allow', leafTTL: 61_500 })
   const svc = await startService(t, agent)
   const anonymous = mtlsClient(t, { ca: [] }, { rejectUnauthorized: false })
+  t.equal((await get(anonymous, `${svc.origin}/health`)).status, 200, 'passing while the leaf is valid')
+  const validBefore = Date.parse(svc.app.consulNative.status().leaf?.validBefore as string)
+  await agent.close()
+  await new Promise((resolve) => setTimeout(resolve, Math.max(0, validBefore - Date.now()) + 100))
   const res = await get(anonymous, `${svc.origin}/health`)
   t.equal(res.status, 503)
   t.same(res.body, { status: 'critical', service: 'api', registered: null, enforcement: 'enforce' })

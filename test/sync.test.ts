@@ -12,7 +12,7 @@ import { decide } from '../lib/intentions/policy'
 import type { CompiledPolicy } from '../lib/intentions/policy'
 import { resolveOptions } from '../lib/options'
 import type { ConsulNativeOptions } from '../lib/options'
-import { ConsulSync } from '../lib/sync'
+import { ConsulSync, syncTimings } from '../lib/sync'
 import type { ConsulNativeStatus } from '../lib/sync'
 import { DynamicTls } from '../lib/tls'
 import { StubAgent, caRoots, holdingOpen, issuedCert, recordingLogger, response } from './helpers/stub-agent'
@@ -195,6 +195,136 @@ t.test('a leaf whose key does not match its certificate is rejected; the previou
     activeRootId: f.roots.ActiveRootID
   }, 'the old and the new serial and expiry')
   t.equal(h.sync.status().watches.leaf?.lastError, null, 'the accepted leaf clears the rejection')
+})
+
+t.test('a leaf that cannot be served is never put in force (docs/semantics.md#last-good)', async (t) => {
+  const f = await fixtures()
+  const uri = f.leaf.ServiceURI
+  /** The leaf endpoint's answer for a certificate `ca` issues with these dates. */
+  const leafFrom = async (ca: DevCertificateAuthority, serial: string, notBefore: Date, notAfter: Date, uris = [uri]): Promise<IssuedCert> => {
+    const { certPem, privateKeyPem } = await ca.issueCertificate({ uris, notBefore, notAfter })
+    return { ...f.leaf, SerialNumber: serial, CertPEM: certPem, PrivateKeyPEM: privateKeyPem, ValidAfter: notBefore.toISOString(), ValidBefore: notAfter.toISOString() }
+  }
+  const started = async (): Promise<Harness> => {
+    const h = harness(t)
+    serve(h.agent, f)
+    await h.sync.start()
+    return h
+  }
+  const HOUR = 3_600_000
+
+  t.test('expired: rejected, the last good stays', async (t) => {
+    const h = await started()
+    const before = h.tls.material
+    const rejected = once(h.sync.events, 'sync-error')
+    h.agent.leaf.set(await leafFrom(f.ca, 'aa:01', new Date(Date.now() - 2 * HOUR), new Date(Date.now() - HOUR)), 2)
+    const [{ watch, error }] = await rejected as [SyncError]
+    t.equal(watch, 'leaf')
+    t.match(error.message, /^the leaf \(serial aa:01\) expired at /)
+    t.equal(h.tls.material, before)
+    t.equal(h.sync.status().leaf?.serial, f.leaf.SerialNumber)
+  })
+
+  t.test('its certificate naming another SPIFFE ID than the answer says: rejected', async (t) => {
+    const h = await started()
+    const before = h.tls.material
+    const rejected = once(h.sync.events, 'sync-error')
+    const web = uri.replace(/\/svc\/api$/, '/svc/web')
+    h.agent.leaf.set(await leafFrom(f.ca, 'aa:02', new Date(Date.now() - 60_000), new Date(Date.now() + HOUR), [web]), 2)
+    const [{ error }] = await rejected as [SyncError]
+    t.equal(error.message, `the leaf (serial aa:02) names ${web}, not its ServiceURI ${uri}`)
+    t.equal(h.tls.material, before)
+  })
+
+  t.test('not valid yet: held, and put in force once valid', async (t) => {
+    const h = await started()
+    const before = h.tls.material
+    const notBefore = new Date(Math.ceil((Date.now() + 1_500) / 1000) * 1000)
+    const early = await leafFrom(f.ca, 'aa:03', notBefore, new Date(notBefore.getTime() + HOUR))
+    h.agent.leaf.set(early, 2)
+    await h.agent.leaf.poll(3)
+    t.equal(h.tls.material, before, 'held while not valid')
+    t.same(h.emitted.errors, [], 'nothing wrong to say yet')
+    // The hold's timer does not keep a process alive (a server does): this test's must.
+    const alive = setTimeout(() => {}, 5_000)
+    await once(h.sync.events, 'tls')
+    clearTimeout(alive)
+    t.ok(Date.now() >= notBefore.getTime(), 'put in force once valid')
+    t.equal(h.tls.material?.certPem, early.CertPEM)
+    t.equal(h.sync.status().leaf?.serial, 'aa:03')
+  })
+
+  t.test('not valid yet, then refused by TLS once valid (its key is another\'s): dropped and reported', async (t) => {
+    const h = await started()
+    const before = h.tls.material
+    const notBefore = new Date(Math.ceil((Date.now() + 1_000) / 1000) * 1000)
+    const early = await leafFrom(f.ca, 'aa:04', notBefore, new Date(notBefore.getTime() + HOUR))
+    const alive = setTimeout(() => {}, 5_000)
+    const reported = once(h.sync.events, 'sync-error')
+    h.agent.leaf.set({ ...early, PrivateKeyPEM: f.leaf.PrivateKeyPEM }, 2)
+    const [{ watch, error }] = await reported as [SyncError]
+    clearTimeout(alive)
+    t.equal(watch, 'leaf')
+    t.equal(h.tls.material, before, 'the last good leaf stays in force')
+    t.equal(h.logger.events('leaf-held').length, 1)
+    t.equal(h.sync.status().watches.leaf?.lastError, error.message, 'shown until a later leaf is accepted, as a rejection is')
+  })
+
+  t.test('not signed by the roots in force: held until roots that sign it arrive (a rotation in that order)', async (t) => {
+    const h = await started()
+    const before = h.tls.material
+    // The same cluster, so the same trust domain: a new root, as after a rotation.
+    const rotated = await DevCertificateAuthority.create({ clusterId: f.ca.clusterId })
+    const next = issuedCert(await rotated.signLeaf('api'), 'api')
+    h.agent.leaf.set(next, 2)
+    await h.agent.leaf.poll(3)
+    t.equal(h.tls.material, before, 'held: the roots in force do not sign it')
+    const installed = once(h.sync.events, 'tls')
+    h.agent.roots.set(caRoots(rotated), 2)
+    await installed
+    t.equal(h.tls.material?.certPem, next.CertPEM, 'put in force with the roots that sign it')
+    t.same(h.tls.material?.rootPems, rotated.roots().map((root) => root.RootCert))
+    t.same(h.emitted.errors, [], 'a short wait is not reported')
+    t.equal(h.logger.events('leaf-held').length, 0)
+  })
+
+  t.test('held for long: reported once, in status() too; a newer good leaf replaces it', async (t) => {
+    const saved = syncTimings.heldLeafReportMs
+    syncTimings.heldLeafReportMs = 50
+    t.teardown(() => { syncTimings.heldLeafReportMs = saved })
+    const h = await started()
+    const before = h.tls.material
+    const foreign = await DevCertificateAuthority.create({ clusterId: f.ca.clusterId })
+    const reported = once(h.sync.events, 'sync-error')
+    h.agent.leaf.set(issuedCert(await foreign.signLeaf('api'), 'api'), 2)
+    const alive = setTimeout(() => {}, 5_000)
+    const [{ watch, error }] = await reported as [SyncError]
+    clearTimeout(alive)
+    t.equal(watch, 'leaf')
+    t.match(error.message, /does not chain to the CA roots in force$/)
+    t.equal(h.sync.status().watches.leaf?.lastError, error.message)
+    t.match(h.logger.events('leaf-held'), [{ level: 'warn', obj: { consulNative: { reason: error.message } } }])
+    await new Promise((resolve) => setTimeout(resolve, 150))
+    t.equal(h.logger.events('leaf-held').length, 1, 'said once')
+    t.equal(h.tls.material, before, 'the last good leaf stays in force')
+
+    const installed = once(h.sync.events, 'tls')
+    h.agent.leaf.set(f.leaf2, 3)
+    await installed
+    t.equal(h.tls.material?.certPem, f.leaf2.CertPEM)
+    t.equal(h.sync.status().watches.leaf?.lastError, null, 'nothing held any more')
+  })
+
+  t.test('roots whose active root names another trust domain than they say: rejected', async (t) => {
+    const h = await started()
+    const before = h.tls.material
+    const rejected = once(h.sync.events, 'sync-error')
+    h.agent.roots.set({ ...f.roots, TrustDomain: 'other.consul' }, 2)
+    const [{ watch, error }] = await rejected as [SyncError]
+    t.equal(watch, 'roots')
+    t.equal(error.message, `the roots say trust domain other.consul, but the active root ${f.roots.ActiveRootID} is for ${f.ca.trustDomain}`)
+    t.equal(h.tls.material, before)
+  })
 })
 
 t.test('checkExpiry warns only when the leaf nears expiry and the agent cannot renew it', async (t) => {
@@ -418,6 +548,8 @@ t.test("defaultPolicy 'agent' is resolved from the agent before any watch starts
     })
   }
 
+  // Everything else waits for the default policy, and a not-ready message names it all.
+  const WAITING = 'waiting for it: leaf, roots, intentions, service-defaults, proxy-defaults, mesh, jwt-providers'
   const refusal = (): Error => withAgentStatus(new Error('Consul agent answered GET /v1/agent/self with 403: Permission denied'), 403)
 
   t.test('agentSelf refused (403): deny, with a warning', async (t) => {
@@ -491,7 +623,7 @@ t.test("defaultPolicy 'agent' is resolved from the agent before any watch starts
     h.agent.roots.defaultAclPolicy = 'allow'
     const err = await h.sync.start().then(() => null, (e: unknown) => e as Error & { code?: string })
     t.equal(err?.code, 'FST_CONSUL_NATIVE_NOT_READY')
-    t.equal(err?.message, `Consul agent not ready after 400ms: agent/self (default intention policy): ${failure.message}`)
+    t.equal(err?.message, `Consul agent not ready after 400ms: agent/self (default intention policy): ${failure.message}; ${WAITING}`)
     t.ok(h.agent.requests.filter((request) => request === 'agentSelf').length >= 2, 'asked more than once')
   })
 
@@ -500,7 +632,7 @@ t.test("defaultPolicy 'agent' is resolved from the agent before any watch starts
     serve(h.agent, f)
     const err = await h.sync.start().then(() => null, (e: unknown) => e as Error & { code?: string })
     t.equal(err?.code, 'FST_CONSUL_NATIVE_NOT_READY')
-    t.equal(err?.message, 'Consul agent not ready after 50ms: agent/self (default intention policy): no answer yet')
+    t.equal(err?.message, `Consul agent not ready after 50ms: agent/self (default intention policy): no answer yet; ${WAITING}`)
     t.same(h.agent.requests, ['agentSelf'], 'no watch started')
   })
 
@@ -521,7 +653,7 @@ t.test("defaultPolicy 'agent' is resolved from the agent before any watch starts
     const refused = refusal()
     h.agent.agentSelf = async () => { throw refused }
     const err = await h.sync.start().then(() => null, (e: unknown) => e as Error & { code?: string })
-    t.equal(err?.message, `Consul agent not ready after 50ms: agent/self (default intention policy): ${refused.message}`)
+    t.equal(err?.message, `Consul agent not ready after 50ms: agent/self (default intention policy): ${refused.message}; ${WAITING}`)
     t.equal(err?.cause, refused)
   })
 

@@ -3,6 +3,8 @@
 import type { AgentClient } from '../agent/client'
 import { BlockingWatch } from '../agent/watch'
 import type { IndexedCARoots, IssuedCert } from '../agent/wire'
+import { parseSpiffeId, parseSubjectAltNames } from '../spiffe'
+import { leafCertificateOf } from './checks'
 import type { CertificateSink, CertificateSource, LeafCertificate, SourceHealth, SourceLogger, SourcePart, TrustBundle } from './source'
 
 export class AgentCertificateSource implements CertificateSource {
@@ -19,7 +21,7 @@ export class AgentCertificateSource implements CertificateSource {
       log,
       fetch: async (q) => pick(await client.leaf(service, q)),
       differs: (a, b) => a.SerialNumber !== b.SerialNumber || a.CertPEM !== b.CertPEM,
-      accept: (leaf) => sink().update({ leaf: leafOf(leaf) })
+      accept: (leaf) => sink().update({ leaf: leafOf(leaf, service) })
     })
     this.#roots = new BlockingWatch<IndexedCARoots>({
       name: 'roots',
@@ -53,7 +55,22 @@ function healthOf<T> (watch: BlockingWatch<T>): SourceHealth {
   return { lastSuccess: watch.lastSuccess, lastError: watch.lastError, failures: watch.failures }
 }
 
-function leafOf (leaf: IssuedCert): LeafCertificate {
+/**
+ * The agent's answer as the certificate the plugin will serve. The answer's fields describe the
+ * certificate; the certificate itself must agree: its one SPIFFE ID is the answer's `ServiceURI`,
+ * and names the service asked for (parse.ts checked the answer's `Service`). Throws otherwise, so
+ * the watch rejects it and the last good leaf stays.
+ */
+function leafOf (leaf: IssuedCert, service: string): LeafCertificate {
+  const cert = leafCertificateOf({ chainPem: leaf.CertPEM, serial: leaf.SerialNumber })
+  const uris = (parseSubjectAltNames(cert.subjectAltName)?.uris ?? []).filter((uri) => uri.startsWith('spiffe://'))
+  if (uris.length !== 1 || uris[0] !== leaf.ServiceURI) {
+    throw new Error(`the leaf (serial ${leaf.SerialNumber}) names ${uris.join(', ') || 'no SPIFFE ID'}, not its ServiceURI ${leaf.ServiceURI}`)
+  }
+  const id = parseSpiffeId(leaf.ServiceURI)
+  if (id === null || id.kind !== 'service' || id.service !== service) {
+    throw new Error(`the leaf (serial ${leaf.SerialNumber}) is for ${leaf.ServiceURI}, not for service ${service}`)
+  }
   return {
     chainPem: leaf.CertPEM,
     keyPem: leaf.PrivateKeyPEM,
