@@ -352,6 +352,27 @@ t.test('timeouts: a blocking call waits wait × 17/16 + margin; a stalled body t
   const stalled = await rejection(client.agentSelf())
   t.ok(stalled instanceof AgentUnreachableError)
   t.equal((stalled.cause as { code?: string }).code, 'UND_ERR_BODY_TIMEOUT')
+
+  // A byte every 50 ms passes undici's timeouts (each a wait between two chunks): the whole
+  // exchange is bounded too, by its timeout and a second for the body.
+  agent.handler = () => ({ trickleMs: 50, headers: { 'content-type': 'application/json' } })
+  const trickleStarted = performance.now()
+  const trickled = await rejection(client.agentSelf())
+  const took = performance.now() - trickleStarted
+  t.ok(trickled instanceof AgentUnreachableError)
+  t.equal(trickled.message, `Consul agent unreachable at ${agent.origin}: no response within 150 ms`)
+  t.equal((trickled.cause as { message?: string }).message, 'no complete answer within 1150 ms')
+  t.ok(took >= 1_100 && took < 3_000, `ended by the bound (${Math.round(took)} ms)`)
+})
+
+t.test('an empty body answering a read is a broken answer; a write\'s empty body is its answer', async (t) => {
+  const agent = await startAgent(t)
+  const client = await setup(t, agent)
+  agent.handler = () => ({ status: 200, headers: { 'x-consul-index': '5' }, body: '' })
+  const err = await rejection(client.request('GET', '/v1/config/jwt-provider'))
+  t.equal((err as { code?: string }).code, 'FST_CONSUL_NATIVE_AGENT_INVALID_RESPONSE')
+  t.match(err.message, /\/v1\/config\/jwt-provider with an invalid body: empty body$/)
+  t.equal((await client.request('PUT', '/v1/agent/service/register', { body: {} })).body, null)
 })
 
 t.test('network errors are AgentUnreachableError with the cause; never the token', async (t) => {

@@ -1,6 +1,6 @@
 import t from 'tap'
 import { once } from 'node:events'
-import { AgentClient } from '../lib/agent/client'
+import { AgentClient, withAgentStatus } from '../lib/agent/client'
 import { resolveAgentConfig } from '../lib/agent/config'
 import { BlockingWatch } from '../lib/agent/watch'
 import type { WatchFetchQuery, WatchOptions } from '../lib/agent/watch'
@@ -187,6 +187,21 @@ t.test('fetch failures: logged once per cause, then debug; recovery logged once'
   t.equal(h.log.at('info').filter((c) => c.event === 'watch-recovered').length, 1)
   await h.answer(3, 'v3')
   t.equal(h.log.at('info').filter((c) => c.event === 'watch-recovered').length, 1, 'recovery is logged once')
+})
+
+t.test('the same cause with a different text is the same cause: an error status by its code, a timeout by its kind', async (t) => {
+  const h = harness(t)
+  h.watch.start()
+  await h.answer(3, 'v3')
+  // Consul's error bodies may carry a request id or a time; the wait a timeout names differs between a poll and a re-read.
+  for (const id of ['a1', 'b2', 'c3']) await h.fail(withAgentStatus(new AgentResponseError('GET', '/v1/x', 503, `No cluster leader (request ${id})`), 503))
+  t.equal(h.log.at('warn').length, 1, 'one 503 cause')
+  const timeout = (ms: number): Error => new AgentUnreachableError('http://127.0.0.1:8500', `no response within ${ms} ms`, { cause: Object.assign(new Error('Headers Timeout Error'), { code: 'UND_ERR_HEADERS_TIMEOUT' }) })
+  await h.fail(timeout(7125))
+  await h.fail(timeout(10000))
+  t.equal(h.log.at('warn').length, 2, 'one timeout cause')
+  await h.fail(withAgentStatus(new AgentResponseError('GET', '/v1/x', 500, 'rpc error'), 500))
+  t.equal(h.log.at('warn').length, 3, 'another status is another cause')
 })
 
 t.test('an agent cut off from its servers: cached answers between refused blocking polls are no recovery', async (t) => {

@@ -215,6 +215,8 @@ export class AgentClient {
     if (!ok) return { ...meta, body: null as T }
     if (res.overflow) throw new AgentInvalidResponseError(path, `body exceeds ${this.#maxBodyBytes} bytes`)
     let parsed: unknown = null
+    // Consul answers every read with JSON (`null` included): an empty body is a broken answer, not "nothing".
+    if (res.text === '' && method === 'GET') throw new AgentInvalidResponseError(path, 'empty body')
     if (res.text !== '') {
       try {
         parsed = JSON.parse(res.text)

@@ -7,6 +7,8 @@ import type { AgentTlsConfig } from './config'
 
 /** Error bodies are plain text; a few KiB is plenty and bounds what a broken agent can make us hold. */
 const ERROR_BODY_BYTES = 16 * 1024
+/** What the whole exchange may take beyond its timeout: a body's time once the headers are in. */
+const BODY_GRACE_MS = 1_000
 
 /** Where and how to connect: what both pools of one AgentClient share. */
 export interface ExchangeTarget {
@@ -62,6 +64,28 @@ export class ExchangePools {
    * aborts) reject with undici's or Node's own error.
    */
   async exchange (req: ExchangeRequest, signal: AbortSignal | undefined): Promise<ExchangeResponse> {
+    // undici's timeouts bound each wait (for the headers, between two chunks): a body trickling in a
+    // few bytes at a time would pass them for ever. The whole exchange gets the same bound, and a
+    // second for the body (undici's own, more precise errors come first when they apply).
+    const deadline = new AbortController()
+    const onAbort = (): void => { deadline.abort(signal?.reason) }
+    if (signal?.aborted === true) onAbort()
+    else signal?.addEventListener('abort', onAbort, { once: true })
+    const bound = req.timeoutMs + BODY_GRACE_MS
+    const timer = setTimeout(() => { deadline.abort(overdue(bound)) }, bound)
+    try {
+      return await this.#exchange(req, deadline.signal)
+    } catch (err) {
+      // Reported as undici reports its own timeouts, unless the caller aborted.
+      if (deadline.signal.reason instanceof OverdueError && signal?.aborted !== true) throw deadline.signal.reason
+      throw err
+    } finally {
+      clearTimeout(timer)
+      signal?.removeEventListener('abort', onAbort)
+    }
+  }
+
+  async #exchange (req: ExchangeRequest, signal: AbortSignal): Promise<ExchangeResponse> {
     const res = await (req.pool === 'long' ? this.#long : this.#short).request({
       method: req.method as 'GET',
       path: req.path,
@@ -98,4 +122,13 @@ export class ExchangePools {
   async destroy (): Promise<void> {
     await Promise.all([this.#short.destroy(), this.#long.destroy()])
   }
+}
+
+/** The whole exchange outlived its bound; `code` as undici's own timeouts, which AgentClient reports alike. */
+class OverdueError extends Error {
+  readonly code = 'UND_ERR_BODY_TIMEOUT'
+}
+
+function overdue (ms: number): OverdueError {
+  return new OverdueError(`no complete answer within ${ms} ms`)
 }

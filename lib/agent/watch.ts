@@ -275,7 +275,7 @@ export class BlockingWatch<T> {
         logEvent(this.#log, 'error', 'listener-failed', { watch: this.name, listenerEvent: 'failure' }, `${this.name}: failure listener threw`, listenerErr)
       }
     }
-    const cause = `${kind}:${(err as { code?: unknown }).code ?? err.name}:${err.message}`
+    const cause = causeOf(kind, err)
     const event = kind === 'rejected' ? 'watch-rejected' : 'watch-failed'
     const line = { watch: this.name, index: this.#index, ...fields }
     if (cause === this.#loggedCause) {
@@ -350,4 +350,18 @@ function sameJson (previous: unknown, next: unknown): boolean {
 
 function toError (err: unknown): Error {
   return err instanceof Error ? err : new Error(String(err))
+}
+
+/**
+ * What makes two failures the same cause, for logging once: an agent's error answer by its status
+ * (its body may carry a request id or a time), an unreachable agent by the transport's code (a
+ * timeout names its wait, which differs between a poll and a re-read), anything else by its message.
+ */
+function causeOf (kind: Failure, err: Error): string {
+  const code = (err as { code?: unknown }).code ?? err.name
+  const status = agentStatusOf(err)
+  if (status !== null) return `${kind}:${String(code)}:${status}`
+  const transport = ((err as { cause?: { code?: unknown } }).cause)?.code
+  if (typeof transport === 'string') return `${kind}:${String(code)}:${transport}`
+  return `${kind}:${String(code)}:${err.message}`
 }

@@ -64,6 +64,8 @@ export interface Reply {
   stallBody?: boolean
   /** Stream the body in chunks of this many bytes, without Content-Length. */
   chunkSize?: number
+  /** Send headers, then a byte of the body every this many milliseconds, for ever. */
+  trickleMs?: number
 }
 
 export type Handler = (req: RecordedRequest) => Reply | Promise<Reply>
@@ -162,6 +164,12 @@ export class FakeAgent extends EventEmitter {
     if (reply.stallBody === true) {
       res.flushHeaders()
       res.write('{')
+      return
+    }
+    if (reply.trickleMs !== undefined) {
+      res.flushHeaders()
+      const timer = setInterval(() => { res.write(' ') }, reply.trickleMs)
+      res.once('close', () => { clearInterval(timer) })
       return
     }
     const body = reply.body ?? ''
