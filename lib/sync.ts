@@ -86,6 +86,8 @@ export class ConsulSync {
   #holdTimer: NodeJS.Timeout | null = null
   #heldReported: LeafCertificate | null = null
   #heldReason: string | null = null
+  /** Why the held leaf waits, at once: a readyTimeout names it (status() waits for the report). */
+  #holdError: Error | null = null
   readonly #tlsReady: Promise<void>
   readonly #tlsInstalled: () => void
   #currentIntentions: Intention[] = []
@@ -332,9 +334,10 @@ export class ConsulSync {
   #hold (leaf: LeafCertificate, hold: LeafHold, now: number): void {
     if (this.#holdTimer !== null) clearTimeout(this.#holdTimer)
     const until = hold.kind === 'not-yet-valid' ? hold.until : Infinity
+    this.#holdError = new Error(hold.reason)
+    // Cleared whenever the held leaf goes (put in force, replaced, stop()): it fires only for this one.
     this.#holdTimer = setTimeout(() => {
       this.#holdTimer = null
-      if (this.#heldLeaf !== leaf || this.#stopped) return
       if (Date.now() < until) {
         this.#reportHeld(leaf, hold.reason)
         // Not valid yet: looked at again when it is. Not signed: looked at again with the next roots.
@@ -366,6 +369,7 @@ export class ConsulSync {
     this.#holdTimer = null
     this.#heldLeaf = null
     this.#heldReason = null
+    this.#holdError = null
   }
 
   #installTls (leaf: LeafCertificate, roots: TrustBundle): void {
@@ -444,7 +448,10 @@ export class ConsulSync {
     }
     const health = this.#source.health()
     const missing: Array<{ name: string, lastError: Error | null }> = [
-      ...this.#currentLeaf === undefined ? [{ name: 'leaf', lastError: health.leaf.lastError }] : [],
+      // None yet, or one held back (status() shows it; the hold says why it is not in force).
+      ...this.#currentLeaf === undefined || (this.#installedLeaf === null && this.#holdError !== null)
+        ? [{ name: 'leaf', lastError: health.leaf.lastError ?? this.#holdError }]
+        : [],
       ...this.#currentRoots === undefined ? [{ name: 'roots', lastError: health.roots.lastError }] : [],
       ...this.#watches.filter((watch) => watch.value === undefined)
     ]
@@ -479,39 +486,38 @@ export class ConsulSync {
  */
 export async function agentDefaultPolicy (client: AgentClient, signal?: AbortSignal, onSelfError?: (err: Error) => void):
 Promise<{ allow: boolean, error: Error | null, header: 'allow' | 'deny' | null }> {
-  for (let delay = DEFAULT_POLICY_RETRY_MS; ; delay = Math.min(delay * 2, DEFAULT_POLICY_RETRY_MAX_MS)) {
-    try {
-      const self = await client.agentSelf(signal)
-      return { allow: (self.body.defaultIntentionPolicy ?? self.body.aclDefaultPolicy ?? self.defaultAclPolicy) === 'allow', error: null, header: self.defaultAclPolicy }
-    } catch (err) {
+  try {
+    // Only a refusal (a token without agent:read) is an answer: the ACL default of another
+    // answer's header stands in. Anything else (an agent restarting, a 5xx, a bad body) is asked
+    // again until it answers or the start times out: taking the header then would fail open for
+    // good wherever the agent's own setting is deny but its ACL default is allow (ACLs off).
+    const self = await askedUntilAnswered(async () => await client.agentSelf(signal), (err) => {
       // Known before the next attempt, which may hang: a readyTimeout then names this failure.
       onSelfError?.(err as Error)
-      if (signal?.aborted === true) throw err
-      // Only a refusal (a token without agent:read) is an answer: the ACL default of another answer's
-      // header stands in. Anything else (an agent restarting, a 5xx, a bad body) is asked again
-      // until it answers or the start times out: taking the header then would fail open for good
-      // wherever the agent's own setting is deny but its ACL default is allow (ACLs off).
-      if (agentStatusOf(err) === 403) return await aclDefaultFromHeader(client, err as Error, signal)
-      // Without a deadline to end the asking (the explain and verify commands), the failure is theirs.
-      if (signal === undefined) throw err
-      await sleep(delay, signal)
-      if (signal.aborted) throw err
-    }
+      return agentStatusOf(err) !== 403
+    }, signal)
+    return { allow: (self.body.defaultIntentionPolicy ?? self.body.aclDefaultPolicy ?? self.defaultAclPolicy) === 'allow', error: null, header: self.defaultAclPolicy }
+  } catch (err) {
+    if (signal?.aborted === true || agentStatusOf(err) !== 403) throw err
+    const header = (await askedUntilAnswered(async () => await client.roots({ signal }), () => true, signal)).defaultAclPolicy
+    return { allow: header === 'allow', error: err as Error, header }
   }
 }
 
-/** The ACL default policy header of an answer, for a token that may not read agent/self; asked again while no answer comes. */
-async function aclDefaultFromHeader (client: AgentClient, selfError: Error, signal: AbortSignal | undefined):
-Promise<{ allow: boolean, error: Error, header: 'allow' | 'deny' | null }> {
-  for (let delay = DEFAULT_POLICY_RETRY_MS; ; delay = Math.min(delay * 2, DEFAULT_POLICY_RETRY_MAX_MS)) {
-    try {
-      const header = (await client.roots({ signal })).defaultAclPolicy
-      return { allow: header === 'allow', error: selfError, header }
-    } catch (err) {
-      if (signal === undefined || signal.aborted) throw err
-      await sleep(delay, signal)
-      if (signal.aborted) throw err
-    }
+/**
+ * `attempt`'s answer; a failure that `retry` accepts is asked again after a backoff, until `signal`
+ * aborts. Without a signal (the explain and verify commands, which have no deadline to end the
+ * asking) the first failure is the caller's.
+ */
+async function askedUntilAnswered<T> (attempt: () => Promise<T>, retry: (err: unknown) => boolean, signal: AbortSignal | undefined,
+  delay = DEFAULT_POLICY_RETRY_MS): Promise<T> {
+  try {
+    return await attempt()
+  } catch (err) {
+    if (!retry(err) || signal === undefined || signal.aborted) throw err
+    await sleep(delay, signal)
+    if (signal.aborted) throw err
+    return await askedUntilAnswered(attempt, retry, signal, Math.min(delay * 2, DEFAULT_POLICY_RETRY_MAX_MS))
   }
 }
 

@@ -363,6 +363,9 @@ t.test('timeouts: a blocking call waits wait × 17/16 + margin; a stalled body t
   t.equal(trickled.message, `Consul agent unreachable at ${agent.origin}: no response within 150 ms`)
   t.equal((trickled.cause as { message?: string }).message, 'no complete answer within 1150 ms')
   t.ok(took >= 1_100 && took < 3_000, `ended by the bound (${Math.round(took)} ms)`)
+  // A blocking poll (with its watch's signal) is bounded alike.
+  const polled = await rejection(client.roots({ index: 9, waitMs: 100, signal: new AbortController().signal }))
+  t.equal((polled.cause as { message?: string }).message, `no complete answer within ${100 + 7 + 50 + 1_000} ms`)
 })
 
 t.test('an empty body answering a read is a broken answer; a write\'s empty body is its answer', async (t) => {

@@ -234,6 +234,17 @@ t.test('a leaf that cannot be served is never put in force (docs/semantics.md#la
     const [{ error }] = await rejected as [SyncError]
     t.equal(error.message, `the leaf (serial aa:02) names ${web}, not its ServiceURI ${uri}`)
     t.equal(h.tls.material, before)
+
+    const none = once(h.sync.events, 'sync-error')
+    h.agent.leaf.set(await leafFrom(f.ca, 'aa:06', new Date(Date.now() - 60_000), new Date(Date.now() + HOUR), []), 4)
+    t.equal((await none as [SyncError])[0].error.message, `the leaf (serial aa:06) names no SPIFFE ID, not its ServiceURI ${uri}`)
+
+    // Certificate and ServiceURI agreeing, but on another service than the answer's Service says.
+    const other = once(h.sync.events, 'sync-error')
+    h.agent.leaf.set({ ...await leafFrom(f.ca, 'aa:05', new Date(Date.now() - 60_000), new Date(Date.now() + HOUR), [web]), ServiceURI: web }, 5)
+    const [{ error: otherError }] = await other as [SyncError]
+    t.equal(otherError.message, `the leaf (serial aa:05) is for ${web}, not for service api`)
+    t.equal(h.tls.material, before)
   })
 
   t.test('not valid yet: held, and put in force once valid', async (t) => {
@@ -279,8 +290,15 @@ t.test('a leaf that cannot be served is never put in force (docs/semantics.md#la
     h.agent.leaf.set(next, 2)
     await h.agent.leaf.poll(3)
     t.equal(h.tls.material, before, 'held: the roots in force do not sign it')
+    // Roots that do not sign it either are put in force (a root withdrawn); the leaf waits on.
+    const unrelated = await DevCertificateAuthority.create({ clusterId: f.ca.clusterId })
+    const withdrawn = once(h.sync.events, 'tls')
+    h.agent.roots.set(caRoots(unrelated), 2)
+    await withdrawn
+    t.equal(h.tls.material?.certPem, f.leaf.CertPEM, 'the leaf in force stays')
+    t.same(h.tls.material?.rootPems, unrelated.roots().map((root) => root.RootCert))
     const installed = once(h.sync.events, 'tls')
-    h.agent.roots.set(caRoots(rotated), 2)
+    h.agent.roots.set(caRoots(rotated), 3)
     await installed
     t.equal(h.tls.material?.certPem, next.CertPEM, 'put in force with the roots that sign it')
     t.same(h.tls.material?.rootPems, rotated.roots().map((root) => root.RootCert))
@@ -313,6 +331,33 @@ t.test('a leaf that cannot be served is never put in force (docs/semantics.md#la
     await installed
     t.equal(h.tls.material?.certPem, f.leaf2.CertPEM)
     t.equal(h.sync.status().watches.leaf?.lastError, null, 'nothing held any more')
+  })
+
+  t.test('not valid for longer than the report wait: reported once, then put in force once valid', async (t) => {
+    const saved = syncTimings.heldLeafReportMs
+    syncTimings.heldLeafReportMs = 50
+    t.teardown(() => { syncTimings.heldLeafReportMs = saved })
+    const h = await started()
+    const notBefore = new Date(Math.ceil((Date.now() + 1_000) / 1000) * 1000)
+    const early = await leafFrom(f.ca, 'aa:07', notBefore, new Date(notBefore.getTime() + HOUR))
+    const alive = setTimeout(() => {}, 5_000)
+    const installed = once(h.sync.events, 'tls')
+    h.agent.leaf.set(early, 2)
+    await installed
+    clearTimeout(alive)
+    t.equal(h.tls.material?.certPem, early.CertPEM)
+    t.match(h.logger.events('leaf-held'), [{ obj: { consulNative: { serial: 'aa:07', reason: /is not valid before/ } } }], 'reported once while it waited')
+    t.equal(h.sync.status().watches.leaf?.lastError, null, 'in force: nothing held')
+  })
+
+  t.test('at the start, a first leaf the first roots do not sign: not ready, and the readyTimeout says why', async (t) => {
+    const foreign = await DevCertificateAuthority.create({ clusterId: f.ca.clusterId })
+    const h = harness(t, { readyTimeout: 300 })
+    serve(h.agent, f, { leaf: issuedCert(await foreign.signLeaf('api'), 'api') })
+    const err = await h.sync.start().then(() => null, (e: unknown) => e as Error & { code?: string })
+    t.equal(err?.code, 'FST_CONSUL_NATIVE_NOT_READY')
+    t.match(err?.message, /^Consul agent not ready after 300ms: leaf: the leaf \(serial [0-9a-f:]+\) does not chain to the CA roots in force$/)
+    t.equal(h.tls.material, null, 'nothing in force')
   })
 
   t.test('roots whose active root names another trust domain than they say: rejected', async (t) => {

@@ -73,16 +73,17 @@ export class ExchangePools {
     else signal?.addEventListener('abort', onAbort, { once: true })
     const bound = req.timeoutMs + BODY_GRACE_MS
     const timer = setTimeout(() => { deadline.abort(overdue(bound)) }, bound)
+    let res: ExchangeResponse
     try {
-      return await this.#exchange(req, deadline.signal)
+      res = await this.#exchange(req, deadline.signal)
     } catch (err) {
-      // Reported as undici reports its own timeouts, unless the caller aborted.
-      if (deadline.signal.reason instanceof OverdueError && signal?.aborted !== true) throw deadline.signal.reason
-      throw err
+      // Reported as undici reports its own timeouts (a caller's abort, when first, is the reason instead).
+      throw deadline.signal.reason instanceof OverdueError ? deadline.signal.reason : err
     } finally {
       clearTimeout(timer)
       signal?.removeEventListener('abort', onAbort)
     }
+    return res
   }
 
   async #exchange (req: ExchangeRequest, signal: AbortSignal): Promise<ExchangeResponse> {

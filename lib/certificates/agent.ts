@@ -4,6 +4,7 @@ import type { AgentClient } from '../agent/client'
 import { BlockingWatch } from '../agent/watch'
 import type { IndexedCARoots, IssuedCert } from '../agent/wire'
 import { parseSpiffeId, parseSubjectAltNames } from '../spiffe'
+import type { SubjectAltNames } from '../spiffe'
 import { leafCertificateOf } from './checks'
 import type { CertificateSink, CertificateSource, LeafCertificate, SourceHealth, SourceLogger, SourcePart, TrustBundle } from './source'
 
@@ -63,7 +64,8 @@ function healthOf<T> (watch: BlockingWatch<T>): SourceHealth {
  */
 function leafOf (leaf: IssuedCert, service: string): LeafCertificate {
   const cert = leafCertificateOf({ chainPem: leaf.CertPEM, serial: leaf.SerialNumber })
-  const uris = (parseSubjectAltNames(cert.subjectAltName)?.uris ?? []).filter((uri) => uri.startsWith('spiffe://'))
+  // Node prints subjectAltName in the grammar parseSubjectAltNames reads (a certificate without the extension gives no URIs).
+  const uris = (parseSubjectAltNames(cert.subjectAltName) as SubjectAltNames).uris.filter((uri) => uri.startsWith('spiffe://'))
   if (uris.length !== 1 || uris[0] !== leaf.ServiceURI) {
     throw new Error(`the leaf (serial ${leaf.SerialNumber}) names ${uris.join(', ') || 'no SPIFFE ID'}, not its ServiceURI ${leaf.ServiceURI}`)
   }

@@ -3,6 +3,7 @@
 import { X509Certificate } from 'node:crypto'
 import { chainsToCurrentRoots } from '../identity'
 import { parseSubjectAltNames } from '../spiffe'
+import type { SubjectAltNames } from '../spiffe'
 import { pemBlocks } from './source'
 import type { LeafCertificate, TrustBundle } from './source'
 
@@ -51,7 +52,8 @@ export function checkTrustBundle (trust: TrustBundle): void {
   const index = trust.rootIds.indexOf(trust.activeRootId)
   const pem = index === -1 ? undefined : trust.rootPems[index]
   if (pem === undefined) return
-  const uris = parseSubjectAltNames(new X509Certificate(pem).subjectAltName)?.uris ?? []
+  // Node prints subjectAltName in the grammar parseSubjectAltNames reads (a certificate without the extension gives no URIs).
+  const uris = (parseSubjectAltNames(new X509Certificate(pem).subjectAltName) as SubjectAltNames).uris
   const named = uris.filter((uri) => uri.startsWith('spiffe://')).map(hostOf)
   if (named.length > 0 && !named.some((domain) => domain.toLowerCase() === trust.trustDomain.toLowerCase())) {
     throw new Error(`the roots say trust domain ${trust.trustDomain}, but the active root ${trust.activeRootId} is for ${named.join(', ')}`)
