@@ -13,6 +13,7 @@ import type { PeerIdentity, ServiceIdentity } from './identity'
 import { failedJwtRequirement } from './intentions/policy'
 import type { Decision } from './intentions/policy'
 import { requirementFailures } from './intentions/jwt'
+import { headerValue } from './intentions/matchers'
 import type { RouterOptions } from './intentions/path'
 import { decideRequest, jwtProvidersNeeded, newVerdict } from './intentions/request'
 import type { RequestOutcome, RequestView, ServiceRules } from './intentions/request'
@@ -463,7 +464,9 @@ export function enforceHook (enforcer: Enforcer, routes: RoutePolicies, upgrades
     // An Upgrade to a route that is no WebSocket route still reaches the app's WebSocket server
     // (@fastify/websocket hands it every Upgrade, then closes it): the route's exemption does not
     // cover that, the service's policy decides (docs/semantics.md#transport-upgrades).
-    if (route.exempt && route.websocket !== true && request.raw.headers.upgrade !== undefined) route = SERVICE_POLICY
+    // Read from rawHeaders: Node builds `req.headers` on first use, an object per request that a
+    // plain GET to an exempt route (a health check) would not need otherwise.
+    if (route.exempt && route.websocket !== true && headerValue(request.raw.rawHeaders, 'upgrade') !== undefined) route = SERVICE_POLICY
     const outcome = enforcer.check(request, route)
     if (outcome instanceof Promise) outcome.then((err) => { settle(request, reply, route, err, done) }, done)
     else settle(request, reply, route, outcome, done)
