@@ -10,7 +10,7 @@ import type { ConfigEntryViews } from './agent/parse'
 import { BlockingWatch } from './agent/watch'
 import type { Intention, RequestNormalization } from './agent/wire'
 import { AgentCertificateSource } from './certificates/agent'
-import { checkLeaf, checkTrustBundle, leafHold } from './certificates/checks'
+import { checkLeaf, leafHold } from './certificates/checks'
 import type { LeafHold } from './certificates/checks'
 import type { CertificateSink, CertificateSource, LeafCertificate, SourcePart, TrustBundle } from './certificates/source'
 import { NotReadyError } from './errors'
@@ -290,14 +290,13 @@ export class ConsulSync {
   }
 
   /**
-   * New material from the certificate source. Unusable (an expired leaf, roots contradicting
-   * themselves): thrown, so the source rejects it and the last good stays. A leaf that cannot be
-   * served yet (valid later, or not signed by the roots in force) is held back and put in force
-   * once it can: when it becomes valid, or with the roots that sign it (docs/semantics.md#last-good).
+   * New material from the certificate source. A leaf that can never be served (expired, or its key
+   * is another's) is thrown, so the source rejects it and the last good stays. A leaf that cannot be
+   * served yet (valid later, or not signed by the roots in force) is held back and put in force once
+   * it can: when it becomes valid, or with the roots that sign it (docs/semantics.md#last-good).
    */
   #offer (change: { leaf?: LeafCertificate, trust?: TrustBundle }): void {
     const now = Date.now()
-    if (change.trust !== undefined) checkTrustBundle(change.trust)
     if (change.leaf !== undefined) {
       checkLeaf(change.leaf, now)
       this.#release()
@@ -306,19 +305,30 @@ export class ConsulSync {
     const roots = change.trust ?? this.#currentRoots
     const held = this.#heldLeaf
     if (roots === undefined) {
-      // The start, before any roots: reported by status(), checked and put in force with the roots.
+      // The start, before any roots: shown by status(), checked and put in force with the roots.
       if (held !== null) this.#currentLeaf = held
       return
     }
-    let leaf = this.#currentLeaf
+    let leaf = this.#installedLeaf ?? undefined
     if (held !== null) {
       const hold = leafHold(held, roots, now)
-      if (hold === null) {
-        leaf = held
+      if (hold === null && change.leaf !== undefined) {
+        // The leaf watch's own value: should TLS refuse it, the watch rejects it.
         this.#release()
+        leaf = held
+      } else if (hold === null) {
+        // Put in force by new roots (or by time): a refusal by TLS is this leaf's, not the roots'.
+        this.#release()
+        try {
+          this.#installTls(held, roots)
+          return
+        } catch (err) {
+          this.#dropHeld(held, (err as Error).message)
+        }
+      } else if (hold.kind === 'expired') {
+        this.#dropHeld(held, hold.reason)
       } else {
         this.#hold(held, hold, now)
-        leaf = this.#installedLeaf ?? undefined
       }
     }
     if (leaf === undefined) {
@@ -335,7 +345,7 @@ export class ConsulSync {
     if (this.#holdTimer !== null) clearTimeout(this.#holdTimer)
     const until = hold.kind === 'not-yet-valid' ? hold.until : Infinity
     this.#holdError = new Error(hold.reason)
-    // Cleared whenever the held leaf goes (put in force, replaced, stop()): it fires only for this one.
+    // Cleared whenever the held leaf goes (put in force, replaced, dropped, stop()): it fires only for this one.
     this.#holdTimer = setTimeout(() => {
       this.#holdTimer = null
       if (Date.now() < until) {
@@ -344,13 +354,9 @@ export class ConsulSync {
         if (until !== Infinity) this.#hold(leaf, hold, Date.now())
         return
       }
-      try {
-        this.#offer({})
-      } catch (err) {
-        // The TLS stack refused it after all: dropped, and said.
-        this.#release()
-        this.#reportHeld(leaf, (err as Error).message)
-      }
+      // Valid now. Nothing else changes, so nothing throws here: the held leaf is put in force, or
+      // dropped and said (#offer catches a refusal by TLS).
+      this.#offer({})
     }, Math.max(0, Math.min(until - now + 1, syncTimings.heldLeafReportMs))).unref()
   }
 
@@ -363,7 +369,18 @@ export class ConsulSync {
     this.#failed('leaf', new Error(reason))
   }
 
-  /** Forgets the held leaf (put in force, or replaced by a newer one). */
+  /** A held leaf that will never serve (expired while held, or refused by TLS): dropped, and said. */
+  #dropHeld (leaf: LeafCertificate, reason: string): void {
+    this.#release()
+    // At the start status() showed it: nothing is in force.
+    if (this.#installedLeaf === null) this.#currentLeaf = undefined
+    this.#heldReason = reason
+    this.#holdError = new Error(reason)
+    logEvent(this.#log, 'error', 'leaf-held', { serial: leaf.serial, reason }, `new leaf dropped, keeping the last good one: ${reason}`)
+    this.#failed('leaf', this.#holdError)
+  }
+
+  /** Forgets the held leaf (put in force, replaced by a newer one, or dropped). */
   #release (): void {
     if (this.#holdTimer !== null) clearTimeout(this.#holdTimer)
     this.#holdTimer = null
@@ -467,8 +484,9 @@ export class ConsulSync {
   /** Logs loudly when the leaf nears expiry while the agent cannot renew it (run every minute). */
   checkExpiry (now: number): void {
     const leaf = this.#currentLeaf
-    // Failing polls, or answers whose leaf was rejected: either way no renewal is in force.
-    const cause = this.#source.health().leaf.lastError
+    // Failing polls, answers whose leaf was rejected, or a renewal held back (its roots never came):
+    // either way no renewal is in force.
+    const cause = this.#source.health().leaf.lastError ?? this.#holdError
     if (leaf === undefined || cause === null) return
     const start = Date.parse(leaf.validAfter)
     const end = Date.parse(leaf.validBefore)

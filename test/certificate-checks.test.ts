@@ -1,12 +1,12 @@
 // The checks every certificate source's material passes before it is put in force (lib/certificates/checks.ts).
 import t from 'tap'
-import { checkLeaf, checkTrustBundle, leafCertificateOf, leafHold } from '../lib/certificates/checks'
+import { checkLeaf, leafCertificateOf, leafHold } from '../lib/certificates/checks'
 import type { LeafCertificate, TrustBundle } from '../lib/certificates/source'
 import { DevCertificateAuthority } from '../lib/dev-agent/ca'
 
 const HOUR = 3_600_000
 
-t.test('leafHold, checkLeaf and checkTrustBundle decide from the certificates themselves', async (t) => {
+t.test('leafHold and checkLeaf decide from the certificates themselves', async (t) => {
   const ca = await DevCertificateAuthority.create()
   const roots: TrustBundle = {
     trustDomain: ca.trustDomain,
@@ -40,12 +40,9 @@ t.test('leafHold, checkLeaf and checkTrustBundle decide from the certificates th
   t.throws(() => { checkLeaf(expired, now) }, { message: /^the leaf \(serial 0a\) expired at / })
   t.throws(() => leafCertificateOf({ chainPem: 'not PEM', serial: '0b' }), { message: 'the leaf (serial 0b) has no CERTIFICATE block' })
 
-  t.doesNotThrow(() => { checkTrustBundle(roots) }, 'the active root names the trust domain the roots say')
-  t.throws(() => { checkTrustBundle({ ...roots, trustDomain: 'other.consul' }) },
-    { message: `the roots say trust domain other.consul, but the active root ${roots.activeRootId} is for ${ca.trustDomain}` })
-  t.doesNotThrow(() => { checkTrustBundle({ ...roots, trustDomain: ca.trustDomain.toUpperCase() }) }, 'trust domains compare without case')
-  // A root without a SPIFFE ID (an external CA's) says nothing to contradict.
-  const plain = await ca.issueCertificate({ uris: [], ca: true, commonName: 'External Root' })
-  t.doesNotThrow(() => { checkTrustBundle({ ...roots, trustDomain: 'other.consul', rootPems: [plain.certPem], rootIds: ['ext'], activeRootId: 'ext' }) })
-  t.doesNotThrow(() => { checkTrustBundle({ ...roots, activeRootId: 'unknown' }) }, 'no active root listed: nothing to compare')
+  t.same(leafHold(expired, roots, now), { kind: 'expired', reason: `the leaf (serial 0a) expired at ${leafCertificateOf(expired).validTo}` }, 'held until it expired: it never will serve')
+  t.throws(() => { checkLeaf({ ...good, keyPem: expired.keyPem }, now) }, { message: 'the leaf\'s (serial 0a) private key does not belong to its certificate' })
+  t.throws(() => { checkLeaf({ ...good, keyPem: 'not a key' }, now) }, { message: /^the leaf's \(serial 0a\) private key is unreadable: / })
+  const garbage = '-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n'
+  t.throws(() => { checkLeaf({ ...good, chainPem: good.chainPem + garbage }, now) }, { message: /^the leaf's \(serial 0a\) chain is unreadable: / })
 })
