@@ -84,7 +84,13 @@ export class ConsulSync {
    */
   #heldLeaf: LeafCertificate | null = null
   #holdTimer: NodeJS.Timeout | null = null
-  #heldReported: LeafCertificate | null = null
+  /**
+   * Since when no new leaf has gone in force although one came: kept across held leaves that
+   * replace each other, so that neither roots nor leaves arriving every few seconds put off the
+   * report; said once per such period.
+   */
+  #heldSince: number | null = null
+  #reportedSince: number | null = null
   #heldReason: string | null = null
   /** Why the held leaf waits, at once: a readyTimeout names it (status() waits for the report). */
   #holdError: Error | null = null
@@ -255,7 +261,7 @@ export class ConsulSync {
     for (const watch of this.#watches) watch.stop()
     this.#providers.stop()
     if (this.#expiryTimer !== null) clearInterval(this.#expiryTimer)
-    this.#release()
+    this.#release(true)
   }
 
   status (): ConsulNativeStatus {
@@ -314,11 +320,11 @@ export class ConsulSync {
       const hold = leafHold(held, roots, now)
       if (hold === null && change.leaf !== undefined) {
         // The leaf watch's own value: should TLS refuse it, the watch rejects it.
-        this.#release()
+        this.#release(true)
         leaf = held
       } else if (hold === null) {
         // Put in force by new roots (or by time): a refusal by TLS is this leaf's, not the roots'.
-        this.#release()
+        this.#release(true)
         try {
           this.#installTls(held, roots)
           return
@@ -345,6 +351,8 @@ export class ConsulSync {
     if (this.#holdTimer !== null) clearTimeout(this.#holdTimer)
     const until = hold.kind === 'not-yet-valid' ? hold.until : Infinity
     this.#holdError = new Error(hold.reason)
+    this.#heldSince ??= now
+    const reportAt = this.#heldSince + syncTimings.heldLeafReportMs
     // Cleared whenever the held leaf goes (put in force, replaced, dropped, stop()): it fires only for this one.
     this.#holdTimer = setTimeout(() => {
       this.#holdTimer = null
@@ -357,36 +365,43 @@ export class ConsulSync {
       // Valid now. Nothing else changes, so nothing throws here: the held leaf is put in force, or
       // dropped and said (#offer catches a refusal by TLS).
       this.#offer({})
-    }, Math.max(0, Math.min(until - now + 1, syncTimings.heldLeafReportMs))).unref()
+    }, Math.max(0, Math.min(until - now + 1, reportAt - now))).unref()
   }
 
-  /** Said once per held leaf: it is not in force, and why. */
+  /** Said once per period without a new leaf in force (status() follows the latest reason): not in force, and why. */
   #reportHeld (leaf: LeafCertificate, reason: string): void {
-    if (this.#heldReported === leaf) return
-    this.#heldReported = leaf
     this.#heldReason = reason
-    logEvent(this.#log, 'warn', 'leaf-held', { serial: leaf.serial, reason }, `new leaf not in force, keeping the last good one: ${reason}`)
+    if (this.#reportedSince === this.#heldSince) return
+    this.#reportedSince = this.#heldSince
+    logEvent(this.#log, 'warn', 'leaf-held', { serial: leaf.serial, reason },
+      `new leaf not in force, ${this.#installedLeaf === null ? 'and none is yet' : 'keeping the last good one'}: ${reason}`)
     this.#failed('leaf', new Error(reason))
   }
 
   /** A held leaf that will never serve (expired while held, or refused by TLS): dropped, and said. */
   #dropHeld (leaf: LeafCertificate, reason: string): void {
-    this.#release()
+    this.#release(true)
+    const none = this.#installedLeaf === null
     // At the start status() showed it: nothing is in force.
-    if (this.#installedLeaf === null) this.#currentLeaf = undefined
+    if (none) this.#currentLeaf = undefined
     this.#heldReason = reason
     this.#holdError = new Error(reason)
-    logEvent(this.#log, 'error', 'leaf-held', { serial: leaf.serial, reason }, `new leaf dropped, keeping the last good one: ${reason}`)
+    logEvent(this.#log, 'error', 'leaf-held', { serial: leaf.serial, reason },
+      `new leaf dropped, ${none ? 'and none is in force yet' : 'keeping the last good one'}: ${reason}`)
     this.#failed('leaf', this.#holdError)
   }
 
-  /** Forgets the held leaf (put in force, replaced by a newer one, or dropped). */
-  #release (): void {
+  /**
+   * Forgets the held leaf: replaced by a newer one (the period without a new leaf in force goes on),
+   * or `ended` (put in force, dropped, stop()).
+   */
+  #release (ended = false): void {
     if (this.#holdTimer !== null) clearTimeout(this.#holdTimer)
     this.#holdTimer = null
     this.#heldLeaf = null
     this.#heldReason = null
     this.#holdError = null
+    if (ended) this.#heldSince = null
   }
 
   #installTls (leaf: LeafCertificate, roots: TrustBundle): void {

@@ -319,6 +319,58 @@ t.test('a leaf that cannot be served is never put in force (docs/semantics.md#la
     t.equal(h.tls.material?.certPem, f.leaf.CertPEM, 'the last good leaf')
   })
 
+  t.test('neither roots nor held leaves arriving again and again put off the report; said once', async (t) => {
+    const saved = syncTimings.heldLeafReportMs
+    syncTimings.heldLeafReportMs = 1_000
+    t.teardown(() => { syncTimings.heldLeafReportMs = saved })
+    const h = await started()
+    const others = await Promise.all([1, 2].map(async () => await DevCertificateAuthority.create({ clusterId: f.ca.clusterId })))
+    const foreign = await DevCertificateAuthority.create({ clusterId: f.ca.clusterId })
+    const alive = setTimeout(() => {}, 10_000)
+    const reported = once(h.sync.events, 'sync-error')
+    const startedAt = Date.now()
+    let index = 2
+    // A new roots answer and a new unservable leaf as often as the watches take them (more often than the report wait).
+    const churn = setInterval(() => {
+      h.agent.roots.set(caRoots(others[index % 2] as DevCertificateAuthority), index)
+      void foreign.signLeaf('api').then((signed) => { h.agent.leaf.set(issuedCert(signed, 'api'), index++) })
+    }, 100)
+    setTimeout(() => { clearInterval(churn) }, 4_000).unref()
+    await reported
+    clearInterval(churn)
+    clearTimeout(alive)
+    const waited = Date.now() - startedAt
+    t.ok(waited < 2_000, `reported ${waited} ms after the first hold, not put off`)
+    t.ok(h.agent.leaf.polls.length > 2, 'several leaves came meanwhile')
+    await new Promise((resolve) => setTimeout(resolve, 300))
+    t.equal(h.logger.events('leaf-held').length, 1, 'said once for the whole period')
+    t.equal(h.tls.material?.certPem, f.leaf.CertPEM, 'the last good leaf serves on')
+  })
+
+  t.test('at the start, a first leaf TLS refuses when the roots come: dropped, the roots kept; a good leaf then makes it ready', async (t) => {
+    const h = harness(t)
+    serve(h.agent, f)
+    h.agent.roots.forget() // the leaf comes first
+    const update = h.tls.update.bind(h.tls)
+    h.tls.update = (material) => {
+      if (material.certPem === f.leaf.CertPEM) throw new Error('error:0A00018F:SSL routines::ee key too small')
+      update(material)
+    }
+    const starting = h.sync.start()
+    await h.agent.leaf.poll(2)
+    const dropped = once(h.sync.events, 'sync-error')
+    h.agent.roots.set(f.roots, 3)
+    const [{ watch }] = await dropped as [SyncError]
+    t.equal(watch, 'leaf')
+    t.equal(h.sync.status().leaf, null, 'no leaf in force, none shown')
+    t.equal(h.sync.status().roots?.activeRootId, f.roots.ActiveRootID, 'the roots are kept')
+    t.match(h.logger.events('leaf-held'), [{ level: 'error', msg: /new leaf dropped, and none is in force yet: / }])
+    h.agent.leaf.set(f.leaf2, 4)
+    await starting
+    t.equal(h.sync.ready, true)
+    t.equal(h.tls.material?.certPem, f.leaf2.CertPEM)
+  })
+
   t.test('a renewal held back counts as one the agent cannot give: the expiry alarm sounds', async (t) => {
     const h = await started()
     const rotated = await DevCertificateAuthority.create({ clusterId: f.ca.clusterId })

@@ -71,7 +71,5 @@ function chainOf (leaf: LeafCertificate): X509Certificate[] {
 
 /** The authority of a `spiffe://` URI. */
 function hostOf (uri: string): string {
-  const rest = uri.slice('spiffe://'.length)
-  const slash = rest.indexOf('/')
-  return slash === -1 ? rest : rest.slice(0, slash)
+  return uri.slice('spiffe://'.length).split('/', 1)[0] as string
 }
