@@ -333,7 +333,7 @@ t.test('a leaf that cannot be served is never put in force (docs/semantics.md#la
     // A new roots answer and a new unservable leaf as often as the watches take them (more often than the report wait).
     const churn = setInterval(() => {
       h.agent.roots.set(caRoots(others[index % 2] as DevCertificateAuthority), index)
-      void foreign.signLeaf('api').then((signed) => { h.agent.leaf.set(issuedCert(signed, 'api'), index++) })
+      foreign.signLeaf('api').then((signed) => { h.agent.leaf.set(issuedCert(signed, 'api'), index++) }, t.error)
     }, 100)
     setTimeout(() => { clearInterval(churn) }, 4_000).unref()
     await reported
