@@ -450,10 +450,14 @@ t.test('a leaf that cannot be served is never put in force (docs/semantics.md#la
   })
 
   t.test('at the start, a first leaf the first roots do not sign: not ready, and the readyTimeout says why', async (t) => {
+    const saved = syncTimings.heldLeafReportMs
+    syncTimings.heldLeafReportMs = 100
+    t.teardown(() => { syncTimings.heldLeafReportMs = saved })
     const foreign = await DevCertificateAuthority.create({ clusterId: f.ca.clusterId })
     const h = harness(t, { readyTimeout: 300 })
     serve(h.agent, f, { leaf: issuedCert(await foreign.signLeaf('api'), 'api') })
     const err = await h.sync.start().then(() => null, (e: unknown) => e as Error & { code?: string })
+    t.match(h.logger.events('leaf-held'), [{ level: 'warn', msg: /new leaf not in force, and none is yet: / }], 'reported, saying no leaf is in force')
     t.equal(err?.code, 'FST_CONSUL_NATIVE_NOT_READY')
     t.match(err?.message, /^Consul agent not ready after 300ms: leaf: the leaf \(serial [0-9a-f:]+\) does not chain to the CA roots in force$/)
     t.equal(h.tls.material, null, 'nothing in force')
