@@ -9,7 +9,8 @@
 
 const { Enforcer } = require('../dist/enforcement.js')
 const { Candidate } = require('../dist/candidate.js')
-const { compilePolicy } = require('../dist/intentions/policy.js')
+const { compilePolicy, newRuleMemo } = require('../dist/intentions/policy.js')
+const { resolveOptions } = require('../dist/options.js')
 
 const ROUNDS = 7
 const BATCH = 1000
@@ -44,9 +45,20 @@ const ROUTER = { ignoreTrailingSlash: false, ignoreDuplicateSlashes: false, case
 const headers = ['Host', 'api.service.consul', 'User-Agent', 'bench/1.0', 'Accept', '*/*']
 
 function enforcer (enforcement, candidate) {
-  const tls = { identities: { peer: () => ({ identity, reason: null }) } }
+  // A cached identity, as a verified connection has it (with the memo of its rule).
+  const peer = Object.freeze({ identity, reason: 'verified', notBefore: -Infinity, notAfter: Infinity, epoch: 0, rules: newRuleMemo() })
+  const tls = { identities: { peer: () => peer } }
   const sync = { policy, normalization: null }
-  return new Enforcer(tls, sync, ROUTER, null, { enforcement, candidate })
+  return new Enforcer({
+    tls,
+    sync,
+    router: ROUTER,
+    authorizer: null,
+    log,
+    requestIdLabel: 'reqId',
+    logDenials: resolveOptions({ service: 'api' }).logDenials,
+    rollout: { enforcement, candidate }
+  })
 }
 
 function request (path) {
