@@ -352,7 +352,10 @@ export class ConsulSync {
     const until = hold.kind === 'not-yet-valid' ? hold.until : Infinity
     this.#holdError = new Error(hold.reason)
     this.#heldSince ??= now
-    const reportAt = this.#heldSince + syncTimings.heldLeafReportMs
+    // Wakes to report (once per period), and to look again when the leaf becomes valid; a leaf the
+    // roots do not sign is looked at again with the next roots, not by a timer.
+    const wakeAt = this.#reportedSince === this.#heldSince ? until : Math.min(until + 1, this.#heldSince + syncTimings.heldLeafReportMs)
+    if (wakeAt === Infinity) return
     // Cleared whenever the held leaf goes (put in force, replaced, dropped, stop()): it fires only for this one.
     this.#holdTimer = setTimeout(() => {
       this.#holdTimer = null
@@ -365,7 +368,8 @@ export class ConsulSync {
       // Valid now. Nothing else changes, so nothing throws here: the held leaf is put in force, or
       // dropped and said (#offer catches a refusal by TLS).
       this.#offer({})
-    }, Math.max(0, Math.min(until - now + 1, reportAt - now))).unref()
+      // At most a day at a time: a longer delay overflows Node's timers, which then fire at once.
+    }, Math.min(Math.max(0, wakeAt - now), DAY_MS)).unref()
   }
 
   /** Said once per period without a new leaf in force (status() follows the latest reason): not in force, and why. */
@@ -559,6 +563,8 @@ async function askedUntilAnswered<T> (attempt: () => Promise<T>, retry: (err: un
  * waits for its roots for less). An object, so that tests can shorten it.
  */
 export const syncTimings = { heldLeafReportMs: 10_000 }
+
+const DAY_MS = 86_400_000
 
 /** Retries of the default policy's read at start: from this, doubling, up to the maximum. */
 const DEFAULT_POLICY_RETRY_MS = 250

@@ -440,10 +440,17 @@ t.test('a leaf that cannot be served is never put in force (docs/semantics.md#la
     const notBefore = new Date(Math.ceil((Date.now() + 1_000) / 1000) * 1000)
     const early = await leafFrom(f.ca, 'aa:07', notBefore, new Date(notBefore.getTime() + HOUR))
     const alive = setTimeout(() => {}, 5_000)
+    // Between the report and the leaf's start the hold sleeps: it does not spin on short timers.
+    let timers = 0
+    const setTimer = globalThis.setTimeout
+    globalThis.setTimeout = ((...args: Parameters<typeof setTimeout>) => { timers++; return setTimer(...args) }) as typeof setTimeout
+    t.teardown(() => { globalThis.setTimeout = setTimer })
     const installed = once(h.sync.events, 'tls')
     h.agent.leaf.set(early, 2)
     await installed
+    globalThis.setTimeout = setTimer
     clearTimeout(alive)
+    t.ok(timers < 30, `${timers} timers in about a second`)
     t.equal(h.tls.material?.certPem, early.CertPEM)
     t.match(h.logger.events('leaf-held'), [{ obj: { consulNative: { serial: 'aa:07', reason: /is not valid before/ } } }], 'reported once while it waited')
     t.equal(h.sync.status().watches.leaf?.lastError, null, 'in force: nothing held')
