@@ -74,8 +74,7 @@ export class ConsulSync {
   readonly jwt: JwtAuthenticator
   readonly #watches: ReadonlyArray<BlockingWatch<unknown>>
   // The values in force (a watch sets its own value only after `accept` returns).
-  #currentLeaf: LeafCertificate | undefined = undefined
-  /** The leaf last put in force, for the rotation log line. */
+  /** The leaf in force (status(), readiness, the expiry alarm, the rotation log line). */
   #installedLeaf: LeafCertificate | null = null
   #currentRoots: TrustBundle | undefined = undefined
   /**
@@ -210,8 +209,8 @@ export class ConsulSync {
 
   /** Every first value loaded, and the leaf within its validity period. */
   get ready (): boolean {
-    const leaf = this.#currentLeaf
-    if (!this.#started || leaf === undefined) return false
+    const leaf = this.#installedLeaf
+    if (!this.#started || leaf === null) return false
     const now = Date.now()
     return now >= Date.parse(leaf.validAfter) && now < Date.parse(leaf.validBefore)
   }
@@ -265,7 +264,8 @@ export class ConsulSync {
   }
 
   status (): ConsulNativeStatus {
-    const leaf = this.#currentLeaf
+    // The leaf in force; before any, one held back at the start (shown, not yet served).
+    const leaf = this.#installedLeaf ?? this.#heldLeaf ?? undefined
     const roots = this.#currentRoots
     const watches: ConsulNativeStatus['watches'] = {}
     for (const [name, health] of Object.entries(this.#source.health())) {
@@ -310,11 +310,8 @@ export class ConsulSync {
     }
     const roots = change.trust ?? this.#currentRoots
     const held = this.#heldLeaf
-    if (roots === undefined) {
-      // The start, before any roots: shown by status(), checked and put in force with the roots.
-      if (held !== null) this.#currentLeaf = held
-      return
-    }
+    // The start, before any roots: a held leaf is checked and put in force with the roots.
+    if (roots === undefined) return
     let leaf = this.#installedLeaf ?? undefined
     if (held !== null) {
       const hold = leafHold(held, roots, now)
@@ -389,8 +386,6 @@ export class ConsulSync {
   #dropHeld (leaf: LeafCertificate, reason: string): void {
     this.#release(true)
     const none = this.#installedLeaf === null
-    // At the start status() showed it: nothing is in force.
-    if (none) this.#currentLeaf = undefined
     this.#heldReason = reason
     this.#holdError = new Error(reason)
     logEvent(this.#log, 'error', 'leaf-held', { serial: leaf.serial, reason },
@@ -419,7 +414,6 @@ export class ConsulSync {
       intermediatePems: roots.intermediatePems,
       trustDomain: roots.trustDomain
     })
-    this.#currentLeaf = leaf
     this.#currentRoots = roots
     const before = this.#installedLeaf
     this.#installedLeaf = leaf
@@ -487,8 +481,8 @@ export class ConsulSync {
     }
     const health = this.#source.health()
     const missing: Array<{ name: string, lastError: Error | null }> = [
-      // None yet, or one held back (status() shows it; the hold says why it is not in force).
-      ...this.#currentLeaf === undefined || (this.#installedLeaf === null && this.#holdError !== null)
+      // None in force: none came, or one is held back for a reason (not one merely waiting for the first roots).
+      ...this.#installedLeaf === null && (this.#heldLeaf === null || this.#holdError !== null)
         ? [{ name: 'leaf', lastError: health.leaf.lastError ?? this.#holdError }]
         : [],
       ...this.#currentRoots === undefined ? [{ name: 'roots', lastError: health.roots.lastError }] : [],
@@ -505,11 +499,11 @@ export class ConsulSync {
 
   /** Logs loudly when the leaf nears expiry while the agent cannot renew it (run every minute). */
   checkExpiry (now: number): void {
-    const leaf = this.#currentLeaf
+    const leaf = this.#installedLeaf
     // Failing polls, answers whose leaf was rejected, or a renewal held back (its roots never came):
     // either way no renewal is in force.
     const cause = this.#source.health().leaf.lastError ?? this.#holdError
-    if (leaf === undefined || cause === null) return
+    if (leaf === null || cause === null) return
     const start = Date.parse(leaf.validAfter)
     const end = Date.parse(leaf.validBefore)
     const left = end - now
