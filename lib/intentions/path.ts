@@ -486,3 +486,9 @@ function addDecodedVariants (out: string[], primary: string, decoded: string, ro
 function add (out: string[], primary: string, s: string): void {
   if (s !== primary && !out.includes(s)) out.push(s)
 }
+
+/** The query of `url` with its '?'; '' when there is none. */
+export function queryOf (url: string): string {
+  const q = url.indexOf('?')
+  return q === -1 ? '' : url.slice(q)
+}

@@ -6,6 +6,7 @@ import { InvalidIntentionsError } from '../errors'
 import { compileJwtRequirement, jwtSatisfied, providerNames } from './jwt'
 import type { JwtRequirement, JwtTokens } from './jwt'
 import { DEFAULT_MAX_REGEX_PROGRAM_SIZE, type HeaderMatcher, MATCHED, MISMATCH_HEADER, MISMATCH_METHOD, PermissionMatcher, RegexCache, RuleError, compileHttp, hasLowercaseEscape, isObject, pathRuleNote } from './matchers'
+import { queryOf } from './path'
 
 export { RuleError } from './matchers'
 
@@ -324,8 +325,7 @@ function jwtFailure (f: JwtFailure, defaultAllow: boolean | null): Decision {
 function alternateDenial (rule: Rule, req: RequestFacts, path: string, trace: DecisionTrace | null): Decision | null {
   // A ':path' header matcher reads this spelling too, with the request's query (a canonical path
   // holds no '?'); allocated only here, for the spellings other than the canonical one.
-  const q = req.url.indexOf('?')
-  const i = firstMatch(rule, req, path, trace, q === -1 ? path : path + req.url.slice(q))
+  const i = firstMatch(rule, req, path, trace, path + queryOf(req.url))
   if (i === -1) return null
   const p = rule.permissions[i]
   // A deny that needs a token applies only with one (docs/semantics.md#jwt-match).

@@ -12,7 +12,7 @@
 import type { RequestNormalization } from '../agent/wire'
 import { headerAmbiguity } from './headers'
 import { asciiLower, headerValue } from './matchers'
-import { canonicalPath, isPlainTarget, routedIfOther, routerPaths, targetAuthority } from './path'
+import { canonicalPath, isPlainTarget, queryOf, routedIfOther, routerPaths, targetAuthority } from './path'
 import type { RouterOptions } from './path'
 import type { JwtTokens } from './jwt'
 import { decideOverrideSpellings, decideSpellings, jwtProvidersFor } from './policy'
@@ -213,12 +213,6 @@ function settle (out: RequestVerdict, outcome: RequestOutcome, decision: Decisio
 function isPathOf (url: string, path: string): boolean {
   if (url.length === path.length) return url === path
   return url.charCodeAt(path.length) === 63 && url.startsWith(path)
-}
-
-/** The query of `url` with its '?'; '' when there is none. */
-function queryOf (url: string): string {
-  const q = url.indexOf('?')
-  return q === -1 ? '' : url.slice(q)
 }
 
 /**
