@@ -43,7 +43,13 @@ t.test('canonicalPath with Consul\'s default normalization', async (t) => {
   t.test('escapes of unreserved characters are decoded (T44), others upper-cased', async (t) => {
     t.equal(canonicalPath('/value/%73upersecret', null), '/value/supersecret')
     t.equal(canonicalPath('/%41%5a%61%7a%30%39%2D%2e%5F%7E', null), '/AZaz09-._~')
-    t.equal(canonicalPath('/a%2fb%3b%25%c3%a9%Fa', null), '/a%2Fb%3B%25%C3%A9%FA')
+    // Other escapes keep their hex case, as Envoy's normalizer keeps them (its own test vectors).
+    t.equal(canonicalPath('/a%2fb%3b%25%c3%a9%Fa', null), '/a%2fb%3b%25%c3%a9%Fa')
+    t.equal(canonicalPath('/a/%2F%2f/c', null), '/a/%2F%2f/c')
+    t.equal(canonicalPath('/%c0%af', null), '/%c0%af')
+    t.equal(canonicalPath('/%5c%25', null), '/%5c%25')
+    // Escapes the normalizer writes itself are upper-case.
+    t.equal(canonicalPath('/a b\u00e9%2f', null), '/a%20b%E9%2f')
     t.equal(canonicalPath('/%2F', null), '/%2F', 'an escaped slash is kept by default (T46)')
   })
 
@@ -100,9 +106,9 @@ t.test('canonicalPath with a mesh RequestNormalization', async (t) => {
 
   t.test('KEEP_UNCHANGED, IMPLEMENTATION_SPECIFIC_DEFAULT and "" keep escaped slashes', async (t) => {
     for (const action of ['KEEP_UNCHANGED', 'IMPLEMENTATION_SPECIFIC_DEFAULT', ''] as const) {
-      t.equal(canonicalPath('/a%2fb', n({ PathWithEscapedSlashesAction: action })), '/a%2Fb', action)
+      t.equal(canonicalPath('/a%2fb', n({ PathWithEscapedSlashesAction: action })), '/a%2fb', action)
     }
-    t.equal(canonicalPath('/a%2fb', n({})), '/a%2Fb')
+    t.equal(canonicalPath('/a%2fb', n({})), '/a%2fb')
   })
 
   t.test('InsecureDisablePathNormalization keeps the raw path, still stripping the query', async (t) => {
@@ -132,10 +138,13 @@ t.test('canonicalPath properties', async (t) => {
     t.pass()
   })
 
-  t.test('with normalization on, the result has no dot segment, backslash, query or lower-case escape', async (t) => {
+  t.test('with normalization on, the result has no dot segment, backslash or query, and no escape the target did not carry in that spelling', async (t) => {
     fc.assert(fc.property(target, (url) => {
       const c = canonicalPath(url, null)
-      return c === null || (c.startsWith('/') && !/\/\.\.?(\/|$)|\\|\?|#|%[0-9A-F]?[a-f]/.test(c))
+      if (c === null) return true
+      if (!c.startsWith('/') || /\/\.\.?(\/|$)|\\|\?|#/.test(c)) return false
+      // A lower-case escape is one the target spelled so: the normalizer writes upper-case ones.
+      return (c.match(/%(?:[0-9A-F][a-f]|[a-f][0-9A-Fa-f])/g) ?? []).every((escape) => url.includes(escape))
     }), { numRuns: 3000 })
     t.pass()
   })
@@ -165,7 +174,7 @@ t.test('routerPaths', async (t) => {
   t.test('the router view of the raw target: dot segments, backslashes and slashes it leaves alone', async (t) => {
     t.same(routerPaths('/admin', DEFAULTS, '/public/../admin?x'), ['/public/../admin'])
     t.same(routerPaths('/a/b', DEFAULTS, '/a\\b'), ['/a\\b'])
-    t.same(routerPaths('/a/b', DEFAULTS, '/a%2fb'), ['/a%2Fb'], 'with UNESCAPE_AND_FORWARD the router still sees %2F')
+    t.same(routerPaths('/a/b', DEFAULTS, '/a%2fb'), ['/a%2fb', '/a%2Fb'], 'with UNESCAPE_AND_FORWARD the router still sees %2f, in either hex case')
     t.same(routerPaths('/admin', DEFAULTS, '/%61dmin'), [], 'the same route, spelled canonically: nothing to add')
     t.same(routerPaths('/%61dmin', DEFAULTS, '/%61dmin'), ['/admin'], 'with normalization disabled the router still decodes %61')
     t.same(routerPaths('/a', DEFAULTS, '/a%zz'), [], 'a target the router refuses adds nothing')
@@ -174,8 +183,16 @@ t.test('routerPaths', async (t) => {
 
   t.test('characters find-my-way decodes but the canonical form keeps get both spellings', async (t) => {
     t.same(routerPaths('/f(1)', DEFAULTS), ['/f%281%29'])
-    t.same(routerPaths('/a%21%27%28%29%2A%5B%5D%2a', DEFAULTS), ["/a!'()*[]*"])
-    t.same(routerPaths('/a%2Fb', DEFAULTS), [], 'an escaped slash routes differently: no twin')
+    t.same(routerPaths('/a%21%27%28%29%2A%5B%5D%2a', DEFAULTS), ["/a!'()*[]*", '/a%21%27%28%29%2A%5B%5D%2A', '/a%21%27%28%29%2a%5b%5d%2a'],
+      'decoded, and the escapes in either hex case')
+    t.same(routerPaths('/a%2Fb', DEFAULTS), ['/a%2fb'], 'an escaped slash routes differently: only its other hex case')
+  })
+
+  t.test('escapes in the other hex case: a deny written in either case sees the path', async (t) => {
+    t.same(routerPaths('/a%2fb%c3%A9', DEFAULTS, '/a%2fb%c3%A9'), ['/a%2Fb%C3%A9', '/a%2fb%c3%a9', '/a%2fb%C3%A9', '/a/b%C3%A9'],
+      'both cases, then the router\'s decoded path (its own escapes kept as written) and the parameter\'s')
+    t.same(routerPaths('/a%20b', DEFAULTS, '/a%20b'), [], 'digits only: one spelling')
+    t.same(routerPaths('/a%2fb', router({ caseSensitive: false }), '/a%2fb'), ['/a%2Fb', '/a/b'], 'lower-cased by the router options too')
   })
 
   t.test('ignoreTrailingSlash: with and without one trailing slash', async (t) => {
@@ -238,6 +255,18 @@ t.test('path rules end to end (docs/semantics.md#router-spellings): canonicalPat
 
   t.test('with normalization disabled, an escaped letter cannot dodge a deny either', async (t) => {
     t.equal(run(denyAdmin, '/%61dmin', DEFAULTS, { InsecureDisablePathNormalization: true }), false)
+  })
+
+  t.test('escapes are compared in the hex case the request wrote, as Envoy keeps it; a deny in the other case still denies', async (t) => {
+    const denyLower: Intention['Permissions'] = [{ Action: 'deny', HTTP: { PathPrefix: '/files/a%2fb' } }]
+    t.equal(run(denyLower, '/files/a%2fb/secret', DEFAULTS), false, 'a deny written in lower case matches the same spelling')
+    t.equal(run(denyLower, '/files/a%2Fb/secret', DEFAULTS), false, 'and the other case (an alternate spelling, which only adds denials)')
+    const denyUpper: Intention['Permissions'] = [{ Action: 'deny', HTTP: { PathPrefix: '/x/%E2%82%AC' } }]
+    t.equal(run(denyUpper, '/x/%e2%82%ac/y', DEFAULTS), false)
+    t.equal(run([{ Action: 'deny', HTTP: { PathPrefix: '/x/%e2%82%ac' } }], '/x/%e2%82%ac/y', DEFAULTS), false)
+    const allowUpper: Intention['Permissions'] = [{ Action: 'allow', HTTP: { PathExact: '/files/a%2Fb' } }]
+    t.equal(run(allowUpper, '/files/a%2Fb', DEFAULTS, null, false), true)
+    t.equal(run(allowUpper, '/files/a%2fb', DEFAULTS, null, false), false, 'Envoy compares the path as sent: an allow in the other case does not match')
   })
 
   t.test('an allow-list is not broken by the other spellings', async (t) => {

@@ -150,6 +150,15 @@ t.test('what the policy keeps (docs/semantics.md#datacenter, docs/semantics.md#p
     t.equal(decide(p, WEB, req()).reason, 'intention default/web => default/* (precedence 6) allow')
   })
 
+  t.test('the destination is compared without regard to ASCII case, as Consul looks config entries up', async (t) => {
+    // Consul answers the match for service `Api` with the entry it stores as `api`.
+    const p = policy([ixn('web', 'api', 9, 'deny'), ixn('web', 'billing', 9, 'allow')], true, 'http', 'Api')
+    t.equal(p.size, 1)
+    t.equal(decide(p, WEB, req()).allow, false, 'the deny applies: not dropped as another destination\'s')
+    const scoped = policy([ixn('web', 'api', 9, 'deny', { DestinationNS: 'Team-A', DestinationPartition: 'EU' })], true, 'http', 'eu/team-a/API')
+    t.equal(scoped.size, 1)
+  })
+
   t.test('a destination written ns/name or partition/ns/name also filters namespace and partition', async (t) => {
     const list = [
       ixn('a', 'api', 9, 'allow'),
@@ -256,6 +265,16 @@ t.test('L7 matching', async (t) => {
     t.equal(allowed(p, req('/', 'GET', [':authority', 'api', 'host', 'api'])), true, 'both present and equal')
     t.equal(headerAmbiguity.reason, null, 'no ambiguity')
     t.equal(allowed(one(allow({ Header: [{ Name: 'HOST', Exact: 'api' }] })), req('/', 'GET', [':authority', 'api'])), true)
+  })
+
+  t.test(':scheme is set on every request, as Envoy sets it: what HTTP/2 sends, https over HTTP/1.1', async (t) => {
+    const https = one(allow({ Header: [{ Name: ':scheme', Exact: 'https' }] }))
+    t.equal(allowed(https, req('/', 'GET', ['Host', 'api'])), true, 'HTTP/1.1 has no :scheme: the connection is TLS')
+    t.equal(allowed(https, req('/', 'GET', [':method', 'GET', ':scheme', 'https', ':authority', 'api'])), true)
+    t.equal(allowed(https, req('/', 'GET', [':method', 'GET', ':scheme', 'http', ':authority', 'api'])), false, 'HTTP/2: as sent')
+    t.equal(allowed(https, req('/', 'GET', ['Host', 'api', 'X-Forwarded-Proto', 'http'])), true, 'never taken from X-Forwarded-Proto')
+    const denyHttps = one(deny({ Header: [{ Name: ':Scheme', Prefix: 'http' }] }), true)
+    t.equal(allowed(denyHttps, req('/', 'GET', ['Host', 'api'])), false, 'a deny on it applies over HTTP/1.1 too')
   })
 
   t.test('headers are read as the application reads them (docs/semantics.md#transport-headers)', async (t) => {
@@ -413,16 +432,14 @@ t.test('compilation errors name the intention and the problem (docs/semantics.md
 })
 
 t.test('warnings', async (t) => {
-  t.test('a literal path rule with a lower-case escape is flagged once: canonical paths use upper-case escapes', async (t) => {
+  t.test('a literal path rule with lower-case escapes is not flagged: requests keep their escapes as written, as in Envoy', async (t) => {
     const p = policy([
-      ixn('a', 'api', 9, [allow({ PathExact: '/x%2fy' })]),
-      ixn('b', 'api', 9, [allow({ PathPrefix: '/%c3%A9' })]),
-      ixn('c', 'api', 9, [allow({ PathRegex: '/%2f' }), allow({ PathPrefix: '/%2F%Fa' })])
+      ixn('web', 'api', 9, [allow({ PathExact: '/x%2fy' })]),
+      ixn('b', 'api', 9, [allow({ PathPrefix: '/%c3%A9' })])
     ])
-    t.same(p.warnings, ['intention default/a => default/api (Precedence 9) has a PathExact or PathPrefix with a lower-case percent-escape: ' +
-      'request paths are compared with upper-case escapes, so it can only match with path normalization disabled'])
-    t.same(policy([ixn('c', 'api', 9, [allow({ PathRegex: '/%2f' }), allow({ PathPrefix: '/%2F%Fa' })])]).warnings.length, 1)
-    t.same(policy([ixn('c', 'api', 9, [allow({ PathPrefix: '/%2F%FA' })])]).warnings, [])
+    t.same(p.warnings, [])
+    t.equal(decideSpellings(p, null, WEB, req('/x%2fy'), []).allow, true)
+    t.equal(decideSpellings(p, null, WEB, req('/x%2Fy'), []).allow, false)
   })
 })
 

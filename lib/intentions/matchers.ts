@@ -19,7 +19,7 @@ export type PathMatchKind = 'none' | 'exact' | 'prefix' | 'regex'
 export type HeaderMatchKind = 'present' | 'exact' | 'prefix' | 'suffix' | 'contains' | 'regex'
 
 /** Where a header matcher reads its value from: pseudo-headers come from the request line. */
-export type HeaderSource = 'header' | 'method' | 'path' | 'authority'
+export type HeaderSource = 'header' | 'method' | 'path' | 'authority' | 'scheme'
 
 const HTTP_KEYS = new Set(['PathExact', 'PathPrefix', 'PathRegex', 'Methods', 'Header'])
 const HEADER_KEYS = new Set(['Name', 'Present', 'Exact', 'Prefix', 'Suffix', 'Contains', 'Regex', 'Invert', 'IgnoreCase'])
@@ -67,7 +67,10 @@ export class HeaderMatcher implements HeaderMatcherFields {
     if (source === 'header') v = headerValue(rawHeaders, this.name, this.single)
     else if (source === 'method') v = method
     else if (source === 'path') v = url
-    else v = authorityValue(rawHeaders)
+    else if (source === 'authority') v = authorityValue(rawHeaders)
+    // Envoy sets `:scheme` on every request: HTTP/2 sends it; HTTP/1.1 has none, and the
+    // connection is TLS (docs/semantics.md#headers).
+    else v = headerValue(rawHeaders, ':scheme', this.single) ?? 'https'
     if (this.kind === 'present') return (v !== undefined) !== this.invert
     // A missing header never matches a value matcher, inverted or not (docs/semantics.md#headers).
     if (v === undefined) return false
@@ -435,7 +438,7 @@ function compileHeader (h: unknown, where: string, cache: RegexCache): HeaderMat
   const lname = asciiLower(name)
   const source: HeaderSource = lname === ':method'
     ? 'method'
-    : lname === ':path' ? 'path' : lname === 'host' || lname === ':authority' ? 'authority' : 'header'
+    : lname === ':path' ? 'path' : lname === 'host' || lname === ':authority' ? 'authority' : lname === ':scheme' ? 'scheme' : 'header'
   const regex = kind === 'regex' ? compileRegex(value, `${where}.Regex`, cache) : null
   const bytes = kind === 'regex' ? value : ruleBytes(value)
   return new HeaderMatcher({ name: lname, source, kind, value: ignoreCase ? asciiLower(bytes) : bytes, regex, ignoreCase, invert })
@@ -457,9 +460,4 @@ export function pathRuleNote (m: PermissionMatcher): string | null {
   if (m.writtenPath === m.pathValue) return null
   return `${m.pathKind === 'exact' ? 'PathExact' : 'PathPrefix'} ${JSON.stringify(m.writtenPath)} is compared as ${JSON.stringify(m.pathValue)}, ` +
     'the percent-encoded spelling request paths are compared in; Envoy compares it as written and never matches it: write it encoded'
-}
-
-/** Whether a literal path rule uses lower-case percent-escapes, which canonical paths never contain. */
-export function hasLowercaseEscape (m: PermissionMatcher): boolean {
-  return (m.pathKind === 'exact' || m.pathKind === 'prefix') && /%(?:[0-9A-Fa-f][a-f]|[a-f][0-9A-Fa-f])/.test(m.pathValue)
 }

@@ -33,7 +33,7 @@ const SLASH_RUN = /\/{2,}/g
  * normalized like Envoy with Consul's mesh `RequestNormalization` (`null`: Consul's defaults):
  * escaped slashes per `PathWithEscapedSlashesAction` (kept by default), then unless
  * `InsecureDisablePathNormalization`: `\` → `/`, `%XX` of unreserved characters decoded, other
- * escapes upper-cased, characters a path may not carry percent-encoded, `.`/`..` segments
+ * escapes left as written, characters a path may not carry percent-encoded, `.`/`..` segments
  * resolved; then `MergeSlashes`. Returns `null` when the request must be rejected (400): an
  * escaped slash under `REJECT_REQUEST`, a NUL, a malformed `%` escape (the router refuses those
  * too), or a target that is neither origin-form nor an http(s) absolute-form URL.
@@ -134,8 +134,9 @@ function pathPart (url: string): string | null {
 }
 
 /**
- * Percent-encoding in canonical spelling: unreserved escapes decoded, other escapes upper-cased,
- * characters that must be escaped escaped (non-ASCII as its bytes), optionally `\` → `/`.
+ * Percent-encoding in canonical spelling: unreserved escapes decoded, other escapes left as
+ * written, characters that must be escaped escaped (upper-case hex; non-ASCII as its bytes),
+ * optionally `\` → `/`.
  */
 function percentNormalize (path: string, backslashToSlash: boolean): string | null {
   let out = ''
@@ -146,9 +147,10 @@ function percentNormalize (path: string, backslashToSlash: boolean): string | nu
     if (c === 37) {
       const b = hexByte(path, i + 1)
       if (b <= 0) return null // malformed escape or %00
-      rep = (CLASS[b] & UNRESERVED) !== 0 ? String.fromCharCode(b) : escapeByte(b)
-      out += path.slice(last, i) + rep
       i += 2
+      // Any other escape stays as written, hex case included: Envoy's normalizer keeps it so.
+      if ((CLASS[b] & UNRESERVED) === 0) continue
+      out += path.slice(last, i - 2) + String.fromCharCode(b)
       last = i + 1
       continue
     }
@@ -258,6 +260,10 @@ export function routerPaths (path: string, router: RouterOptions, url?: string, 
   const out: string[] = []
   addVariants(out, path, path, router)
   if (routed !== null) addVariants(out, path, routed, router)
+  // The same escapes in the other hex case: Envoy would compare them as written, so a deny written
+  // in one case would miss the other, while the router and route parameters decode both alike.
+  for (const form of escapeCaseForms(path)) addVariants(out, path, form, router)
+  if (routed !== null) for (const form of escapeCaseForms(routed)) addVariants(out, path, form, router)
   if (decoded !== null) {
     const reserved = decodedHasReservedEscape
     addDecodedVariants(out, path, decoded, router, false)
@@ -316,7 +322,7 @@ function decodeReservedEscapes (path: string): string {
 
 /**
  * Decoded text spelled canonically: non-ASCII as upper-case UTF-8 escapes, characters a path may
- * not carry literally escaped, escapes left in the text upper-cased (or, with `literalPercent`,
+ * not carry literally escaped, escapes left in the text as written (or, with `literalPercent`,
  * every `%` written `%25`: the text is fully decoded).
  */
 function spellDecoded (text: string, literalPercent: boolean): string {
@@ -326,16 +332,12 @@ function spellDecoded (text: string, literalPercent: boolean): string {
     const c = text.charCodeAt(i)
     let rep: string
     if (c === 37) {
-      if (literalPercent) {
-        rep = '%25'
-      } else {
-        // Only escapes of reserved characters survive decodeURI, each valid: upper-case it.
-        rep = '%' + text.slice(i + 1, i + 3).toUpperCase()
-        out += text.slice(last, i) + rep
+      if (!literalPercent) {
+        // Only escapes of reserved characters survive decodeURI, each valid: left as written.
         i += 2
-        last = i + 1
         continue
       }
+      rep = '%25'
     } else if (c >= 0x80) {
       const cp = text.codePointAt(i) as number
       rep = utf8Escaped(cp)
@@ -442,6 +444,20 @@ function addVariants (out: string[], primary: string, base: string, router: Rout
       add(out, primary, f.replace(SUB_DELIM_LITERAL, (m) => escapeByte(m.charCodeAt(0))))
     }
   }
+}
+
+const HEX_LETTER_ESCAPE = /%(?:[0-9A-Fa-f][A-Fa-f]|[A-Fa-f][0-9])/
+const ESCAPE_ALL = /%[0-9A-Fa-f]{2}/g
+
+/** `s` with every escape in upper-case hex, and in lower-case hex, where either differs from `s`. */
+function escapeCaseForms (s: string): string[] {
+  if (!HEX_LETTER_ESCAPE.test(s)) return []
+  const forms: string[] = []
+  const upper = s.replace(ESCAPE_ALL, (m) => m.toUpperCase())
+  if (upper !== s) forms.push(upper)
+  const lower = s.replace(ESCAPE_ALL, (m) => m.toLowerCase())
+  if (lower !== s) forms.push(lower)
+  return forms
 }
 
 /** A code point as the percent-escapes of its UTF-8 bytes, as request paths carry it. */

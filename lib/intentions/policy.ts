@@ -5,7 +5,7 @@ import type { Intention, IntentionJWTRequirement, IntentionPermission } from '..
 import { InvalidIntentionsError } from '../errors'
 import { compileJwtRequirement, jwtSatisfied, providerNames } from './jwt'
 import type { JwtRequirement, JwtTokens } from './jwt'
-import { DEFAULT_MAX_REGEX_PROGRAM_SIZE, type HeaderMatcher, MATCHED, MISMATCH_HEADER, MISMATCH_METHOD, PermissionMatcher, RegexCache, RuleError, compileHttp, hasLowercaseEscape, isObject, pathRuleNote } from './matchers'
+import { DEFAULT_MAX_REGEX_PROGRAM_SIZE, type HeaderMatcher, MATCHED, MISMATCH_HEADER, MISMATCH_METHOD, PermissionMatcher, RegexCache, RuleError, asciiLower, compileHttp, isObject, pathRuleNote } from './matchers'
 import { queryOf } from './path'
 
 export { RuleError } from './matchers'
@@ -503,7 +503,7 @@ function l7Rule (partition: string, namespace: string, name: string, fixed: Deci
   }
 }
 
-interface Counts { peer: number, sameness: number, jwtOnTcp: number, destination: number, l7OnTcp: number, lowercase: string[], pathNotes: string[] }
+interface Counts { peer: number, sameness: number, jwtOnTcp: number, destination: number, l7OnTcp: number, pathNotes: string[] }
 
 function compileIntention (ixn: Intention, http: boolean, protocol: string, counts: Counts, cache: RegexCache): Rule {
   const src = label(ixn.SourcePartition, ixn.SourceNS, ixn.SourceName)
@@ -533,8 +533,6 @@ function compileIntention (ixn: Intention, http: boolean, protocol: string, coun
     if (!http) {
       counts.l7OnTcp++
       fixed = decision(false, `${head} has L7 permissions but protocol ${JSON.stringify(protocol)} is not HTTP-like (deny)`)
-    } else if (counts.lowercase.length === 0 && permissions.some((p) => hasLowercaseEscape(p.matcher))) {
-      counts.lowercase.push(description)
     }
     notePathRules(permissions, `intention ${description}`, counts.pathNotes)
     return l7Rule(partition, namespace, ixn.SourceName, fixed, permissions, head, ': ', fixed === null ? jwt : null)
@@ -566,7 +564,7 @@ export function compilePolicy (input: PolicyInput): CompiledPolicy {
   const protocol = input.protocol
   const http = isHttpLike(protocol)
 
-  const counts: Counts = { peer: 0, sameness: 0, jwtOnTcp: 0, destination: 0, l7OnTcp: 0, lowercase: [], pathNotes: [] }
+  const counts: Counts = { peer: 0, sameness: 0, jwtOnTcp: 0, destination: 0, l7OnTcp: 0, pathNotes: [] }
   const kept: Intention[] = []
   for (const ixn of input.intentions) {
     // Peers and sameness groups never match a local identity (docs/semantics.md#peers).
@@ -595,10 +593,15 @@ export function compilePolicy (input: PolicyInput): CompiledPolicy {
   return new CompiledPolicy({ defaultAllow: input.defaultAllow, warnings: [...warningsFor(counts, protocol), ...cache.costly], rules, index })
 }
 
+/**
+ * Whether an intention the agent matched is for this destination. Consul stores and looks up
+ * config entry names, namespaces and partitions without regard to ASCII case, so its answer for
+ * service `Api` holds the entry it keeps as `api`: compared the same way.
+ */
 function forDestination (ixn: Intention, dest: ReturnType<typeof parseDestination>): boolean {
-  if (ixn.DestinationName !== '*' && ixn.DestinationName !== dest.name) return false
-  if (dest.namespace !== null && ixn.DestinationNS !== '*' && orDefault(ixn.DestinationNS) !== dest.namespace) return false
-  return dest.partition === null || orDefault(ixn.DestinationPartition) === dest.partition
+  if (ixn.DestinationName !== '*' && asciiLower(ixn.DestinationName) !== asciiLower(dest.name)) return false
+  if (dest.namespace !== null && ixn.DestinationNS !== '*' && asciiLower(orDefault(ixn.DestinationNS)) !== asciiLower(dest.namespace)) return false
+  return dest.partition === null || asciiLower(orDefault(ixn.DestinationPartition)) === asciiLower(dest.partition)
 }
 
 function warningsFor (c: Counts, protocol: string): string[] {
@@ -615,10 +618,6 @@ function warningsFor (c: Counts, protocol: string): string[] {
       'HTTP-like: they deny every request from their sources')
   }
   w.push(...c.pathNotes)
-  if (c.lowercase.length > 0) {
-    w.push(`intention ${c.lowercase[0]} has a PathExact or PathPrefix with a lower-case percent-escape: request ` +
-      'paths are compared with upper-case escapes, so it can only match with path normalization disabled')
-  }
   return w
 }
 
