@@ -459,18 +459,38 @@ export function enforceHook (enforcer: Enforcer, routes: RoutePolicies, upgrades
     closeRefused(request.raw, reply.raw)
     done(err)
   }
-  return function consulNativeOnRequest (request, reply, done) {
-    let route = routes.of(request)
-    // An Upgrade to a route that is no WebSocket route still reaches the app's WebSocket server
-    // (@fastify/websocket hands it every Upgrade, then closes it): the route's exemption does not
-    // cover that, the service's policy decides (docs/semantics.md#transport-upgrades).
-    // Read from rawHeaders: Node builds `req.headers` on first use, an object per request that a
-    // plain GET to an exempt route (a health check) would not need otherwise.
-    if (route.exempt && route.websocket !== true && headerValue(request.raw.rawHeaders, 'upgrade') !== undefined) route = SERVICE_POLICY
+  function decide (request: FastifyRequest, reply: FastifyReply, route: RoutePolicy, done: (err?: Error) => void): void {
     const outcome = enforcer.check(request, route)
     if (outcome instanceof Promise) outcome.then((err) => { settle(request, reply, route, err, done) }, done)
     else settle(request, reply, route, outcome, done)
   }
+  return function consulNativeOnRequest (request, reply, done) {
+    const route = routes.of(request)
+    // An Upgrade to a route that is no WebSocket route still reaches the app's WebSocket server
+    // (@fastify/websocket hands it every Upgrade, then closes it): the route's own setting
+    // (exemption, override, shadow enforcement) does not cover that, the service's policy decides
+    // too (docs/semantics.md#transport-upgrades). The route's own decision is asked first, without
+    // counting it: a refusal there is the route's, and is answered as such.
+    if (route === SERVICE_POLICY || route.websocket === true || !isUpgrade(request.raw, route.exempt)) {
+      decide(request, reply, route, done)
+      return
+    }
+    const own = route.exempt ? true : enforcer.redecide(request, route)
+    const next = (allowed: boolean): void => { decide(request, reply, allowed ? SERVICE_POLICY : route, done) }
+    if (own instanceof Promise) own.then(next, done)
+    else next(own)
+  }
+}
+
+/**
+ * Whether a request to a route with a setting of its own is an Upgrade: Node's flag, set when it
+ * hands the request to 'upgrade' listeners (@fastify/websocket's routes it back through Fastify).
+ * An exempt route (a health check, reached without a certificate) counts any Upgrade header, read
+ * from rawHeaders: Node builds `req.headers` on first use, an object per request it would not need.
+ */
+function isUpgrade (raw: FastifyRequest['raw'], exempt: boolean): boolean {
+  if (exempt) return headerValue(raw.rawHeaders, 'upgrade') !== undefined
+  return (raw as { upgrade?: boolean }).upgrade === true
 }
 
 // tokensFor settles with reasons and never rejects; should a bug make it, the candidate's comparison

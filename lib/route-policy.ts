@@ -20,7 +20,10 @@ export interface RoutePolicy {
   readonly router?: RouterOptions
   /** The route's own `enforcement`; null: the plugin's option applies. */
   readonly enforcement: Enforcement | null
-  /** An exempt `@fastify/websocket` route (`websocket: true`, declared after the plugin): its exemption covers its Upgrades. */
+  /**
+   * A `@fastify/websocket` route (`websocket: true` or a `wsHandler`, declared after the plugin):
+   * its own setting covers its Upgrades. Any other route's Upgrades are the service's.
+   */
   readonly websocket?: true
 }
 
@@ -53,7 +56,8 @@ export class RoutePolicies {
   compile (route: RouteOptions): void {
     const name = `${String(route.method)} ${route.url}`
     let policy = withPrefixTwin(this.#compileLogged(route.config?.consulNative, name), route, this.#router)
-    if ((route as { websocket?: unknown }).websocket === true && policy.exempt) policy = Object.freeze({ ...policy, websocket: true as const })
+    const ws = route as { websocket?: unknown, wsHandler?: unknown }
+    if (ws.websocket === true || typeof ws.wsHandler === 'function') policy = Object.freeze({ ...policy, websocket: true as const })
     // One entry per method, as status() and explain() name a route: 'GET /url'.
     for (const method of Array.isArray(route.method) ? route.method : [route.method]) this.named.set(`${method} ${route.url}`, policy)
     route.config = { ...route.config, [kRoutePolicy]: policy } as typeof route.config

@@ -248,6 +248,9 @@ async function websocketService (t: Tap, agentAddress: string, websocketFirst: b
   app.get('/ws', { websocket: true }, echo)
   app.get('/ws-open', { websocket: true, config: { consulNative: false } }, echo)
   app.get('/plain-open', { config: { consulNative: false } }, async () => 'open')
+  app.get('/plain-shadow', { config: { consulNative: { enforcement: 'shadow' } } }, async () => 'shadowed')
+  app.get('/plain-billing', { config: { consulNative: { sources: [{ name: 'billing', action: 'allow' }] } } }, async () => 'billing')
+  app.get('/ws-billing', { websocket: true, config: { consulNative: { sources: [{ name: 'billing', action: 'allow' }] } } }, echo)
   await app.listen({ port: 0, host: '127.0.0.1' })
   return { app, port: (app.server.address() as { port: number }).port }
 }
@@ -283,10 +286,20 @@ for (const websocketFirst of [false, true]) {
       const { response } = await http1(t, port, anonymous, UPGRADE.replace('GET /ws ', `GET ${path} `))
       t.equal(response.status, 401, `Upgrade to the exempt ${path}, no certificate: refused`)
     }
+    // The same for a route's shadow enforcement and its override: neither covers the WebSocket server.
+    const shadowed = await http1(t, port, anonymous, UPGRADE.replace('GET /ws ', 'GET /plain-shadow '))
+    t.equal(shadowed.response.status, 401, 'Upgrade to a route in shadow enforcement, no certificate: refused (the plugin enforces)')
+    const overridden = await http1(t, port, billing, UPGRADE.replace('GET /ws ', 'GET /plain-billing '))
+    t.equal(overridden.response.status, 403, 'Upgrade to a route whose override allows billing: the service\'s intentions decide')
+    const plain = await http1(t, port, billing, 'GET /plain-billing HTTP/1.1\r\nHost: api\r\n\r\n')
+    t.equal(plain.response.status, 200, 'while a plain request there is the override\'s')
     const open = new WebSocket(`wss://127.0.0.1:${port}/ws-open`, { ...anonymous, checkServerIdentity: noServerIdentityCheck })
     await once(open, 'open')
     open.close()
-    t.same(seen, ['/ws-open'], 'only the exempt WebSocket route reached the WebSocket server')
+    const billingWs = new WebSocket(`wss://127.0.0.1:${port}/ws-billing`, { ...billing, checkServerIdentity: noServerIdentityCheck })
+    await once(billingWs, 'open')
+    billingWs.close()
+    t.same(seen, ['/ws-open', '/ws-billing'], 'only WebSocket routes reached the WebSocket server, each by its own setting')
 
     const ws = new WebSocket(`wss://127.0.0.1:${port}/ws`, { ...web, checkServerIdentity: noServerIdentityCheck })
     await once(ws, 'open')
@@ -381,6 +394,22 @@ t.test('with @fastify/websocket the only Upgrade listener, Fastify decides: a ro
   t.equal(response.status, 403, 'the route\'s override refuses it in Fastify')
   await reader.closedByServer()
   t.equal(ran, 0, 'the handler never ran, and the socket was closed')
+})
+
+t.test('mode agent: an Upgrade to a route with a setting of its own waits for the route\'s decision, then the service\'s (docs/semantics.md#transport-upgrades)', async (t) => {
+  const agent = await startAgent(t, { defaultPolicy: 'deny' })
+  await setIntentions(agent, 'api', [{ Name: 'web', Action: 'allow' }])
+  const { app, port } = await websocketService(t, agent.address, false, { mode: 'agent' })
+  const seen: string[] = []
+  app.websocketServer.on('connection', (_socket: unknown, req: { url?: string }) => { seen.push(req.url as string) })
+  const billing = await leafFor(agent, 'billing')
+  const { response } = await http1(t, port, billing, UPGRADE.replace('GET /ws ', 'GET /plain-shadow '))
+  t.equal(response.status, 403, 'the route\'s shadow lets it on, the service (the agent) refuses it')
+  const web = await leafFor(agent, 'web')
+  const ws = new WebSocket(`wss://127.0.0.1:${port}/ws`, { ...web, checkServerIdentity: noServerIdentityCheck })
+  await once(ws, 'open')
+  ws.close()
+  t.same(seen, ['/ws'])
 })
 
 t.test('a listener of the application\'s named onUpgrade, beside @fastify/websocket\'s, is gated all the same', async (t) => {
