@@ -108,6 +108,20 @@ t.test('token locations: headers, then query parameters, then cookies', async (t
   t.equal(findToken(locations, ['x-token', 'T  '], '/'), null, 'an empty token after the prefix')
   t.equal(findToken(DEFAULT_LOCATIONS, ['authorization', 'Basic x'], '/?access_token=a.b.c')?.token, 'a.b.c', 'defaults: Bearer, then access_token')
   t.equal(findToken(DEFAULT_LOCATIONS, ['Authorization', 'Bearer a.b.c'], '/')?.location.name, 'authorization')
+  t.equal(findToken(DEFAULT_LOCATIONS, ['Authorization', 'Bearer a.b.c'], '/')?.repeated, false)
+})
+
+t.test('a token found in a header or query parameter sent more than once is marked repeated (docs/semantics.md#jwt-locations)', async (t) => {
+  // Node hands the application the first `authorization` value: a forged token there, the checked one after it.
+  const twice = findToken(DEFAULT_LOCATIONS, ['authorization', 'bearer forged', 'Authorization', 'Bearer a.b.c'], '/')
+  t.same([twice?.token, twice?.repeated], ['a.b.c', true])
+  t.equal(findToken(DEFAULT_LOCATIONS, ['authorization', 'Bearer a.b.c', 'authorization', 'Bearer a.b.c'], '/')?.repeated, true, 'even the same value twice')
+  const query = findToken(DEFAULT_LOCATIONS, [], '/?access_token=&access_token=a.b.c')
+  t.same([query?.token, query?.repeated], ['a.b.c', true], 'the query parser would make an array of it')
+  t.equal(findToken(DEFAULT_LOCATIONS, ['authorization', 'Basic x', 'authorization', 'Basic y'], '/?access_token=a.b.c')?.repeated, false,
+    'only where the token was found')
+  const cookies: TokenLocation[] = [{ kind: 'cookie', name: 'c', prefix: '', forward: true }]
+  t.equal(findToken(cookies, ['cookie', 'c=a.b.c', 'cookie', 'c=x'], '/')?.repeated, false, 'a cookie keeps its first value in every parser: not refused')
 })
 
 function throwsWith (t: Test, fn: () => unknown, type: new (...args: any[]) => Error, message: string): void {

@@ -200,6 +200,13 @@ t.test('token locations, forwarding, and a provider Consul no longer has', async
   t.equal((await get(web, `${svc.origin}/`, { headers: { cookie: `jwt=${token}` } })).status, 200, 'cookie')
   t.equal((await get(web, `${svc.origin}/`, { headers: { 'x-token': token } })).status, 403, 'the value prefix is required')
   t.equal((await get(web, `${svc.origin}/`, { headers: bearer(token) })).status, 403, 'configured locations replace the defaults')
+  // Node keeps the first value of a repeated header: the handler would read the forged token.
+  const forgedFirst = `${token.split('.')[0]}.${Buffer.from('{"role":"admin"}').toString('base64url')}.`
+  const twice = await get(web, `${svc.origin}/`, { headers: { 'x-token': [`token ${forgedFirst}`, `Token ${token}`] } })
+  t.same([twice.status, twice.body.code], [400, 'FST_CONSUL_NATIVE_BAD_HEADER'], 'a token header sent twice is refused')
+  const inQuery = await get(web, `${svc.origin}/?jwt=${forgedFirst}x&jwt=${token}`)
+  t.same([inQuery.status, inQuery.body.code], [400, 'FST_CONSUL_NATIVE_BAD_HEADER'], 'and a token query parameter sent twice')
+  t.match(lines.find((l) => l.consulNative?.event === 'bad-header')?.consulNative?.reason, /header "x-token" holding provider "okta"'s token is sent more than once/)
   const forged = await get(mtlsClient(t, await leafFor(agent, 'cron')), `${svc.origin}/`, { headers: { 'x-jwt-payload': 'forged' } })
   t.equal(forged.status, 403)
 

@@ -12,7 +12,7 @@ t.test('consulJwt: the payloads object is built on first read, once; the setter 
   decorateRequestSlots(app)
   const tokens = new RequestTokens()
   const payload = Object.freeze({ sub: 'user-1' })
-  const found: FoundToken = { token: 'a.b.c', location: { kind: 'header', name: 'authorization', prefix: 'Bearer ', forward: false } }
+  const found: FoundToken = { token: 'a.b.c', location: { kind: 'header', name: 'authorization', prefix: 'Bearer ', forward: false }, repeated: false }
   tokens.accept({ config: { name: 'idp' } } as unknown as ActiveProvider, found, payload)
   app.get('/', async (request) => {
     const before = [request.consulJwt, request.consulSource, request.consulDecision]

@@ -16,6 +16,8 @@ export interface JwtRequirement { readonly providers: readonly JwtProviderCheck[
 export interface JwtTokens {
   /** The payload of a token that `provider` verified (signature, time, audience, issuer), or null. */
   payload (provider: string): Readonly<Record<string, unknown>> | null
+  /** Set when a token was read where the application reads another value: the request is refused (400). */
+  readonly ambiguity?: string | null
 }
 
 const REQUIREMENT_KEYS = new Set(['Providers'])

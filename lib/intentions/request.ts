@@ -166,8 +166,9 @@ export function decideRequest (service: ServiceRules, route: RouteRules, request
   // Mode 'agent': the agent decides what no override did, unless the caller's intention requires a
   // JWT, which its authorize endpoint ignores: that denies (docs/semantics.md#agent-mode).
   if (decision === null && jwtProvidersFor(service.policy, null, caller).length > 0) decision = AGENT_JWT_DECISION
-  // A header the decision read is one the application may read otherwise (docs/semantics.md#transport-headers).
-  const ambiguity = headerAmbiguity.reason
+  // A header the decision read (a rule's, or a token's) is one the application may read otherwise
+  // (docs/semantics.md#transport-headers, docs/semantics.md#jwt-locations).
+  const ambiguity = headerAmbiguity.reason ?? facts.jwt?.ambiguity ?? null
   if (ambiguity !== null) return settle(out, 'bad-header', Object.freeze({ allow: false, reason: ambiguity }))
   if (decision === null) return settle(out, 'ask-agent', ASK_AGENT_DECISION)
   return settle(out, decision.allow ? 'allow' : 'deny', decision)

@@ -22,6 +22,12 @@ export const DEFAULT_LOCATIONS: readonly TokenLocation[] = Object.freeze([
 export interface FoundToken {
   readonly token: string
   readonly location: TokenLocation
+  /**
+   * The header or query parameter it was found in occurs more than once: the application reads
+   * another value there (Node keeps a header's first value or joins them, the query parser makes
+   * an array), so the request is refused (docs/semantics.md#jwt-locations).
+   */
+  readonly repeated: boolean
 }
 
 const KIND_ORDER = ['header', 'query', 'cookie'] as const
@@ -34,38 +40,51 @@ export function findToken (locations: readonly TokenLocation[], rawHeaders: read
       const token = kind === 'header'
         ? fromHeader(rawHeaders, location.name, location.prefix)
         : kind === 'query' ? fromQuery(url, location.name) : fromCookie(rawHeaders, location.name)
-      if (token !== null) return { token, location }
+      if (token !== null) return { token, location, repeated: occurrences > 1 }
     }
   }
   return null
 }
 
+// How many times the header or query parameter last read by fromHeader or fromQuery occurs.
+let occurrences = 0
+
 function fromHeader (rawHeaders: readonly string[], name: string, prefix: string): string | null {
+  let token: string | null = null
+  occurrences = 0
   for (let i = 0; i < rawHeaders.length; i += 2) {
     if ((rawHeaders[i] as string).length !== name.length || (rawHeaders[i] as string).toLowerCase() !== name) continue
+    occurrences++
+    if (token !== null) continue
     const value = (rawHeaders[i + 1] as string).trim()
     if (!value.startsWith(prefix)) continue
-    const token = value.slice(prefix.length).trim()
-    if (token !== '') return token
+    const found = value.slice(prefix.length).trim()
+    if (found !== '') token = found
   }
-  return null
+  return token
 }
 
 function fromQuery (url: string, name: string): string | null {
+  occurrences = 0
   const q = url.indexOf('?')
   if (q === -1) return null
   const hash = url.indexOf('#', q)
   const query = url.slice(q + 1, hash === -1 ? undefined : hash)
+  let token: string | null = null
   for (const pair of query.split('&')) {
     const eq = pair.indexOf('=')
     if (eq === -1 || decode(pair.slice(0, eq)) !== name) continue
+    occurrences++
+    if (token !== null) continue
     const value = decode(pair.slice(eq + 1))
-    if (value !== null && value !== '') return value
+    if (value !== null && value !== '') token = value
   }
-  return null
+  return token
 }
 
 function fromCookie (rawHeaders: readonly string[], name: string): string | null {
+  // Cookie parsers keep a name's first value, as this does: a repeated cookie is read alike.
+  occurrences = 0
   for (let i = 0; i < rawHeaders.length; i += 2) {
     if ((rawHeaders[i] as string).toLowerCase() !== 'cookie') continue
     for (const part of (rawHeaders[i + 1] as string).split(';')) {

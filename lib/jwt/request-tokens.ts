@@ -39,6 +39,8 @@ export class RequestTokens implements JwtTokens {
   readonly found: ProviderToken[] = []
   /** `Forwarding.HeaderName` of every provider asked for: a caller's own such header never reaches the handler. */
   readonly forwardHeaders: string[] = []
+  /** Why a token was found where the application would read another value: the request is refused (400). */
+  ambiguity: string | null = null
 
   payload (provider: string): Readonly<Record<string, unknown>> | null {
     return this.#payloads.get(provider) ?? null
@@ -127,6 +129,13 @@ export class JwtAuthenticator {
       const found = findToken(active.config.locations, request.rawHeaders, request.url)
       if (found === null) {
         tokens.reject(name, 'no token in the request')
+        continue
+      }
+      if (found.repeated) {
+        const reason = `the ${found.location.kind === 'header' ? 'header' : 'query parameter'} ${JSON.stringify(found.location.name)} ` +
+          `holding provider ${JSON.stringify(name)}'s token is sent more than once, and the application would read another value than the one checked`
+        tokens.reject(name, reason)
+        tokens.ambiguity ??= reason
         continue
       }
       const cached = cache?.get(name)?.lookup(found.token)
