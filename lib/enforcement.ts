@@ -459,10 +459,15 @@ export function enforceHook (enforcer: Enforcer, routes: RoutePolicies, upgrades
     closeRefused(request.raw, reply.raw)
     done(err)
   }
-  function decide (request: FastifyRequest, reply: FastifyReply, route: RoutePolicy, done: (err?: Error) => void): void {
+  /** `thenService`: an allow is not final, the service's policy decides next (an Upgrade, below). */
+  function decide (request: FastifyRequest, reply: FastifyReply, route: RoutePolicy, done: (err?: Error) => void, thenService = false): void {
     const outcome = enforcer.check(request, route)
-    if (outcome instanceof Promise) outcome.then((err) => { settle(request, reply, route, err, done) }, done)
-    else settle(request, reply, route, outcome, done)
+    if (outcome instanceof Promise) outcome.then((err) => { next(request, reply, route, err, done, thenService) }, done)
+    else next(request, reply, route, outcome, done, thenService)
+  }
+  function next (request: FastifyRequest, reply: FastifyReply, route: RoutePolicy, err: Error | null, done: (err?: Error) => void, thenService: boolean): void {
+    if (err === null && thenService) decide(request, reply, SERVICE_POLICY, done)
+    else settle(request, reply, route, err, done)
   }
   return function consulNativeOnRequest (request, reply, done) {
     const route = routes.of(request)
@@ -476,9 +481,11 @@ export function enforceHook (enforcer: Enforcer, routes: RoutePolicies, upgrades
       return
     }
     const own = route.exempt ? true : enforcer.redecide(request, route)
-    const next = (allowed: boolean): void => { decide(request, reply, allowed ? SERVICE_POLICY : route, done) }
-    if (own instanceof Promise) own.then(next, done)
-    else next(own)
+    // Refused by the route: decided again to answer and count it as the route's refusal; should an
+    // update (new keys, new intentions) have made the route allow it meanwhile, the service decides too.
+    const afterOwn = (allowed: boolean): void => { decide(request, reply, allowed ? SERVICE_POLICY : route, done, !allowed) }
+    if (own instanceof Promise) own.then(afterOwn, done)
+    else afterOwn(own)
   }
 }
 
