@@ -435,9 +435,13 @@ t.test('warnings', async (t) => {
   t.test('a literal path rule with lower-case escapes is not flagged: requests keep their escapes as written, as in Envoy', async (t) => {
     const p = policy([
       ixn('web', 'api', 9, [allow({ PathExact: '/x%2fy' })]),
-      ixn('b', 'api', 9, [allow({ PathPrefix: '/%c3%A9' })])
+      ixn('b', 'api', 9, [allow({ PathPrefix: '/%c3%a9' })])
     ])
     t.same(p.warnings, [])
+    t.same(policy([ixn('b', 'api', 9, [deny({ PathPrefix: '/%c3%A9' })])]).warnings, ['intention default/b => default/api (Precedence 9), permission 1: ' +
+      'PathPrefix "/%c3%A9" has escapes in both hex cases: it matches only requests that spell them so (a deny written in one case also covers the other case): ' +
+      'write its escapes in one case'], 'one whose escapes mix the two cases is')
+    t.same(policy([ixn('b', 'api', 9, [deny({ PathExact: '/%aF' })])]).warnings.length, 1, 'within one escape too')
     t.equal(decideSpellings(p, null, WEB, req('/x%2fy'), []).allow, true)
     t.equal(decideSpellings(p, null, WEB, req('/x%2Fy'), []).allow, false)
   })

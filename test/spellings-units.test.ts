@@ -28,9 +28,9 @@ t.test('router spellings are computed on find-my-way\'s decoded path (docs/seman
   // Each list also has the path with its escapes in the other hex case (docs/semantics.md#paths-guarantees).
   t.same(spellings('/%F0%9F%98%80'), ['/%f0%9f%98%80'], 'an astral character round-trips to its escapes: only the other hex case is added')
   t.same(spellings('/a%20b'), [], 'a decoded space is escaped again')
-  t.same(spellings('/f%28%C3%A9'), ['/f(%C3%A9', '/f%28%c3%a9', '/f(%c3%a9'], 'characters the router decodes get their literal spelling')
+  t.same(spellings('/f%28%C3%A9'), ['/f%28%c3%a9', '/f(%C3%A9', '/f(%c3%a9'], 'characters the router decodes get their literal spelling')
   t.same(spellings('/a%C3'), ['/a%c3'], 'an escape that is not UTF-8: the router refuses it (400), nothing decoded to add')
-  t.same(spellings('/a%C3%A9/', { ...D, ignoreTrailingSlash: true, ignoreDuplicateSlashes: true }), ['/a%C3%A9', '/a%c3%a9/', '/a%c3%a9'])
+  t.same(spellings('/a%C3%A9/', { ...D, ignoreTrailingSlash: true, ignoreDuplicateSlashes: true }), ['/a%c3%a9/', '/a%C3%A9', '/a%c3%a9'])
   t.same(routerPaths('/x', D, 'ftp://h/%41'), [], 'a target that is not origin or http(s) absolute form adds nothing')
   t.same(routerPaths('/tag/c%2B', D, 'https://h/tag/c%2B?x'), ['/tag/c%2b', '/tag/c+'], 'absolute form: its path')
 })
@@ -42,7 +42,7 @@ t.test('reserved escapes are also decided decoded, as route parameters hold them
   t.same(spellings('/s/a%2F..%2Fb'), ['/s/a%2f..%2fb', '/s/a/../b', '/s/b'], 'escaped dot segments, resolved as well')
   t.same(spellings('/p/a%25b'), [], 'a decoded % is spelled %25 again')
   t.same(spellings('/p/%23%3F'), ['/p/%23%3f'], '# and ? are escaped again (the other hex case aside)')
-  t.same(spellings('/p/%3b%3D', CI), ['/p/%3b%3d', '/p/%3B%3D', '/p/;='], 'semicolon and equals: kept escaped by the router, decoded in parameters')
+  t.same(spellings('/p/%3b%3D', CI), ['/p/%3B%3D', '/p/%3b%3d', '/p/;='], 'semicolon and equals: kept escaped by the router, decoded in parameters')
   t.ok(spellings('/T/%41%2B', CI).includes('/t/a+'), 'lower-cased too, with a case-insensitive router')
 })
 

@@ -444,11 +444,20 @@ function compileHeader (h: unknown, where: string, cache: RegexCache): HeaderMat
   return new HeaderMatcher({ name: lname, source, kind, value: ignoreCase ? asciiLower(bytes) : bytes, regex, ignoreCase, invert })
 }
 
+/** Whether the escapes of `path` have hex letters in both cases (`%2F%3b`, `%aF`). */
+function mixedCaseEscapes (path: string): boolean {
+  const escapes = path.match(/%[0-9A-Fa-f]{2}/g) ?? []
+  return escapes.some((e) => /[A-F]/.test(e)) && escapes.some((e) => /[a-f]/.test(e))
+}
+
 /**
- * How a path rule with characters request paths never carry literally is compared, for a load-time
- * warning (docs/semantics.md#paths-non-ascii), or null: `PathExact`/`PathPrefix` are compared
- * percent-encoded (Envoy compares them as written and never matches them); a `PathRegex` with a
- * non-ASCII character can only match percent-encoded text.
+ * What a path rule does not do as its author may expect, for a load-time warning, or null:
+ * `PathExact`/`PathPrefix` with characters request paths never carry literally are compared
+ * percent-encoded (Envoy compares them as written and never matches them;
+ * docs/semantics.md#paths-non-ascii); one with escapes in both hex cases matches only requests
+ * spelled so, since the other spellings checked have every escape in one case
+ * (docs/semantics.md#path-normalization); a `PathRegex` with a non-ASCII character can only match
+ * percent-encoded text.
  */
 export function pathRuleNote (m: PermissionMatcher): string | null {
   if (m.pathKind === 'regex') {
@@ -457,7 +466,14 @@ export function pathRuleNote (m: PermissionMatcher): string | null {
       ? `PathRegex ${JSON.stringify(m.pathValue)} has non-ASCII characters, but request paths are matched percent-encoded (write them as %XX escapes of their UTF-8 bytes)`
       : null
   }
-  if (m.writtenPath === m.pathValue) return null
-  return `${m.pathKind === 'exact' ? 'PathExact' : 'PathPrefix'} ${JSON.stringify(m.writtenPath)} is compared as ${JSON.stringify(m.pathValue)}, ` +
-    'the percent-encoded spelling request paths are compared in; Envoy compares it as written and never matches it: write it encoded'
+  const kind = m.pathKind === 'exact' ? 'PathExact' : 'PathPrefix'
+  if (m.writtenPath !== m.pathValue) {
+    return `${kind} ${JSON.stringify(m.writtenPath)} is compared as ${JSON.stringify(m.pathValue)}, ` +
+      'the percent-encoded spelling request paths are compared in; Envoy compares it as written and never matches it: write it encoded'
+  }
+  if (mixedCaseEscapes(m.pathValue)) {
+    return `${kind} ${JSON.stringify(m.pathValue)} has escapes in both hex cases: it matches only requests that spell them so ` +
+      '(a deny written in one case also covers the other case): write its escapes in one case'
+  }
+  return null
 }

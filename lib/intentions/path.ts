@@ -260,10 +260,6 @@ export function routerPaths (path: string, router: RouterOptions, url?: string, 
   const out: string[] = []
   addVariants(out, path, path, router)
   if (routed !== null) addVariants(out, path, routed, router)
-  // The same escapes in the other hex case: Envoy would compare them as written, so a deny written
-  // in one case would miss the other, while the router and route parameters decode both alike.
-  for (const form of escapeCaseForms(path)) addVariants(out, path, form, router)
-  if (routed !== null) for (const form of escapeCaseForms(routed)) addVariants(out, path, form, router)
   if (decoded !== null) {
     const reserved = decodedHasReservedEscape
     addDecodedVariants(out, path, decoded, router, false)
@@ -446,19 +442,9 @@ function addVariants (out: string[], primary: string, base: string, router: Rout
   }
 }
 
+// An escape with a hex letter (whose case can differ), and every escape.
 const HEX_LETTER_ESCAPE = /%(?:[0-9A-Fa-f][A-Fa-f]|[A-Fa-f][0-9])/
 const ESCAPE_ALL = /%[0-9A-Fa-f]{2}/g
-
-/** `s` with every escape in upper-case hex, and in lower-case hex, where either differs from `s`. */
-function escapeCaseForms (s: string): string[] {
-  if (!HEX_LETTER_ESCAPE.test(s)) return []
-  const forms: string[] = []
-  const upper = s.replace(ESCAPE_ALL, (m) => m.toUpperCase())
-  if (upper !== s) forms.push(upper)
-  const lower = s.replace(ESCAPE_ALL, (m) => m.toLowerCase())
-  if (lower !== s) forms.push(lower)
-  return forms
-}
 
 /** A code point as the percent-escapes of its UTF-8 bytes, as request paths carry it. */
 function utf8Escaped (cp: number): string {
@@ -499,7 +485,19 @@ function addDecodedVariants (out: string[], primary: string, decoded: string, ro
   }
 }
 
+/**
+ * Adds a spelling, and the same with every escape in upper-case and in lower-case hex: Envoy
+ * compares escapes as written, so a deny written in one case would miss the other, while the
+ * router and route parameters decode both alike (the primary's own other cases too).
+ */
 function add (out: string[], primary: string, s: string): void {
+  push(out, primary, s)
+  if (!HEX_LETTER_ESCAPE.test(s)) return
+  push(out, primary, s.replace(ESCAPE_ALL, (m) => m.toUpperCase()))
+  push(out, primary, s.replace(ESCAPE_ALL, (m) => m.toLowerCase()))
+}
+
+function push (out: string[], primary: string, s: string): void {
   if (s !== primary && !out.includes(s)) out.push(s)
 }
 
