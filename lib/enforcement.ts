@@ -296,7 +296,9 @@ export class Enforcer {
     service.policy = candidate.policy as NonNullable<Candidate['policy']>
     service.normalization = this.#service.normalization
     const liveTokens = view.jwt ?? null
-    const jwt = extra === null ? liveTokens : { payload: (name: string) => extra.payload(name) ?? liveTokens?.payload(name) ?? null }
+    const jwt = extra === null
+      ? liveTokens
+      : { payload: (name: string) => extra.payload(name) ?? liveTokens?.payload(name) ?? null, ambiguity: extra.ambiguity ?? liveTokens?.ambiguity ?? null }
     // The caller's memo is the live policy's: the candidate looks its rule up.
     const mine = decideRequest(service, route, { ...view, callerRules: null, jwt }, this.#candidateVerdict).decision
     if (mine.allow === theirs.allow) return
@@ -449,25 +451,31 @@ export function enforceHook (enforcer: Enforcer, routes: RoutePolicies, upgrades
    * gets it, an allowed Upgrade is tracked (option `recheckUpgrades`); a refused request does not
    * hold its connection open (docs/semantics.md#transport).
    */
-  function settle (request: FastifyRequest, reply: FastifyReply, route: RoutePolicy, err: Error | null, done: (err?: Error) => void): void {
+  function settle (request: FastifyRequest, reply: FastifyReply, route: RoutePolicy, err: Error | null, done: (err?: Error) => void,
+    also: RoutePolicy | null): void {
     if (err === null) {
       continueIfAwaited(request.raw, reply.raw)
-      if (upgrades !== null) upgrades.trackIfUpgrade(request, route)
+      if (upgrades !== null) upgrades.trackIfUpgrade(request, route, also)
       done()
       return
     }
     closeRefused(request.raw, reply.raw)
     done(err)
   }
-  /** `thenService`: an allow is not final, the service's policy decides next (an Upgrade, below). */
-  function decide (request: FastifyRequest, reply: FastifyReply, route: RoutePolicy, done: (err?: Error) => void, thenService = false): void {
+  /**
+   * Decides with `route` and completes the hook. `also`: the route whose own setting the request
+   * needs as well (an Upgrade to a route that is no WebSocket route): rechecked with it, and when
+   * `route` is that route's refusal asked again and allows after all, the service decides next.
+   */
+  function decide (request: FastifyRequest, reply: FastifyReply, route: RoutePolicy, done: (err?: Error) => void, also: RoutePolicy | null = null): void {
     const outcome = enforcer.check(request, route)
-    if (outcome instanceof Promise) outcome.then((err) => { next(request, reply, route, err, done, thenService) }, done)
-    else next(request, reply, route, outcome, done, thenService)
+    if (outcome instanceof Promise) outcome.then((err) => { next(request, reply, route, err, done, also) }, done)
+    else next(request, reply, route, outcome, done, also)
   }
-  function next (request: FastifyRequest, reply: FastifyReply, route: RoutePolicy, err: Error | null, done: (err?: Error) => void, thenService: boolean): void {
-    if (err === null && thenService) decide(request, reply, SERVICE_POLICY, done)
-    else settle(request, reply, route, err, done)
+  function next (request: FastifyRequest, reply: FastifyReply, route: RoutePolicy, err: Error | null, done: (err?: Error) => void,
+    also: RoutePolicy | null): void {
+    if (err === null && also === route) decide(request, reply, SERVICE_POLICY, done, route)
+    else settle(request, reply, route, err, done, also)
   }
   return function consulNativeOnRequest (request, reply, done) {
     const route = routes.of(request)
@@ -480,10 +488,15 @@ export function enforceHook (enforcer: Enforcer, routes: RoutePolicies, upgrades
       decide(request, reply, route, done)
       return
     }
-    const own = route.exempt ? true : enforcer.redecide(request, route)
+    // An exemption needs nothing of the caller: the service alone decides (and rechecks).
+    if (route.exempt) {
+      decide(request, reply, SERVICE_POLICY, done)
+      return
+    }
+    const own = enforcer.redecide(request, route)
     // Refused by the route: decided again to answer and count it as the route's refusal; should an
     // update (new keys, new intentions) have made the route allow it meanwhile, the service decides too.
-    const afterOwn = (allowed: boolean): void => { decide(request, reply, allowed ? SERVICE_POLICY : route, done, !allowed) }
+    const afterOwn = (allowed: boolean): void => { decide(request, reply, allowed ? SERVICE_POLICY : route, done, route) }
     if (own instanceof Promise) own.then(afterOwn, done)
     else afterOwn(own)
   }

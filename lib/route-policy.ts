@@ -21,8 +21,9 @@ export interface RoutePolicy {
   /** The route's own `enforcement`; null: the plugin's option applies. */
   readonly enforcement: Enforcement | null
   /**
-   * A `@fastify/websocket` route (`websocket: true` or a `wsHandler`, declared after the plugin):
-   * its own setting covers its Upgrades. Any other route's Upgrades are the service's.
+   * A `@fastify/websocket` route (`websocket: true` or a `wsHandler`, declared after the plugin;
+   * one declared before it is compiled without its options, so never marked): its own setting
+   * covers its Upgrades. Any other route's Upgrades need the service's policy too.
    */
   readonly websocket?: true
 }

@@ -65,21 +65,23 @@ t.test('unauthenticated callers are told apart by the kind of network they call 
 t.test('an Upgrade to a route with its own setting: the route decides, then the service; a route that allows after all is not final', async (t) => {
   const override = Object.freeze({ exempt: false, override: null, enforcement: null }) as RoutePolicy
   const routes = { of: () => override } as unknown as RoutePolicies
-  const run = async (own: boolean | Promise<boolean>, answers: (route: RoutePolicy) => Error | null): Promise<{ err: Error | undefined, asked: string[] }> => {
+  const run = async (own: boolean | Promise<boolean>, answers: (route: RoutePolicy) => Error | null): Promise<{ err: Error | undefined, asked: string[], tracked: unknown[] }> => {
     const asked: string[] = []
     const enforcer = {
       redecide: () => own,
       check: (_request: unknown, route: RoutePolicy) => { asked.push(route === SERVICE_POLICY ? 'service' : 'route'); return answers(route) }
     } as unknown as Enforcer
-    const hook = enforceHook(enforcer, routes)
+    const tracked: unknown[] = []
+    const hook = enforceHook(enforcer, routes, { trackIfUpgrade: (_request: unknown, route: unknown, also: unknown) => { tracked.push([route, also]) } } as never)
     const request = { raw: { upgrade: true, rawHeaders: [], httpVersionMajor: 1, socket: { destroySoon: () => {} } } }
     const reply = { raw: { setHeader: () => {}, once: () => {} } }
     const err = await new Promise<Error | undefined>((resolve) => { hook.call(null as never, request as never, reply as never, resolve as never) })
-    return { err, asked }
+    return { err, asked, tracked }
   }
   const serviceRefuses = (route: RoutePolicy): Error | null => route === SERVICE_POLICY ? new DeniedError() : null
   t.match(await run(true, serviceRefuses), { err: { code: 'FST_CONSUL_NATIVE_DENIED' }, asked: ['service'] }, 'the route allows (not counted): the service decides')
-  t.match(await run(Promise.resolve(true), () => null), { err: undefined, asked: ['service'] }, 'also when the route\'s decision waits')
+  t.match(await run(Promise.resolve(true), () => null), { err: undefined, asked: ['service'], tracked: [[SERVICE_POLICY, override]] },
+    'also when the route\'s decision waits; allowed, it is rechecked with both (option recheckUpgrades)')
   t.match(await run(false, () => new DeniedError()), { err: { code: 'FST_CONSUL_NATIVE_DENIED' }, asked: ['route'] }, 'the route refuses: its refusal is the answer')
   t.match(await run(false, serviceRefuses), { err: { code: 'FST_CONSUL_NATIVE_DENIED' }, asked: ['route', 'service'] },
     'the route refused, then allows when asked again (an update in between): the service still decides')

@@ -120,8 +120,12 @@ t.test('a token found in a header or query parameter sent more than once is mark
   t.same([query?.token, query?.repeated], ['a.b.c', true], 'the query parser would make an array of it')
   t.equal(findToken(DEFAULT_LOCATIONS, ['authorization', 'Basic x', 'authorization', 'Basic y'], '/?access_token=a.b.c')?.repeated, false,
     'only where the token was found')
+  t.equal(findToken(DEFAULT_LOCATIONS, [], '/?access_token&access_token=a.b.c')?.repeated, true, 'a name without "=" is the parameter, empty')
+  t.equal(findToken(DEFAULT_LOCATIONS, [], '/?access_token'), null, 'and alone it holds no token')
   const cookies: TokenLocation[] = [{ kind: 'cookie', name: 'c', prefix: '', forward: true }]
   t.equal(findToken(cookies, ['cookie', 'c=a.b.c', 'cookie', 'c=x'], '/')?.repeated, false, 'a cookie keeps its first value in every parser: not refused')
+  t.equal(findToken(cookies, ['cookie', 'c=; c=a.b.c'], '/'), null, 'the first cookie of the name is the one read, even empty')
+  t.equal(findToken(cookies, ['cookie', 'd=a.b.c; cc=x', 'x-other', 'c=y'], '/'), null, 'no cookie of the name')
 })
 
 function throwsWith (t: Test, fn: () => unknown, type: new (...args: any[]) => Error, message: string): void {

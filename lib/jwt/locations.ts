@@ -73,9 +73,10 @@ function fromQuery (url: string, name: string): string | null {
   let token: string | null = null
   for (const pair of query.split('&')) {
     const eq = pair.indexOf('=')
-    if (eq === -1 || decode(pair.slice(0, eq)) !== name) continue
+    // `name` alone is the parameter with an empty value, to the query parser as here.
+    if (decode(eq === -1 ? pair : pair.slice(0, eq)) !== name) continue
     occurrences++
-    if (token !== null) continue
+    if (token !== null || eq === -1) continue
     const value = decode(pair.slice(eq + 1))
     if (value !== null && value !== '') token = value
   }
@@ -92,7 +93,8 @@ function fromCookie (rawHeaders: readonly string[], name: string): string | null
       if (eq === -1 || part.slice(0, eq).trim() !== name) continue
       let value = part.slice(eq + 1).trim()
       if (value.length >= 2 && value.startsWith('"') && value.endsWith('"')) value = value.slice(1, -1)
-      if (value !== '') return value
+      // The first cookie of the name is the one the application reads, empty or not.
+      return value === '' ? null : value
     }
   }
   return null
