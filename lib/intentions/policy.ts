@@ -541,8 +541,13 @@ function compileIntention (ixn: Intention, http: boolean, protocol: string, coun
   }
 }
 
+/**
+ * The destination's name, namespace and partition, ASCII lower-cased: Consul stores and looks up
+ * config entries without regard to ASCII case, so its answer for service `Api` holds the entry it
+ * keeps as `api` (forDestination compares them so).
+ */
 function parseDestination (destination: string): { partition: string | null, namespace: string | null, name: string } {
-  const parts = destination.split('/')
+  const parts = asciiLower(destination).split('/')
   if (parts.length > 3 || parts.some((p) => p === '')) {
     throw new TypeError(`destination ${JSON.stringify(destination)} must be "name", "namespace/name" or "partition/namespace/name"`)
   }
@@ -593,15 +598,11 @@ export function compilePolicy (input: PolicyInput): CompiledPolicy {
   return new CompiledPolicy({ defaultAllow: input.defaultAllow, warnings: [...warningsFor(counts, protocol), ...cache.costly], rules, index })
 }
 
-/**
- * Whether an intention the agent matched is for this destination. Consul stores and looks up
- * config entry names, namespaces and partitions without regard to ASCII case, so its answer for
- * service `Api` holds the entry it keeps as `api`: compared the same way.
- */
+/** Whether an intention the agent matched is for this (lower-cased) destination, without regard to ASCII case. */
 function forDestination (ixn: Intention, dest: ReturnType<typeof parseDestination>): boolean {
-  if (ixn.DestinationName !== '*' && asciiLower(ixn.DestinationName) !== asciiLower(dest.name)) return false
-  if (dest.namespace !== null && ixn.DestinationNS !== '*' && asciiLower(orDefault(ixn.DestinationNS)) !== asciiLower(dest.namespace)) return false
-  return dest.partition === null || asciiLower(orDefault(ixn.DestinationPartition)) === asciiLower(dest.partition)
+  if (ixn.DestinationName !== '*' && asciiLower(ixn.DestinationName) !== dest.name) return false
+  if (dest.namespace !== null && ixn.DestinationNS !== '*' && asciiLower(orDefault(ixn.DestinationNS)) !== dest.namespace) return false
+  return dest.partition === null || asciiLower(orDefault(ixn.DestinationPartition)) === dest.partition
 }
 
 function warningsFor (c: Counts, protocol: string): string[] {
